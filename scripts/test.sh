@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# README command 2: set up a fresh machine and run the test suite (CI runs exactly this).
+set -euo pipefail
+source "$(dirname "$0")/setup.sh"
+python -m pytest -q "$@"
