@@ -1,0 +1,99 @@
+"""Calibration activations, one decoder layer at a time.
+
+The source model is never built whole: each layer is instantiated from transformers' own modeling
+class, filled with that layer's tensors from the lazy checkpoint, run on the calibration hidden
+states, and dropped. Memory holds one layer plus the (windows x seq_len x hidden) activations.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from kvsurgeon.attention import family_for
+
+from .checkpoint import LazyCheckpoint
+from .errors import KvSurgeonError
+from .text_data import iter_texts, token_windows
+
+# Shipped with the package so calibration works offline with no arguments (PSF-licensed Python docs).
+DEFAULT_CALIB = Path(__file__).parent / "data" / "calibration.jsonl"
+
+
+@dataclass
+class CalibConfig:
+    data: str | None = None  # None: the built-in text
+    tokens: int = 8192
+    seq_len: int = 512
+    text_field: str = "text"
+    split: str = "train"
+
+    def source(self) -> str:
+        return self.data or str(DEFAULT_CALIB)
+
+
+def calibration_ids(tokenizer, cfg: CalibConfig) -> torch.Tensor:
+    return token_windows(tokenizer, iter_texts(cfg.source(), cfg.text_field, cfg.split), cfg.seq_len, cfg.tokens)
+
+
+def _modeling_classes(config_dict: dict):
+    from transformers import AutoConfig
+
+    fam = family_for(config_dict)
+    module = importlib.import_module(f"transformers.models.{fam.model_type}.modeling_{fam.model_type}")
+    prefix = fam.architectures[0].removesuffix("ForCausalLM")
+    cfg = AutoConfig.for_model(**config_dict)
+    return cfg, getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RotaryEmbedding"), fam
+
+
+class LayerStream:
+    """Walks the source's decoder layers over calibration ids, yielding each layer's attention input.
+
+    ``for i, x in stream: ...`` gives x = input_layernorm(h_i) of shape (B, T, hidden) in float32;
+    the hidden states then advance through the *source* layer i.
+    """
+
+    def __init__(self, ckpt: LazyCheckpoint, config_dict: dict, ids: torch.Tensor, dtype=torch.float32):
+        self.ckpt = ckpt
+        self.config_dict = config_dict
+        self.cfg, self.layer_cls, rope_cls, self.fam = _modeling_classes(config_dict)
+        self.cfg._attn_implementation = "sdpa"
+        self.dtype = dtype
+        self.ids = ids
+        emb = ckpt.get_tensor("model.embed_tokens.weight").to(dtype)
+        self.hidden = emb[ids]
+        del emb
+        pos = torch.arange(ids.shape[1])[None]
+        rope = rope_cls(config=self.cfg)
+        self.position_embeddings = tuple(t.to(dtype) for t in rope(self.hidden, pos))
+        self.position_ids = pos
+
+    def layer_module(self, i: int):
+        layer = self.layer_cls(self.cfg, layer_idx=i).to(self.dtype)
+        prefix = self.fam.layer_prefix.format(i=i)
+        state = {k[len(prefix):]: self.ckpt.get_tensor(k).to(self.dtype) for k in self.ckpt.keys() if k.startswith(prefix)}
+        missing, unexpected = layer.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise KvSurgeonError(f"layer {i} of {self.ckpt.folder} does not match its config: missing {missing}, unexpected {unexpected}")
+        return layer.eval()
+
+    @torch.inference_mode()
+    def attention_input(self, layer) -> torch.Tensor:
+        return layer.input_layernorm(self.hidden)
+
+    @torch.inference_mode()
+    def advance(self, layer) -> None:
+        self.hidden = layer(
+            self.hidden, position_embeddings=self.position_embeddings, position_ids=self.position_ids
+        )
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for i in range(self.config_dict["num_hidden_layers"]):
+            layer = self.layer_module(i)
+            yield i, self.attention_input(layer)
+            self.advance(layer)
+            del layer

@@ -1,0 +1,165 @@
+"""The streaming conversion driver shared by every converter.
+
+resolve -> read config -> (calibration ids) -> for each layer: read only that layer's tensors,
+optionally run calibration through it, transform its attention, write -> stream the remaining
+tensors -> new config, tokenizer, generation config, model card -> validate -> atomic rename.
+
+A converter supplies a ``Plan``: the new config and a function from one layer's neutral
+attention (plus calibration inputs) to the tensors that replace it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from kvsurgeon.attention import AttentionWeights, family_for, read_attention
+
+from .calibration import CalibConfig, LayerStream, calibration_ids
+from .checkpoint import LazyCheckpoint, read_config
+from .errors import KvSurgeonError
+from .resolve import resolve_model
+from .writer import DEFAULT_MAX_SHARD, ShardWriter, atomic_output, copy_extras, write_json
+
+LayerTransform = Callable[[int, AttentionWeights, "torch.Tensor | None"], dict[str, torch.Tensor]]
+
+
+@dataclass
+class Plan:
+    new_config: dict
+    transform: LayerTransform
+    needs_calibration: bool = False
+    # Non-attention tensors are copied under the same name unless this maps them elsewhere.
+    rename: Callable[[str], str] = staticmethod(lambda name: name)
+    summary: str = ""
+
+
+@dataclass
+class ConvertOptions:
+    out: Path
+    overwrite: bool = False
+    revision: str | None = None
+    allow_pickle: bool = False
+    max_shard_size: str = "2GB"
+    dtype: str | None = None  # output dtype; None keeps the source's
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    validate: bool = True
+    progress: bool = True
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    source: Path
+    seconds: float
+    layers: int
+    bytes_written: int
+    config: dict
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def source_dtype(config: dict) -> str:
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def convert_model(
+    model: str, make_plan: Callable[[dict, LazyCheckpoint], Plan], opts: ConvertOptions, card: Callable[[Path, dict], None] | None = None
+) -> ConvertResult:
+    t0 = time.time()
+    src = resolve_model(model, revision=opts.revision, allow_pickle=opts.allow_pickle)
+    config = read_config(src)
+    fam = family_for(config)
+    ckpt = LazyCheckpoint(src, allow_pickle=opts.allow_pickle)
+    plan = make_plan(config, ckpt)
+    out_dtype_name = opts.dtype or source_dtype(config)
+    if out_dtype_name not in DTYPES:
+        raise KvSurgeonError(f"unsupported dtype {out_dtype_name!r}; choose one of {', '.join(DTYPES)}")
+    out_dtype = DTYPES[out_dtype_name]
+    n_layers = config["num_hidden_layers"]
+
+    stream = None
+    if plan.needs_calibration:
+        from .evaluate import load_tokenizer
+
+        ids = calibration_ids(load_tokenizer(src), opts.calib)
+        stream = LayerStream(ckpt, config, ids)
+
+    layer_names = {i: [k for k in ckpt.keys() if k.startswith(fam.layer_prefix.format(i=i))] for i in range(n_layers)}
+    in_layers = {k for names in layer_names.values() for k in names}
+
+    with atomic_output(opts.out, overwrite=opts.overwrite, protect=[src]) as tmp:
+        writer = ShardWriter(tmp, opts.max_shard_size, metadata={"converted_by": "kvsurgeon"})
+        for name in ckpt.keys():  # embeddings first, as HF checkpoints order them
+            if name not in in_layers and not name.startswith("lm_head"):
+                writer.add(plan.rename(name), ckpt.get_tensor(name).to(out_dtype))
+        attn_names = set()
+        bar = tqdm(range(n_layers), desc="convert", unit="layer", disable=not opts.progress)
+        for i in bar:
+            attn = read_attention(ckpt, config, i)
+            attn_names = set(fam.attention_tensor_names(i, config))
+            x = None
+            if stream is not None:
+                layer = stream.layer_module(i)
+                x = stream.attention_input(layer).reshape(-1, config["hidden_size"])
+            new = plan.transform(i, attn.to(torch.float32), x)
+            if stream is not None:
+                stream.advance(layer)
+                del layer
+            for name, t in new.items():
+                writer.add(name, t.to(out_dtype))
+            for name in layer_names[i]:
+                if name not in attn_names:
+                    writer.add(plan.rename(name), ckpt.get_tensor(name).to(out_dtype))
+        for name in ckpt.keys():
+            if name.startswith("lm_head"):
+                writer.add(plan.rename(name), ckpt.get_tensor(name).to(out_dtype))
+        writer.finish()
+        ckpt.close()
+        new_config = dict(plan.new_config)
+        new_config["dtype"] = out_dtype_name
+        new_config.pop("torch_dtype", None)
+        write_json(tmp / "config.json", new_config)
+        copy_extras(src, tmp)
+        if card is not None:
+            card(tmp, new_config)
+        if opts.validate:
+            validate_checkpoint(tmp)
+    return ConvertResult(opts.out, src, time.time() - t0, n_layers, writer.total_bytes, new_config)
+
+
+def validate_checkpoint(folder: Path, full_load_below: int = 2 * 2**30) -> None:
+    """The output must be loadable by stock transformers: every expected tensor present with the right
+    shape (checked on the meta device, no weights loaded), and for small models a real load + forward."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if getattr(cfg, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+    ck = LazyCheckpoint(folder)
+    got = set(ck.keys())
+    missing = sorted(set(expected) - got)
+    unexpected = sorted(got - set(expected))
+    if missing or unexpected:
+        raise KvSurgeonError(f"internal error: converted checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, shape in expected.items():
+        with ck._safe(ck.shard_of(k)) as fh:
+            actual = tuple(fh.get_slice(k).get_shape())
+        if actual != shape:
+            raise KvSurgeonError(f"internal error: {k} has shape {actual}, config expects {shape}")
+    if ck.total_bytes() < full_load_below:
+        m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        with torch.no_grad():
+            logits = m(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits
+        if not torch.isfinite(logits).all():
+            raise KvSurgeonError("converted model produces non-finite logits")
