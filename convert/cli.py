@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -20,13 +21,61 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console()
+out_ = Console()
 err = Console(stderr=True)
 
 
 def fail(e: Exception) -> None:
     err.print(f"[bold red]error:[/] {e}", highlight=False)
     raise typer.Exit(2)
+
+
+# ---- convert -------------------------------------------------------------------------------------
+@app.command()
+def convert(
+    model: str = typer.Argument(..., help="source: Hub model id or local folder"),
+    to: str = typer.Option(..., "--to", help="gqa | mqa | mla"),
+    out: Path = typer.Option(..., "--out", help="output folder (written atomically)"),
+    kv_heads: Optional[int] = typer.Option(None, help="gqa: KV heads to keep (must divide the query heads)"),
+    method: Optional[str] = typer.Option(
+        None, help="gqa/mqa: calibrated (default) | mean;  mla: calibrated (default) | svd"
+    ),
+    kv_lora_rank: Optional[int] = typer.Option(None, help="mla: latent size R (cache = R + rope-dim values/token/layer)"),
+    rope_dim: Optional[int] = typer.Option(None, help="mla: decoupled rope key dims Dr (even, <= head_dim; default head_dim)"),
+    calib_data: Optional[str] = typer.Option(None, help="calibration text: .jsonl/.txt/.parquet or HF dataset id (default: built-in)"),
+    calib_tokens: int = typer.Option(8192, help="calibration tokens"),
+    calib_seq_len: int = typer.Option(512, help="calibration window length"),
+    text_field: str = typer.Option("text", help="text field of calibration rows"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
+    revision: Optional[str] = typer.Option(None, help="Hub revision of the source"),
+    max_shard_size: str = typer.Option("2GB", help="largest output shard, e.g. 2GB, 500MB"),
+    dtype: Optional[str] = typer.Option(None, help="output dtype: float32 | bfloat16 | float16 (default: the source's)"),
+    allow_pickle: bool = typer.Option(False, help="allow reading *.bin pickle weights (can run code)"),
+    push_to_hub: Optional[str] = typer.Option(None, help="push the result to this Hub repo id"),
+) -> None:
+    """Convert MODEL's attention and write a stock transformers checkpoint to --out."""
+    from .calibration import CalibConfig
+    from .conversion import ConversionSpec, current_command, run_conversion
+    from .pipeline import ConvertOptions
+
+    try:
+        spec = ConversionSpec(
+            to=to, kv_heads=kv_heads, method=method, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
+            calib=CalibConfig(data=calib_data, tokens=calib_tokens, seq_len=calib_seq_len, text_field=text_field),
+        )
+        opts = ConvertOptions(
+            out=out, overwrite=overwrite, revision=revision, allow_pickle=allow_pickle,
+            max_shard_size=max_shard_size, dtype=dtype,
+        )
+        res = run_conversion(model, spec, opts, command=current_command())
+    except (KvSurgeonError, UnsupportedArchitectureError) as e:
+        fail(e)
+    out_console = err if push_to_hub else out_
+    out_console.print(
+        f"wrote {res.out} ({res.bytes_written / 2**20:.1f} MiB, {res.layers} layers) in {res.seconds:.1f}s", highlight=False
+    )
+    if push_to_hub:
+        _push(res.out, push_to_hub)
 
 
 # ---- inspect -------------------------------------------------------------------------------------
@@ -47,8 +96,8 @@ def inspect(
     if as_json:
         print(json.dumps(r.as_dict(), indent=2))
         return
-    out.print(f"[bold]{r.model}[/]  ({r.path})", highlight=False)
-    out.print(
+    out_.print(f"[bold]{r.model}[/]  ({r.path})", highlight=False)
+    out_.print(
         f"architecture {r.architecture} (model_type {r.model_type}), {r.num_layers} layers, "
         f"{r.parameters:,} parameters, dtype {r.dtype}",
         highlight=False,
@@ -65,13 +114,13 @@ def inspect(
             str(l["values_per_token"]),
             human_bytes(l["fixed_values"] * (r.kv_bytes_per_token // max(r.kv_values_per_token, 1) or 2)) if l["fixed_values"] else "-",
         )
-    out.print(t)
+    out_.print(t)
     s = Table(title=f"KV cache, batch 1, {r.dtype}")
     s.add_column("per token", justify="right")
     for ctx in r.kv_cache_bytes:
         s.add_column(f"{int(ctx) // 1024}K context", justify="right")
     s.add_row(f"{r.kv_bytes_per_token:,} B", *(human_bytes(b) for b in r.kv_cache_bytes.values()))
-    out.print(s)
+    out_.print(s)
 
 
 # ---- eval ----------------------------------------------------------------------------------------
@@ -114,7 +163,33 @@ def eval_(
         f"{r.top1_agreement:.3%}" if r.top1_agreement is not None else "-",
         f"{r.kv_bytes_per_token:,}",
     )
-    out.print(t)
+    out_.print(t)
+
+
+# ---- push ----------------------------------------------------------------------------------------
+def _push(folder: Path, repo_id: str, private: bool = False, revision: str | None = None, message: str | None = None) -> None:
+    from .model_card import refresh_model_card
+    from .publish import push_folder
+
+    try:
+        url = push_folder(
+            folder, repo_id, private=private, revision=revision, commit_message=message, refresh_card=refresh_model_card
+        )
+    except KvSurgeonError as e:
+        fail(e)
+    out_.print(f"pushed {folder} -> {url}", highlight=False)
+
+
+@app.command()
+def push(
+    folder: Path = typer.Argument(..., help="converted checkpoint folder"),
+    repo_id: str = typer.Argument(..., help="Hub repo id, e.g. my-org/SmolLM2-135M-MLA"),
+    private: bool = typer.Option(False, help="create the repo as private"),
+    revision: Optional[str] = typer.Option(None, help="branch to push to (created if missing)"),
+    commit_message: Optional[str] = typer.Option(None, help="commit message"),
+) -> None:
+    """Validate FOLDER, refresh its model card and upload it (token from HF_TOKEN or a cached login)."""
+    _push(folder, repo_id, private, revision, commit_message)
 
 
 def main() -> None:

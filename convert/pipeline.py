@@ -27,6 +27,7 @@ from .errors import KvSurgeonError
 from .resolve import resolve_model
 from .writer import DEFAULT_MAX_SHARD, ShardWriter, atomic_output, copy_extras, write_json
 
+# (layer index, source attention in float32, calibration attention inputs (B, T, hidden) or None)
 LayerTransform = Callable[[int, AttentionWeights, "torch.Tensor | None"], dict[str, torch.Tensor]]
 
 
@@ -71,7 +72,7 @@ def source_dtype(config: dict) -> str:
 
 
 def convert_model(
-    model: str, make_plan: Callable[[dict, LazyCheckpoint], Plan], opts: ConvertOptions, card: Callable[[Path, dict], None] | None = None
+    model: str, make_plan: Callable[[dict, LazyCheckpoint], Plan], opts: ConvertOptions, card: Callable[[Path, dict, Path, Plan], None] | None = None
 ) -> ConvertResult:
     t0 = time.time()
     src = resolve_model(model, revision=opts.revision, allow_pickle=opts.allow_pickle)
@@ -108,7 +109,7 @@ def convert_model(
             x = None
             if stream is not None:
                 layer = stream.layer_module(i)
-                x = stream.attention_input(layer).reshape(-1, config["hidden_size"])
+                x = stream.attention_input(layer)  # (windows, seq_len, hidden), positions from 0
             new = plan.transform(i, attn.to(torch.float32), x)
             if stream is not None:
                 stream.advance(layer)
@@ -129,7 +130,7 @@ def convert_model(
         write_json(tmp / "config.json", new_config)
         copy_extras(src, tmp)
         if card is not None:
-            card(tmp, new_config)
+            card(tmp, new_config, src, plan)
         if opts.validate:
             validate_checkpoint(tmp)
     return ConvertResult(opts.out, src, time.time() - t0, n_layers, writer.total_bytes, new_config)

@@ -45,7 +45,7 @@ def test_identity_plan_is_exact_and_atomic(tmp_path, text_file):
 
     opts = ConvertOptions(out=tmp_path / "out", calib=CalibConfig(data=str(text_file), tokens=256, seq_len=64), max_shard_size="30KB")
     res = convert_model(str(src), make_plan, opts)
-    assert seen == [(256, 64), (256, 64)]  # 4 windows x 64 tokens, hidden 64, per layer
+    assert seen == [(4, 64, 64), (4, 64, 64)]  # 4 windows x 64 tokens x hidden 64, per layer
     assert len(list(res.out.glob("model-*.safetensors"))) > 1
     a = AutoModelForCausalLM.from_pretrained(src).eval()
     b = AutoModelForCausalLM.from_pretrained(res.out).eval()

@@ -1,0 +1,88 @@
+"""One conversion, described as data (``ConversionSpec``) and run end to end (``run_conversion``).
+
+The CLI's ``convert``, the demo, the benchmarks and the uptraining recipes all go through here, so
+a recipe's ``conversion:`` block takes exactly the options ``kvsurgeon convert`` takes.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvsurgeon.attention.kv_cache import kv_bytes_per_token
+
+from .calibration import CalibConfig
+from .checkpoint import read_config
+from .errors import KvSurgeonError
+from .pipeline import ConvertOptions, ConvertResult, convert_model
+
+TARGETS = ("gqa", "mqa", "mla")
+
+
+@dataclass
+class ConversionSpec:
+    to: str
+    kv_heads: int | None = None  # gqa
+    method: str | None = None  # gqa/mqa: calibrated | mean; mla: calibrated | svd
+    kv_lora_rank: int | None = None  # mla
+    rope_dim: int | None = None  # mla
+    calib: CalibConfig = field(default_factory=CalibConfig)
+
+    def __post_init__(self) -> None:
+        if self.to not in TARGETS:
+            raise KvSurgeonError(f"unknown conversion target {self.to!r}; choose one of {', '.join(TARGETS)}")
+        if self.to == "mqa":
+            if self.kv_heads not in (None, 1):
+                raise KvSurgeonError(f"--to mqa means one KV head; got --kv-heads {self.kv_heads} (use --to gqa)")
+            self.kv_heads = 1
+        if self.to == "gqa" and self.kv_heads is None:
+            raise KvSurgeonError("--to gqa needs --kv-heads N (the number of KV heads to keep)")
+        if self.to == "mla" and self.kv_lora_rank is None:
+            raise KvSurgeonError("--to mla needs --kv-lora-rank R (latent size; the cache keeps R + rope-dim values per token)")
+
+    def make_plan(self):
+        if self.to in ("gqa", "mqa"):
+            from .to_gqa import gqa_plan
+
+            return gqa_plan(self.kv_heads, self.method or "calibrated")
+        from .to_mla import mla_plan
+
+        return mla_plan(self.kv_lora_rank, self.rope_dim, self.method or "calibrated")
+
+
+def current_command() -> str:
+    argv = list(sys.argv)
+    argv[0] = Path(argv[0]).name if argv else "kvsurgeon"
+    if argv and argv[0] in ("cli.py", "__main__.py", "-m"):
+        argv[0] = "kvsurgeon"
+    return shlex.join(argv)
+
+
+def run_conversion(
+    model: str,
+    spec: ConversionSpec,
+    opts: ConvertOptions,
+    command: str | None = None,
+    recipe: str | None = None,
+) -> ConvertResult:
+    """Convert ``model`` into ``opts.out`` and write a model card describing exactly what was done."""
+    opts.calib = spec.calib
+
+    def card(folder: Path, new_config: dict, src: Path, plan) -> None:
+        from .model_card import CardInfo, source_license, write_model_card
+
+        info = CardInfo(
+            base_model=model,
+            conversion=spec.to,
+            summary=plan.summary,
+            command=command,
+            recipe=recipe,
+            license=source_license(src),
+            kv_bytes_per_token_before=kv_bytes_per_token(read_config(src)),
+            kv_bytes_per_token_after=kv_bytes_per_token(new_config),
+        )
+        write_model_card(folder, info)
+
+    return convert_model(model, spec.make_plan(), opts, card=card)
