@@ -166,6 +166,29 @@ def eval_(
     out_.print(t)
 
 
+# ---- uptrain -------------------------------------------------------------------------------------
+@app.command()
+def uptrain(
+    recipe: Path = typer.Argument(..., help="recipe YAML (see recipes/)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. optim.lr=3e-4"),
+    resume: bool = typer.Option(False, help="continue from the newest checkpoint in the recipe's output"),
+    push_to_hub: Optional[str] = typer.Option(None, help="push the final model to this Hub repo id"),
+) -> None:
+    """Convert (per the recipe) and distil from the source; same runner as scripts/uptrain.py."""
+    from .recipe import load_recipe
+    from .uptrain import uptrain as run
+
+    try:
+        r, text = load_recipe(recipe, list(overrides or []))
+        if push_to_hub:
+            r.push_to_hub = push_to_hub
+        final = run(r, text, resume=resume)
+    except KvSurgeonError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(130 if str(e).startswith("interrupted") else 2)
+    out_.print(f"done: {final}", highlight=False)
+
+
 # ---- push ----------------------------------------------------------------------------------------
 def _push(folder: Path, repo_id: str, private: bool = False, revision: str | None = None, message: str | None = None) -> None:
     from .model_card import refresh_model_card

@@ -18,7 +18,7 @@ from .checkpoint import read_config
 from .errors import KvSurgeonError
 from .pipeline import ConvertOptions, ConvertResult, convert_model
 
-TARGETS = ("gqa", "mqa", "mla")
+TARGETS = ("gqa", "mqa", "mla", "hybrid")
 
 
 @dataclass
@@ -28,6 +28,10 @@ class ConversionSpec:
     method: str | None = None  # gqa/mqa: calibrated | mean; mla: calibrated | svd
     kv_lora_rank: int | None = None  # mla
     rope_dim: int | None = None  # mla
+    keep_attention: float | None = None  # hybrid: attention layers kept (count >= 1, or fraction < 1)
+    linear_layers: list[int] | str | None = None  # hybrid: explicit layer list, or "auto"
+    linear: str | None = None  # hybrid: mamba2 | gated-deltanet
+    transfer_tokens: int = 0  # hybrid: attention-transfer tokens per layer at conversion
     calib: CalibConfig = field(default_factory=CalibConfig)
 
     def __post_init__(self) -> None:
@@ -47,9 +51,16 @@ class ConversionSpec:
             from .to_gqa import gqa_plan
 
             return gqa_plan(self.kv_heads, self.method or "calibrated")
-        from .to_mla import mla_plan
+        if self.to == "mla":
+            from .to_mla import mla_plan
 
-        return mla_plan(self.kv_lora_rank, self.rope_dim, self.method or "calibrated")
+            return mla_plan(self.kv_lora_rank, self.rope_dim, self.method or "calibrated")
+        from .to_hybrid import hybrid_plan
+
+        return hybrid_plan(
+            keep_attention=self.keep_attention, linear_layers=self.linear_layers,
+            linear=self.linear or "mamba2", transfer_tokens=self.transfer_tokens,
+        )
 
 
 def current_command() -> str:

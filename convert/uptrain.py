@@ -1,0 +1,403 @@
+"""The recipe runner: convert (if needed), distil the student from the frozen source, stage by
+stage, with resumable checkpoints, metrics, a plot, and a stock final checkpoint with a model card.
+
+The same function runs under ``kvsurgeon uptrain`` and ``accelerate launch scripts/uptrain.py``;
+accelerate handles devices, DDP/FSDP and mixed precision, so nothing here is a launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from kvsurgeon.attention.kernels import attn_implementation
+from kvsurgeon.attention.kv_cache import kv_bytes_per_token
+
+from .checkpoint import read_config
+from .distill import PackedStream, distill_loss
+from .errors import KvSurgeonError
+from .recipe import Recipe, StageCfg
+from .resolve import resolve_model
+from .writer import atomic_output
+
+PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+@dataclass
+class Progress:
+    stage: int = 0
+    stage_step: int = 0  # optimiser steps done in the current stage
+    global_step: int = 0
+    batches: int = 0  # data position: batches consumed
+    tokens: int = 0
+
+
+# ---- pieces ------------------------------------------------------------------------------------
+def new_module_markers(config: dict) -> tuple[str, ...]:
+    """Name fragments of the modules a conversion created (what ``trainable: new`` trains)."""
+    mt = config.get("model_type")
+    if mt == "granitemoehybrid":
+        return (".mamba.",)
+    if mt in ("qwen3_next", "qwen3_5", "qwen3_5_text"):
+        return (".linear_attn.",)
+    return (".self_attn.",)
+
+
+def select_trainable(model, stage: StageCfg, config: dict):
+    """Freeze everything but the stage's trainable set; LoRA wraps the model with peft."""
+    if stage.trainable == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        cfg = LoraConfig(r=stage.lora_r, lora_alpha=stage.lora_alpha, target_modules=stage.lora_targets, lora_dropout=0.0)
+        return get_peft_model(model, cfg)
+    markers = {
+        "all": ("",),
+        "attention": (".self_attn.", ".mamba.", ".linear_attn."),
+        "new": new_module_markers(config),
+    }[stage.trainable]
+    n = 0
+    for name, p in model.named_parameters():
+        on = any(m in f".{name}" for m in markers)
+        p.requires_grad_(on)
+        n += on
+    if n == 0:
+        raise KvSurgeonError(f"stage {stage.name!r}: trainable={stage.trainable!r} selects no parameters in this model")
+    return model
+
+
+def lr_lambda(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * frac
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    import numpy as np
+
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def plot_metrics(metrics_file: Path, png: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(l) for l in metrics_file.read_text().splitlines() if l.strip()]
+    train = [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    if not train:
+        return False
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot([r["tokens"] for r in train], [r["loss"] for r in train], label="loss")
+    ax[0].plot([r["tokens"] for r in train], [r["kl"] for r in train], label="KL(teacher||student)")
+    ax[0].set_xlabel("tokens")
+    ax[0].legend()
+    ax[0].set_title("training")
+    if evals:
+        ax[1].plot([r["tokens"] for r in evals], [r["ppl"] for r in evals], "o-", label="student ppl")
+        ax[1].axhline(evals[0]["reference_ppl"], color="gray", ls="--", label="source ppl")
+        ax[1].set_xlabel("tokens")
+        ax[1].set_yscale("log")
+        ax[1].legend()
+        ax[1].set_title("held-out perplexity")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ---- the runner --------------------------------------------------------------------------------
+class Uptrainer:
+    def __init__(self, recipe: Recipe, recipe_text: str = "", progress: bool = True):
+        from accelerate import Accelerator
+
+        self.r = recipe
+        self.recipe_text = recipe_text
+        self.progress = progress
+        self.out = Path(recipe.output)
+        self.acc = Accelerator(mixed_precision=PRECISION[recipe.precision], gradient_accumulation_steps=1)
+        self.metrics_file = self.out / "metrics.jsonl"
+        self.ckpt_dir = self.out / "checkpoints"
+
+    # -- setup --
+    def student_folder(self) -> Path:
+        if self.r.student:
+            return resolve_model(self.r.student)
+        folder = self.out / "converted"
+        if not (folder / "config.json").is_file():
+            if self.acc.is_main_process:
+                self.convert(folder)
+            self.acc.wait_for_everyone()
+        return folder
+
+    def convert(self, folder: Path) -> None:
+        from .calibration import CalibConfig
+        from .conversion import ConversionSpec, run_conversion
+        from .pipeline import ConvertOptions
+
+        c = self.r.conversion
+        spec = ConversionSpec(
+            to=c.to, kv_heads=c.kv_heads, method=c.method, kv_lora_rank=c.kv_lora_rank, rope_dim=c.rope_dim,
+            keep_attention=c.keep_attention, linear_layers=c.linear_layers, linear=c.linear,
+            transfer_tokens=c.transfer_tokens,
+            calib=CalibConfig(data=c.calib_data, tokens=c.calib_tokens, seq_len=c.calib_seq_len),
+        )
+        run_conversion(self.r.source, spec, ConvertOptions(out=folder, progress=self.progress), recipe=self.recipe_text)
+
+    def load(self, folder: Path, trainable: bool):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation=attn_implementation(self.r.attn_implementation)
+        )
+        if trainable and self.r.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train(trainable)
+        if not trainable:
+            model.requires_grad_(False)
+        return model
+
+    # -- checkpoints --
+    def save_checkpoint(self, model, optimizer, scheduler, prog: Progress) -> Path:
+        if not self.acc.is_main_process:
+            return self.ckpt_dir
+        from safetensors.torch import save_file
+
+        target = self.ckpt_dir / f"step-{prog.global_step:07d}"
+        state = self.acc.get_state_dict(model)
+        with atomic_output(target, overwrite=True) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / "model.safetensors"))
+            torch.save(
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+                tmp / "trainer_state.pt",
+            )
+            (tmp / "progress.json").write_text(json.dumps(asdict(prog)) + "\n")
+        old = sorted(self.ckpt_dir.glob("step-*"))[: -self.r.keep_checkpoints]
+        for o in old:
+            shutil.rmtree(o, ignore_errors=True)
+        return target
+
+    def latest_checkpoint(self) -> Path | None:
+        ck = sorted(self.ckpt_dir.glob("step-*")) if self.ckpt_dir.is_dir() else []
+        return ck[-1] if ck else None
+
+    def log(self, row: dict) -> None:
+        if self.acc.is_main_process:
+            with open(self.metrics_file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # -- eval --
+    def evaluate(self, student, teacher, folder: Path, prog: Progress, stage: str):
+        if not self.r.data.eval:
+            return None
+        from .evaluate import evaluate
+
+        was = student.training
+        student.eval()
+        with self.acc.autocast():
+            res = evaluate(
+                str(folder), self.r.data.eval, reference=self.r.source, max_tokens=self.r.data.eval_tokens,
+                seq_len=self.r.data.seq_len, split=self.r.data.eval_split, text_field=self.r.data.text_field,
+                progress=False, model=self.acc.unwrap_model(student), reference_model=teacher,
+            )
+        student.train(was)
+        row = {"kind": "eval", "stage": stage, "step": prog.global_step, "tokens": prog.tokens, "ppl": res.ppl,
+               "reference_ppl": res.reference_ppl, "kl": res.kl, "top1_agreement": res.top1_agreement, "eval_tokens": res.tokens}
+        self.log(row)
+        return row
+
+    # -- main loop --
+    def run(self, resume: bool = False) -> Path:
+        from transformers import AutoTokenizer
+
+        r = self.r
+        if self.out.exists() and not resume and any(self.out.iterdir()) and (self.ckpt_dir.exists() or (self.out / "final").exists()):
+            raise KvSurgeonError(f"{self.out} already holds a run; pass --resume to continue it, or choose another output")
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(r.seed)
+        random.seed(r.seed)
+        folder = self.student_folder()
+        src = resolve_model(r.source)
+        tok = AutoTokenizer.from_pretrained(folder)
+        teacher = self.load(src, trainable=False)
+        teacher = self.acc.prepare_model(teacher, evaluation_mode=True)
+        student_base = self.load(folder, trainable=True)
+        config = read_config(folder)
+
+        prog = Progress()
+        ck = self.latest_checkpoint() if resume else None
+        if ck is not None:
+            prog = Progress(**json.loads((ck / "progress.json").read_text()))
+        elif resume:
+            raise KvSurgeonError(f"--resume: no checkpoint under {self.ckpt_dir}")
+
+        stream = PackedStream(tok, r.data.train, r.data.seq_len, r.batch_size, r.data.text_field, r.data.split)
+        batches = stream.batches(skip=prog.batches)
+        steps = r.stage_steps()
+        if prog.global_step == 0 and ck is None:
+            self.evaluate(student_base, teacher, folder, prog, "after conversion")
+        total = sum(steps) if r.max_steps is None else min(sum(steps), r.max_steps)
+        bar = tqdm(total=total, initial=prog.global_step, desc="uptrain", unit="step", disable=not (self.progress and self.acc.is_main_process))
+        model = student_base
+        try:
+            for si in range(prog.stage, len(r.stages)):
+                stage = r.stages[si]
+                model = select_trainable(student_base, stage, config)
+                params = [p for p in model.parameters() if p.requires_grad]
+                lr = stage.lr or r.optim.lr
+                opt = torch.optim.AdamW(params, lr=lr, betas=tuple(r.optim.betas), weight_decay=r.optim.weight_decay)
+                sched = torch.optim.lr_scheduler.LambdaLR(
+                    opt, lambda s, n=steps[si]: lr_lambda(s, n, r.optim.warmup_steps, r.optim.schedule, r.optim.min_lr_ratio)
+                )
+                if ck is not None and si == prog.stage:
+                    self._restore(ck, model, opt, sched)
+                model, opt, sched = self.acc.prepare(model, opt, sched)
+                start = prog.stage_step if si == prog.stage else 0
+                for _ in range(start, steps[si]):
+                    if r.max_steps is not None and prog.global_step >= r.max_steps:
+                        break
+                    t0 = time.time()
+                    loss_sum = kl_sum = ce_sum = 0.0
+                    for _ in range(r.grad_accum):
+                        ids = next(batches).to(self.acc.device)
+                        with self.acc.autocast():
+                            with torch.no_grad():
+                                t_logits = teacher(input_ids=ids).logits
+                            s_logits = model(input_ids=ids).logits
+                        loss, kl, ce = distill_loss(s_logits, t_logits, ids, r.distill.temperature, r.distill.kl_weight, r.distill.ce_weight)
+                        self.acc.backward(loss / r.grad_accum)
+                        loss_sum += loss.item() / r.grad_accum
+                        kl_sum += kl.item() / r.grad_accum
+                        ce_sum += ce.item() / r.grad_accum
+                    if r.optim.grad_clip:
+                        self.acc.clip_grad_norm_(params, r.optim.grad_clip)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    prog.stage_step += 1
+                    prog.global_step += 1
+                    prog.batches = stream.position
+                    prog.tokens += r.tokens_per_step * self.acc.num_processes
+                    dt = time.time() - t0
+                    tps = r.tokens_per_step * self.acc.num_processes / dt
+                    self.log({"kind": "train", "stage": stage.name, "step": prog.global_step, "tokens": prog.tokens,
+                              "loss": loss_sum, "kl": kl_sum, "ce": ce_sum, "lr": sched.get_last_lr()[0], "tokens_per_s": tps})
+                    bar.update(1)
+                    bar.set_postfix(stage=stage.name, loss=f"{loss_sum:.3f}", kl=f"{kl_sum:.3f}", tok_s=f"{tps:.0f}")
+                    if prog.global_step % r.save_every == 0:
+                        self.save_checkpoint(model, opt, sched, prog)
+                    if r.eval_every and prog.global_step % r.eval_every == 0:
+                        self.evaluate(model, teacher, folder, prog, stage.name)
+                else:
+                    # stage complete: fold LoRA into the weights so the next stage starts from a plain model
+                    student_base = self._unwrap_merged(model)
+                    prog.stage, prog.stage_step = si + 1, 0
+                    continue
+                break  # max_steps reached
+        except KeyboardInterrupt:
+            bar.close()
+            path = self.save_checkpoint(model, opt, sched, prog)
+            raise KvSurgeonError(f"interrupted: checkpoint saved to {path}; continue with --resume") from None
+        bar.close()
+        if prog.stage < len(r.stages):  # stopped by max_steps: leave a checkpoint to resume from
+            self.save_checkpoint(model, opt, sched, prog)
+            return self.latest_checkpoint()
+        final = self.finish(student_base, teacher, folder, config, prog)
+        plot_metrics(self.metrics_file, self.out / "metrics.png")
+        return final
+
+    def _restore(self, ck: Path, model, opt, sched) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(ck / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise KvSurgeonError(f"checkpoint {ck} does not match this recipe's model (unexpected {unexpected[:3]})")
+        ts = torch.load(ck / "trainer_state.pt", weights_only=False)  # our own file, written by save_checkpoint
+        opt.load_state_dict(ts["optimizer"])
+        sched.load_state_dict(ts["scheduler"])
+        set_rng_state(ts["rng"])
+
+    def _unwrap_merged(self, model):
+        m = self.acc.unwrap_model(model)
+        if hasattr(m, "merge_and_unload"):
+            m = m.merge_and_unload()
+        return m
+
+    def finish(self, student, teacher, folder: Path, config: dict, prog: Progress) -> Path:
+        from .model_card import CardInfo, FidelityRow, read_card_info, write_model_card
+        from .writer import copy_extras
+
+        after = self.evaluate(student, teacher, folder, prog, "after uptraining")
+        target = self.out / "final"
+        if self.acc.is_main_process:
+            rows = [json.loads(l) for l in self.metrics_file.read_text().splitlines()] if self.metrics_file.exists() else []
+            evals = [x for x in rows if x.get("kind") == "eval"]
+            fid = []
+            for e, label in ((evals[0] if evals else None, "after conversion"), (after, "after uptraining")):
+                if e:
+                    fid.append(FidelityRow(stage=label, data=str(self.r.data.eval), tokens=e["eval_tokens"], ppl=e["ppl"],
+                                           reference_ppl=e["reference_ppl"], kl=e["kl"], top1_agreement=e["top1_agreement"]))
+            base = read_card_info(folder)
+            src_cfg = read_config(resolve_model(self.r.source))
+            info = CardInfo(
+                base_model=self.r.source,
+                conversion=base.conversion if base else self.r.conversion.to,
+                summary=(base.summary if base else "") + f" Then uptrained on {prog.tokens:,} tokens of {self.r.data.train} "
+                f"by distillation from the source (stages: {', '.join(s.name for s in self.r.stages)}).",
+                command=base.command if base else None,
+                recipe=self.recipe_text or None,
+                license=base.license if base else None,
+                kv_bytes_per_token_before=kv_bytes_per_token(src_cfg),
+                kv_bytes_per_token_after=kv_bytes_per_token(config),
+                fidelity=fid,
+            )
+            dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(config.get("dtype")), torch.float32)
+            with atomic_output(target, overwrite=True) as tmp:
+                model = self.acc.unwrap_model(student)
+                model.to(dtype).save_pretrained(tmp)
+                model.to(torch.float32)
+                copy_extras(folder, tmp)
+                write_model_card(tmp, info)
+        self.acc.wait_for_everyone()
+        if self.r.push_to_hub and self.acc.is_main_process:
+            from .model_card import refresh_model_card
+            from .publish import push_folder
+
+            push_folder(target, self.r.push_to_hub, refresh_card=refresh_model_card)
+        return target
+
+
+def uptrain(recipe: Recipe, recipe_text: str = "", resume: bool = False, progress: bool = True) -> Path:
+    return Uptrainer(recipe, recipe_text, progress).run(resume=resume)
