@@ -1,0 +1,168 @@
+"""The uptraining runner on tiny random models: it learns, resumes exactly, merges LoRA faithfully,
+and rejects bad recipes with the offending key named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kvsurgeon.convert.recipe import RecipeError, apply_overrides, load_recipe, recipe_from_dict
+from kvsurgeon.convert.uptrain import uptrain
+
+from conftest import save_tiny
+
+
+def base_recipe(tmp_path: Path, text_file: Path, **over) -> dict:
+    src = tmp_path / "src"
+    if not src.exists():
+        save_tiny(src, max_shard_size="1GB")
+    r = {
+        "source": str(src),
+        "output": str(tmp_path / "run"),
+        "conversion": {"to": "mqa", "method": "mean"},
+        "data": {"train": str(text_file), "seq_len": 32, "eval": None},
+        "stages": [{"name": "e2e", "tokens": 32 * 2 * 8, "trainable": "attention"}],
+        "optim": {"lr": 3e-3, "warmup_steps": 1, "schedule": "cosine"},
+        "batch_size": 2,
+        "precision": "fp32",
+        "save_every": 2,
+    }
+    for k, v in over.items():
+        r[k] = v
+    return r
+
+
+def train_losses(run: Path) -> list[float]:
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+def test_loss_decreases_and_final_is_stock(tmp_path, text_file):
+    from transformers import AutoModelForCausalLM
+
+    r = recipe_from_dict(base_recipe(tmp_path, text_file, stages=[{"name": "e2e", "tokens": 32 * 2 * 16, "trainable": "all"}],
+                                     data={"train": str(text_file), "seq_len": 32, "eval": str(text_file), "eval_tokens": 128}))
+    final = uptrain(r, progress=False)
+    losses = train_losses(tmp_path / "run")
+    assert len(losses) == 16
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+    m = AutoModelForCausalLM.from_pretrained(final)
+    assert m.config.num_key_value_heads == 1
+    card = (final / "README.md").read_text()
+    assert "after uptraining" in card and "after conversion" in card
+    assert (tmp_path / "run" / "metrics.png").is_file()
+
+
+def test_resume_is_exact(tmp_path, text_file):
+    full = recipe_from_dict(base_recipe(tmp_path, text_file, output=str(tmp_path / "full")))
+    uptrain(full, progress=False)
+    ref = train_losses(tmp_path / "full")
+    assert len(ref) == 8
+
+    part = base_recipe(tmp_path, text_file, output=str(tmp_path / "part"), max_steps=3)
+    uptrain(recipe_from_dict(part), progress=False)  # stops after 3 steps, leaves a checkpoint
+    assert (tmp_path / "part" / "checkpoints" / "step-0000003").is_dir()
+    part["max_steps"] = None
+    uptrain(recipe_from_dict(part), resume=True, progress=False)
+    got = train_losses(tmp_path / "part")
+    assert len(got) == 8
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_lora_stage_merges_to_the_same_function(tmp_path, text_file):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_model
+
+    model = tiny_model()
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # as after training: B is no longer zero
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        unmerged = peft_model(input_ids=ids).logits
+        merged_model = peft_model.merge_and_unload()
+        merged = merged_model(input_ids=ids).logits
+    assert not any("lora" in n for n, _ in merged_model.named_parameters())
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    # and the runner's LoRA stage ends with a plain stock checkpoint
+    r = recipe_from_dict(base_recipe(tmp_path, text_file, stages=[{"name": "lora", "tokens": 32 * 2 * 2, "trainable": "lora", "lora_r": 4}]))
+    final = uptrain(r, progress=False)
+    m = AutoModelForCausalLM.from_pretrained(final)
+    assert not any("lora" in n for n, _ in m.named_parameters())
+
+
+def test_overrides_parse(tmp_path, text_file):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(base_recipe(tmp_path, text_file)))
+    r, text = load_recipe(path, ["optim.lr=1e-5", "stages.0.tokens=2048", "data.streaming=false", "conversion.method=calibrated"])
+    assert r.optim.lr == 1e-5 and r.stages[0].tokens == 2048 and r.data.streaming is False
+    assert r.conversion.method == "calibrated" and "1e-5" in text
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=[1, 2]"]) == {"a": {"b": 1, "c": [1, 2]}}
+    with pytest.raises(RecipeError, match="key=value"):
+        load_recipe(path, ["optim.lr"])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"optimm": {}}, "unknown key 'optimm' \\(did you mean 'optim'\\?\\)"),
+        ({"optim": {"lr": "fast"}}, "optim.lr: expected float"),
+        ({"optim": {"lr": -1}}, "optim.lr: must be > 0"),
+        ({"precision": "fp8"}, "precision: 'fp8' is not one of"),
+        ({"stages": [{"name": "x", "tokens": 10, "trainable": "attention"}]}, "less than one optimiser step"),
+        ({"stages": [{"name": "x", "tokens": 4096, "trainable": "everything"}]}, "trainable: 'everything'"),
+        ({"source": ""}, "source: required"),
+        ({"data": {"train": ""}}, "data.train: required"),
+    ],
+)
+def test_bad_recipes_fail_clearly(tmp_path, text_file, change, message):
+    d = base_recipe(tmp_path, text_file)
+    d.update(change)
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict(d)
+
+
+def test_existing_run_needs_resume(tmp_path, text_file):
+    from kvsurgeon.convert.errors import KvSurgeonError
+
+    d = base_recipe(tmp_path, text_file, max_steps=1)
+    uptrain(recipe_from_dict(d), progress=False)
+    with pytest.raises(KvSurgeonError, match="--resume"):
+        uptrain(recipe_from_dict(d), progress=False)
+
+
+def test_ctrl_c_saves_a_checkpoint_then_resume_finishes(tmp_path, text_file):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    d = base_recipe(tmp_path, text_file, save_every=1000)
+    d["stages"][0]["tokens"] = 32 * 2 * 400  # far more steps than the test waits for
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(d))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "uptrain.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--recipe", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"train"') < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert "checkpoint saved" in err.decode()
+    ckpts = list((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1
+    done = json.loads((ckpts[0] / "progress.json").read_text())["global_step"]
+    assert done >= 2
+    r = recipe_from_dict(d | {"max_steps": done + 1})
+    uptrain(r, resume=True, progress=False)
+    assert len(train_losses(tmp_path / "run")) == done + 1
