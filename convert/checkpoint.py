@@ -1,7 +1,8 @@
 """Lazy, read-only view of a checkpoint folder: tensors are loaded one at a time on request.
 
-Only one shard is open at once (safetensors memory-maps it), so reading a 70B model costs the
-memory of the tensors the caller currently holds, not of the model.
+Shard headers are read (and checked against the file sizes) up front; each tensor is then one
+``pread`` from the one open shard, with no memory map, so reading a 70B model costs the memory of
+the tensors the caller currently holds, not of the model or of a shard.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
-
 from .errors import KvSurgeonError
+from .safetensors_io import SafetensorsFormatError, TensorInfo, read_header, read_tensor
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -45,7 +45,8 @@ class LazyCheckpoint:
         self.loads = 0  # tensors materialised so far: lets tests prove laziness
         self.pickle = False
         self._open_name: str | None = None
-        self._open = None
+        self._fd: int | None = None
+        self._infos: dict[str, TensorInfo] = {}
         self._pickle_cache: tuple[str, dict] | None = None
         self._weight_map = self._discover()
 
@@ -55,7 +56,7 @@ class LazyCheckpoint:
         if (f / SAFE_INDEX).is_file():
             wm = self._index_map(f / SAFE_INDEX)
         elif (f / SAFE_SINGLE).is_file():
-            wm = {k: SAFE_SINGLE for k in self._keys_of(SAFE_SINGLE)}
+            wm = {k: SAFE_SINGLE for k in self._header(SAFE_SINGLE)}
         elif (f / PICKLE_INDEX).is_file() or (f / PICKLE_SINGLE).is_file():
             if not self.allow_pickle:
                 raise CheckpointError(
@@ -70,6 +71,15 @@ class LazyCheckpoint:
                 wm = {k: PICKLE_SINGLE for k in sd}
         else:
             raise CheckpointError(f"{f} has no weights: expected {SAFE_SINGLE} or {SAFE_INDEX}")
+        if not self.pickle and (f / SAFE_INDEX).is_file():
+            for shard in sorted(set(wm.values())):
+                table = self._header(shard)
+                absent = [k for k, v in wm.items() if v == shard and k not in table]
+                if absent:
+                    raise CheckpointError(
+                        f"shard {shard} in {f} lacks {absent[0]} (and {len(absent) - 1} more) listed in {SAFE_INDEX}; "
+                        "the download is inconsistent: download the model again"
+                    )
         return wm
 
     def _index_map(self, index: Path) -> dict[str, str]:
@@ -85,18 +95,16 @@ class LazyCheckpoint:
             )
         return dict(wm)
 
-    def _keys_of(self, shard: str) -> list[str]:
-        with self._safe(shard) as fh:
-            return list(fh.keys())
-
-    def _safe(self, shard: str):
+    def _header(self, shard: str) -> dict[str, TensorInfo]:
         path = self.folder / shard
         try:
-            return safe_open(str(path), framework="pt", device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
+            table, _ = read_header(path)
+        except (SafetensorsFormatError, OSError) as e:
             raise CheckpointError(
                 f"corrupt or truncated shard {path.name} in {self.folder} ({e}); download the model again"
             ) from e
+        self._infos.update(table)
+        return table
 
     def _load_pickle(self, shard: str) -> dict:
         if self._pickle_cache and self._pickle_cache[0] == shard:
@@ -124,6 +132,10 @@ class LazyCheckpoint:
     def shards(self) -> list[str]:
         return sorted(set(self._weight_map.values()))
 
+    def info(self, name: str) -> TensorInfo:
+        """dtype, shape and location of a tensor, from the header: nothing is read."""
+        return self._infos[name]
+
     def get_tensor(self, name: str) -> torch.Tensor:
         if name not in self._weight_map:
             raise CheckpointError(f"tensor {name!r} is not in {self.folder}")
@@ -133,20 +145,20 @@ class LazyCheckpoint:
             return self._load_pickle(shard)[name].clone()
         if self._open_name != shard:
             self.close()
-            self._open = self._safe(shard).__enter__()
+            self._fd = os.open(self.folder / shard, os.O_RDONLY)
             self._open_name = shard
         try:
-            return self._open.get_tensor(name)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            return read_tensor(self._fd, self._infos[name])
+        except (SafetensorsFormatError, OSError) as e:
             raise CheckpointError(
                 f"corrupt or truncated shard {shard} in {self.folder} while reading {name} ({e}); "
                 "download the model again"
             ) from e
 
     def close(self) -> None:
-        if self._open is not None:
-            self._open.__exit__(None, None, None)
-        self._open = None
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = None
         self._open_name = None
 
     def total_bytes(self) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,27 +33,17 @@ class Report:
         return asdict(self)
 
 
-def _safetensors_numel(path: Path) -> int:
-    """Parameter count from the JSON header alone: no tensor is read."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    total = 0
-    for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        numel = 1
-        for s in v["shape"]:
-            numel *= s
-        total += numel
-    return total
-
-
 def count_parameters(folder: Path, allow_pickle: bool = False) -> int:
     ckpt = LazyCheckpoint(folder, allow_pickle=allow_pickle)
     if ckpt.pickle:
         return sum(ckpt.get_tensor(k).numel() for k in ckpt.keys())
-    return sum(_safetensors_numel(folder / s) for s in ckpt.shards())
+    total = 0
+    for name in ckpt.keys():  # shapes come from the shard headers: no tensor is read
+        n = 1
+        for d in ckpt.info(name).shape:
+            n *= d
+        total += n
+    return total
 
 
 def inspect_model(name: str, revision: str | None = None, allow_pickle: bool = False) -> Report:

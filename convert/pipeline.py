@@ -25,7 +25,8 @@ from .calibration import CalibConfig, LayerStream, calibration_ids
 from .checkpoint import LazyCheckpoint, read_config
 from .errors import KvSurgeonError
 from .resolve import resolve_model
-from .writer import DEFAULT_MAX_SHARD, ShardWriter, atomic_output, copy_extras, write_json
+from .safetensors_io import PlannedShardWriter, TensorSpec
+from .writer import atomic_output, copy_extras, parse_size, write_json
 
 # (layer index, source attention in float32, calibration attention inputs (B, T, hidden) or None)
 LayerTransform = Callable[[int, AttentionWeights, "torch.Tensor | None"], dict[str, torch.Tensor]]
@@ -96,69 +97,72 @@ def convert_model(
     layer_names = {i: [k for k in ckpt.keys() if k.startswith(fam.layer_prefix.format(i=i))] for i in range(n_layers)}
     in_layers = {k for names in layer_names.values() for k in names}
 
+    new_config = dict(plan.new_config)
+    new_config["dtype"] = out_dtype_name
+    new_config.pop("torch_dtype", None)
+    specs, tied = planned_tensors(new_config, out_dtype)
+
     with atomic_output(opts.out, overwrite=opts.overwrite, protect=[src]) as tmp:
-        writer = ShardWriter(tmp, opts.max_shard_size, metadata={"converted_by": "kvsurgeon"})
-        for name in ckpt.keys():  # embeddings first, as HF checkpoints order them
-            if name not in in_layers and not name.startswith("lm_head"):
-                writer.add(plan.rename(name), ckpt.get_tensor(name).to(out_dtype))
-        attn_names = set()
-        bar = tqdm(range(n_layers), desc="convert", unit="layer", disable=not opts.progress)
-        for i in bar:
-            attn = read_attention(ckpt, config, i)
-            attn_names = set(fam.attention_tensor_names(i, config))
-            x = None
-            if stream is not None:
-                layer = stream.layer_module(i)
-                x = stream.attention_input(layer)  # (windows, seq_len, hidden), positions from 0
-            new = plan.transform(i, attn.to(torch.float32), x)
-            if stream is not None:
-                stream.advance(layer)
-                del layer
-            for name, t in new.items():
-                writer.add(name, t.to(out_dtype))
-            for name in layer_names[i]:
-                if name not in attn_names:
-                    writer.add(plan.rename(name), ckpt.get_tensor(name).to(out_dtype))
-        for name in ckpt.keys():
-            if name.startswith("lm_head"):
-                writer.add(plan.rename(name), ckpt.get_tensor(name).to(out_dtype))
-        writer.finish()
-        ckpt.close()
-        new_config = dict(plan.new_config)
-        new_config["dtype"] = out_dtype_name
-        new_config.pop("torch_dtype", None)
+        writer = PlannedShardWriter(tmp, specs, parse_size(opts.max_shard_size), metadata={"converted_by": "kvsurgeon"})
+        try:
+            for name in ckpt.keys():
+                if name not in in_layers and plan.rename(name) not in tied:
+                    writer.write(plan.rename(name), ckpt.get_tensor(name))
+            bar = tqdm(range(n_layers), desc="convert", unit="layer", disable=not opts.progress)
+            for i in bar:
+                attn = read_attention(ckpt, config, i)
+                attn_names = set(fam.attention_tensor_names(i, config))
+                x = None
+                if stream is not None:
+                    layer = stream.layer_module(i)
+                    x = stream.attention_input(layer)  # (windows, seq_len, hidden), positions from 0
+                for name, t in plan.transform(i, attn.to(torch.float32), x).items():
+                    writer.write(name, t)
+                if stream is not None:
+                    stream.advance(layer)
+                    del layer
+                for name in layer_names[i]:
+                    if name not in attn_names:
+                        writer.write(plan.rename(name), ckpt.get_tensor(name))
+            writer.finish()
+        except ValueError as e:  # a tensor that does not fit the target config
+            raise KvSurgeonError(f"internal error: the conversion produced a checkpoint its config cannot load: {e}") from e
+        finally:
+            writer.close()
+            ckpt.close()
         write_json(tmp / "config.json", new_config)
         copy_extras(src, tmp)
         if card is not None:
             card(tmp, new_config, src, plan)
         if opts.validate:
             validate_checkpoint(tmp)
-    return ConvertResult(opts.out, src, time.time() - t0, n_layers, writer.total_bytes, new_config)
+    return ConvertResult(Path(opts.out), src, time.time() - t0, n_layers, writer.total_bytes, new_config)
+
+
+def planned_tensors(config: dict, dtype: torch.dtype) -> tuple[list[TensorSpec], set[str]]:
+    """Every tensor stock transformers expects for ``config``, from a meta-device model (no memory),
+    and the names it ties to another tensor (those are not stored)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if getattr(cfg, "tie_word_embeddings", False) else set()
+    specs = []
+    for name, t in model.state_dict().items():
+        if name in tied:
+            continue
+        specs.append(TensorSpec(name, tuple(t.shape), dtype if t.is_floating_point() else t.dtype))
+    return specs, tied
 
 
 def validate_checkpoint(folder: Path, full_load_below: int = 2 * 2**30) -> None:
-    """The output must be loadable by stock transformers: every expected tensor present with the right
-    shape (checked on the meta device, no weights loaded), and for small models a real load + forward."""
+    """Stock transformers must load the output. Names and shapes were enforced while writing; here
+    the config is parsed and, for models small enough, loaded for real and run once."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if getattr(cfg, "tie_word_embeddings", False):
-        expected.pop("lm_head.weight", None)
-    ck = LazyCheckpoint(folder)
-    got = set(ck.keys())
-    missing = sorted(set(expected) - got)
-    unexpected = sorted(got - set(expected))
-    if missing or unexpected:
-        raise KvSurgeonError(f"internal error: converted checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for k, shape in expected.items():
-        with ck._safe(ck.shard_of(k)) as fh:
-            actual = tuple(fh.get_slice(k).get_shape())
-        if actual != shape:
-            raise KvSurgeonError(f"internal error: {k} has shape {actual}, config expects {shape}")
-    if ck.total_bytes() < full_load_below:
+    AutoConfig.from_pretrained(folder)
+    if LazyCheckpoint(folder).total_bytes() < full_load_below:
         m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         with torch.no_grad():
             logits = m(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits

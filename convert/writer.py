@@ -1,4 +1,4 @@
-"""Atomic output folders and HF-named safetensors shards.
+"""Atomic output folders (the shards themselves: ``safetensors_io.PlannedShardWriter``).
 
 Everything is written into a hidden temporary sibling of the target and renamed into place only
 when complete, so a crash, a kill -9 or a full disk never leaves a partial model under the
@@ -16,12 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import torch
-from safetensors.torch import save_file
-
 from .errors import KvSurgeonError
 
-DEFAULT_MAX_SHARD = "5GB"
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -87,79 +83,6 @@ def atomic_output(target: str | os.PathLike, overwrite: bool = False, protect: l
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-class ShardWriter:
-    """Collects tensors and writes ``model-0000k-of-0000n.safetensors`` shards plus an index.
-
-    Shards are flushed as soon as they reach ``max_shard_size``, so memory holds at most one
-    shard; the final names are assigned in ``finish`` once the shard count is known.
-    """
-
-    def __init__(self, folder: Path, max_shard_size: str | int = DEFAULT_MAX_SHARD, metadata: dict | None = None):
-        self.folder = Path(folder)
-        self.max_bytes = parse_size(max_shard_size)
-        if self.max_bytes <= 0:
-            raise OutputError(f"--max-shard-size must be positive, got {max_shard_size!r}")
-        self.metadata = {"format": "pt", **(metadata or {})}
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[str, list[str]]] = []
-        self._seen: set[str] = set()
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._seen:
-            raise ValueError(f"tensor {name} written twice")
-        self._seen.add(name)
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_bytes:
-            self._flush()
-        self._pending[name] = tensor.detach().contiguous()
-        self._pending_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def add_many(self, tensors: dict[str, torch.Tensor]) -> None:
-        for k, v in tensors.items():
-            self.add(k, v)
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        tmp_name = f"shard-{len(self._shards):05d}.partial"
-        try:
-            save_file(self._pending, str(self.folder / tmp_name), metadata=self.metadata)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise _disk_full(e, self.folder) from e
-            raise
-        except Exception as e:  # safetensors wraps write errors in its own type
-            if "No space left" in str(e):
-                raise _disk_full(OSError(errno.ENOSPC, str(e)), self.folder) from e
-            raise
-        self._shards.append((tmp_name, list(self._pending)))
-        self._pending = {}
-        self._pending_bytes = 0
-
-    def finish(self) -> list[str]:
-        """Write the last shard, give shards their HF names, write the index. Returns shard names."""
-        self._flush()
-        n = len(self._shards)
-        if n == 0:
-            raise ValueError("no tensors were written")
-        if n == 1:
-            os.replace(self.folder / self._shards[0][0], self.folder / "model.safetensors")
-            return ["model.safetensors"]
-        weight_map: dict[str, str] = {}
-        names = []
-        for i, (tmp, keys) in enumerate(self._shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.folder / tmp, self.folder / final)
-            names.append(final)
-            weight_map.update({k: final for k in keys})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return names
 
 
 # Files that describe how to use the model rather than its weights: carried over unchanged.

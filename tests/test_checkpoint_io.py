@@ -11,15 +11,20 @@ import torch
 
 from kvsurgeon.convert.checkpoint import CheckpointError, LazyCheckpoint, read_config
 from kvsurgeon.convert.resolve import ResolveError, resolve_model
-from kvsurgeon.convert.writer import OutputError, ShardWriter, atomic_output, copy_extras, parse_size
+from kvsurgeon.convert.safetensors_io import PlannedShardWriter, TensorSpec
+from kvsurgeon.convert.writer import OutputError, atomic_output, copy_extras, parse_size
+
+
+def specs_of(ck: LazyCheckpoint) -> list[TensorSpec]:
+    return [TensorSpec(k, ck.info(k).shape, ck.info(k).dtype) for k in ck.keys()]
 
 
 def copy_checkpoint(src: Path, dst_target: Path, max_shard_size="40KB", overwrite=False) -> Path:
     src_ck = LazyCheckpoint(src)
     with atomic_output(dst_target, overwrite=overwrite, protect=[src]) as tmp:
-        w = ShardWriter(tmp, max_shard_size)
-        for name in src_ck.keys():
-            w.add(name, src_ck.get_tensor(name))
+        w = PlannedShardWriter(tmp, specs_of(src_ck), parse_size(max_shard_size))
+        for name in reversed(src_ck.keys()):  # any arrival order lands in the planned place
+            w.write(name, src_ck.get_tensor(name))
         w.finish()
         shutil.copyfile(src / "config.json", tmp / "config.json")
         copy_extras(src, tmp)
@@ -57,16 +62,47 @@ def test_lazy_reading_loads_only_what_is_asked(tiny_ckpt):
     assert ck.loads == 1 and t.shape == (4 * 16, 64)
 
 
+def test_reading_does_not_map_the_shard(tmp_path):
+    """Peak RSS while reading one 64 MB tensor after another stays near one tensor, not the file."""
+    import resource
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    save_file({f"t{i}": torch.randn(4096, 4096) for i in range(4)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    code = (
+        "import resource, sys; from kvsurgeon.convert.checkpoint import LazyCheckpoint;"
+        "ck = LazyCheckpoint(sys.argv[1]); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "[ck.get_tensor(f't{i}').sum() for i in range(4)];"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)"
+    )
+    grew_kb = int(subprocess.check_output([sys.executable, "-c", code, str(tmp_path)]).decode().split()[-1])
+    assert grew_kb < 200 * 1024, f"RSS grew by {grew_kb} KB reading a 256 MB file tensor by tensor"
+
+
+def test_planned_writer_rejects_wrong_shapes_and_missing(tmp_path):
+    w = PlannedShardWriter(tmp_path, [TensorSpec("a", (2, 3), torch.float32), TensorSpec("b", (4,), torch.bfloat16)], 10**6)
+    with pytest.raises(ValueError, match="a: produced shape"):
+        w.write("a", torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="not part of the planned output"):
+        w.write("c", torch.zeros(1))
+    w.write("b", torch.ones(4))
+    with pytest.raises(ValueError, match="never written"):
+        w.finish()
+
+
 def test_failure_mid_write_leaves_nothing(tiny_ckpt, tmp_path):
     target = tmp_path / "out"
     ck = LazyCheckpoint(tiny_ckpt)
     with pytest.raises(RuntimeError, match="injected"):
         with atomic_output(target) as tmp:
-            w = ShardWriter(tmp, "20KB")
+            w = PlannedShardWriter(tmp, specs_of(ck), 20_000)
             for i, name in enumerate(ck.keys()):
-                w.add(name, ck.get_tensor(name))
+                w.write(name, ck.get_tensor(name))
                 if i == 8:
-                    assert any(tmp.glob("*.partial")), "some shards were already on disk"
+                    assert len(list(tmp.glob("model-*.safetensors"))) > 1, "shards were already on disk"
                     raise RuntimeError("injected failure")
     assert not target.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"], "temporary folder must be removed"
@@ -152,11 +188,12 @@ def test_disk_full_is_clear_and_cleans_up(tiny_ckpt, tmp_path):
         pytest.skip(f"cannot mount a size-limited tmpfs here: {r.stderr.decode().strip()}")
     try:
         big = torch.randn(200_000)  # 800 KB: cannot fit
+        specs = [TensorSpec(f"t{i}", (25_000,), torch.float32) for i in range(8)]
         with pytest.raises(OutputError, match="no space left"):
             with atomic_output(mnt / "out") as tmp:
-                w = ShardWriter(tmp, "100KB")
+                w = PlannedShardWriter(tmp, specs, 100_000)
                 for i in range(8):
-                    w.add(f"t{i}", big[i * 25_000 : (i + 1) * 25_000].clone())
+                    w.write(f"t{i}", big[i * 25_000 : (i + 1) * 25_000])
                 w.finish()
         assert list(mnt.iterdir()) == [], "temporary folder must be removed after ENOSPC"
     finally:
