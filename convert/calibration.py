@@ -64,8 +64,8 @@ class LayerStream:
         self.cfg._attn_implementation = "sdpa"
         self.dtype = dtype
         self.ids = ids
-        emb = ckpt.get_tensor("model.embed_tokens.weight").to(dtype)
-        self.hidden = emb[ids]
+        emb = ckpt.get_tensor("model.embed_tokens.weight")
+        self.hidden = emb[ids].to(dtype)  # gather first: never a float32 copy of the whole table
         del emb
         pos = torch.arange(ids.shape[1])[None]
         rope = rope_cls(config=self.cfg)
@@ -73,10 +73,11 @@ class LayerStream:
         self.position_ids = pos
 
     def layer_module(self, i: int):
-        layer = self.layer_cls(self.cfg, layer_idx=i).to(self.dtype)
+        with torch.device("meta"):  # weights are assigned below: no second copy of the layer
+            layer = self.layer_cls(self.cfg, layer_idx=i)
         prefix = self.fam.layer_prefix.format(i=i)
         state = {k[len(prefix):]: self.ckpt.get_tensor(k).to(self.dtype) for k in self.ckpt.keys() if k.startswith(prefix)}
-        missing, unexpected = layer.load_state_dict(state, strict=False)
+        missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise KvSurgeonError(f"layer {i} of {self.ckpt.folder} does not match its config: missing {missing}, unexpected {unexpected}")
         return layer.eval()

@@ -55,7 +55,7 @@ def convert(
 ) -> None:
     """Convert MODEL's attention and write a stock transformers checkpoint to --out."""
     from .calibration import CalibConfig
-    from .conversion import ConversionSpec, current_command, run_conversion
+    from .conversion import ConversionSpec, run_conversion
     from .pipeline import ConvertOptions
 
     try:
@@ -67,7 +67,7 @@ def convert(
             out=out, overwrite=overwrite, revision=revision, allow_pickle=allow_pickle,
             max_shard_size=max_shard_size, dtype=dtype,
         )
-        res = run_conversion(model, spec, opts, command=current_command())
+        res = run_conversion(model, spec, opts)
     except (KvSurgeonError, UnsupportedArchitectureError) as e:
         fail(e)
     out_console = err if push_to_hub else out_

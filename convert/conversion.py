@@ -7,7 +7,6 @@ a recipe's ``conversion:`` block takes exactly the options ``kvsurgeon convert``
 from __future__ import annotations
 
 import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,23 +62,38 @@ class ConversionSpec:
         )
 
 
-def current_command() -> str:
-    argv = list(sys.argv)
-    argv[0] = Path(argv[0]).name if argv else "kvsurgeon"
-    if argv and argv[0] in ("cli.py", "__main__.py", "-m"):
-        argv[0] = "kvsurgeon"
-    return shlex.join(argv)
+def cli_command(model: str, spec: ConversionSpec, out: str | Path, extra: list[str] | None = None) -> str:
+    """The ``kvsurgeon convert`` command that reproduces ``spec`` (for model cards and logs)."""
+    args = ["kvsurgeon", "convert", str(model), "--to", spec.to]
+    flags = {
+        "--kv-heads": spec.kv_heads if spec.to == "gqa" else None,
+        "--method": spec.method,
+        "--kv-lora-rank": spec.kv_lora_rank,
+        "--rope-dim": spec.rope_dim,
+        "--keep-attention": spec.keep_attention,
+        "--linear-layers": ",".join(map(str, spec.linear_layers)) if isinstance(spec.linear_layers, list) else spec.linear_layers,
+        "--linear": spec.linear,
+        "--transfer-tokens": spec.transfer_tokens or None,
+        "--calib-data": spec.calib.data,
+    }
+    for flag, value in flags.items():
+        if value is not None:
+            args += [flag, str(value)]
+    if spec.calib.data or spec.method in (None, "calibrated"):
+        args += ["--calib-tokens", str(spec.calib.tokens), "--calib-seq-len", str(spec.calib.seq_len)]
+    args += ["--out", str(out), *(extra or [])]
+    return shlex.join(args)
 
 
 def run_conversion(
     model: str,
     spec: ConversionSpec,
     opts: ConvertOptions,
-    command: str | None = None,
     recipe: str | None = None,
 ) -> ConvertResult:
     """Convert ``model`` into ``opts.out`` and write a model card describing exactly what was done."""
     opts.calib = spec.calib
+    command = cli_command(model, spec, opts.out, ["--dtype", opts.dtype] if opts.dtype else None)
 
     def card(folder: Path, new_config: dict, src: Path, plan) -> None:
         from .model_card import CardInfo, source_license, write_model_card
