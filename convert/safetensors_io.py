@@ -177,6 +177,12 @@ class PlannedShardWriter:
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return list(self.files)
 
+    def __enter__(self) -> "PlannedShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         for fd in self.fds:
             try:

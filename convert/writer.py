@@ -50,6 +50,30 @@ def _disk_full(e: OSError, where: Path) -> OutputError:
     )
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Temporary siblings left by a killed writer (kill -9, power loss): their pid is gone."""
+    removed = []
+    for p in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            pid = int(p.name.rsplit(".tmp-", 1)[1].split("-")[0])
+        except ValueError:
+            continue
+        if not _alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextmanager
 def atomic_output(target: str | os.PathLike, overwrite: bool = False, protect: list[Path] | None = None) -> Iterator[Path]:
     """Yield a temporary folder next to ``target``; on success move it to ``target``.
@@ -64,7 +88,8 @@ def atomic_output(target: str | os.PathLike, overwrite: bool = False, protect: l
     if target.exists() and not overwrite:
         raise OutputError(f"{target} already exists; pass --overwrite to replace it, or choose another --out")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale_temporaries(target)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
