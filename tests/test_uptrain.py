@@ -166,3 +166,10 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_finishes(tmp_path, text_file):
     r = recipe_from_dict(d | {"max_steps": done + 1})
     uptrain(r, resume=True, progress=False)
     assert len(train_losses(tmp_path / "run")) == done + 1
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    r, _ = load_recipe(path)
+    assert r.source and r.output and r.stages
+    assert all(n >= 1 for n in r.stage_steps())
