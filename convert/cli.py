@@ -112,7 +112,7 @@ def inspect(
             str(l["kv_heads"] if l["kv_heads"] is not None else "-"),
             str(l["head_dim"] if l["head_dim"] is not None else "-"),
             str(l["values_per_token"]),
-            human_bytes(l["fixed_values"] * (r.kv_bytes_per_token // max(r.kv_values_per_token, 1) or 2)) if l["fixed_values"] else "-",
+            human_bytes(l["fixed_values"] * r.bytes_per_value) if l["fixed_values"] else "-",
         )
     out_.print(t)
     s = Table(title=f"KV cache, batch 1, {r.dtype}")

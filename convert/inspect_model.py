@@ -22,6 +22,7 @@ class Report:
     num_layers: int
     num_attention_heads: int | None
     dtype: str
+    bytes_per_value: int
     parameters: int
     kv_values_per_token: int
     kv_bytes_per_token: int
@@ -59,6 +60,7 @@ def inspect_model(name: str, revision: str | None = None, allow_pickle: bool = F
         num_layers=len(layers),
         num_attention_heads=tc.get("num_attention_heads"),
         dtype=summary.dtype,
+        bytes_per_value=summary.bytes_per_value,
         parameters=count_parameters(path, allow_pickle),
         kv_values_per_token=summary.values_per_token,
         kv_bytes_per_token=summary.bytes_per_token,
