@@ -14,16 +14,15 @@ I/O floor. Outputs are deleted after measuring to keep the disk bounded.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+
+from bench_common import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {
@@ -69,24 +68,6 @@ def build(folder: Path) -> None:
         (tmp / "generation_config.json").unlink(missing_ok=True)
 
 
-def child(out_json: str, argv: list[str]) -> None:
-    """Run one CLI command in this process, then record its own peak RSS and I/O."""
-    from kvsurgeon.convert.cli import app
-
-    t0 = time.time()
-    code = 0
-    try:
-        app(argv, standalone_mode=False)
-    except SystemExit as e:
-        code = int(e.code or 0)
-    io = dict(l.split(": ") for l in Path("/proc/self/io").read_text().splitlines())
-    Path(out_json).write_text(json.dumps({
-        "seconds": time.time() - t0, "exit": code,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "read_bytes": int(io["rchar"]), "written_bytes": int(io["wchar"]),
-    }))
-
-
 def folder_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
@@ -95,11 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default=str(ROOT / "runs" / "bench-scale"), help="where the checkpoint and outputs go")
     ap.add_argument("--only", choices=sorted(JOBS), action="append")
-    ap.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        child(args.child[0], args.child[1:])
-        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     base = Path(args.dir)
     src = base / "llama3-8b-random"
@@ -125,16 +102,12 @@ def main() -> None:
     for name in args.only or list(JOBS):
         out = base / f"out-{name}"
         shutil.rmtree(out, ignore_errors=True)
-        stats = base / f"{name}.json"
-        cmd = [sys.executable, __file__, "--child", str(stats), "convert", str(src), *JOBS[name], "--out", str(out)]
-        print(f"{name}: {' '.join(cmd[4:])}", flush=True)
+        argv = ["convert", str(src), *JOBS[name], "--out", str(out)]
+        print(f"{name}: kvsurgeon {' '.join(argv)}", flush=True)
         t0 = time.time()
-        subprocess.run(cmd, check=True)
+        st = run_measured(argv, base / f"{name}.json")
         subprocess.run(["sync"], check=True)
         wall = time.time() - t0
-        st = json.loads(stats.read_text())
-        if st["exit"]:
-            raise SystemExit(f"{name} failed with exit code {st['exit']}")
         rows.append((name, wall, st["peak_rss_bytes"], st["read_bytes"], st["written_bytes"]))
         print(f"  {wall:.1f}s, peak RSS {st['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
         shutil.rmtree(out, ignore_errors=True)
