@@ -18,14 +18,19 @@ class LayerCache:
     layer: int
     kind: str  # "mha" | "gqa" | "mqa" | "mla" | "mamba2" | "gated_deltanet"
     values_per_token: int
-    fixed_values: int = 0  # recurrent/conv state, independent of context length
+    fixed_values: int = 0  # conv state, independent of context length, in the model dtype
+    fixed_fp32_values: int = 0  # recurrent state: transformers keeps it in float32 whatever the model dtype
     kv_heads: int | None = None
     head_dim: int | None = None
     window: int | None = None  # sliding-window attention caps the tokens kept
 
     def values_at(self, context: int) -> int:
+        """Values held in the model dtype at this context length (the float32 state is separate)."""
         tokens = min(context, self.window) if self.window else context
         return self.values_per_token * tokens + self.fixed_values
+
+    def bytes_at(self, context: int, bytes_per_value: int) -> int:
+        return self.values_at(context) * bytes_per_value + self.fixed_fp32_values * 4
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -74,7 +79,7 @@ def _mamba2_layer(i: int, c: Mapping[str, Any]) -> LayerCache:
     inner = n_heads * d_head
     ssm = n_heads * d_head * d_state
     conv = (inner + 2 * n_groups * d_state) * c.get("mamba_d_conv", 4)
-    return LayerCache(i, "mamba2", 0, fixed_values=ssm + conv)
+    return LayerCache(i, "mamba2", 0, fixed_values=conv, fixed_fp32_values=ssm)
 
 
 def _gdn_layer(i: int, c: Mapping[str, Any]) -> LayerCache:
@@ -82,7 +87,7 @@ def _gdn_layer(i: int, c: Mapping[str, Any]) -> LayerCache:
     dk, dv = c["linear_key_head_dim"], c["linear_value_head_dim"]
     state = nv * dk * dv
     conv = (2 * nk * dk + nv * dv) * c.get("linear_conv_kernel_dim", 4)
-    return LayerCache(i, "gated_deltanet", 0, fixed_values=state + conv)
+    return LayerCache(i, "gated_deltanet", 0, fixed_values=conv, fixed_fp32_values=state)
 
 
 def layer_caches(config: Mapping[str, Any]) -> list[LayerCache]:
@@ -93,7 +98,8 @@ def layer_caches(config: Mapping[str, Any]) -> list[LayerCache]:
         return [_mla_layer(i, c) for i in range(n)]
     if mt == "granitemoehybrid":
         types = c.get("layer_types") or ["attention"] * n
-        return [_mamba2_layer(i, c) if t == "mamba" else _attention_layer(i, c) for i, t in enumerate(types)]
+        # transformers >= 5 rewrites the legacy "mamba" layer type to "linear_attention" on load
+        return [_mamba2_layer(i, c) if t in ("mamba", "linear_attention") else _attention_layer(i, c) for i, t in enumerate(types)]
     if mt in ("qwen3_next", "qwen3_5", "qwen3_5_text"):
         types = c.get("layer_types") or ["full_attention"] * n
         return [_gdn_layer(i, c) if t == "linear_attention" else _attention_layer(i, c) for i, t in enumerate(types)]
@@ -108,10 +114,10 @@ class CacheSummary:
     bytes_per_value: int
     values_per_token: int  # summed over layers
     bytes_per_token: int
-    fixed_bytes: int
+    fixed_bytes: int  # linear layers' state (conv state in the model dtype, recurrent state in float32)
 
     def bytes_at(self, context: int, layers: list[LayerCache]) -> int:
-        return sum(l.values_at(context) for l in layers) * self.bytes_per_value
+        return sum(l.bytes_at(context, self.bytes_per_value) for l in layers)
 
 
 def summarize(config: Mapping[str, Any], dtype: str | None = None) -> tuple[CacheSummary, list[LayerCache]]:
@@ -124,7 +130,7 @@ def summarize(config: Mapping[str, Any], dtype: str | None = None) -> tuple[Cach
             bytes_per_value=b,
             values_per_token=vpt,
             bytes_per_token=vpt * b,
-            fixed_bytes=sum(l.fixed_values for l in layers) * b,
+            fixed_bytes=sum(l.fixed_values * b + l.fixed_fp32_values * 4 for l in layers),
         ),
         layers,
     )

@@ -34,7 +34,7 @@ def fail(e: Exception) -> None:
 @app.command()
 def convert(
     model: str = typer.Argument(..., help="source: Hub model id or local folder"),
-    to: str = typer.Option(..., "--to", help="gqa | mqa | mla"),
+    to: str = typer.Option(..., "--to", help="gqa | mqa | mla | hybrid"),
     out: Path = typer.Option(..., "--out", help="output folder (written atomically)"),
     kv_heads: Optional[int] = typer.Option(None, help="gqa: KV heads to keep (must divide the query heads)"),
     method: Optional[str] = typer.Option(
@@ -42,6 +42,14 @@ def convert(
     ),
     kv_lora_rank: Optional[int] = typer.Option(None, help="mla: latent size R (cache = R + rope-dim values/token/layer)"),
     rope_dim: Optional[int] = typer.Option(None, help="mla: decoupled rope key dims Dr (even, <= head_dim; default head_dim)"),
+    keep_attention: Optional[float] = typer.Option(
+        None, help="hybrid: attention layers kept, a count (e.g. 8) or a fraction (e.g. 0.25)"
+    ),
+    linear_layers: Optional[str] = typer.Option(
+        None, help="hybrid: layers made linear: 'auto' (ranked by measured cost), 'even', or a list like 0,3,5"
+    ),
+    linear: str = typer.Option("mamba2", help="hybrid: mamba2 (Llama/Mistral/Qwen2) | gated-deltanet (Qwen3)"),
+    transfer_tokens: int = typer.Option(0, help="hybrid: attention-transfer tokens per linear layer (0: init only)"),
     calib_data: Optional[str] = typer.Option(None, help="calibration text: .jsonl/.txt/.parquet or HF dataset id (default: built-in)"),
     calib_tokens: int = typer.Option(8192, help="calibration tokens"),
     calib_seq_len: int = typer.Option(512, help="calibration window length"),
@@ -59,8 +67,16 @@ def convert(
     from .pipeline import ConvertOptions
 
     try:
+        layers = linear_layers
+        if layers and layers not in ("auto", "even"):
+            try:
+                layers = [int(v) for v in layers.split(",") if v.strip()]
+            except ValueError:
+                raise KvSurgeonError(f"--linear-layers {linear_layers!r}: use auto, even, or comma-separated layer indices") from None
         spec = ConversionSpec(
             to=to, kv_heads=kv_heads, method=method, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
+            keep_attention=keep_attention, linear_layers=layers, linear=linear if to == "hybrid" else None,
+            transfer_tokens=transfer_tokens,
             calib=CalibConfig(data=calib_data, tokens=calib_tokens, seq_len=calib_seq_len, text_field=text_field),
         )
         opts = ConvertOptions(
@@ -112,7 +128,7 @@ def inspect(
             str(l["kv_heads"] if l["kv_heads"] is not None else "-"),
             str(l["head_dim"] if l["head_dim"] is not None else "-"),
             str(l["values_per_token"]),
-            human_bytes(l["fixed_values"] * r.bytes_per_value) if l["fixed_values"] else "-",
+            human_bytes(l["fixed_values"] * r.bytes_per_value + l["fixed_fp32_values"] * 4) if l["fixed_values"] else "-",
         )
     out_.print(t)
     s = Table(title=f"KV cache, batch 1, {r.dtype}")

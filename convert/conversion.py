@@ -42,6 +42,8 @@ class ConversionSpec:
             self.kv_heads = 1
         if self.to == "gqa" and self.kv_heads is None:
             raise KvSurgeonError("--to gqa needs --kv-heads N (the number of KV heads to keep)")
+        if self.to == "hybrid" and self.keep_attention is None and self.linear_layers is None:
+            raise KvSurgeonError("--to hybrid needs --keep-attention K|FRACTION or --linear-layers LIST|auto")
         if self.to == "mla" and self.kv_lora_rank is None:
             raise KvSurgeonError("--to mla needs --kv-lora-rank R (latent size; the cache keeps R + rope-dim values per token)")
 
@@ -58,7 +60,7 @@ class ConversionSpec:
 
         return hybrid_plan(
             keep_attention=self.keep_attention, linear_layers=self.linear_layers,
-            linear=self.linear or "mamba2", transfer_tokens=self.transfer_tokens,
+            linear=self.linear or "mamba2", transfer_tokens=self.transfer_tokens, calib=self.calib,
         )
 
 

@@ -37,8 +37,9 @@ class Plan:
     new_config: dict
     transform: LayerTransform
     needs_calibration: bool = False
-    # Non-attention tensors are copied under the same name unless this maps them elsewhere.
-    rename: Callable[[str], str] = staticmethod(lambda name: name)
+    # Non-attention tensors are copied under the same name unless this maps them elsewhere;
+    # None drops a tensor (e.g. one the transform already wrote in another form).
+    rename: Callable[[str], "str | None"] = staticmethod(lambda name: name)
     summary: str = ""
 
 
@@ -106,8 +107,9 @@ def convert_model(
         writer = PlannedShardWriter(tmp, specs, parse_size(opts.max_shard_size), metadata={"converted_by": "kvsurgeon"})
         try:
             for name in ckpt.keys():
-                if name not in in_layers and plan.rename(name) not in tied:
-                    writer.write(plan.rename(name), ckpt.get_tensor(name))
+                new_name = plan.rename(name)
+                if name not in in_layers and new_name is not None and new_name not in tied:
+                    writer.write(new_name, ckpt.get_tensor(name))
             bar = tqdm(range(n_layers), desc="convert", unit="layer", disable=not opts.progress)
             for i in bar:
                 attn = read_attention(ckpt, config, i)
@@ -122,8 +124,9 @@ def convert_model(
                     stream.advance(layer)
                     del layer
                 for name in layer_names[i]:
-                    if name not in attn_names:
-                        writer.write(plan.rename(name), ckpt.get_tensor(name))
+                    new_name = plan.rename(name)
+                    if name not in attn_names and new_name is not None:
+                        writer.write(new_name, ckpt.get_tensor(name))
             writer.finish()
         except ValueError as e:  # a tensor that does not fit the target config
             raise KvSurgeonError(f"internal error: the conversion produced a checkpoint its config cannot load: {e}") from e

@@ -39,8 +39,8 @@ def test_accounting_mla_linear_and_window():
     s, layers = summarize(granite)
     assert s.values_per_token == 2 * 2 * 16  # only the attention layer grows with context
     ssm, conv = 4 * 32 * 16, (4 * 32 + 2 * 16) * 4
-    assert layers[0].fixed_values == ssm + conv and layers[1].fixed_values == 0
-    assert s.fixed_bytes == 2 * (ssm + conv) * 4
+    assert layers[0].fixed_values == conv and layers[0].fixed_fp32_values == ssm and layers[1].fixed_values == 0
+    assert s.fixed_bytes == 2 * (ssm + conv) * 4  # float32 model: both at 4 bytes
     gdn = {
         "model_type": "qwen3_next", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
         "num_key_value_heads": 1, "head_dim": 16, "layer_types": ["linear_attention", "full_attention"],
@@ -48,7 +48,8 @@ def test_accounting_mla_linear_and_window():
         "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4,
     }
     s, layers = summarize(gdn)
-    assert layers[0].kind == "gated_deltanet" and layers[0].fixed_values == 4 * 8 * 8 + (2 * 2 * 8 + 4 * 8) * 4
+    assert layers[0].kind == "gated_deltanet" and layers[0].fixed_fp32_values == 4 * 8 * 8
+    assert layers[0].fixed_values == (2 * 2 * 8 + 4 * 8) * 4
     assert layers[1].kind == "mqa" and s.values_per_token == 2 * 16
     mistral = {"model_type": "mistral", "num_hidden_layers": 1, "hidden_size": 64, "num_attention_heads": 4,
                "num_key_value_heads": 2, "sliding_window": 1024}

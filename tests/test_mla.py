@@ -1,0 +1,454 @@
+"""GQA/MHA -> DeepSeek MLA: layout, exactness of every step that is exact in the limit, the cache,
+and clear errors. Tiny random Llama models, float64, built on the fly."""
+
+import math
+
+import pytest
+import torch
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE, DeepseekV3RotaryEmbedding
+
+from kvsurgeon.attention.families import DictSource, read_attention
+from kvsurgeon.attention.mla_layout import (
+    MlaWeights,
+    deepseek_config,
+    interleaved_to_rotate_half,
+    mla_kv_values_per_token,
+    rotate_half_to_interleaved,
+    write_mla,
+)
+from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
+from kvsurgeon.convert.errors import KvSurgeonError
+from kvsurgeon.convert.mla import (
+    allocate_ranks,
+    attention_token_weights,
+    check_mla_ranks,
+    convert_layer_to_mla,
+    effective_cache,
+    fit_latent_scales,
+    mla_attention_reference,
+    mla_config,
+    mla_state_dict,
+    rope_frequency_plan,
+    refit_output,
+    rorope_basis,
+    source_attention_reference,
+)
+from kvsurgeon.convert.rope_planes import rotate_keys, rotate_queries
+
+torch.set_num_threads(1)
+DT = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def llama(hidden=64, heads=4, kv_heads=2, head_dim=16, layers=2, vocab=128, tie=False, seed=0, theta=10000.0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, rms_norm_eps=1e-12,
+        tie_word_embeddings=tie, rope_parameters={"rope_type": "default", "rope_theta": theta},
+        max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    m = LlamaForCausalLM._from_config(cfg, attn_implementation="eager", dtype=DT).eval()
+    with torch.no_grad():  # larger weights than the 0.02 init so attention is far from uniform
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return m
+
+
+def make_constant_norm_mqa(m):
+    """Every layer: v_proj orthogonal (hidden == head_dim), input norms all ones, so the attention
+    input x has rms 1 and ||v_proj x|| is the same for every token: the MLA latent (V at full rank)
+    has constant rms and kv_a_layernorm is exact."""
+    hidden = m.config.hidden_size
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            Q, _ = torch.linalg.qr(torch.randn(hidden, hidden, generator=g, dtype=DT))
+            layer.self_attn.v_proj.weight.copy_(Q * 0.8)
+            layer.input_layernorm.weight.fill_(1.0)
+    return m
+
+
+def capture(m, ids):
+    xs = [[] for _ in m.model.layers]
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(
+            lambda mod, a, kw, i=i: xs[i].append(kw["hidden_states"].detach().clone()), with_kwargs=True
+        )
+        for i, layer in enumerate(m.model.layers)
+    ]
+    with torch.no_grad():
+        m(ids)
+    for h in hooks:
+        h.remove()
+    return [torch.cat(x) for x in xs]
+
+
+def convert_model(m, ids, R, Dr, **kw):
+    cfg = m.config.to_dict()
+    src = DictSource(m.state_dict())
+    xs = capture(m, ids)
+    return [convert_layer_to_mla(read_attention(src, cfg, i), xs[i], R, Dr, **kw) for i in range(cfg["num_hidden_layers"])]
+
+
+def build(m, layers, **cfg_overrides):
+    cfg = mla_config(m.config.to_dict(), layers)
+    cfg.update(cfg_overrides)
+    for k in ("architectures", "model_type"):
+        cfg.pop(k)
+    mla = DeepseekV3ForCausalLM._from_config(DeepseekV3Config(**cfg), attn_implementation="eager", dtype=DT).eval()
+    sd = mla_state_dict(m.state_dict(), layers)
+    mla.load_state_dict(sd, strict=True)  # every tensor present, none left over
+    return mla
+
+
+def logits(m, ids):
+    with torch.no_grad():
+        return m(ids).logits
+
+
+def ids_for(m, B=2, T=24, seed=1):
+    return torch.randint(3, m.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# layout
+
+
+def test_interleave_permutation_roundtrip_and_pairs():
+    rows = torch.arange(8)
+    inter = rotate_half_to_interleaved(rows)
+    assert inter.tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert torch.equal(interleaved_to_rotate_half(inter), rows)
+    w = torch.randn(3, 8, 5)
+    assert torch.equal(interleaved_to_rotate_half(rotate_half_to_interleaved(w, 1), 1), w)
+
+
+def test_deepseek_config_dense_no_moe_and_names():
+    m = llama(tie=True)
+    cfg = deepseek_config(m.config.to_dict(), kv_lora_rank=24, qk_rope_head_dim=16, qk_nope_head_dim=8, v_head_dim=16)
+    assert cfg["architectures"] == ["DeepseekV3ForCausalLM"] and cfg["model_type"] == "deepseek_v3"
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "rms_norm_eps", "tie_word_embeddings",
+              "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings"):
+        assert cfg[k] == m.config.to_dict()[k], k
+    assert cfg["num_key_value_heads"] == cfg["num_attention_heads"] and cfg["q_lora_rank"] is None
+    assert cfg["first_k_dense_replace"] == cfg["num_hidden_layers"]
+    c = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}
+    mla = DeepseekV3ForCausalLM(DeepseekV3Config(**c))
+    assert not any(isinstance(mod, DeepseekV3MoE) for mod in mla.modules())
+    assert mla.config.num_mtp_layers == 0
+    assert mla_kv_values_per_token(cfg) == 24 + 16
+    # every non-attention tensor of the Llama source has the same name in DeepseekV3
+    src_names = {k for k in m.state_dict() if ".self_attn." not in k}
+    assert src_names <= set(mla.state_dict())
+    # kv_a_layernorm eps is transformers' fixed 1e-6, not rms_norm_eps (the conversion keeps rms ~ 1)
+    assert mla.model.layers[0].self_attn.kv_a_layernorm.variance_epsilon == 1e-6
+
+
+def test_write_mla_names_shapes_and_biases():
+    H, Dn, Dr, Dv, R, hid = 4, 8, 16, 16, 24, 64
+    w = MlaWeights(q=torch.randn(H, Dn + Dr, hid), kv_a=torch.randn(R + Dr, hid), kv_a_norm=torch.ones(R),
+                   kv_b=torch.randn(H, Dn + Dv, R), o=torch.randn(hid, H, Dv))
+    t = write_mla(w, 3)
+    p = "model.layers.3.self_attn."
+    assert set(t) == {p + n for n in ("q_proj.weight", "kv_a_proj_with_mqa.weight", "kv_a_layernorm.weight",
+                                      "kv_b_proj.weight", "o_proj.weight")}
+    assert t[p + "q_proj.weight"].shape == (H * (Dn + Dr), hid)
+    assert t[p + "kv_b_proj.weight"].shape == (H * (Dn + Dv), R)
+    assert t[p + "o_proj.weight"].shape == (hid, H * Dv)
+    tb = write_mla(w, 3, attention_bias=True)
+    assert torch.equal(tb[p + "o_proj.bias"], torch.zeros(hid)) and tb[p + "kv_a_proj_with_mqa.bias"].shape == (R + Dr,)
+
+
+# ---------------------------------------------------------------------------------------------
+# exact steps
+
+
+def test_rope_rows_interleaved_vs_rotate_half_identical_logits():
+    m = llama(kv_heads=2)
+    ids = ids_for(m)
+    inter = convert_model(m, ids, 24, 16, rope_interleave=True)
+    half = convert_model(m, ids, 24, 16, rope_interleave=False)
+    a = logits(build(m, inter), ids)
+    b = logits(build(m, half), ids)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # the permutation matters: rotate-half rows under rope_interleave=true give other logits
+    wrong = [MlaWeights(q=w.q, kv_a=w.kv_a, kv_a_norm=w.kv_a_norm, kv_b=w.kv_b, o=w.o, rope_interleaved=True, info=w.info) for w in half]
+    assert (logits(build(m, wrong), ids) - a).abs().max() > 1e-3
+
+
+def test_full_rank_mqa_with_constant_latent_rms_is_exact():
+    # G=1, Dr=D: the rope key carries the whole key; the latent carries V at full rank (R = Dv);
+    # with ||v_proj x|| constant per token kv_a_layernorm is exact: logits match the source.
+    m = make_constant_norm_mqa(llama(hidden=16, heads=4, kv_heads=1, head_dim=16))
+    ids = ids_for(m)
+    layers = convert_model(m, ids, 16, 16, whiten=False)
+    assert all(w.info["rms_cv"] < 1e-6 for w in layers)
+    assert all(w.qk_nope_head_dim == 0 for w in layers)
+    ref = logits(m, ids)
+    torch.testing.assert_close(logits(build(m, layers), ids), ref, rtol=1e-5, atol=1e-5)
+    # held-out tokens too (nothing was fit to the calibration set)
+    other = ids_for(m, seed=5)
+    torch.testing.assert_close(logits(build(m, layers), other), logits(m, other), rtol=1e-5, atol=1e-5)
+
+
+def test_scale_fold_exact():
+    # qk_nope_head_dim forced to 8 (zero rows): DeepseekV3 scales scores by (8 + 16) ** -0.5, the
+    # source by 16 ** -0.5; q carries sqrt(24 / 16).
+    m = make_constant_norm_mqa(llama(hidden=16, heads=4, kv_heads=1, head_dim=16))
+    ids = ids_for(m)
+    layers = convert_model(m, ids, 16, 16, whiten=False, qk_nope_head_dim=8)
+    assert all(w.qk_nope_head_dim == 8 for w in layers)
+    ref = logits(m, ids)
+    torch.testing.assert_close(logits(build(m, layers), ids), ref, rtol=1e-5, atol=1e-5)
+    unfolded = [MlaWeights(q=w.q / math.sqrt(24 / 16), kv_a=w.kv_a, kv_a_norm=w.kv_a_norm, kv_b=w.kv_b, o=w.o,
+                           rope_interleaved=w.rope_interleaved, info=w.info) for w in layers]
+    assert (logits(build(m, unfolded), ids) - ref).abs().max() > 1e-3
+
+
+def test_rorope_rotation_with_nothing_dropped_preserves_scores():
+    # rorope_basis (calibration keys, query-RMS weights, key bias) + rotate_keys/queries, all G components kept rotary
+    g = torch.Generator().manual_seed(3)
+    H, G, D, hid, T = 6, 3, 16, 32, 20
+    q = torch.randn(H, D, hid, generator=g, dtype=DT)
+    k = torch.randn(G, D, hid, generator=g, dtype=DT)
+    kb = torch.randn(G, D, generator=g, dtype=DT)
+    x = torch.randn(T, hid, generator=g, dtype=DT)
+    kv_index = torch.arange(H) // (H // G)
+    A, A_inv = rorope_basis(k, q, kv_index, D, x, k_bias=kb)
+    rope = RopeSpec(10000.0, D, D)
+    attn = AttentionWeights(q=q, k=k, v=torch.randn(G, D, hid, dtype=DT), o=torch.randn(hid, H, D, dtype=DT), rope=rope)
+    from kvsurgeon.convert.mla import _rope_rotate_half
+
+    inv = rope.inv_freq()
+    qs = _rope_rotate_half(torch.einsum("hdi,ti->htd", q, x), inv, D)
+    ks = _rope_rotate_half(torch.einsum("gdi,ti->gtd", k, x) + kb[:, None], inv, D)
+    ref = torch.einsum("htd,hsd->hts", qs, ks[kv_index])
+    kr = rotate_keys(torch.cat([k, kb[..., None]], -1), A, D)  # bias rotates with the weights
+    qr = rotate_queries(q, A_inv, kv_index, D)
+    kz = _rope_rotate_half(torch.einsum("mdi,ti->mtd", kr[..., :hid], x) + kr[..., hid][:, None], inv, D)
+    qz = _rope_rotate_half(torch.einsum("hmdi,ti->hmtd", qr, x), inv, D)
+    got = torch.einsum("hmtd,msd->hts", qz, kz)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+    assert attn.num_kv_heads == G
+
+
+def test_gqa_with_rank1_per_frequency_keys_is_exact():
+    # G=2 KV heads whose keys are per-frequency complex multiples of one head: RoRoPE puts all of
+    # them into component 0 (the shared rope key), nothing loses RoPE, and the MLA is exact.
+    m = llama(hidden=16, heads=4, kv_heads=2, head_dim=16)
+    D, F = 16, 8
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            kw = layer.self_attn.k_proj.weight.view(2, D, 16)
+            re, im = kw[0, :F].clone(), kw[0, F:].clone()
+            a, b = torch.randn(F, 1, generator=g, dtype=DT), torch.randn(F, 1, generator=g, dtype=DT)
+            kw[1, :F] = a * re - b * im
+            kw[1, F:] = a * im + b * re
+            Q1, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=DT))
+            Q2, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=DT))
+            layer.self_attn.v_proj.weight.copy_(torch.cat([Q1, Q2]) * 0.5)  # W^T W = 0.5 I: ||v|| constant
+            layer.input_layernorm.weight.fill_(1.0)
+    ids = ids_for(m)
+    layers = convert_model(m, ids, 16, 16, whiten=False)
+    assert all(w.info["rms_cv"] < 1e-6 for w in layers)
+    torch.testing.assert_close(logits(build(m, layers), ids), logits(m, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_latent_norm_error_measured_against_bound():
+    # A generic MQA layer at full rank: with the latent rms made constant ("ideal") the layer is
+    # exact; with transformers' kv_a_layernorm the error stays within 2x the measured rms CV.
+    g = torch.Generator().manual_seed(5)
+    H, D, hid = 4, 16, 64
+    attn = AttentionWeights(q=torch.randn(H, D, hid, generator=g, dtype=DT) / 4, k=torch.randn(1, D, hid, generator=g, dtype=DT) / 4,
+                            v=torch.randn(1, D, hid, generator=g, dtype=DT) / 4, o=torch.randn(hid, H, D, generator=g, dtype=DT) / 4,
+                            rope=RopeSpec(10000.0, D, D))
+    x = torch.randn(4, 32, hid, generator=g, dtype=DT)
+    x = x / x.pow(2).mean(-1, keepdim=True).sqrt()
+    w = convert_layer_to_mla(attn, x, 16, 16, refit=False)
+    ref = source_attention_reference(attn, x)
+    ideal = mla_attention_reference(w, x, norm="ideal")
+    torch.testing.assert_close(ideal, ref, rtol=1e-9, atol=1e-9)
+    real = mla_attention_reference(w, x)
+    err = float((real - ref).norm() / ref.norm())
+    cv = w.info["rms_cv"]
+    assert 0 < cv < w.info["rms_cv_unscaled"]  # the scale fit flattens rms(latent)
+    assert 1e-4 < err < 2 * cv, (err, cv)
+
+
+def test_biases_exact_and_frequency_plan_matches_transformers():
+    # Qwen2-style k/v biases + an o bias, MQA, Dr = D: rope-key bias -> kv_a bias, v bias -> o bias.
+    g = torch.Generator().manual_seed(9)
+    H, D, hid = 4, 16, 16
+    Q, _ = torch.linalg.qr(torch.randn(hid, hid, generator=g, dtype=DT))
+    attn = AttentionWeights(q=torch.randn(H, D, hid, generator=g, dtype=DT) / 2, k=torch.randn(1, D, hid, generator=g, dtype=DT) / 2,
+                            v=Q[None], o=torch.randn(hid, H, D, generator=g, dtype=DT) / 2, rope=RopeSpec(10000.0, D, D),
+                            k_bias=torch.randn(1, D, generator=g, dtype=DT), v_bias=torch.randn(1, D, generator=g, dtype=DT),
+                            o_bias=torch.randn(hid, generator=g, dtype=DT))
+    x = torch.randn(3, 20, hid, generator=g, dtype=DT)
+    x = x / x.pow(2).mean(-1, keepdim=True).sqrt()
+    w = convert_layer_to_mla(attn, x, 16, 16, whiten=False)
+    assert w.has_bias and w.info["rms_cv"] < 1e-6
+    torch.testing.assert_close(mla_attention_reference(w, x), source_attention_reference(attn, x), rtol=1e-8, atol=1e-8)
+    # the kept frequencies and rope_theta reproduce the source's frequencies in transformers' DeepseekV3
+    rope = RopeSpec(100000.0, 64, 64)
+    for Dr, freq in [(32, "high"), (32, "spread"), (16, 2), (64, "high")]:
+        kept, theta = rope_frequency_plan(rope, Dr, freq)
+        cfg = DeepseekV3Config(hidden_size=64, num_attention_heads=4, qk_rope_head_dim=Dr, qk_nope_head_dim=8,
+                               rope_parameters={"rope_type": "default", "rope_theta": theta})
+        got = DeepseekV3RotaryEmbedding(cfg).inv_freq.double()
+        torch.testing.assert_close(got, rope.inv_freq()[kept], rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache
+
+
+def test_generate_caches_only_the_latent():
+    m = llama(kv_heads=2)
+    ids = ids_for(m)
+    R, Dr = 20, 8
+    layers = convert_model(m, ids, R, Dr, frequencies="spread")
+    mla = build(m, layers)
+    cfg = mla.config.to_dict()
+    assert mla_kv_values_per_token(cfg) == R + Dr
+    with torch.no_grad():
+        out = mla(ids, use_cache=True)
+    for layer in out.past_key_values.layers:
+        assert layer.keys.shape == (2, 1, ids.shape[1], R)
+        assert layer.values.shape == (2, 1, ids.shape[1], Dr)
+    gen = mla.generate(ids[:1, :6], max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
+                       pad_token_id=0, eos_token_id=None)
+    assert gen.sequences.shape == (1, 11)
+    for layer in gen.past_key_values.layers:
+        assert layer.keys.shape[-1] + layer.values.shape[-1] == R + Dr
+        assert layer.keys.shape[1] == 1 and layer.keys.shape[2] >= 10
+    assert 2 * m.config.num_key_value_heads * m.config.head_dim > R + Dr  # the point: a smaller cache
+
+
+# ---------------------------------------------------------------------------------------------
+# lossy steps behave
+
+
+def test_compression_error_shrinks_with_rank_and_methods_differ():
+    m = llama(kv_heads=2, seed=3)
+    ids = ids_for(m, B=4, T=32)
+    cfg = m.config.to_dict()
+    src = DictSource(m.state_dict())
+    xs = capture(m, ids)
+    attn = read_attention(src, cfg, 1)
+    ref = source_attention_reference(attn, xs[1])
+    errs = {}
+    for method in ("calibrated", "svd"):
+        for R in (8, 16, 32, 48):
+            w = convert_layer_to_mla(attn, xs[1], R, 16, method)
+            errs[method, R] = float((mla_attention_reference(w, xs[1]) - ref).norm() / ref.norm())
+    for method in ("calibrated", "svd"):
+        assert errs[method, 48] < errs[method, 8]
+    assert errs["calibrated", 16] != errs["svd", 16]
+    # svd needs no calibration data at all
+    w = convert_layer_to_mla(attn, None, 16, 16, "svd")
+    assert torch.isfinite(mla_attention_reference(w, xs[1])).all()
+
+
+def test_norm_ballast_and_token_weights_run():
+    m = llama(kv_heads=2, seed=4)
+    ids = ids_for(m, B=2, T=32)
+    cfg = m.config.to_dict()
+    xs = capture(m, ids)
+    attn = read_attention(DictSource(m.state_dict()), cfg, 0)
+    u = attention_token_weights(attn, xs[0], mix=0.5)
+    assert u.shape == (64,) and abs(float(u.mean()) - 1) < 1e-9
+    w = convert_layer_to_mla(attn, xs[0], 24, 16, norm_ballast=2, token_weights=u)
+    assert w.info["norm_ballast"] == 2 and torch.isfinite(w.kv_b).all()
+
+
+def test_refit_output_reduces_calibration_error():
+    m = llama(kv_heads=2, seed=6)
+    ids = ids_for(m, B=4, T=32)
+    xs = capture(m, ids)
+    attn = read_attention(DictSource(m.state_dict()), m.config.to_dict(), 1)
+    w = convert_layer_to_mla(attn, xs[1], 12, 8)
+    w2 = refit_output(w, attn, xs[1], ridge=1e-3)
+    assert w2.o.shape == w.o.shape
+    assert w2.info["o_refit_rel_err_after"] < w2.info["o_refit_rel_err_before"]
+    ref = source_attention_reference(attn, xs[1])
+    e1 = (mla_attention_reference(w, xs[1]) - ref).norm()
+    e2 = (mla_attention_reference(w2, xs[1]) - ref).norm()
+    assert e2 < e1
+
+
+def test_fit_latent_scales_flattens_a_weighted_norm():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2000, 6, generator=g, dtype=DT)
+    # coordinate 0 is large and noisy, the rest are steady: the fit should down-weight it
+    y[:, 0] *= 5 * torch.rand(2000, generator=g, dtype=DT)
+    y[:, 1:] = y[:, 1:].sign()
+    a = fit_latent_scales(y)
+    f0 = y.pow(2).sum(-1)
+    f = (y.pow(2) * a).sum(-1)
+    assert f.std() / f.mean() < 0.5 * f0.std() / f0.mean()
+
+
+def test_per_layer_ranks_and_effective_cache():
+    spectra = [torch.tensor([10.0, 1.0, 0.5, 0.1]), torch.tensor([5.0, 4.0, 3.0, 2.0]), torch.tensor([1.0, 0.0, 0.0, 0.0])]
+    ranks = allocate_ranks(spectra, 7, max_rank=4)
+    assert sum(ranks) == 7 and ranks[2] == 1 and ranks[1] >= ranks[0]
+    eff = effective_cache(ranks, 8)
+    assert eff["stored_values_per_token_per_layer"] == max(ranks) + 8
+    assert eff["effective_values_per_token"] == 7 + 3 * 8
+    m = llama(kv_heads=2)
+    ids = ids_for(m)
+    layers = convert_model(m, ids, 24, 16, effective_rank=10)
+    assert all(float(w.kv_a[10:24].abs().max()) == 0 and float(w.kv_b[..., 10:].abs().max()) == 0 for w in layers)
+    assert torch.isfinite(logits(build(m, layers), ids)).all()
+    with pytest.raises(KvSurgeonError):
+        allocate_ranks(spectra, 100, max_rank=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def _attn(G=2, D=16, H=4, hid=32, rotary=None, **kw):
+    return AttentionWeights(q=torch.randn(H, D, hid), k=torch.randn(G, D, hid), v=torch.randn(G, D, hid),
+                            o=torch.randn(hid, H, D), rope=RopeSpec(10000.0, D, rotary or D), **kw)
+
+
+@pytest.mark.parametrize(
+    "R, Dr, rotary, freq, match",
+    [
+        (49, 16, None, "high", "above the joint"),  # joint = 2*16 - 16 + 2*16 = 48
+        (0, 16, None, "high", "positive"),
+        (16, 15, None, "high", "odd"),
+        (16, 32, None, "high", "above the source head_dim"),
+        (16, 12, 8, "high", "rotary dim"),
+        (16, 6, None, "spread", "spread evenly"),
+        (16, 8, None, 3, "stride"),
+    ],
+)
+def test_bad_ranks_fail_clearly(R, Dr, rotary, freq, match):
+    attn = _attn(rotary=rotary)
+    with pytest.raises(KvSurgeonError, match=match):
+        convert_layer_to_mla(attn, torch.randn(10, 32), R, Dr, frequencies=freq)
+    with pytest.raises(KvSurgeonError, match=match):
+        check_mla_ranks(num_kv_heads=2, head_dim=16, v_head_dim=16, rope=attn.rope, kv_lora_rank=R, rope_dim=Dr, frequencies=freq)
+
+
+def test_unsupported_sources_fail_clearly():
+    with pytest.raises(KvSurgeonError, match="Qwen3"):
+        convert_layer_to_mla(_attn(q_norm=torch.ones(16), k_norm=torch.ones(16)), torch.randn(10, 32), 16, 16)
+    with pytest.raises(KvSurgeonError, match="q_proj has a bias"):
+        convert_layer_to_mla(_attn(q_bias=torch.randn(4, 16)), torch.randn(10, 32), 16, 16)
+    w = convert_layer_to_mla(_attn(q_bias=torch.randn(4, 16)), torch.randn(64, 32), 16, 16, q_bias="fit")
+    assert "q_bias_fit_residual" in w.info
+    with pytest.raises(KvSurgeonError, match="calibration"):
+        convert_layer_to_mla(_attn(), None, 16, 16, "calibrated")
+    with pytest.raises(KvSurgeonError, match="rope_type"):
+        convert_layer_to_mla(_attn().with_(rope=RopeSpec(10000.0, 16, 16, "llama3", {"factor": 8.0})), torch.randn(10, 32), 16, 8)
