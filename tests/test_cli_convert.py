@@ -51,3 +51,22 @@ def test_convert_push_to_hub(hub, tmp_path):  # noqa: F811
     ids = torch.randint(0, 128, (1, 12))
     assert torch.equal(a(ids).logits, b(ids).logits)
     assert 'from_pretrained("me/tiny-mqa")' in open(f"{local}/README.md").read()
+
+
+def test_convert_mla_cli_loads_generates_and_caches_the_latent(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = save_tiny(tmp_path / "src")
+    out = tmp_path / "mla"
+    res = runner.invoke(app, ["convert", str(src), "--to", "mla", "--kv-lora-rank", "32", "--rope-dim", "8", "--method", "svd", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert type(m).__name__ == "DeepseekV3ForCausalLM"
+    g = m.generate(torch.randint(0, 128, (1, 5)), max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    layer = g.past_key_values.layers[0]
+    assert layer.keys.shape[-1] == 32 and layer.values.shape[-1] == 8  # latent R and the shared rope key Dr
+    assert read_card_info(out).kv_bytes_per_token_after == 2 * (32 + 8) * 4
+    for bad, msg in ((["--kv-lora-rank", "999"], "kv_lora_rank"), (["--kv-lora-rank", "32", "--rope-dim", "7"], "odd"),
+                     (["--kv-lora-rank", "32", "--rope-dim", "32"], "head_dim")):
+        res = runner.invoke(app, ["convert", str(src), "--to", "mla", *bad, "--out", str(tmp_path / "bad")])
+        assert res.exit_code == 2 and msg in res.output, res.output

@@ -1,0 +1,58 @@
+"""GQA/MHA -> DeepSeek MLA: a stock ``DeepseekV3ForCausalLM`` whose cache holds only the latent."""
+
+from __future__ import annotations
+
+from kvsurgeon.attention import family_for, head_dim_of, rope_spec
+from kvsurgeon.attention.mla_layout import deepseek_config, write_mla
+
+from .checkpoint import LazyCheckpoint
+from .errors import KvSurgeonError
+from .mla import check_mla_ranks, convert_layer_to_mla, rope_frequency_plan
+from .pipeline import Plan
+
+METHODS = ("calibrated", "svd")
+
+
+def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "calibrated"):
+    if method not in METHODS:
+        raise KvSurgeonError(f"unknown --method {method!r} for --to mla; choose one of {', '.join(METHODS)}")
+
+    def make_plan(config: dict, ckpt: LazyCheckpoint) -> Plan:
+        fam = family_for(config)
+        if fam.has_qk_norm:
+            raise KvSurgeonError(
+                f"--to mla does not support {fam.model_type} sources yet: their per-head q/k RMSNorm has no "
+                "place in DeepSeek MLA. Supported for MLA: llama, mistral, qwen2 (without q bias)."
+            )
+        rope = rope_spec(config)
+        H = config["num_attention_heads"]
+        G = config.get("num_key_value_heads") or H
+        D = head_dim_of(config)
+        Dr = rope_dim if rope_dim is not None else min(D, rope.rotary_dim)
+        check_mla_ranks(num_kv_heads=G, head_dim=D, v_head_dim=D, rope=rope, kv_lora_rank=kv_lora_rank,
+                        rope_dim=Dr, hidden_size=config["hidden_size"])
+        _, theta = rope_frequency_plan(rope, Dr)
+        Dn = min(kv_lora_rank, G * D - Dr)  # nope key dims per head: the latent is read in full when R <= G*D - Dr
+        qkv_bias, o_bias = fam.biases(config)
+        bias = qkv_bias or o_bias
+        rope_parameters = None if rope.rope_type == "default" else {"rope_type": rope.rope_type, "rope_theta": rope.theta, **rope.scaling}
+        new_config = deepseek_config(config, kv_lora_rank, Dr, Dn, D, theta, rope_interleave=True,
+                                     attention_bias=bias, rope_parameters=rope_parameters)
+
+        def transform(i, attn, x):
+            w = convert_layer_to_mla(attn, x if method == "calibrated" else None, kv_lora_rank, Dr, method, qk_nope_head_dim=Dn)
+            return write_mla(w, i, attention_bias=bias)
+
+        before, after = 2 * G * D, kv_lora_rank + Dr
+        return Plan(
+            new_config=new_config,
+            transform=transform,
+            needs_calibration=(method == "calibrated"),
+            summary=(
+                f"GQA {H}/{G} (head_dim {D}) -> DeepSeek MLA: latent rank {kv_lora_rank} + shared rope key {Dr} "
+                f"= {after} cached values per token per layer instead of {before} ({1 - after / before:.0%} smaller), "
+                f"{method} ({'per-frequency PCA of calibration keys for the rope key, joint PCA of calibration K_nope/V' if method == 'calibrated' else 'weight-only joint SVD of [W_k_nope; W_v]'})."
+            ),
+        )
+
+    return make_plan
