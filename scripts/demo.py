@@ -24,8 +24,14 @@ from rich.table import Table
 SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HELDOUT = Path(__file__).resolve().parents[1] / "convert" / "data" / "heldout.jsonl"
 
-# (name, convert arguments): every conversion that exists, at its defaults.
-JOBS: list[tuple[str, list[str]]] = []
+# (name, convert arguments): every conversion kvsurgeon has, on the built-in calibration text.
+JOBS: list[tuple[str, list[str]]] = [
+    ("MQA, mean pooling (GQA paper baseline)", ["--to", "mqa", "--method", "mean"]),
+    ("MQA, calibrated", ["--to", "mqa"]),
+    ("MLA -50% (R 128 + Dr 64), calibrated", ["--to", "mla", "--kv-lora-rank", "128", "--rope-dim", "64"]),
+    ("MLA -75% (R 64 + Dr 32), calibrated", ["--to", "mla", "--kv-lora-rank", "64", "--rope-dim", "32"]),
+    ("hybrid: 50% Mamba2 (even), init only", ["--to", "hybrid", "--keep-attention", "0.5", "--linear-layers", "even"]),
+]
 
 
 def run(cmd: list[str]) -> str:
@@ -51,8 +57,8 @@ def main() -> None:
     console.rule("eval of the source")
     src = json.loads(run(exe + ["eval", SOURCE, "--data", args.data, "--max-tokens", str(args.max_tokens), "--json"]))
     rows.append(("source (GQA 9/3)", "-", src["kv_bytes_per_token"], src["ppl"], 0.0, 1.0))
-    for name, conv in JOBS:
-        out = Path(args.out) / name
+    for i, (name, conv) in enumerate(JOBS):
+        out = Path(args.out) / f"job{i}"
         console.rule(f"convert: {name}")
         t0 = time.time()
         run(exe + ["convert", SOURCE, *conv, "--out", str(out), "--overwrite"])
