@@ -75,6 +75,7 @@ __all__ = [
     "source_attention_reference",
     "mla_attention_reference",
     "refit_output",
+    "refit_queries",
 ]
 
 KV_A_NORM_EPS = 1e-6  # DeepseekV3RMSNorm(config.kv_lora_rank): transformers never passes rms_norm_eps
@@ -841,3 +842,95 @@ def refit_output(
     info = dict(w.info, o_refit_rel_err_before=before, o_refit_rel_err_after=after)
     return MlaWeights(q=w.q, kv_a=w.kv_a, kv_a_norm=w.kv_a_norm, kv_b=w.kv_b, o=O.reshape_as(w.o).to(w.o.dtype),
                       kv_a_bias=w.kv_a_bias, o_bias=w.o_bias, rope_interleaved=w.rope_interleaved, info=info)
+
+
+def refit_queries(
+    w: MlaWeights,
+    attn: AttentionWeights,
+    x: torch.Tensor,
+    ridge: float = 0.1,
+    reg: float = 1e-2,
+    uniform: float = 0.1,
+    stride: int = 8,
+) -> MlaWeights:
+    """Least-squares refit of ``q_proj`` against the converted keys (calibration only, closed form).
+
+    For every ``stride``-th query position t of the calibration sequences x (B, T, hidden) and every
+    head, the query q*(t) that best reproduces the source's scores against the converted keys
+    (nope keys through kv_a_layernorm and kv_b, the shared rope key rotated by the relative
+    position), weighted per key by the source attention ``(1 - uniform) p_ts + uniform / (t + 1)``
+    and row-centred (softmax ignores a per-row constant), with a ridge ``ridge`` towards the current
+    query; then ``q_proj`` rows = ridge regression (``reg``) of q* on the inputs. The cache is unchanged.
+    """
+    from kvsurgeon.attention.mla_layout import interleaved_to_rotate_half
+
+    if x.dim() != 3:
+        raise MlaConversionError("refit_queries needs x shaped (batch, seq, hidden)")
+    x = x.double()
+    Bn, T, hidden = x.shape
+    H, Dn, Dr, R = w.num_heads, w.qk_nope_head_dim, w.qk_rope_head_dim, w.kv_lora_rank
+    Dq = Dn + Dr
+    scale_new = Dq ** -0.5
+    theta = w.info["rope_theta"]
+    M0 = w.q.double().clone()  # (H, Dq, hidden)
+    if w.rope_interleaved:
+        M0[:, Dn:] = interleaved_to_rotate_half(M0[:, Dn:], 1)
+    inv_new = 1.0 / (theta ** (torch.arange(0, Dr, 2, dtype=torch.float64) / Dr))
+    inv_src = attn.rope.inv_freq()
+    idx = attn.kv_index()
+    ts = torch.arange(0, T, stride)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    qstar = torch.zeros(H, Bn, len(ts), Dq, dtype=torch.float64)
+    for b in range(Bn):
+        xb = x[b]
+        # source scores
+        q = _rope_rotate_half(torch.einsum("hdi,ti->htd", attn.q.double(), xb)
+                              + (0 if attn.q_bias is None else attn.q_bias.double()[:, None]), inv_src, attn.rope.rotary_dim)
+        k = _rope_rotate_half(torch.einsum("gdi,ti->gtd", attn.k.double(), xb)
+                              + (0 if attn.k_bias is None else attn.k_bias.double()[:, None]), inv_src, attn.rope.rotary_dim)
+        S = (q @ k[idx].transpose(-1, -2)) * attn.head_dim ** -0.5  # (H, T, T)
+        S = S.masked_fill(~causal, float("-inf"))
+        P = torch.softmax(S, -1)[:, ts]  # (H, t, T)
+        S = S[:, ts].masked_fill(~causal[ts], 0.0)
+        Om = (1 - uniform) * P + uniform * causal[ts].double() / (ts[:, None] + 1).double()
+        # converted keys
+        ckv = xb @ w.kv_a.double().T
+        if w.kv_a_bias is not None:
+            ckv = ckv + w.kv_a_bias.double()
+        c = w.kv_a_norm.double() * ckv[:, :R] / _latent_rms(ckv[:, :R])[:, None]
+        k_nope = torch.einsum("hdr,tr->htd", w.kv_b.double()[:, :Dn], c)  # (H, T, Dn)
+        k_pe = ckv[:, R:]
+        if w.rope_interleaved:
+            k_pe = interleaved_to_rotate_half(k_pe, -1)
+        # rope part seen from query t: the key rotated by (s - t)
+        rel = torch.arange(T, dtype=torch.float64)[None, :] - ts[:, None].double()  # (t, T)
+        ang = rel[..., None] * inv_new  # (t, T, Dr/2)
+        half = Dr // 2
+        a_, b_ = k_pe[None, :, :half], k_pe[None, :, half:]
+        k_rel = torch.cat([a_ * ang.cos() - b_ * ang.sin(), b_ * ang.cos() + a_ * ang.sin()], -1)  # (t, T, Dr)
+        q0 = torch.einsum("hdi,ti->htd", M0, xb[ts])  # (H, t, Dq)
+        k_rel = k_rel.float()
+        for h in range(H):  # the (t, T, Dq) products in float32, the small solves in float64
+            Kt = torch.cat([k_nope[h].float()[None].expand(len(ts), -1, -1), k_rel], -1) * scale_new  # (t, T, Dq)
+            om = Om[h].float()
+            wsum = om.sum(-1, keepdim=True)
+            Kc = Kt - torch.bmm(om[:, None], Kt) / wsum[..., None]
+            Sh = S[h].float()
+            Sc = Sh - (om * Sh).sum(-1, keepdim=True) / wsum
+            Kw = Kc * om[..., None]
+            Nm = torch.bmm(Kw.transpose(1, 2), Kc).double()  # (t, Dq, Dq)
+            rhs = torch.bmm(Kw.transpose(1, 2), Sc[..., None])[..., 0].double()
+            lam = ridge * Nm.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)  # (t,)
+            Nm = Nm + lam[:, None, None] * torch.eye(Dq, dtype=torch.float64)
+            qstar[h, b] = torch.linalg.solve(Nm, rhs + lam[:, None] * q0[h])
+    Xs = x[:, ts].reshape(-1, hidden)
+    G_ = Xs.T @ Xs
+    mu = reg * float(G_.diagonal().mean())
+    Ginv = torch.linalg.inv(G_ + mu * torch.eye(hidden, dtype=torch.float64))
+    M = torch.einsum("hnd,ni->hdi", qstar.reshape(H, -1, Dq), Xs) + mu * M0
+    M = torch.einsum("hdi,ij->hdj", M, Ginv)
+    if w.rope_interleaved:
+        M[:, Dn:] = rotate_half_to_interleaved(M[:, Dn:], 1)
+    info = dict(w.info, q_refit=True)
+    return MlaWeights(q=M.to(w.q.dtype), kv_a=w.kv_a, kv_a_norm=w.kv_a_norm, kv_b=w.kv_b, o=w.o, kv_a_bias=w.kv_a_bias,
+                      o_bias=w.o_bias, rope_interleaved=w.rope_interleaved, info=info)

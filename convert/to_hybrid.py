@@ -149,6 +149,17 @@ def hybrid_plan(
         target = _target_for(config, linear)
         L = int(config["num_hidden_layers"])
         mode, keep, layers = resolve_layer_choice(L, keep_attention, linear_layers)
+        if (keep == 0 if mode == "auto" else len(layers) == L):
+            raise KvSurgeonError(
+                f"--to hybrid needs at least one attention layer: with every layer linear, transformers' hybrid cache "
+                f"has no attention layer to count tokens (DynamicCache.get_seq_length raises) and generate() fails; "
+                f"keep at least one (--keep-attention 1)"
+            )
+        build_config = granite_hybrid_config if target == "granite" else qwen35_text_config
+        try:
+            build_config(config, [])  # layout checks (head_dim, activation, ...) before any expensive pass
+        except HybridLayoutError as e:
+            raise KvSurgeonError(str(e)) from None
         files: dict[str, object] = {}
         if mode == "auto":
             ranking = dict(given_ranking) if given_ranking else rank_layers(
@@ -162,15 +173,9 @@ def hybrid_plan(
             ranking["linear_layers"] = layers
             files[RANKING_FILE] = ranking
             say(format_ranking(ranking))
-        if len(layers) == L:
-            raise KvSurgeonError(
-                f"--to hybrid needs at least one attention layer: every layer linear leaves transformers' hybrid cache "
-                f"without an attention layer to count tokens (DynamicCache.get_seq_length raises), so generate() fails; "
-                f"keep at least one (--keep-attention 1)"
-            )
         linear_set = set(layers)
         try:
-            new_config = (granite_hybrid_config if target == "granite" else qwen35_text_config)(config, layers)
+            new_config = build_config(config, layers)
         except HybridLayoutError as e:
             raise KvSurgeonError(str(e)) from None
         report = {"linear_layers": layers, "mode": mode, "target": new_config["architectures"][0], "layers": {}}

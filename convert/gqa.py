@@ -1,0 +1,709 @@
+"""MHA/GQA -> GQA/MQA: pooling KV heads into fewer, shared ones.
+
+Pure functions on the neutral form (``kvsurgeon.attention.AttentionWeights``): tensors in, tensors
+out, no file I/O. Shapes (see ``attention/neutral.py``)::
+
+    q (H, D, hidden)   k (G, D, hidden)   v (G, Dv, hidden)   o (hidden, H, Dv)
+
+Query head ``h`` reads KV head ``h // (H // G)``. Merging G KV heads into ``target`` heads merges
+each contiguous block of ``r = G // target`` KV heads; the query heads reading that block are a
+contiguous block too, so the layout needs no q/o change (``permute_heads`` first if the heads to
+merge are not contiguous).
+
+Methods:
+
+* ``mean_pool``: the GQA paper's baseline, the mean of each block's K/V weights (and biases).
+* ``expand_to_mha``: the exact inverse direction, KV heads repeated until G == H.
+* ``calibrated_merge``: the default. Given attention inputs ``x`` on calibration tokens it builds
+  the shared head that loses least, piece by piece:
+
+  1. keys, per RoPE frequency: the best rank-1 *complex* fit of the block's keys (a
+     rotation-scaling per frequency commutes with RoPE, see ``rope_planes``), weighted by the RMS
+     of the queries reading each head; every query head absorbs its head's complex coefficient.
+     Dims past ``rotary_dim`` (partial RoPE) get an ordinary query-energy-whitened PCA.
+  2. values: the best rank-Dv fit of the block's stacked values, each head whitened by the energy
+     of the o-projection columns that read it (so the PCA minimises the attention output error);
+     each query head's o columns absorb its head's reconstruction map (``o_h' = o_h P_j``).
+  3. a least-squares refit of ``o_proj`` so the layer's attention output on the calibration
+     tokens moves least (ridge towards the step-2 solution).
+
+  Biases are an extra input column of ones throughout. Sources with q/k RMSNorm (Qwen3) are refused
+  with a ``KvSurgeonError`` (mean pooling handles them).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Sequence
+
+import torch
+
+from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
+
+from .errors import KvSurgeonError
+from .rope_planes import pca_basis, plane_covariance, rotate_keys, rotate_queries, to_planes
+
+F64 = torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_kv_heads(num_heads: int, num_kv_heads: int, target: int) -> None:
+    """Raise ``KvSurgeonError`` unless ``num_kv_heads`` KV heads can be pooled into ``target``."""
+    pool_choices = [d for d in _divisors(num_kv_heads) if num_heads % d == 0]
+    choices = ", ".join(map(str, pool_choices))
+    if target < 1:
+        raise KvSurgeonError(
+            f"--kv-heads must be at least 1 (got {target}); valid choices for this model: {choices}."
+        )
+    if num_heads % target:
+        valid = ", ".join(map(str, _divisors(num_heads)))
+        raise KvSurgeonError(
+            f"--kv-heads {target} does not divide the {num_heads} query heads: every KV head must be "
+            f"shared by the same number of query heads. Valid KV-head counts for {num_heads} query heads: "
+            f"{valid} (pooling from the current {num_kv_heads}: {choices})."
+        )
+    if target > num_kv_heads:
+        raise KvSurgeonError(
+            f"--kv-heads {target} is more than the model's current {num_kv_heads} KV heads. Pooling can only "
+            f"reduce KV heads; going up is only possible as an exact repeat of every head up to "
+            f"{num_heads} (use expand_to_mha), which grows the KV cache. Valid choices for pooling: {choices}."
+        )
+    if num_kv_heads % target:
+        raise KvSurgeonError(
+            f"--kv-heads {target} does not divide the current {num_kv_heads} KV heads: pooling needs groups of "
+            f"equal size ({num_kv_heads} % {target} != 0). Valid choices: {choices}."
+        )
+
+
+def _check_attn(attn: AttentionWeights, target: int) -> None:
+    check_kv_heads(attn.num_heads, attn.num_kv_heads, target)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact reshuffles and the mean-pooling baseline
+# --------------------------------------------------------------------------------------------
+
+
+def _block_mean(t: torch.Tensor | None, target: int) -> torch.Tensor | None:
+    if t is None:
+        return None
+    G = t.shape[0]
+    return t.double().reshape(target, G // target, *t.shape[1:]).mean(1).to(t.dtype)
+
+
+def mean_pool(attn: AttentionWeights, target: int) -> AttentionWeights:
+    """GQA-paper baseline: each new KV head is the mean of a contiguous block of KV heads (weights and
+    biases). q/o are unchanged: the query heads of a block already form a contiguous block."""
+    _check_attn(attn, target)
+    return attn.with_(
+        k=_block_mean(attn.k, target),
+        v=_block_mean(attn.v, target),
+        k_bias=_block_mean(attn.k_bias, target),
+        v_bias=_block_mean(attn.v_bias, target),
+    )
+
+
+def expand_to_mha(attn: AttentionWeights) -> AttentionWeights:
+    """Repeat every KV head for each query head that reads it, so G == H (exact, grows the cache)."""
+    n = attn.group_size
+
+    def rep(t):
+        return None if t is None else t.repeat_interleave(n, dim=0)
+
+    return attn.with_(k=rep(attn.k), v=rep(attn.v), k_bias=rep(attn.k_bias), v_bias=rep(attn.v_bias))
+
+
+def permute_heads(attn: AttentionWeights, kv_order: Sequence[int]) -> AttentionWeights:
+    """Reorder KV heads: new KV head i is old KV head ``kv_order[i]``. The query heads reading it move
+    with it (and their o columns), so the layer computes exactly the same function."""
+    G, n = attn.num_kv_heads, attn.group_size
+    order = [int(j) for j in kv_order]
+    if sorted(order) != list(range(G)):
+        raise KvSurgeonError(f"kv_order must be a permutation of 0..{G - 1}, got {list(kv_order)}")
+    kv = torch.tensor(order)
+    qh = (kv[:, None] * n + torch.arange(n)[None]).reshape(-1)  # query heads, in their new order
+
+    def pick(t, idx, dim=0):
+        return None if t is None else t.index_select(dim, idx)
+
+    return attn.with_(
+        q=pick(attn.q, qh), k=pick(attn.k, kv), v=pick(attn.v, kv), o=pick(attn.o, qh, 1),
+        q_bias=pick(attn.q_bias, qh), k_bias=pick(attn.k_bias, kv), v_bias=pick(attn.v_bias, kv),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Reference attention (calibration-side simulation of the transformers forward)
+# --------------------------------------------------------------------------------------------
+
+
+def rope_tables(rope: RopeSpec) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (float64, rotary_dim // 2) and cos/sin scaling as transformers computes
+    them for this RoPE type (scaled types go through transformers' own init functions)."""
+    if rope.rope_type == "default":
+        return rope.inv_freq(), 1.0
+    if rope.rope_type == "linear":
+        return rope.inv_freq() / float(rope.scaling["factor"]), 1.0
+    try:
+        from transformers import LlamaConfig
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        params = dict(rope.scaling, rope_type=rope.rope_type, rope_theta=rope.theta)
+        params["partial_rotary_factor"] = rope.partial_rotary_factor
+        cfg = LlamaConfig(
+            hidden_size=rope.head_dim, num_attention_heads=1, head_dim=rope.head_dim,
+            max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+            rope_parameters=params,
+        )
+        inv, scale = ROPE_INIT_FUNCTIONS[rope.rope_type](cfg, "cpu")
+    except Exception as e:  # pragma: no cover - depends on transformers internals
+        raise KvSurgeonError(
+            f"cannot compute RoPE frequencies for rope_type={rope.rope_type!r} ({e}); pass inv_freq= and "
+            f"attention_scaling= explicitly, or use --method mean"
+        ) from e
+    return inv.to(F64), float(scale)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    half = rotary_dim // 2
+    a, b, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin, rest], dim=-1)
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+
+def _as_batch(x: torch.Tensor) -> torch.Tensor:
+    """(N, hidden) -> one sequence (1, N, hidden); (B, T, hidden) stays."""
+    return x.unsqueeze(0) if x.dim() == 2 else x
+
+
+def head_outputs(
+    attn: AttentionWeights,
+    x: torch.Tensor,
+    *,
+    inv_freq: torch.Tensor | None = None,
+    attention_scaling: float | None = None,
+    probs: bool = False,
+):
+    """Per-head causal attention outputs before ``o_proj``, float64, (B, T, H, Dv).
+
+    x: (B, T, hidden) attention inputs (a 2-D (N, hidden) input is one sequence), positions 0..T-1.
+    With ``probs=True`` also returns the attention probabilities (B, H, T, T).
+    """
+    x = _as_batch(x).to(F64)
+    B, T, _ = x.shape
+    H, G, D, R = attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.rope.rotary_dim
+    if inv_freq is None:
+        inv_freq, scale0 = rope_tables(attn.rope)
+        attention_scaling = scale0 if attention_scaling is None else attention_scaling
+    attention_scaling = 1.0 if attention_scaling is None else attention_scaling
+    ang = torch.arange(T, dtype=F64)[:, None] * inv_freq.to(F64)[None]
+    cos, sin = ang.cos() * attention_scaling, ang.sin() * attention_scaling
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    outs, ps = [], []
+    for b in range(B):  # one sequence at a time bounds the (H, T, T) score memory
+        xb = x[b]
+        q = torch.einsum("ti,hdi->htd", xb, attn.q.to(F64))
+        k = torch.einsum("ti,gdi->gtd", xb, attn.k.to(F64))
+        v = torch.einsum("ti,gdi->gtd", xb, attn.v.to(F64))
+        if attn.q_bias is not None:
+            q = q + attn.q_bias.to(F64)[:, None]
+        if attn.k_bias is not None:
+            k = k + attn.k_bias.to(F64)[:, None]
+        if attn.v_bias is not None:
+            v = v + attn.v_bias.to(F64)[:, None]
+        if attn.q_norm is not None:
+            q = _rms_norm(q, attn.q_norm, attn.norm_eps)
+        if attn.k_norm is not None:
+            k = _rms_norm(k, attn.k_norm, attn.norm_eps)
+        q, k = _apply_rope(q, cos, sin, R), _apply_rope(k, cos, sin, R)
+        kv = attn.kv_index()
+        s = q @ k[kv].transpose(-1, -2) * D**-0.5
+        p = s.masked_fill(~mask, float("-inf")).softmax(-1)
+        outs.append((p @ v[kv]).transpose(0, 1))  # (T, H, Dv)
+        if probs:
+            ps.append(p)
+    out = torch.stack(outs)
+    return (out, torch.stack(ps)) if probs else out
+
+
+def attention_output(attn: AttentionWeights, x: torch.Tensor, **kw) -> torch.Tensor:
+    """The layer's attention output (after ``o_proj``), float64, (B, T, hidden)."""
+    z = head_outputs(attn, x, **kw)
+    y = torch.einsum("bthv,ihv->bti", z, attn.o.to(F64))
+    return y if attn.o_bias is None else y + attn.o_bias.to(F64)
+
+
+# --------------------------------------------------------------------------------------------
+# Grouping KV heads by similarity
+# --------------------------------------------------------------------------------------------
+
+
+def _key_energy(keys: torch.Tensor, rotary_dim: int, weights: torch.Tensor | None):
+    """Function scoring a group of KV heads by the fraction of (weighted) key energy one complex
+    component per frequency keeps (plus one real PCA over the non-rotary dims)."""
+    keys = keys.to(F64)
+    cov = plane_covariance(keys, rotary_dim)  # (F, G, G)
+    if weights is not None:
+        w = weights.to(F64).to(cov.dtype)
+        cov = w[:, :, None] * cov * w[:, None, :]
+    tail = keys[..., rotary_dim:]  # (N, G, Dt)
+    total = cov.diagonal(dim1=-2, dim2=-1).real.sum() + tail.pow(2).sum()
+
+    def score(group: Sequence[int]) -> float:
+        g = torch.tensor(group)
+        kept = torch.linalg.eigvalsh(cov[:, g][:, :, g])[:, -1].sum()
+        if tail.shape[-1]:
+            t = tail[:, g].reshape(tail.shape[0], -1)
+            kept = kept + torch.linalg.eigvalsh(t.T @ t)[-tail.shape[-1]:].sum()
+        return float(kept / total.clamp_min(1e-300))
+
+    return score
+
+
+def _value_energy(values: torch.Tensor):
+    values = values.to(F64)
+    N, G, Dv = values.shape
+    total = values.pow(2).sum()
+
+    def score(group: Sequence[int]) -> float:
+        t = values[:, list(group)].reshape(N, -1)
+        return float(torch.linalg.eigvalsh(t.T @ t)[-Dv:].sum() / total.clamp_min(1e-300))
+
+    return score
+
+
+def _equal_partitions(items: list[int], size: int):
+    """All partitions of ``items`` into groups of ``size`` (canonical: each group starts with its
+    smallest remaining item)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for others in itertools.combinations(rest, size - 1):
+        left = [i for i in rest if i not in others]
+        for tail in _equal_partitions(left, size):
+            yield [[first, *others], *tail]
+
+
+def _num_partitions(G: int, target: int) -> int:
+    r = G // target
+    return math.factorial(G) // (math.factorial(r) ** target * math.factorial(target))
+
+
+def similarity_groups(
+    keys: torch.Tensor,
+    target: int,
+    *,
+    values: torch.Tensor | None = None,
+    rotary_dim: int | None = None,
+    key_weights: torch.Tensor | None = None,
+    max_exhaustive: int = 20000,
+) -> list[int]:
+    """A KV-head order whose contiguous blocks of ``G // target`` heads merge best.
+
+    keys: (N, G, D) pre-RoPE key activations (for a weight-only grouping pass ``k.permute(2, 0, 1)``,
+    i.e. isotropic inputs); values: optional (N, G, Dv) activations (whiten them first to weigh
+    heads by their output energy); key_weights: optional (F, G) per-frequency query RMS as in
+    ``pca_basis``. A group scores the fraction of key energy kept by one complex component per RoPE
+    frequency plus the fraction of value energy kept by a rank-Dv fit; the order maximises the sum
+    over groups (exhaustive search when the partitions are few, else greedy plus pairwise swaps).
+    Feed the result to ``permute_heads``.
+    """
+    N, G, D = keys.shape
+    check_kv_heads(G, G, target)
+    r = G // target
+    if r == 1 or target == 1:
+        return list(range(G))
+    kscore = _key_energy(keys, D if rotary_dim is None else rotary_dim, key_weights)
+    vscore = _value_energy(values) if values is not None else None
+
+    cache: dict[tuple[int, ...], float] = {}
+
+    def score(group) -> float:
+        key = tuple(sorted(group))
+        if key not in cache:
+            cache[key] = kscore(key) + (vscore(key) if vscore else 0.0)
+        return cache[key]
+
+    if _num_partitions(G, target) <= max_exhaustive:
+        best = max(_equal_partitions(list(range(G)), r), key=lambda p: sum(score(g) for g in p))
+    else:
+        left, best = list(range(G)), []
+        while left:  # greedy: grow a group from the first free head by the best next head
+            group = [left.pop(0)]
+            while len(group) < r:
+                j = max(left, key=lambda c: score(group + [c]))
+                group.append(j)
+                left.remove(j)
+            best.append(group)
+        improved = True
+        while improved:  # pairwise swaps between groups
+            improved = False
+            for a, b in itertools.combinations(range(len(best)), 2):
+                for i, j in itertools.product(range(r), range(r)):
+                    ga, gb = list(best[a]), list(best[b])
+                    ga[i], gb[j] = gb[j], ga[i]
+                    if score(ga) + score(gb) > score(best[a]) + score(best[b]) + 1e-12:
+                        best[a], best[b], improved = ga, gb, True
+    return [j for g in best for j in sorted(g)]
+
+
+# --------------------------------------------------------------------------------------------
+# Calibrated merging
+# --------------------------------------------------------------------------------------------
+
+
+def _augment(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """Weight rows (..., d, hidden) and bias (..., d) -> (..., d, hidden + 1): bias as a column of
+    an extra input that is always 1."""
+    w = w.to(F64)
+    col = b.to(F64)[..., None] if b is not None else w.new_zeros(*w.shape[:-1], 1)
+    return torch.cat([w, col], dim=-1)
+
+
+def _psd_sqrt(S: torch.Tensor, rel_eps: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric square root of a PSD matrix and its (regularised) inverse."""
+    lam, V = torch.linalg.eigh(S)
+    lam = lam.clamp_min(rel_eps * lam.max().clamp_min(1e-300))
+    return (V * lam.sqrt()) @ V.T, (V / lam.sqrt()) @ V.T
+
+
+def shared_basis(
+    rows: Sequence[torch.Tensor], metrics: Sequence[torch.Tensor], cov: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Shared rows ``W`` (rank, in) and maps ``P_j`` (d, rank) minimising
+    ``sum_j E_x || L_j (W_j - P_j W) x ||^2`` with ``L_j^T L_j = metrics[j]``.
+
+    rows: per-head weight rows W_j (d, in); metrics: (d, d) PSD importance of each output dim
+    (e.g. o-projection Gram for values, query covariance for keys); cov: (in, in) input second
+    moment ``sum_t x x^T``. The solution is a PCA of the stacked whitened activations; ``W`` is
+    rescaled so its activations carry the mean energy of the heads it replaces.
+    """
+    Ls, Linvs = zip(*(_psd_sqrt(m) for m in metrics))
+    Y = torch.cat([L @ W for L, W in zip(Ls, rows)])  # (r d, in)
+    lam, U = torch.linalg.eigh(Y @ cov @ Y.T)
+    U = U[:, -rank:].flip(-1)  # top components
+    W = U.T @ Y
+    energy = torch.einsum("ri,ij,rj->", W, cov, W)
+    target = sum(torch.einsum("ri,ij,rj->", Wj, cov, Wj) for Wj in rows) / len(rows)
+    alpha = float((target / energy.clamp_min(1e-300)).sqrt()) if energy > 0 else 1.0
+    d = rows[0].shape[0]
+    P = [Linv @ U[j * d:(j + 1) * d] / alpha for j, Linv in enumerate(Linvs)]
+    return W * alpha, P
+
+
+def _merge_keys(q, k, X, rotary_dim, n_q, *, token_w=None, nope_planes=0):
+    """One block: q (Hb, D, in+1), k (r, D, in+1) augmented rows, X (N, in+1) inputs.
+
+    token_w: optional (N,) importance of each key token. nope_planes: how many of the slowest RoPE
+    planes are treated as non-rotary and pooled with the tail dims (see ``calibrated_merge``).
+    Returns the shared key rows (D, in+1) and the new query rows (Hb, D, in+1).
+    """
+    Hb, D, _ = q.shape
+    r = k.shape[0]
+    R = rotary_dim
+    F = R // 2
+    kv_local = torch.arange(Hb) // n_q
+    keys = torch.einsum("ni,gdi->ngd", X, k)  # (N, r, D)
+    qa = torch.einsum("ni,hdi->nhd", X, q)  # (N, Hb, D)
+    tw = torch.ones(X.shape[0], dtype=F64) if token_w is None else token_w.to(F64) / token_w.mean()
+    new_k = torch.zeros(D, k.shape[-1], dtype=F64)
+    new_q = torch.zeros_like(q)
+    if R:
+        # query energy per (frequency, KV head): a key error e in plane f costs E|q_f|^2 |e|^2
+        qpow = to_planes(qa[..., :R], R).abs().pow(2).mean(0)  # (Hb, F)
+        w = torch.zeros(F, r, dtype=F64).index_add_(1, kv_local, qpow.T).sqrt()
+        A, A_inv = pca_basis(plane_covariance(keys * tw.sqrt()[:, None, None], R), w)
+        kz = rotate_keys(k, A, R)[0]  # component 0 (rows :R meaningful)
+        qz = rotate_queries(q, A_inv, kv_local, R)[:, 0]
+        # rescale each plane so the shared key keeps the heads' mean energy (numerics only)
+        z = to_planes((X @ kz[:R].T), R)  # (N, F)
+        have = z.abs().pow(2).mean(0)
+        want = to_planes(keys[..., :R], R).abs().pow(2).mean(0).mean(0)  # (F,)
+        s = (want / have.clamp_min(1e-300)).sqrt().where(have > 0, torch.ones_like(have))
+        s2 = torch.cat([s, s])
+        new_k[:R] = kz[:R] * s2[:, None]
+        new_q[:, :R] = qz[:, :R] / s2[:, None]
+    # dims without (effective) rotation: the tail past rotary_dim, then the slowest planes, slowest first
+    flat = list(range(R, D))
+    for f in range(F - 1, F - 1 - nope_planes, -1):
+        flat += [f, f + F]
+    if flat:  # plain PCA, whitened by the covariance of the queries reading each head
+        idx = torch.tensor(flat)
+        Xw = X * tw.sqrt()[:, None]
+        C = Xw.T @ Xw
+        qt = qa[..., idx]
+        metrics = [
+            sum(qt[:, h].T @ qt[:, h] for h in range(Hb) if kv_local[h] == j) / X.shape[0] for j in range(r)
+        ]
+        W, P = shared_basis([k[j, idx] for j in range(r)], metrics, C, len(flat))
+        W, P = _align_dims(W, P)
+        new_k[idx] = W
+        for h in range(Hb):
+            new_q[h, idx] = P[int(kv_local[h])].T @ q[h, idx]
+    return new_k, new_q
+
+
+def _align_dims(W: torch.Tensor, P: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Re-base a full-rank shared basis so each head's map P_j is as close to identity as possible.
+
+    The fit is unchanged (``P_j W`` is), but each new dim then carries mostly the same source dim,
+    so slow RoPE planes pooled as non-rotary keep their own plane's content where they can (exact
+    when one head is merged with nothing). S = argmin sum_j |P_j S - I|^2; W -> S^-1 W, P_j -> P_j S.
+    """
+    d = W.shape[0]
+    if any(p.shape != (d, d) for p in P):
+        return W, P
+    Pst = torch.cat(P)
+    S = torch.linalg.lstsq(Pst, torch.eye(d, dtype=F64).repeat(len(P), 1)).solution
+    if torch.linalg.cond(S) > 1e8:  # heads cancel out: keep the PCA basis
+        return W, P
+    return torch.linalg.solve(S, W), [p @ S for p in P]
+
+
+def _merge_values(v, o, C, n_q):
+    """One block: v (r, Dv, in+1) augmented rows, o (hidden, Hb, Dv), C (in+1, in+1) input moment.
+
+    Returns shared value rows (Dv, in+1) and new o columns (hidden, Hb, Dv).
+    """
+    r, Dv, _ = v.shape
+    Hb = o.shape[1]
+    kv_local = torch.arange(Hb) // n_q
+    metrics = [sum(o[:, h].T @ o[:, h] for h in range(Hb) if kv_local[h] == j) for j in range(r)]
+    W, P = shared_basis(list(v), metrics, C, Dv)
+    new_o = torch.stack([o[:, h] @ P[int(kv_local[h])] for h in range(Hb)], dim=1)
+    return W, new_o
+
+
+def _attention_stats(attn: AttentionWeights, x: torch.Tensor, X: torch.Tensor, **rope_kw):
+    """Source-attention statistics on calibration windows x (B, T, hidden), X = augmented rows.
+
+    Returns, per token and query head, ``key_w`` (N, H): the first-order sensitivity of the head's
+    output to an error in that token's score, ``sum_t a(t,s) |o_h (v(s) - z_h(t))|^2`` (softmax
+    derivative; a score offset shared by all keys costs nothing); and ``recv`` (N, H): the
+    attention the token receives, ``sum_t a(t,s)``.
+    """
+    B, T, _ = x.shape
+    kv = attn.kv_index()
+    v_aug = _augment(attn.v, attn.v_bias)
+    o = attn.o.to(F64)
+    M = torch.einsum("ihv,ihw->hvw", o, o)  # o-metric per query head
+    key_w, recv = [], []
+    for b in range(B):
+        Xb = X[b * T:(b + 1) * T]
+        z, p = head_outputs(attn, x[b:b + 1], probs=True, **rope_kw)
+        z, p = z[0].transpose(0, 1), p[0]  # (H, T, Dv), (H, T, T)
+        v = torch.einsum("ti,gdi->gtd", Xb, v_aug)[kv]  # (H, T, Dv)
+        vMv = torch.einsum("htv,hvw,htw->ht", v, M, v)
+        zMz = torch.einsum("htv,hvw,htw->ht", z, M, z)
+        pz = p.transpose(-1, -2) @ z  # sum_t a(t,s) z(t)
+        colsum = p.sum(-2)  # (H, T) attention received
+        # sum_t a(t,s) |v(s) - z(t)|^2_M, expanded
+        w = colsum * vMv - 2 * torch.einsum("htv,hvw,htw->ht", v, M, pz) + (p.transpose(-1, -2) @ zMz[..., None])[..., 0]
+        key_w.append(w.clamp_min(0).T)
+        recv.append(colsum.T)
+    return torch.cat(key_w), torch.cat(recv)
+
+
+def refit_o(
+    attn: AttentionWeights,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    ridge: float = 0.1,
+    inv_freq: torch.Tensor | None = None,
+    attention_scaling: float | None = None,
+) -> AttentionWeights:
+    """Least-squares refit of ``o_proj`` (and its bias, if any) so the attention output on ``x`` is
+    closest to ``y`` (B, T, hidden), with a ridge ``ridge * mean diag(Z^T Z)`` pulling towards the
+    current ``o`` (the fit has H * Dv inputs per output: keep the ridge unless calibration is large)."""
+    z = head_outputs(attn, x, inv_freq=inv_freq, attention_scaling=attention_scaling)
+    Z = z.reshape(-1, attn.num_heads * attn.v_head_dim)
+    O0 = attn.o.to(F64).reshape(attn.hidden_size, -1)
+    if attn.o_bias is not None:
+        Z = torch.cat([Z, Z.new_ones(Z.shape[0], 1)], 1)
+        O0 = torch.cat([O0, attn.o_bias.to(F64)[:, None]], 1)
+    Y = y.to(F64).reshape(-1, attn.hidden_size)
+    ZtZ = Z.T @ Z
+    lam = ridge * ZtZ.diagonal().mean()
+    O = torch.linalg.solve(ZtZ + lam * torch.eye(ZtZ.shape[0], dtype=F64), Z.T @ Y + lam * O0.T).T
+    new_o_bias = None
+    if attn.o_bias is not None:
+        O, new_o_bias = O[:, :-1], O[:, -1].to(attn.o_bias.dtype)
+    return attn.with_(o=O.reshape(attn.o.shape).to(attn.o.dtype), o_bias=new_o_bias)
+
+
+def nope_candidates(rope: RopeSpec, context: int, inv_freq: torch.Tensor | None = None) -> list[int]:
+    """Counts of slowest RoPE planes worth trying as non-rotary: 0, F/8, 2F/8, ... up to the number
+    of planes turning by at most pi over ``context`` tokens."""
+    inv = rope_tables(rope)[0] if inv_freq is None else inv_freq.to(F64)
+    F = len(inv)
+    most = int((inv * context <= math.pi).sum())
+    step = max(1, F // 8)
+    return sorted({0, *range(step, most + 1, step)})
+
+
+def calibrated_merge(
+    attn: AttentionWeights,
+    x: torch.Tensor,
+    target: int,
+    *,
+    nope_planes: int | None = None,
+    values: str = "pca",
+    value_tokens: str = "received",
+    key_tokens: str = "attention",
+    refit: bool = True,
+    ridge: float = 0.1,
+    regroup: bool = True,
+    y: torch.Tensor | None = None,
+    inv_freq: torch.Tensor | None = None,
+    attention_scaling: float | None = None,
+    info: dict | None = None,
+) -> AttentionWeights:
+    """Merge KV heads into ``target`` shared heads using calibration activations (the default method).
+
+    x: attention inputs (hidden states after ``input_layernorm``) on calibration tokens, (B, T, hidden)
+    windows starting at position 0, or (N, hidden) read as one sequence. Whether they came through
+    the original or the already-converted earlier layers is the caller's choice (converted-path
+    inputs measured better on SmolLM2). The window length is the context the merge is tuned for.
+
+    Keys, per RoPE plane: best complex rank-1 fit of each block (commutes with RoPE, exact at any
+    length). The ``nope_planes`` slowest planes, whose rotation over the context is small, are
+    instead pooled with the non-rotary dims into one query-whitened PCA, which may move content
+    between planes (much better at the calibrated length, approximate beyond it); ``None`` picks
+    the count per layer from ``nope_candidates`` by the attention-output error on ``x``, 0 keeps RoPE
+    exact. key_tokens: "attention" weighs key tokens by the softmax sensitivity of the source
+    attention (``_attention_stats``), "uniform" does not.
+    values: "pca" (shared basis whitened by each head's o-projection energy) or "mean" (ablation);
+    value_tokens: "received" weighs tokens by the attention they receive, "tokens" does not.
+    refit: least-squares refit of o_proj on x (``refit_o``, ridge ``ridge``) towards ``y``, by default
+    the source layer's own attention output on x. regroup: first reorder KV heads so similar heads
+    share a block (``similarity_groups``; the reorder itself is exact).
+    inv_freq / attention_scaling: RoPE tables for the attention simulation (default: ``rope_tables``).
+    info: optional dict filled with what was chosen (``nope_planes``, ``kv_order``, ``nope_errors``).
+    Returns weights in the input dtype with ``target`` KV heads.
+    """
+    _check_attn(attn, target)
+    info = {} if info is None else info
+    if attn.q_norm is not None or attn.k_norm is not None:
+        raise KvSurgeonError(
+            "calibrated merging does not support sources with q/k RMSNorm (Qwen3-style qk-norm) yet: the "
+            "per-head norm makes keys a non-linear function of the weights. Use --method mean."
+        )
+    for name, val, ok in (
+        ("values", values, ("pca", "mean")),
+        ("value_tokens", value_tokens, ("received", "tokens")),
+        ("key_tokens", key_tokens, ("attention", "uniform")),
+    ):
+        if val not in ok:
+            raise KvSurgeonError(f"{name} must be one of {ok}, got {val!r}")
+    rope_kw = dict(inv_freq=inv_freq, attention_scaling=attention_scaling)
+    x = _as_batch(x).to(F64)
+    B, T, _ = x.shape
+    X = torch.cat([x.reshape(-1, x.shape[-1]), x.new_ones(B * T, 1)], 1)  # (N, in+1): bias = input of ones
+
+    H, G = attn.num_heads, attn.num_kv_heads
+    R = attn.rope.rotary_dim
+    r, Hb = G // target, H // target
+    n_q = attn.group_size  # query heads per source KV head
+    info["kv_order"] = list(range(G))
+    if regroup and 1 < target < G:
+        info["kv_order"] = _similarity_order(attn, X, target)
+        attn = permute_heads(attn, info["kv_order"])
+    if key_tokens == "attention" or value_tokens == "received":
+        key_w, recv = _attention_stats(attn, x, X, **rope_kw)
+
+    q = _augment(attn.q, attn.q_bias)
+    k = _augment(attn.k, attn.k_bias)
+    v = _augment(attn.v, attn.v_bias)
+    o = attn.o.to(F64)
+    blocks = [(slice(g * r, (g + 1) * r), slice(g * Hb, (g + 1) * Hb)) for g in range(target)]
+
+    # values: one shared basis per block, o columns absorb each head's reconstruction map
+    new_v, new_o = [], torch.zeros_like(o)
+    for kb, qb in blocks:
+        if values == "mean":
+            vg, og = v[kb].mean(0), o[:, qb]
+        else:
+            if value_tokens == "received":
+                wv = recv[:, qb].sum(1)
+                C = (X * (wv / wv.mean())[:, None]).T @ X
+            else:
+                C = X.T @ X
+            vg, og = _merge_values(v[kb], o[:, qb], C, n_q)
+        new_v.append(vg)
+        new_o[:, qb] = og
+    new_v = torch.stack(new_v)
+
+    def merged_keys(n_nope: int):
+        new_q, new_k = torch.zeros_like(q), []
+        for kb, qb in blocks:
+            tw = key_w[:, qb].sum(1) if key_tokens == "attention" else None
+            kg, qg = _merge_keys(q[qb], k[kb], X, R, n_q, token_w=tw, nope_planes=n_nope)
+            new_k.append(kg)
+            new_q[qb] = qg
+        return new_q, torch.stack(new_k)
+
+    def assemble(new_q, new_k, new_o):
+        def split(t, ref_w, ref_b):
+            w, b = t[..., :-1].to(ref_w.dtype), t[..., -1]
+            keep = ref_b is not None or b.abs().max() > 0
+            return w, (b.to(ref_w.dtype if ref_b is None else ref_b.dtype) if keep else None)
+
+        qw, qbias = split(new_q, attn.q, attn.q_bias)
+        kw, kbias = split(new_k, attn.k, attn.k_bias)
+        vw, vbias = split(new_v, attn.v, attn.v_bias)
+        return attn.with_(q=qw, k=kw, v=vw, o=new_o.to(attn.o.dtype), q_bias=qbias, k_bias=kbias, v_bias=vbias)
+
+    y_src = None
+    if nope_planes is None and R:
+        y_src = attention_output(attn, x, **rope_kw)
+        best, info["nope_errors"] = None, {}
+        for n in nope_candidates(attn.rope, T, inv_freq):
+            cand = assemble(*merged_keys(n), new_o)
+            err = float((attention_output(cand, x, **rope_kw) - y_src).pow(2).sum() / y_src.pow(2).sum())
+            info["nope_errors"][n] = err
+            if best is None or err < best[0]:
+                best = (err, cand, n)
+        _, out, info["nope_planes"] = best
+    else:
+        info["nope_planes"] = nope_planes or 0
+        out = assemble(*merged_keys(info["nope_planes"]), new_o)
+    if refit:
+        if y is None:
+            y = y_src if y_src is not None else attention_output(attn, x, **rope_kw)
+        out = refit_o(out, x, y, ridge=ridge, **rope_kw)
+    return out
+
+
+def _similarity_order(attn: AttentionWeights, X: torch.Tensor, target: int) -> list[int]:
+    """similarity_groups on calibration activations, keys weighted by query RMS and values whitened
+    by o-energy, as calibrated_merge scores them."""
+    R = attn.rope.rotary_dim
+    kv = attn.kv_index()
+    keys = torch.einsum("ni,gdi->ngd", X, _augment(attn.k, attn.k_bias))
+    qa = torch.einsum("ni,hdi->nhd", X, _augment(attn.q, attn.q_bias))
+    w = None
+    if R:
+        qpow = to_planes(qa[..., :R], R).abs().pow(2).mean(0)  # (H, F)
+        w = torch.zeros(R // 2, attn.num_kv_heads, dtype=F64).index_add_(1, kv, qpow.T).sqrt()
+    vals = torch.einsum("ni,gdi->ngd", X, _augment(attn.v, attn.v_bias))
+    o = attn.o.to(F64)
+    Ls = [
+        _psd_sqrt(sum(o[:, h].T @ o[:, h] for h in range(attn.num_heads) if kv[h] == j))[0]
+        for j in range(attn.num_kv_heads)
+    ]
+    vals = torch.stack([vals[:, j] @ Ls[j] for j in range(attn.num_kv_heads)], 1)
+    return similarity_groups(keys, target, values=vals, rotary_dim=R, key_weights=w)
