@@ -15,20 +15,27 @@ Methods:
 * ``mean_pool``: the GQA paper's baseline, the mean of each block's K/V weights (and biases).
 * ``expand_to_mha``: the exact inverse direction, KV heads repeated until G == H.
 * ``calibrated_merge``: the default. Given attention inputs ``x`` on calibration tokens it builds
-  the shared head that loses least, piece by piece:
+  the shared head that loses least, piece by piece (each piece measured on SmolLM2-135M 3 -> 1 KV
+  heads, see ``scripts/experiments/gqa_ablation.py``):
 
   1. keys, per RoPE frequency: the best rank-1 *complex* fit of the block's keys (a
      rotation-scaling per frequency commutes with RoPE, see ``rope_planes``), weighted by the RMS
-     of the queries reading each head; every query head absorbs its head's complex coefficient.
-     Dims past ``rotary_dim`` (partial RoPE) get an ordinary query-energy-whitened PCA.
+     of the queries reading each head and, per key token, by the source softmax's sensitivity to
+     its score; every query head absorbs its head's complex coefficient. Dims past ``rotary_dim``
+     (partial RoPE) and the slowest RoPE planes, which barely turn over the context, are pooled
+     into one query-whitened PCA instead (it may move content between planes: the single biggest
+     gain, since those planes carry most of the score variance; exact RoPE with nope_planes=0).
   2. values: the best rank-Dv fit of the block's stacked values, each head whitened by the energy
-     of the o-projection columns that read it (so the PCA minimises the attention output error);
-     each query head's o columns absorb its head's reconstruction map (``o_h' = o_h P_j``).
-  3. a least-squares refit of ``o_proj`` so the layer's attention output on the calibration
-     tokens moves least (ridge towards the step-2 solution).
+     of the o-projection columns that read it (so the PCA minimises the attention output error),
+     tokens weighted by the attention they receive; each query head's o columns absorb its head's
+     reconstruction map (``o_h' = o_h P_j``).
+  3. a ridge least-squares refit of ``o_proj`` so the layer's attention output on the calibration
+     tokens moves least.
 
-  Biases are an extra input column of ones throughout. Sources with q/k RMSNorm (Qwen3) are refused
-  with a ``KvSurgeonError`` (mean pooling handles them).
+  A query refit adds nothing to step 1 under the score-MSE objective (the best query for a fixed
+  shared key is the projection coefficient it already has). Biases are an extra input column of
+  ones throughout. Sources with q/k RMSNorm (Qwen3) are refused with a ``KvSurgeonError`` (mean
+  pooling handles them).
 """
 
 from __future__ import annotations
@@ -159,9 +166,10 @@ def rope_tables(rope: RopeSpec) -> tuple[torch.Tensor, float]:
 
         params = dict(rope.scaling, rope_type=rope.rope_type, rope_theta=rope.theta)
         params["partial_rotary_factor"] = rope.partial_rotary_factor
-        cfg = LlamaConfig(
+        orig = int(params.get("original_max_position_embeddings", 8192))
+        cfg = LlamaConfig(  # only the RoPE fields matter; the length keeps the scaling consistent
             hidden_size=rope.head_dim, num_attention_heads=1, head_dim=rope.head_dim,
-            max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+            max_position_embeddings=max(int(orig * float(params.get("factor", 1.0))), orig + 1),
             rope_parameters=params,
         )
         inv, scale = ROPE_INIT_FUNCTIONS[rope.rope_type](cfg, "cpu")
@@ -250,23 +258,36 @@ def attention_output(attn: AttentionWeights, x: torch.Tensor, **kw) -> torch.Ten
 # --------------------------------------------------------------------------------------------
 
 
+def _block_topk(cov: torch.Tensor, d: int):
+    """Scorer: energy of the best rank-``d`` fit of a group's stacked d-dim activations, from the
+    full (G d, G d) second moment (sliced per group, so no pass over the tokens per group)."""
+
+    def kept(group: Sequence[int]) -> torch.Tensor:
+        idx = torch.cat([torch.arange(j * d, (j + 1) * d) for j in group])
+        return torch.linalg.eigvalsh(cov[idx][:, idx])[-d:].sum()
+
+    return kept
+
+
 def _key_energy(keys: torch.Tensor, rotary_dim: int, weights: torch.Tensor | None):
     """Function scoring a group of KV heads by the fraction of (weighted) key energy one complex
     component per frequency keeps (plus one real PCA over the non-rotary dims)."""
     keys = keys.to(F64)
+    N, G, D = keys.shape
     cov = plane_covariance(keys, rotary_dim)  # (F, G, G)
     if weights is not None:
         w = weights.to(F64).to(cov.dtype)
         cov = w[:, :, None] * cov * w[:, None, :]
-    tail = keys[..., rotary_dim:]  # (N, G, Dt)
+    tail = keys[..., rotary_dim:].reshape(N, -1)  # (N, G * Dt)
+    Dt = D - rotary_dim
+    tail_kept = _block_topk(tail.T @ tail, Dt) if Dt else None
     total = cov.diagonal(dim1=-2, dim2=-1).real.sum() + tail.pow(2).sum()
 
     def score(group: Sequence[int]) -> float:
         g = torch.tensor(group)
         kept = torch.linalg.eigvalsh(cov[:, g][:, :, g])[:, -1].sum()
-        if tail.shape[-1]:
-            t = tail[:, g].reshape(tail.shape[0], -1)
-            kept = kept + torch.linalg.eigvalsh(t.T @ t)[-tail.shape[-1]:].sum()
+        if tail_kept is not None:
+            kept = kept + tail_kept(group)
         return float(kept / total.clamp_min(1e-300))
 
     return score
@@ -275,13 +296,10 @@ def _key_energy(keys: torch.Tensor, rotary_dim: int, weights: torch.Tensor | Non
 def _value_energy(values: torch.Tensor):
     values = values.to(F64)
     N, G, Dv = values.shape
-    total = values.pow(2).sum()
-
-    def score(group: Sequence[int]) -> float:
-        t = values[:, list(group)].reshape(N, -1)
-        return float(torch.linalg.eigvalsh(t.T @ t)[-Dv:].sum() / total.clamp_min(1e-300))
-
-    return score
+    flat = values.reshape(N, G * Dv)
+    kept = _block_topk(flat.T @ flat, Dv)
+    total = values.pow(2).sum().clamp_min(1e-300)
+    return lambda group: float(kept(group) / total)
 
 
 def _equal_partitions(items: list[int], size: int):
@@ -438,7 +456,7 @@ def _merge_keys(q, k, X, rotary_dim, n_q, *, token_w=None, nope_planes=0):
         new_q[:, :R] = qz[:, :R] / s2[:, None]
     # dims without (effective) rotation: the tail past rotary_dim, then the slowest planes, slowest first
     flat = list(range(R, D))
-    for f in range(F - 1, F - 1 - nope_planes, -1):
+    for f in range(F - 1, F - 1 - min(nope_planes, F), -1):
         flat += [f, f + F]
     if flat:  # plain PCA, whitened by the covariance of the queries reading each head
         idx = torch.tensor(flat)
@@ -545,14 +563,17 @@ def refit_o(
     return attn.with_(o=O.reshape(attn.o.shape).to(attn.o.dtype), o_bias=new_o_bias)
 
 
-def nope_candidates(rope: RopeSpec, context: int, inv_freq: torch.Tensor | None = None) -> list[int]:
-    """Counts of slowest RoPE planes worth trying as non-rotary: 0, F/8, 2F/8, ... up to the number
-    of planes turning by at most pi over ``context`` tokens."""
+def nope_candidates(
+    rope: RopeSpec, context: int, inv_freq: torch.Tensor | None = None, max_angle: float = math.pi / 2
+) -> list[int]:
+    """Counts of slowest RoPE planes worth trying as non-rotary: 0, F/8, 2F/8, ... and the number of
+    planes that turn by at most ``max_angle`` over ``context`` tokens, which caps them (on SmolLM2,
+    pooling planes that turn by ~1.5 rad over the evaluated length helped, by ~6 rad hurt badly)."""
     inv = rope_tables(rope)[0] if inv_freq is None else inv_freq.to(F64)
     F = len(inv)
-    most = int((inv * context <= math.pi).sum())
+    most = int((inv * context <= max_angle).sum())
     step = max(1, F // 8)
-    return sorted({0, *range(step, most + 1, step)})
+    return sorted({0, most, *range(step, most + 1, step)})
 
 
 def calibrated_merge(
@@ -561,6 +582,7 @@ def calibrated_merge(
     target: int,
     *,
     nope_planes: int | None = None,
+    context: int | None = None,
     values: str = "pca",
     value_tokens: str = "received",
     key_tokens: str = "attention",
@@ -582,9 +604,10 @@ def calibrated_merge(
     Keys, per RoPE plane: best complex rank-1 fit of each block (commutes with RoPE, exact at any
     length). The ``nope_planes`` slowest planes, whose rotation over the context is small, are
     instead pooled with the non-rotary dims into one query-whitened PCA, which may move content
-    between planes (much better at the calibrated length, approximate beyond it); ``None`` picks
-    the count per layer from ``nope_candidates`` by the attention-output error on ``x``, 0 keeps RoPE
-    exact. key_tokens: "attention" weighs key tokens by the softmax sensitivity of the source
+    between planes (much better at short range, approximate at long range); ``None`` picks the count
+    per layer from ``nope_candidates(context)`` by the attention-output error on ``x``; 0 keeps RoPE
+    exact. context: the longest sequence the converted model must serve well (default: the
+    calibration window length); it caps the pooled planes at those turning <= pi/2 over it. key_tokens: "attention" weighs key tokens by the softmax sensitivity of the source
     attention (``_attention_stats``), "uniform" does not.
     values: "pca" (shared basis whitened by each head's o-projection energy) or "mean" (ablation);
     value_tokens: "received" weighs tokens by the attention they receive, "tokens" does not.
@@ -671,7 +694,7 @@ def calibrated_merge(
     if nope_planes is None and R:
         y_src = attention_output(attn, x, **rope_kw)
         best, info["nope_errors"] = None, {}
-        for n in nope_candidates(attn.rope, T, inv_freq):
+        for n in nope_candidates(attn.rope, context or T, inv_freq):
             cand = assemble(*merged_keys(n), new_o)
             err = float((attention_output(cand, x, **rope_kw) - y_src).pow(2).sum() / y_src.pow(2).sum())
             info["nope_errors"][n] = err

@@ -197,6 +197,23 @@ def test_reference_attention_matches_transformers():
         assert out["y"].abs().max() > 1e-2
 
 
+def test_rope_tables_match_transformers_for_scaled_rope():
+    from kvsurgeon.attention import rope_spec
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    for params in (
+        dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+             original_max_position_embeddings=8192),
+        dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=2048),
+    ):
+        cfg = transformers.LlamaConfig(hidden_size=256, num_attention_heads=4, head_dim=64, max_position_embeddings=8192 * 8,
+                                       rope_parameters=params)
+        emb = LlamaRotaryEmbedding(cfg)
+        inv, scale = gqa.rope_tables(rope_spec(cfg.to_dict()))
+        torch.testing.assert_close(inv.float(), emb.inv_freq)
+        assert scale == pytest.approx(emb.attention_scaling)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_mean_pool_of_identical_heads_is_exact(kind):
     model = tie_groups(tiny(kind, std=0.1), target=2)
@@ -304,6 +321,11 @@ def test_similarity_groups_finds_the_merge_partners():
         values = torch.einsum("ni,gdi->ngd", X, a.v)
         orders.append(gqa.similarity_groups(keys, 2, values=values, rotary_dim=D))
     assert orders[0] == [0, 2, 1, 3]
+    # the greedy search (used when partitions are too many to enumerate) finds it too
+    X = xs[0].reshape(-1, HIDDEN)
+    a0 = read_all(model)[0]
+    keys, values = torch.einsum("ni,gdi->ngd", X, a0.k), torch.einsum("ni,gdi->ngd", X, a0.v)
+    assert gqa.similarity_groups(keys, 2, values=values, rotary_dim=D, max_exhaustive=0) == [0, 2, 1, 3]
     regrouped = rebuild(model, [gqa.mean_pool(gqa.permute_heads(a, o), 2) for a, o in zip(read_all(model), orders)])
     torch.testing.assert_close(logits(regrouped, ids), logits(model, ids), rtol=1e-9, atol=1e-9)
     contiguous = rebuild(model, [gqa.mean_pool(a, 2) for a in read_all(model)])

