@@ -28,6 +28,8 @@ from .resolve import resolve_model
 from .safetensors_io import PlannedShardWriter, TensorSpec
 from .writer import atomic_output, copy_extras, parse_size, write_json
 
+PLAN_FILES_AND_DROPS = True  # Plan.rename may drop tensors and Plan.files are written (see to_hybrid)
+
 # (layer index, source attention in float32, calibration attention inputs (B, T, hidden) or None)
 LayerTransform = Callable[[int, AttentionWeights, "torch.Tensor | None"], dict[str, torch.Tensor]]
 
@@ -41,6 +43,7 @@ class Plan:
     # None drops a tensor (e.g. one the transform already wrote in another form).
     rename: Callable[[str], "str | None"] = staticmethod(lambda name: name)
     summary: str = ""
+    files: dict = field(default_factory=dict)  # extra JSON files for the output folder (e.g. a layer ranking)
 
 
 @dataclass
@@ -134,6 +137,8 @@ def convert_model(
             writer.close()
             ckpt.close()
         write_json(tmp / "config.json", new_config)
+        for fname, obj in getattr(plan, "files", {}).items():
+            write_json(tmp / fname, obj)
         copy_extras(src, tmp)
         if card is not None:
             card(tmp, new_config, src, plan)

@@ -4,7 +4,6 @@ accounting, layer choice and its errors."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -42,7 +41,14 @@ from conftest import save_tiny, tiny_config
 
 # GraniteMoeHybrid (and vLLM) need head_dim == hidden / heads: 4 heads x 16 = 64
 GRANITE_TINY = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # the machine is shared; restore the setting for other test modules
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _convert(src, out, make_plan, text_file=None, tokens=256, seq_len=64):
