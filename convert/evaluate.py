@@ -107,8 +107,8 @@ def evaluate(
     ref_path = None
     if reference is not None and reference_model is None:
         reference_model, ref_path = load_model(reference, dtype, trust_remote_code=trust_remote_code)
-    elif reference is not None:
-        ref_path = Path(reference)
+    elif reference is not None:  # already loaded: still resolve its folder (a Hub id too) for config and tokenizer
+        ref_path = resolve_model(reference)
     tok = load_tokenizer(path, ref_path)
     windows = token_windows(tok, iter_texts(data, text_field, split), seq_len, max_tokens)
 

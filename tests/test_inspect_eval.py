@@ -93,6 +93,13 @@ def test_eval_ppl_matches_direct_transformers(smollm2, tmp_path):
     assert r["ppl"] == pytest.approx(math.exp(sum(losses) / 2), rel=1e-4)
     assert r["kl"] == pytest.approx(0.0, abs=1e-6) and r["top1_agreement"] == 1.0
     assert r["kv_bytes_per_token"] == 23_040
+    assert r["reference_kv_bytes_per_token"] == 23_040
+    # an already-loaded reference named by its Hub id (as the benchmarks pass it) still resolves its config
+    from kvsurgeon.convert.evaluate import evaluate
+
+    res2 = evaluate(str(smollm2), str(data), reference="HuggingFaceTB/SmolLM2-135M-Instruct", max_tokens=256, seq_len=128,
+                    progress=False, model=model, reference_model=model)
+    assert res2.reference_kv_bytes_per_token == 23_040 and res2.ppl == pytest.approx(r["ppl"], rel=1e-5)
 
 
 def test_cli_errors_are_clear(tmp_path):
