@@ -62,7 +62,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--only", choices=sorted(CONVERSIONS), action="append")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-uptrain"))
+    ap.add_argument("--student", action="append", default=[], metavar="NAME=FOLDER",
+                    help="reuse an existing conversion for NAME (e.g. mla-75%%=runs/bench-mla/mla96-calibrated, made by "
+                         "bench_mla.py with the same options) instead of converting again")
     args = ap.parse_args()
+    students = dict(s.split("=", 1) for s in args.student)
+    unknown = set(students) - set(CONVERSIONS)
+    if unknown:
+        ap.error(f"--student: unknown conversion(s) {sorted(unknown)}; choose from {sorted(CONVERSIONS)}")
     torch.set_num_threads(os.cpu_count() or 2)
 
     rows = []
@@ -72,7 +79,8 @@ def main() -> None:
         recipe = recipe_from_dict({
             "source": SOURCE,
             "output": str(out),
-            "conversion": {**CONVERSIONS[name], "calib_data": str(SHARED / "pydocs-train.jsonl"), "calib_tokens": 16384},
+            **({"student": students[name]} if name in students else
+               {"conversion": {**CONVERSIONS[name], "calib_data": str(SHARED / "pydocs-train.jsonl"), "calib_tokens": 8192}}),
             "data": {"train": str(SHARED / "pydocs-train.jsonl"), "seq_len": args.seq_len,
                      "eval": str(SHARED / "pydocs-valid.jsonl"), "eval_tokens": args.eval_tokens},
             "stages": [{"name": "attention", "tokens": args.tokens, "trainable": "attention"}],
