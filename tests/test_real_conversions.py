@@ -1,0 +1,104 @@
+"""The converters on the real SmolLM2 (Hub id, offline), through the CLI, with small calibration budgets
+so CI stays short: stock transformers reloads each output, `generate` runs, the cache has the
+promised shape, and calibration beats its baseline on held-out text. (Quality numbers at full
+budgets are in BENCHMARKS.md, from scripts/bench_*.py.)"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kvsurgeon.convert.cli import app
+
+pytestmark = pytest.mark.real_model
+runner = CliRunner()
+SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+CALIB = ["--calib-tokens", "1024", "--calib-seq-len", "256"]
+
+DOCS = [
+    "The json module encodes Python objects as JSON strings and decodes JSON back into dictionaries, lists, "
+    "strings, numbers, booleans and None. Use json.dumps to serialise an object and json.loads to parse a string.",
+    "A list comprehension builds a new list from an iterable in one expression. For example, squares = "
+    "[x * x for x in range(10)] computes the first ten squares, and a condition filters the items it keeps.",
+    "The pathlib module offers classes representing filesystem paths with semantics appropriate for different "
+    "operating systems. Path.read_text returns the decoded contents of the file as a string.",
+    "Exceptions are raised with the raise statement and handled with try and except. A finally clause runs "
+    "whether or not an exception occurred, which makes it the place to release resources such as files.",
+]
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("text")
+    calib, held = d / "calib.jsonl", d / "held.jsonl"
+    calib.write_text("".join(json.dumps({"text": t * 6}) + "\n" for t in DOCS[:3]))
+    held.write_text(json.dumps({"text": DOCS[3] * 3 + DOCS[0]}) + "\n")
+    return calib, held
+
+
+def _convert(out, *args):
+    res = runner.invoke(app, ["convert", SMOL, *args, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def _ppl(model, ids):
+    with torch.no_grad():
+        return math.exp(model(input_ids=ids, labels=ids).loss.item())
+
+
+def _load(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # no trust_remote_code
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def _held_ids(tok, held):
+    text = json.loads(held.read_text())["text"]
+    return torch.tensor([tok(text, add_special_tokens=False)["input_ids"][:200]])
+
+
+def test_real_mqa_reloads_generates_and_calibration_beats_mean(smollm2, tmp_path, texts):
+    calib, held = texts
+    mean = _convert(tmp_path / "mean", "--to", "mqa", "--method", "mean")
+    cal = _convert(tmp_path / "cal", "--to", "mqa", "--calib-data", str(calib), *CALIB)
+    src, tok = _load(smollm2)
+    ids = _held_ids(tok, held)
+    ppl = {"source": _ppl(src, ids)}
+    for name, folder in (("mean", mean), ("calibrated", cal)):
+        model, _ = _load(folder)
+        assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_key_value_heads == 1
+        ppl[name] = _ppl(model, ids)
+        gen = model.generate(ids[:, :16], max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+        assert gen.sequences.shape == (1, 22)
+        for layer in gen.past_key_values.layers:  # one KV head cached
+            assert layer.keys.shape[1] == 1 and layer.values.shape[1] == 1
+    # calibrated is far closer to the source than the GQA paper's mean pooling (full budgets: BENCHMARKS.md)
+    assert ppl["calibrated"] < ppl["mean"] / 10, ppl
+    assert ppl["calibrated"] < 10 * ppl["source"], ppl
+
+
+def test_real_mla_caches_only_the_latent_and_beats_weight_svd(smollm2, tmp_path, texts):
+    calib, held = texts
+    R, Dr = 64, 32
+    svd = _convert(tmp_path / "svd", "--to", "mla", "--kv-lora-rank", str(R), "--rope-dim", str(Dr), "--method", "svd")
+    cal = _convert(tmp_path / "cal", "--to", "mla", "--kv-lora-rank", str(R), "--rope-dim", str(Dr),
+                   "--calib-data", str(calib), *CALIB)
+    _, tok = _load(smollm2)
+    ids = _held_ids(tok, held)
+    ppl = {}
+    for name, folder in (("svd", svd), ("calibrated", cal)):
+        model, _ = _load(folder)
+        assert type(model).__name__ == "DeepseekV3ForCausalLM"
+        ppl[name] = _ppl(model, ids)
+        gen = model.generate(ids[:, :16], max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+        assert gen.sequences.shape == (1, 22)
+        for layer in gen.past_key_values.layers:  # the latent (R) and the shared rope key (Dr), one head
+            assert layer.keys.shape[1] == 1 and layer.keys.shape[-1] + layer.values.shape[-1] == R + Dr
+            assert layer.keys.shape[2] >= 21
+    assert ppl["calibrated"] < ppl["svd"] / 10, ppl
