@@ -121,11 +121,12 @@ def convert_model(
                 if stream is not None:
                     layer = stream.layer_module(i)
                     x = stream.attention_input(layer)  # (windows, seq_len, hidden), positions from 0
-                for name, t in plan.transform(i, attn.to(torch.float32), x).items():
-                    writer.write(name, t)
-                if stream is not None:
+                    # advance and free the float32 layer before the transform's own float64 work:
+                    # on an 8B layer that is ~0.9 GB less at the peak
                     stream.advance(layer)
                     del layer
+                for name, t in plan.transform(i, attn.to(torch.float32), x).items():
+                    writer.write(name, t)
                 for name in layer_names[i]:
                     new_name = plan.rename(name)
                     if name not in attn_names and new_name is not None:
