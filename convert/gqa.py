@@ -445,7 +445,7 @@ def _merge_keys(q, k, X, rotary_dim, n_q, *, token_w=None, nope_planes=0):
         w = torch.zeros(F, r, dtype=F64).index_add_(1, kv_local, qpow.T).sqrt()
         A, A_inv = pca_basis(plane_covariance(keys * tw.sqrt()[:, None, None], R), w)
         kz = rotate_keys(k, A, R)[0]  # component 0 (rows :R meaningful)
-        qz = rotate_queries(q, A_inv, kv_local, R)[:, 0]
+        qz = rotate_queries(q, A_inv, kv_local, R, components=[0])[:, 0]  # only the kept component
         # rescale each plane so the shared key keeps the heads' mean energy (numerics only)
         z = to_planes((X @ kz[:R].T), R)  # (N, F)
         have = z.abs().pow(2).mean(0)

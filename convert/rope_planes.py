@@ -15,6 +15,8 @@ touches activations except to estimate the basis.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -76,20 +78,27 @@ def rotate_keys(k: torch.Tensor, A: torch.Tensor, rotary_dim: int) -> torch.Tens
     return out.to(k.dtype)
 
 
-def rotate_queries(q: torch.Tensor, A_inv: torch.Tensor, kv_index: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+def rotate_queries(
+    q: torch.Tensor, A_inv: torch.Tensor, kv_index: torch.Tensor, rotary_dim: int, components: Sequence[int] | None = None
+) -> torch.Tensor:
     """Query weight rows (H, D, hidden) -> (H, G, D, hidden): head h's query for rotated key m.
 
     ``q'_{h,m} = q_h * conj(inv(A)[j(h), m])`` per frequency, so that
     ``sum_m Re(q'_{h,m} conj(z_m)) == Re(q_h conj(k_j))``. Non-rotary dims go to component j(h)
-    only (they pair with the unrotated tail of key head j(h)).
+    only (they pair with the unrotated tail of key head j(h)). ``components``: compute only these m
+    (output (H, len(components), D, hidden)); the full tensor is H x G x hidden x D float64, over a
+    gigabyte for an 8B layer.
     """
     H, D, hidden = q.shape
-    G = A_inv.shape[-1]
+    comps = list(range(A_inv.shape[-1])) if components is None else list(components)
     qz = to_planes(q[:, :rotary_dim], rotary_dim, dim=1)  # (H, F, hidden)
-    coef = A_inv[:, kv_index, :].conj()  # (F, H, G): [f, h, m] = conj(A_inv[f, j(h), m])
-    zq = torch.einsum("fhm,hfx->hmfx", coef, qz)  # (H, G, F, hidden)
-    out = torch.zeros(H, G, D, hidden, dtype=torch.float64)
+    coef = A_inv[:, kv_index][..., comps].conj()  # (F, H, M): [f, h, m] = conj(A_inv[f, j(h), m])
+    zq = torch.einsum("fhm,hfx->hmfx", coef, qz)  # (H, M, F, hidden)
+    out = torch.zeros(H, len(comps), D, hidden, dtype=torch.float64)
     out[:, :, :rotary_dim] = from_planes(zq, dim=2)
+    del zq
     if rotary_dim < D:
-        out[torch.arange(H), kv_index, rotary_dim:] = q[:, rotary_dim:].double()
+        for c, m in enumerate(comps):
+            heads = (kv_index == m).nonzero().flatten()
+            out[heads, c, rotary_dim:] = q[heads, rotary_dim:].double()
     return out.to(q.dtype)

@@ -52,6 +52,17 @@ def test_full_rotation_preserves_scores():
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
 
 
+def test_rotate_queries_component_subset_equals_slice_of_full():
+    for rotary_dim in (8, 4):  # full and partial RoPE (the tail goes to component j(h) only)
+        qw, kw, x, kv_index = setup(rotary_dim=rotary_dim)
+        keys = torch.einsum("gdi,ti->tgd", kw, x)
+        A, A_inv = pca_basis(plane_covariance(keys, rotary_dim), torch.ones(rotary_dim // 2, kw.shape[0], dtype=torch.float64))
+        full = rotate_queries(qw, A_inv, kv_index, rotary_dim)
+        for comps in ([0], [2, 1]):
+            torch.testing.assert_close(rotate_queries(qw, A_inv, kv_index, rotary_dim, components=comps), full[:, comps],
+                                       rtol=0, atol=0)
+
+
 def test_pca_orders_energy_and_rank1_is_exact_for_rank1_keys():
     # Keys that are complex multiples of one head (per frequency) fit exactly in one component.
     qw, kw, x, kv_index = setup(rotary_dim=8, D=8)
