@@ -383,7 +383,6 @@ def _plan(
         attn.k, q, kv_index, rd, X if calibrated else None, attn.k_bias, None, query_weighted=calibrated
     )
     kr = rotate_keys(attn.k.double(), A, rd)  # (G, D, hidden)
-    qr = rotate_queries(q, A_inv, kv_index, rd)  # (H, G, D, hidden)
     kept_t = torch.tensor(kept, dtype=torch.long)
     rope_rows = torch.cat([kept_t, kept_t + F])
     k_pe_bias = None
@@ -408,7 +407,19 @@ def _plan(
     mi = torch.tensor([p[0] for p in nope], dtype=torch.long)
     di = torch.tensor([p[1] for p in nope], dtype=torch.long)
     Wk = kr[mi, di] if nope else kr.new_zeros(0, hidden)
-    Qn = qr[:, mi, di] if nope else qr.new_zeros(H, 0, hidden)
+    # The query rows of every rotated key component, gathered one component at a time: the full
+    # (H, G, D, hidden) float64 rotation is over a gigabyte for an 8B layer (bounded-memory streaming).
+    parts, q_rope = [], None
+    for m in range(G):
+        qm = rotate_queries(q, A_inv, kv_index, rd, components=[m])[:, 0]  # (H, D, hidden)
+        if m == 0:
+            q_rope = qm[:, rope_rows].clone()
+        sel = di[mi == m] if nope else di
+        if len(sel):
+            parts.append(qm[:, sel])
+        del qm
+    Qn = torch.cat(parts, 1) if parts else q.new_zeros(H, 0, hidden)
+    del parts
     Wv = attn.v.double().reshape(G * Dv, hidden)
     Kn = Wk.shape[0]
 
@@ -418,7 +429,8 @@ def _plan(
         u = token_weights.reshape(-1).double()
         Sx_kv = (X * u[:, None]).T @ X / u.sum()
     if whiten and calibrated:
-        Mk = torch.einsum("hki,ij,hlj->kl", Qn, Sx, Qn) / D if Kn else Wk.new_zeros(0, 0)
+        # sum_h Qn_h Sx Qn_h^T, one head at a time (an einsum over all heads materialises H x Kn x hidden again)
+        Mk = sum(Qn[h] @ Sx @ Qn[h].T for h in range(H)) / D if Kn else Wk.new_zeros(0, 0)
         Mv = torch.zeros(G * Dv, G * Dv, dtype=torch.float64)
         o = attn.o.double()
         for h in range(H):
@@ -439,7 +451,7 @@ def _plan(
     evals, U = torch.linalg.eigh(0.5 * (C + C.T))
     evals, U = evals.flip(0).clamp_min(0), U.flip(1)
     info.update(rope_theta=theta, kept_frequencies=kept, nope_dims=Kn, nope_dropped=dropped, kv_alpha=alpha)
-    return _Plan(kept, theta, rope_rows, kr[0, rope_rows], qr[:, 0, rope_rows], k_pe_bias, Wk, Qn, Wv, S, S_inv, Sx,
+    return _Plan(kept, theta, rope_rows, kr[0, rope_rows], q_rope, k_pe_bias, Wk, Qn, Wv, S, S_inv, Sx,
                  evals, U, q, info)
 
 
