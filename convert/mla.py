@@ -409,17 +409,16 @@ def _plan(
     Wk = kr[mi, di] if nope else kr.new_zeros(0, hidden)
     # The query rows of every rotated key component, gathered one component at a time: the full
     # (H, G, D, hidden) float64 rotation is over a gigabyte for an 8B layer (bounded-memory streaming).
-    parts, q_rope = [], None
+    Qn = q.new_zeros(H, len(nope), hidden)
+    q_rope, filled = None, 0
     for m in range(G):
         qm = rotate_queries(q, A_inv, kv_index, rd, components=[m])[:, 0]  # (H, D, hidden)
         if m == 0:
             q_rope = qm[:, rope_rows].clone()
         sel = di[mi == m] if nope else di
-        if len(sel):
-            parts.append(qm[:, sel])
+        Qn[:, filled:filled + len(sel)] = qm[:, sel]  # nope is ordered by component, then dim
+        filled += len(sel)
         del qm
-    Qn = torch.cat(parts, 1) if parts else q.new_zeros(H, 0, hidden)
-    del parts
     Wv = attn.v.double().reshape(G * Dv, hidden)
     Kn = Wk.shape[0]
 
@@ -594,11 +593,15 @@ def convert_layer_to_mla(
     Dn = exact_dn if qk_nope_head_dim is None else int(qk_nope_head_dim)
     if Dn < 0:
         raise MlaConversionError(f"qk_nope_head_dim must be >= 0, got {Dn}")
-    q_nope = torch.zeros(H, Dn, hidden, dtype=torch.float64)
+    Dr = rope_dim
+    # q = [q_nope | q_rope], filled in place: at 8B scale each (H, D, hidden) float64 copy is ~0.5 GB
+    q_out = torch.zeros(H, Dn + Dr, hidden, dtype=torch.float64)
+    q_nope = q_out[:, :Dn]
     kvb_k = torch.zeros(H, Dn, R, dtype=torch.float64)
     if Kn and Dn >= exact_dn:
         if R <= Kn:  # k_nope = the latent itself; B_k absorbed into the queries
-            q_nope[:, :R] = torch.einsum("kr,hki->hri", Bk, p.Qn)
+            for h in range(H):  # per head: an einsum over all heads would copy the (H, Kn, hidden) rows
+                q_nope[h, :R] = Bk.T @ p.Qn[h]
             kvb_k[:, :R] = torch.eye(R, dtype=torch.float64)
         else:
             q_nope[:, :Kn] = p.Qn
@@ -611,18 +614,19 @@ def convert_layer_to_mla(
             Ud = U_[:, :Dn]
             kvb_k[h] = Ud.T
             q_nope[h] = Ud.T @ M
+    p.Qn = None  # ~1 GB at 8B scale; not needed past this point
     kv_index = attn.kv_index()
     kvb_v = Bv.reshape(G, Dv, R)[kv_index]
     kv_b = torch.cat([kvb_k, kvb_v], dim=1)
 
-    Dr = rope_dim
     scale = math.sqrt((Dn + Dr) / D)
     q_rope, k_pe, k_pe_bias = p.q_rope, p.k_pe, p.k_pe_bias
     if rope_interleave:
         q_rope = rotate_half_to_interleaved(q_rope, dim=1)
         k_pe = rotate_half_to_interleaved(k_pe, dim=0)
         k_pe_bias = None if k_pe_bias is None else rotate_half_to_interleaved(k_pe_bias, dim=0)
-    q_out = torch.cat([q_nope, q_rope], dim=1) * scale
+    q_out[:, Dn:] = q_rope
+    q_out *= scale
     kv_a = torch.cat([A, k_pe])
     kv_a_bias = None if k_pe_bias is None else torch.cat([torch.zeros(R, dtype=torch.float64), k_pe_bias])
     o_bias = None if attn.o_bias is None else attn.o_bias.double().clone()
