@@ -147,17 +147,21 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_finishes(tmp_path, text_file):
 
     d = base_recipe(tmp_path, text_file, save_every=1000)
     # far more steps than the test waits for, even on an idle machine (a tiny step takes ~7 ms)
-    d["stages"][0]["tokens"] = 32 * 2 * 1_000_000
+    d["stages"][0]["tokens"] = 32 * 2 * 50_000
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(d))
     script = Path(__file__).resolve().parents[1] / "scripts" / "uptrain.py"
-    proc = subprocess.Popen([sys.executable, str(script), "--recipe", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"train"') < 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    # stderr to a file, not a pipe: a full pipe nobody reads would block the child's progress bar
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as errf:
+        proc = subprocess.Popen([sys.executable, str(script), "--recipe", str(path)], stdout=subprocess.DEVNULL, stderr=errf)
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"train"') < 2):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    err = log.read_bytes()
     assert proc.returncode == 130, err.decode()[-2000:]
     assert "checkpoint saved" in err.decode()
     ckpts = list((tmp_path / "run" / "checkpoints").glob("step-*"))
