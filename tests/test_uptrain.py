@@ -154,7 +154,10 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_finishes(tmp_path, text_file):
     # stderr to a file, not a pipe: a full pipe nobody reads would block the child's progress bar
     log = tmp_path / "stderr.txt"
     with open(log, "wb") as errf:
-        proc = subprocess.Popen([sys.executable, str(script), "--recipe", str(path)], stdout=subprocess.DEVNULL, stderr=errf)
+        # SIG_DFL in the child: a background shell (nohup ... &, some CI runners) starts us with SIGINT
+        # ignored, the child would inherit that and Python would then never raise KeyboardInterrupt
+        proc = subprocess.Popen([sys.executable, str(script), "--recipe", str(path)], stdout=subprocess.DEVNULL, stderr=errf,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         metrics = tmp_path / "run" / "metrics.jsonl"
         deadline = time.time() + 120
         while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"train"') < 2):
