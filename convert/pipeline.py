@@ -28,8 +28,6 @@ from .resolve import resolve_model
 from .safetensors_io import PlannedShardWriter, TensorSpec
 from .writer import atomic_output, copy_extras, parse_size, write_json
 
-PLAN_FILES_AND_DROPS = True  # Plan.rename may drop tensors and Plan.files are written (see to_hybrid)
-
 # (layer index, source attention in float32, calibration attention inputs (B, T, hidden) or None)
 LayerTransform = Callable[[int, AttentionWeights, "torch.Tensor | None"], dict[str, torch.Tensor]]
 
@@ -138,7 +136,7 @@ def convert_model(
             writer.close()
             ckpt.close()
         write_json(tmp / "config.json", new_config)
-        for fname, obj in getattr(plan, "files", {}).items():
+        for fname, obj in plan.files.items():
             write_json(tmp / fname, obj)
         copy_extras(src, tmp)
         if card is not None:

@@ -12,15 +12,13 @@ the KL increase of the next-token distribution is measured, and attention stays 
 Linear layers are initialised from the attention they replace and calibrated (``convert.hybrid``),
 then optionally trained by attention transfer on the calibration inputs (``--transfer-tokens N``).
 
-Pipeline contract used here (see ``plan_extensions`` for the part the pipeline does not do yet):
-``Plan.rename`` returns ``None`` for source tensors the transform has already written in another
+Pipeline contract used here: ``Plan.rename`` returns ``None`` for source tensors the transform has already written in another
 form (the MLP merged into Granite's ``shared_mlp.input_linear``, zero-centred Qwen3.5 norms), and
 ``Plan.files`` holds JSON files for the output folder.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -264,13 +262,9 @@ def hybrid_plan(
             + (f", then attention transfer on {transfer_tokens} tokens per layer." if transfer_tokens else ".")
             + _sliding_note(config)
         )
-        plan = Plan(new_config=new_config, transform=transform, needs_calibration=bool(layers), rename=rename, summary=summary)
-        plan.files = files  # written into the output folder (see plan_extensions)
-        plan.report = report
-        make_plan.last_plan = plan
-        return plan
+        return Plan(new_config=new_config, transform=transform, needs_calibration=bool(layers), rename=rename,
+                    summary=summary, files=files)
 
-    make_plan.last_plan = None
     return make_plan
 
 
@@ -371,51 +365,6 @@ def format_ranking(ranking: dict) -> str:
     for r in ranking["ranking"]:
         lines.append(f"  {r['rank']:4d}  {r['layer']:5d}  {r['kl']:8.4f}  {r['layer_rel_mse']:13.4f}  {'attention' if r['layer'] in kept else 'linear'}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# Until convert.pipeline supports them natively
-# ----------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def plan_extensions(make_plan):
-    """Run ``convert_model(..., make_plan, ...)`` inside this to get the two Plan features the hybrid
-    needs and the pipeline does not have yet: ``Plan.rename`` returning None drops a source tensor
-    (the transform wrote it in another form), and ``Plan.files`` are written as JSON into the output
-    folder. Scoped to this process and this block; a no-op once the pipeline does both itself
-    (``pipeline.PLAN_FILES_AND_DROPS = True``)."""
-    from unittest import mock
-
-    from . import pipeline
-
-    if getattr(pipeline, "PLAN_FILES_AND_DROPS", False):
-        yield
-        return
-
-    writer_name = "PlannedShardWriter" if hasattr(pipeline, "PlannedShardWriter") else "ShardWriter"
-    base = getattr(pipeline, writer_name)
-
-    class _Writer(base):
-        def write(self, name, tensor):  # PlannedShardWriter
-            if name is not None:
-                super().write(name, tensor)
-
-        def add(self, name, tensor):  # ShardWriter
-            if name is not None:
-                super().add(name, tensor)
-
-    real_write_json = pipeline.write_json
-
-    def write_json(path, obj):
-        real_write_json(path, obj)
-        plan = getattr(make_plan, "last_plan", None)
-        if Path(path).name == "config.json" and plan is not None:
-            for fname, content in getattr(plan, "files", {}).items():
-                real_write_json(Path(path).parent / fname, content)
-
-    with mock.patch.object(pipeline, writer_name, _Writer), mock.patch.object(pipeline, "write_json", write_json):
-        yield
 
 
 def load_ranking(folder: str | Path) -> dict:

@@ -32,7 +32,7 @@ from kvsurgeon.convert.checkpoint import read_config  # noqa: E402
 from kvsurgeon.convert.evaluate import evaluate, load_model  # noqa: E402
 from kvsurgeon.convert.pipeline import ConvertOptions, convert_model  # noqa: E402
 from kvsurgeon.convert.resolve import resolve_model  # noqa: E402
-from kvsurgeon.convert.to_hybrid import RANKING_FILE, REPORT_FILE, hybrid_plan, plan_extensions  # noqa: E402
+from kvsurgeon.convert.to_hybrid import RANKING_FILE, REPORT_FILE, hybrid_plan  # noqa: E402
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TRAIN = "/work/shared/data/pydocs-train.jsonl"
@@ -89,8 +89,7 @@ def main() -> None:
                 )
                 print(f"== {name}", flush=True)
                 t1 = time.time()
-                with plan_extensions(make_plan):
-                    res = convert_model(str(src), make_plan, ConvertOptions(out=folder, overwrite=True, calib=calib, progress=False))
+                res = convert_model(str(src), make_plan, ConvertOptions(out=folder, overwrite=True, calib=calib, progress=False))
                 convert_s = time.time() - t1
                 if choice == "auto" and ranking is None:
                     ranking = json.loads((folder / RANKING_FILE).read_text())

@@ -35,7 +35,7 @@ from kvsurgeon.convert.hybrid import (
     resolve_layer_choice,
 )
 from kvsurgeon.convert.pipeline import ConvertOptions, convert_model
-from kvsurgeon.convert.to_hybrid import RANKING_FILE, REPORT_FILE, hybrid_plan, plan_extensions
+from kvsurgeon.convert.to_hybrid import RANKING_FILE, REPORT_FILE, hybrid_plan
 
 from conftest import save_tiny, tiny_config
 
@@ -54,8 +54,7 @@ def _one_thread():  # the machine is shared; restore the setting for other test 
 def _convert(src, out, make_plan, text_file=None, tokens=256, seq_len=64):
     calib = CalibConfig(data=str(text_file), tokens=tokens, seq_len=seq_len) if text_file else CalibConfig()
     opts = ConvertOptions(out=out, calib=calib, progress=False)
-    with plan_extensions(make_plan):
-        return convert_model(str(src), make_plan, opts)
+    return convert_model(str(src), make_plan, opts)
 
 
 def _load(path):
