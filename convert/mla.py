@@ -415,7 +415,7 @@ def _plan(
         qm = rotate_queries(q, A_inv, kv_index, rd, components=[m])[:, 0]  # (H, D, hidden)
         if m == 0:
             q_rope = qm[:, rope_rows].clone()
-        sel = di[mi == m] if nope else di
+        sel = di[mi == m]
         Qn[:, filled:filled + len(sel)] = qm[:, sel]  # nope is ordered by component, then dim
         filled += len(sel)
         del qm
@@ -747,6 +747,20 @@ def _rope_rotate_half(t: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int) 
     return torch.cat([a * cos - b * sin, b * cos + a * sin, rest], dim=-1)
 
 
+def _source_qk(attn: AttentionWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source queries (..., H, T, D) and keys (..., G, T, D) with biases and default RoPE, float64,
+    for inputs x (..., T, hidden) at positions 0..T-1."""
+    x = x.double()
+    q = torch.einsum("hdi,...ti->...htd", attn.q.double(), x)
+    k = torch.einsum("gdi,...ti->...gtd", attn.k.double(), x)
+    if attn.q_bias is not None:
+        q = q + attn.q_bias.double()[:, None]
+    if attn.k_bias is not None:
+        k = k + attn.k_bias.double()[:, None]
+    inv = attn.rope.inv_freq()
+    return _rope_rotate_half(q, inv, attn.rope.rotary_dim), _rope_rotate_half(k, inv, attn.rope.rotary_dim)
+
+
 def _causal_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     T = q.shape[-2]
     s = q @ k.transpose(-1, -2) * scale
@@ -763,20 +777,12 @@ def attention_token_weights(attn: AttentionWeights, x: torch.Tensor, power: floa
         raise MlaConversionError("attention_token_weights needs x shaped (batch, seq, hidden)")
     out = []
     idx = attn.kv_index()
-    inv = attn.rope.inv_freq()
     for b in range(x.shape[0]):
-        xb = x[b:b + 1]
-        q = torch.einsum("hdi,bti->bhtd", attn.q.double(), xb)
-        k = torch.einsum("gdi,bti->bgtd", attn.k.double(), xb)
-        if attn.q_bias is not None:
-            q = q + attn.q_bias.double()[None, :, None]
-        if attn.k_bias is not None:
-            k = k + attn.k_bias.double()[None, :, None]
-        q, k = _rope_rotate_half(q, inv, attn.rope.rotary_dim), _rope_rotate_half(k, inv, attn.rope.rotary_dim)
+        q, k = _source_qk(attn, x[b])  # (H, T, D), (G, T, D)
         T = q.shape[-2]
-        sc = (q @ k[:, idx].transpose(-1, -2)) * attn.head_dim ** -0.5
+        sc = (q @ k[idx].transpose(-1, -2)) * attn.head_dim ** -0.5
         sc = sc.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-        p = torch.softmax(sc, -1)[0]  # (H, T, T)
+        p = torch.softmax(sc, -1)  # (H, T, T)
         out.append(p.pow(power).sum((0, 1)))
     rec = torch.cat(out)
     rec = rec / rec.mean()
@@ -786,17 +792,10 @@ def attention_token_weights(attn: AttentionWeights, x: torch.Tensor, power: floa
 def source_attention_reference(attn: AttentionWeights, x: torch.Tensor) -> torch.Tensor:
     """Source attention output (B, T, hidden) for inputs x (B, T, hidden), float64, default RoPE."""
     x = x.double()
-    q = torch.einsum("hdi,bti->bhtd", attn.q.double(), x)
-    k = torch.einsum("gdi,bti->bgtd", attn.k.double(), x)
+    q, k = _source_qk(attn, x)
     v = torch.einsum("gdi,bti->bgtd", attn.v.double(), x)
-    if attn.q_bias is not None:
-        q = q + attn.q_bias.double()[None, :, None]
-    if attn.k_bias is not None:
-        k = k + attn.k_bias.double()[None, :, None]
     if attn.v_bias is not None:
         v = v + attn.v_bias.double()[None, :, None]
-    inv = attn.rope.inv_freq()
-    q, k = _rope_rotate_half(q, inv, attn.rope.rotary_dim), _rope_rotate_half(k, inv, attn.rope.rotary_dim)
     idx = attn.kv_index()
     out = _causal_attend(q, k[:, idx], v[:, idx], attn.head_dim ** -0.5)
     y = torch.einsum("xhd,bhtd->btx", attn.o.double(), out)
@@ -900,18 +899,13 @@ def refit_queries(
     if w.rope_interleaved:
         M0[:, Dn:] = interleaved_to_rotate_half(M0[:, Dn:], 1)
     inv_new = 1.0 / (theta ** (torch.arange(0, Dr, 2, dtype=torch.float64) / Dr))
-    inv_src = attn.rope.inv_freq()
     idx = attn.kv_index()
     ts = torch.arange(0, T, stride)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     qstar = torch.zeros(H, Bn, len(ts), Dq, dtype=torch.float64)
     for b in range(Bn):
         xb = x[b]
-        # source scores
-        q = _rope_rotate_half(torch.einsum("hdi,ti->htd", attn.q.double(), xb)
-                              + (0 if attn.q_bias is None else attn.q_bias.double()[:, None]), inv_src, attn.rope.rotary_dim)
-        k = _rope_rotate_half(torch.einsum("gdi,ti->gtd", attn.k.double(), xb)
-                              + (0 if attn.k_bias is None else attn.k_bias.double()[:, None]), inv_src, attn.rope.rotary_dim)
+        q, k = _source_qk(attn, xb)  # source scores
         S = (q @ k[idx].transpose(-1, -2)) * attn.head_dim ** -0.5  # (H, T, T)
         S = S.masked_fill(~causal, float("-inf"))
         P = torch.softmax(S, -1)[:, ts]  # (H, t, T)

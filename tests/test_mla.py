@@ -370,31 +370,31 @@ def test_norm_ballast_and_token_weights_run():
     assert w.info["norm_ballast"] == 2 and torch.isfinite(w.kv_b).all()
 
 
-def test_refit_output_reduces_calibration_error():
+def _converted_layer1():
+    """Layer 1 of a small GQA model, its calibration inputs and its R=12/Dr=8 MLA conversion."""
     m = llama(kv_heads=2, seed=6)
-    ids = ids_for(m, B=4, T=32)
-    xs = capture(m, ids)
+    xs = capture(m, ids_for(m, B=4, T=32))
     attn = read_attention(DictSource(m.state_dict()), m.config.to_dict(), 1)
-    w = convert_layer_to_mla(attn, xs[1], 12, 8)
-    w2 = refit_output(w, attn, xs[1], ridge=1e-3)
+    return attn, xs[1], convert_layer_to_mla(attn, xs[1], 12, 8)
+
+
+def test_refit_output_reduces_calibration_error():
+    attn, x, w = _converted_layer1()
+    w2 = refit_output(w, attn, x, ridge=1e-3)
     assert w2.o.shape == w.o.shape
     assert w2.info["o_refit_rel_err_after"] < w2.info["o_refit_rel_err_before"]
-    ref = source_attention_reference(attn, xs[1])
-    e1 = (mla_attention_reference(w, xs[1]) - ref).norm()
-    e2 = (mla_attention_reference(w2, xs[1]) - ref).norm()
+    ref = source_attention_reference(attn, x)
+    e1 = (mla_attention_reference(w, x) - ref).norm()
+    e2 = (mla_attention_reference(w2, x) - ref).norm()
     assert e2 < e1
 
 
 def test_refit_queries_reduces_calibration_error():
-    m = llama(kv_heads=2, seed=6)
-    ids = ids_for(m, B=4, T=32)
-    xs = capture(m, ids)
-    attn = read_attention(DictSource(m.state_dict()), m.config.to_dict(), 1)
-    w = convert_layer_to_mla(attn, xs[1], 12, 8)
-    wq = refit_queries(w, attn, xs[1], stride=1)
+    attn, x, w = _converted_layer1()
+    wq = refit_queries(w, attn, x, stride=1)
     assert wq.q.shape == w.q.shape and wq.info["q_refit"]
-    ref = source_attention_reference(attn, xs[1])
-    assert (mla_attention_reference(wq, xs[1]) - ref).norm() < (mla_attention_reference(w, xs[1]) - ref).norm()
+    ref = source_attention_reference(attn, x)
+    assert (mla_attention_reference(wq, x) - ref).norm() < (mla_attention_reference(w, x) - ref).norm()
 
 
 def test_fit_latent_scales_flattens_a_weighted_norm():
