@@ -138,6 +138,20 @@ def plot_metrics(metrics_file: Path, png: Path) -> bool:
 
 
 # ---- the runner --------------------------------------------------------------------------------
+def _without_tied(state: dict) -> tuple[dict, set[str]]:
+    """A state dict with each shared tensor once (tied embeddings: lm_head is embed_tokens), and the
+    names left out. safetensors refuses to store two names for one memory."""
+    seen, kept, dropped = set(), {}, set()
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if key in seen:
+            dropped.add(name)
+            continue
+        seen.add(key)
+        kept[name] = t
+    return kept, dropped
+
+
 class Uptrainer:
     def __init__(self, recipe: Recipe, recipe_text: str = "", progress: bool = True):
         from accelerate import Accelerator
@@ -197,7 +211,8 @@ class Uptrainer:
         target = self.ckpt_dir / f"step-{prog.global_step:07d}"
         state = self.acc.get_state_dict(model)
         with atomic_output(target, overwrite=True) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / "model.safetensors"))
+            stored, _ = _without_tied(state)
+            save_file({k: v.detach().contiguous().cpu() for k, v in stored.items()}, str(tmp / "model.safetensors"))
             torch.save(
                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                 tmp / "trainer_state.pt",
@@ -342,8 +357,12 @@ class Uptrainer:
 
         state = load_file(str(ck / "model.safetensors"))
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected:
-            raise KvSurgeonError(f"checkpoint {ck} does not match this recipe's model (unexpected {unexpected[:3]})")
+        _, tied = _without_tied(model.state_dict())  # stored once by save_checkpoint, shared again in the model
+        if unexpected or set(missing) - tied:
+            raise KvSurgeonError(
+                f"checkpoint {ck} does not match this recipe's model (unexpected {unexpected[:3]}, "
+                f"missing {sorted(set(missing) - tied)[:3]}); resume with the recipe that wrote it"
+            )
         ts = torch.load(ck / "trainer_state.pt", weights_only=False)  # our own file, written by save_checkpoint
         opt.load_state_dict(ts["optimizer"])
         sched.load_state_dict(ts["scheduler"])

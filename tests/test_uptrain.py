@@ -16,10 +16,10 @@ from kvsurgeon.convert.uptrain import uptrain
 from conftest import save_tiny
 
 
-def base_recipe(tmp_path: Path, text_file: Path, **over) -> dict:
+def base_recipe(tmp_path: Path, text_file: Path, tie: bool = False, **over) -> dict:
     src = tmp_path / "src"
     if not src.exists():
-        save_tiny(src, max_shard_size="1GB")
+        save_tiny(src, max_shard_size="1GB", tie_word_embeddings=tie)
     r = {
         "source": str(src),
         "output": str(tmp_path / "run"),
@@ -57,13 +57,17 @@ def test_loss_decreases_and_final_is_stock(tmp_path, text_file):
     assert (tmp_path / "run" / "metrics.png").is_file()
 
 
-def test_resume_is_exact(tmp_path, text_file):
-    full = recipe_from_dict(base_recipe(tmp_path, text_file, output=str(tmp_path / "full")))
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied-embeddings"])
+def test_resume_is_exact(tmp_path, text_file, tie):
+    # tied: lm_head shares embed_tokens (as in SmolLM2); all parameters train, so the shared weight
+    # moves and must be stored once and re-shared on resume
+    kw = dict(tie=tie, stages=[{"name": "e2e", "tokens": 32 * 2 * 8, "trainable": "all" if tie else "attention"}])
+    full = recipe_from_dict(base_recipe(tmp_path, text_file, output=str(tmp_path / "full"), **kw))
     uptrain(full, progress=False)
     ref = train_losses(tmp_path / "full")
     assert len(ref) == 8
 
-    part = base_recipe(tmp_path, text_file, output=str(tmp_path / "part"), max_steps=3)
+    part = base_recipe(tmp_path, text_file, output=str(tmp_path / "part"), max_steps=3, **kw)
     uptrain(recipe_from_dict(part), progress=False)  # stops after 3 steps, leaves a checkpoint
     assert (tmp_path / "part" / "checkpoints" / "step-0000003").is_dir()
     part["max_steps"] = None
