@@ -49,6 +49,7 @@ import torch
 from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
 
 from .errors import KvSurgeonError
+from .ridge import ridge_towards
 from .rope_planes import pca_basis, plane_covariance, rotate_keys, rotate_queries, to_planes
 
 F64 = torch.float64
@@ -553,10 +554,7 @@ def refit_o(
     if attn.o_bias is not None:
         Z = torch.cat([Z, Z.new_ones(Z.shape[0], 1)], 1)
         O0 = torch.cat([O0, attn.o_bias.to(F64)[:, None]], 1)
-    Y = y.to(F64).reshape(-1, attn.hidden_size)
-    ZtZ = Z.T @ Z
-    lam = ridge * ZtZ.diagonal().mean()
-    O = torch.linalg.solve(ZtZ + lam * torch.eye(ZtZ.shape[0], dtype=F64), Z.T @ Y + lam * O0.T).T
+    O = ridge_towards(Z, y.to(F64).reshape(-1, attn.hidden_size), O0, ridge)
     new_o_bias = None
     if attn.o_bias is not None:
         O, new_o_bias = O[:, :-1], O[:, -1].to(attn.o_bias.dtype)
@@ -669,6 +667,7 @@ def calibrated_merge(
         new_v.append(vg)
         new_o[:, qb] = og
     new_v = torch.stack(new_v)
+    C = None  # hidden^2 float64: 134 MB at 8B, not needed past the values
 
     def merged_keys(n_nope: int):
         new_q, new_k = torch.zeros_like(q), []
@@ -693,14 +692,13 @@ def calibrated_merge(
     y_src = None
     if nope_planes is None and R:
         y_src = attention_output(attn, x, **rope_kw)
-        best, info["nope_errors"] = None, {}
+        info["nope_errors"] = {}
         for n in nope_candidates(attn.rope, context or T, inv_freq):
             cand = assemble(*merged_keys(n), new_o)
-            err = float((attention_output(cand, x, **rope_kw) - y_src).pow(2).sum() / y_src.pow(2).sum())
-            info["nope_errors"][n] = err
-            if best is None or err < best[0]:
-                best = (err, cand, n)
-        _, out, info["nope_planes"] = best
+            info["nope_errors"][n] = float((attention_output(cand, x, **rope_kw) - y_src).pow(2).sum() / y_src.pow(2).sum())
+            del cand  # keep only the errors: holding the best candidate too costs a layer's weights
+        info["nope_planes"] = min(info["nope_errors"], key=lambda n: (info["nope_errors"][n], n))
+        out = assemble(*merged_keys(info["nope_planes"]), new_o)  # deterministic: the same merge again
     else:
         info["nope_planes"] = nope_planes or 0
         out = assemble(*merged_keys(info["nope_planes"]), new_o)

@@ -65,6 +65,7 @@ from kvsurgeon.attention.mla_layout import MlaWeights, deepseek_config, rotate_h
 from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
 
 from .errors import KvSurgeonError
+from .ridge import ridge_towards
 from .rope_planes import pca_basis, plane_covariance, rotate_keys, rotate_queries
 
 __all__ = [
@@ -219,6 +220,15 @@ def _second_moment(X: torch.Tensor | None, hidden: int) -> torch.Tensor:
     return X.T @ X / X.shape[0]
 
 
+def _head_moments(q: torch.Tensor, X: torch.Tensor | None, Sx: torch.Tensor) -> torch.Tensor:
+    """(H, D, D) per-head query second moments q_h Sx q_h^T, through the N inputs X (Sx = X^T X / N)
+    when given: N x hidden per head instead of hidden x hidden."""
+    if X is not None:
+        qx = torch.einsum("hdi,ni->hdn", q, X)
+        return qx @ qx.transpose(1, 2) / X.shape[0]
+    return torch.einsum("hdi,ij,hej->hde", q, Sx, q)
+
+
 # ---------------------------------------------------------------------------------------------
 # RoRoPE
 
@@ -303,14 +313,30 @@ def fit_latent_scales(
 
 def _ballast_direction(X: torch.Tensor, A: torch.Tensor, deficit: torch.Tensor, Sx: torch.Tensor) -> torch.Tensor:
     """A unit input direction (hidden,) outside the row space of A whose energy is concentrated on
-    the tokens whose latent is too small: max_d sum_t deficit_t (d.x_t)^2 / sum_t (d.x_t)^2."""
+    the tokens whose latent is too small: max_d sum_t deficit_t (d.x_t)^2 / sum_t (d.x_t)^2
+    (Sx = X^T X / N, with a 1e-6 ridge)."""
+    N, hidden = X.shape
     Q, _ = torch.linalg.qr(A.T)  # (hidden, r) orthonormal basis of the row space
-    Pc = torch.eye(X.shape[1], dtype=torch.float64) - Q @ Q.T
-    Cd = Pc @ ((X * deficit[:, None]).T @ X / X.shape[0]) @ Pc
-    Cx = Pc @ Sx @ Pc + 1e-6 * float(Sx.diagonal().mean()) * torch.eye(X.shape[1], dtype=torch.float64)
-    _, Cx_isqrt = _psd_sqrt(Cx)
-    ev, V = torch.linalg.eigh(Cx_isqrt @ Cd @ Cx_isqrt)
-    d = Pc @ (Cx_isqrt @ V[:, -1])
+    eps = 1e-6 * float(Sx.diagonal().mean())
+    if N < hidden:
+        # Fewer tokens than dims: the optimum lies in the span of the projected tokens Z = X Pc, so the
+        # same generalised eigenproblem is solved in token space (N x N) instead of hidden x hidden
+        # (at 8B the latter was two 4096^2 eigendecompositions and six 4096^3 products per layer).
+        Z = X - (X @ Q) @ Q.T
+        lam, U = torch.linalg.eigh(Z @ Z.T)
+        keep = lam > 1e-12 * lam.max().clamp_min(1e-300)
+        lam, U = lam[keep], U[:, keep]
+        den = (lam * lam + N * eps * lam).sqrt()  # d = Z^T U beta, d^T Cx d = |den * beta|^2 / N
+        L = U * (lam / den)
+        _, V = torch.linalg.eigh(L.T @ (deficit[:, None] * L))
+        d = Z.T @ (U @ (V[:, -1] / den))
+    else:
+        Pc = torch.eye(hidden, dtype=torch.float64) - Q @ Q.T
+        Cd = Pc @ ((X * deficit[:, None]).T @ X / N) @ Pc
+        Cx = Pc @ Sx @ Pc + eps * torch.eye(hidden, dtype=torch.float64)
+        _, Cx_isqrt = _psd_sqrt(Cx)
+        _, V = torch.linalg.eigh(Cx_isqrt @ Cd @ Cx_isqrt)
+        d = Pc @ (Cx_isqrt @ V[:, -1])
     return d / d.norm().clamp_min(1e-300)
 
 
@@ -333,7 +359,8 @@ class _Plan:
     q_rope: torch.Tensor  # (H, Dr, hidden)
     k_pe_bias: torch.Tensor | None
     Wk: torch.Tensor  # (Kn, hidden) nope key rows (rotated components)
-    Qn: torch.Tensor  # (H, Kn, hidden) the query rows reading them
+    Cn: torch.Tensor  # (H, Kn, D) the query rows reading them, as maps of each head's own rows:
+    # Qn[h] = Cn[h] @ q[h]. At 8B, Qn itself (H, Kn, hidden) float64 is 1 GB; Cn is 31 MB.
     Wv: torch.Tensor  # (G*Dv, hidden)
     S: torch.Tensor  # (Kn + G*Dv, Kn + G*Dv) metric applied before the PCA
     S_inv: torch.Tensor
@@ -407,18 +434,13 @@ def _plan(
     mi = torch.tensor([p[0] for p in nope], dtype=torch.long)
     di = torch.tensor([p[1] for p in nope], dtype=torch.long)
     Wk = kr[mi, di] if nope else kr.new_zeros(0, hidden)
-    # The query rows of every rotated key component, gathered one component at a time: the full
-    # (H, G, D, hidden) float64 rotation is over a gigabyte for an 8B layer (bounded-memory streaming).
-    Qn = q.new_zeros(H, len(nope), hidden)
-    q_rope, filled = None, 0
-    for m in range(G):
-        qm = rotate_queries(q, A_inv, kv_index, rd, components=[m])[:, 0]  # (H, D, hidden)
-        if m == 0:
-            q_rope = qm[:, rope_rows].clone()
-        sel = di[mi == m]
-        Qn[:, filled:filled + len(sel)] = qm[:, sel]  # nope is ordered by component, then dim
-        filled += len(sel)
-        del qm
+    # The query rotation is linear in each head's own D rows, the same for every hidden column: rotate
+    # the identity once to get its coefficients, never the (H, G, D, hidden) rows themselves.
+    eye = torch.eye(D, dtype=torch.float64).expand(H, D, D)
+    C = rotate_queries(eye, A_inv, kv_index, rd)  # (H, G, D, D): rotated rows = C[h, m] @ q[h]
+    Cn = C[:, mi, di]  # (H, Kn, D), nope is ordered by component, then dim
+    q_rope = torch.einsum("hrd,hdi->hri", C[:, 0, rope_rows], q)
+    del C
     Wv = attn.v.double().reshape(G * Dv, hidden)
     Kn = Wk.shape[0]
 
@@ -428,8 +450,10 @@ def _plan(
         u = token_weights.reshape(-1).double()
         Sx_kv = (X * u[:, None]).T @ X / u.sum()
     if whiten and calibrated:
-        # sum_h Qn_h Sx Qn_h^T, one head at a time (an einsum over all heads materialises H x Kn x hidden again)
-        Mk = sum(Qn[h] @ Sx @ Qn[h].T for h in range(H)) / D if Kn else Wk.new_zeros(0, 0)
+        # sum_h Qn_h Sx Qn_h^T = sum_h Cn_h (q_h Sx q_h^T) Cn_h^T: (D, D) per head, with the input
+        # moment applied through X when there are fewer tokens than hidden dims
+        Sq = _head_moments(q, X if X.shape[0] < hidden else None, Sx)
+        Mk = torch.einsum("hkd,hde,hle->kl", Cn, Sq, Cn) / D if Kn else Wk.new_zeros(0, 0)
         Mv = torch.zeros(G * Dv, G * Dv, dtype=torch.float64)
         o = attn.o.double()
         for h in range(H):
@@ -450,7 +474,7 @@ def _plan(
     evals, U = torch.linalg.eigh(0.5 * (C + C.T))
     evals, U = evals.flip(0).clamp_min(0), U.flip(1)
     info.update(rope_theta=theta, kept_frequencies=kept, nope_dims=Kn, nope_dropped=dropped, kv_alpha=alpha)
-    return _Plan(kept, theta, rope_rows, kr[0, rope_rows], q_rope, k_pe_bias, Wk, Qn, Wv, S, S_inv, Sx,
+    return _Plan(kept, theta, rope_rows, kr[0, rope_rows], q_rope, k_pe_bias, Wk, Cn, Wv, S, S_inv, Sx,
                  evals, U, q, info)
 
 
@@ -594,39 +618,39 @@ def convert_layer_to_mla(
     if Dn < 0:
         raise MlaConversionError(f"qk_nope_head_dim must be >= 0, got {Dn}")
     Dr = rope_dim
-    # q = [q_nope | q_rope], filled in place: at 8B scale each (H, D, hidden) float64 copy is ~0.5 GB
-    q_out = torch.zeros(H, Dn + Dr, hidden, dtype=torch.float64)
-    q_nope = q_out[:, :Dn]
+    # q = [q_nope | q_rope] * scale, filled in place in the output dtype, one head at a time (float64
+    # math per head): at 8B a float64 (H, Dn + Dr, hidden) q is ~0.5 GB, plus its cast copy.
+    out_dtype = dtype or attn.q.dtype
+    scale = math.sqrt((Dn + Dr) / D)
+    q_out = torch.zeros(H, Dn + Dr, hidden, dtype=out_dtype)
     kvb_k = torch.zeros(H, Dn, R, dtype=torch.float64)
     if Kn and Dn >= exact_dn:
         if R <= Kn:  # k_nope = the latent itself; B_k absorbed into the queries
-            for h in range(H):  # per head: an einsum over all heads would copy the (H, Kn, hidden) rows
-                q_nope[h, :R] = Bk.T @ p.Qn[h]
+            for h in range(H):  # (R, Kn) @ (Kn, D) @ (D, hidden): never the head's (Kn, hidden) rows
+                q_out[h, :R] = (Bk.T @ p.Cn[h]) @ p.q[h] * scale
             kvb_k[:, :R] = torch.eye(R, dtype=torch.float64)
         else:
-            q_nope[:, :Kn] = p.Qn
+            for h in range(H):
+                q_out[h, :Kn] = p.Cn[h] @ p.q[h] * scale
             kvb_k[:, :Kn] = Bk
     elif Kn and Dn > 0:  # truncated per-head factorisation of B_k^T Q_h, weighted by the inputs
         Sx_half, _ = _psd_sqrt(p.Sx)
         for h in range(H):
-            M = Bk.T @ p.Qn[h]  # (R, hidden)
+            M = (Bk.T @ p.Cn[h]) @ p.q[h]  # (R, hidden)
             U_, _, _ = torch.linalg.svd(M @ Sx_half, full_matrices=False)
             Ud = U_[:, :Dn]
             kvb_k[h] = Ud.T
-            q_nope[h] = Ud.T @ M
-    p.Qn = None  # ~1 GB at 8B scale; not needed past this point
+            q_out[h, :Dn] = Ud.T @ M * scale
     kv_index = attn.kv_index()
     kvb_v = Bv.reshape(G, Dv, R)[kv_index]
     kv_b = torch.cat([kvb_k, kvb_v], dim=1)
 
-    scale = math.sqrt((Dn + Dr) / D)
     q_rope, k_pe, k_pe_bias = p.q_rope, p.k_pe, p.k_pe_bias
     if rope_interleave:
         q_rope = rotate_half_to_interleaved(q_rope, dim=1)
         k_pe = rotate_half_to_interleaved(k_pe, dim=0)
         k_pe_bias = None if k_pe_bias is None else rotate_half_to_interleaved(k_pe_bias, dim=0)
-    q_out[:, Dn:] = q_rope
-    q_out *= scale
+    q_out[:, Dn:] = q_rope * scale
     kv_a = torch.cat([A, k_pe])
     kv_a_bias = None if k_pe_bias is None else torch.cat([torch.zeros(R, dtype=torch.float64), k_pe_bias])
     o_bias = None if attn.o_bias is None else attn.o_bias.double().clone()
@@ -639,9 +663,9 @@ def convert_layer_to_mla(
         kv_a_bias = torch.zeros(R + Dr, dtype=torch.float64)
     info.update(qk_nope_head_dim=Dn, v_head_dim=Dv, kv_lora_rank=R, qk_rope_head_dim=Dr, method=method,
                 rope_interleave=rope_interleave)
-    out = MlaWeights(q=q_out, kv_a=kv_a, kv_a_norm=w, kv_b=kv_b, o=attn.o.double().clone(), kv_a_bias=kv_a_bias,
+    out = MlaWeights(q=q_out, kv_a=kv_a, kv_a_norm=w, kv_b=kv_b, o=attn.o.to(out_dtype, copy=True), kv_a_bias=kv_a_bias,
                      o_bias=o_bias, rope_interleaved=rope_interleave, info=info)
-    return out.to(dtype or attn.q.dtype)
+    return out.to(out_dtype)
 
 
 def _cv(v: torch.Tensor) -> float:
@@ -857,14 +881,37 @@ def refit_output(
     if w.o_bias is not None:
         y = y - w.o_bias.double()
     O0 = w.o.double().reshape(w.hidden_size, H * Dv)
-    G_ = a.T @ a
-    lam = ridge * float(G_.diagonal().mean())
-    O = torch.linalg.solve(G_ + lam * torch.eye(H * Dv, dtype=torch.float64), a.T @ y + lam * O0.T).T
+    O = ridge_towards(a, y, O0, ridge)
     before = float((y - a @ O0.T).pow(2).sum() / y.pow(2).sum())
     after = float((y - a @ O.T).pow(2).sum() / y.pow(2).sum())
     info = dict(w.info, o_refit_rel_err_before=before, o_refit_rel_err_after=after)
     return MlaWeights(q=w.q, kv_a=w.kv_a, kv_a_norm=w.kv_a_norm, kv_b=w.kv_b, o=O.reshape_as(w.o).to(w.o.dtype),
                       kv_a_bias=w.kv_a_bias, o_bias=w.o_bias, rope_interleaved=w.rope_interleaved, info=info)
+
+
+def _weighted_ridge(K: torch.Tensor, s: torch.Tensor, om: torch.Tensor, q0: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Batched ``argmin_q sum_k om_k (K_k q - s_k)^2 + lam |q - q0|^2``, lam = ridge x mean diag(K^T om K).
+
+    K (c, n, d) float32, s and om (c, n), q0 (c, d) float64. With fewer keys n than dims d it solves
+    in key space, ``q0 + A^T (A A^T + lam I)^-1 (s~ - A q0)`` with A = sqrt(om) K (Woodbury, same
+    minimiser): an 8B layer's d = 512 query dims against 64..256 keys made the d x d normal
+    equations the conversion's bottleneck.
+    """
+    c, n, d = K.shape
+    if n >= d:  # normal equations: products in float32, the small solves in float64
+        Kw = K * om[..., None]
+        Nm = torch.bmm(Kw.transpose(1, 2), K).double()  # (c, d, d)
+        rhs = torch.bmm(Kw.transpose(1, 2), s[..., None])[..., 0].double()
+        lam = ridge * Nm.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
+        Nm = Nm + lam[:, None, None] * torch.eye(d, dtype=torch.float64)
+        return torch.linalg.solve(Nm, rhs + lam[:, None] * q0)
+    sq = om.double().sqrt()
+    A = K.double() * sq[..., None]  # (c, n, d)
+    lam = (ridge * A.pow(2).sum((1, 2)) / d).clamp_min(1e-12)  # = ridge x mean diag(A^T A)
+    Kmat = torch.bmm(A, A.transpose(1, 2)) + lam[:, None, None] * torch.eye(n, dtype=torch.float64)
+    r = s.double() * sq - torch.bmm(A, q0[..., None])[..., 0]
+    y = torch.cholesky_solve(r[..., None], torch.linalg.cholesky(Kmat))
+    return q0 + torch.bmm(A.transpose(1, 2), y)[..., 0]
 
 
 def refit_queries(
@@ -895,9 +942,11 @@ def refit_queries(
     Dq = Dn + Dr
     scale_new = Dq ** -0.5
     theta = w.info["rope_theta"]
-    M0 = w.q.double().clone()  # (H, Dq, hidden)
-    if w.rope_interleaved:
-        M0[:, Dn:] = interleaved_to_rotate_half(M0[:, Dn:], 1)
+
+    def current(h: int) -> torch.Tensor:  # head h's query rows (Dq, hidden), rope part in rotate-half order
+        m = w.q[h].double()
+        return torch.cat([m[:Dn], interleaved_to_rotate_half(m[Dn:], 0)]) if w.rope_interleaved else m
+
     inv_new = 1.0 / (theta ** (torch.arange(0, Dr, 2, dtype=torch.float64) / Dr))
     idx = attn.kv_index()
     ts = torch.arange(0, T, stride)
@@ -926,29 +975,31 @@ def refit_queries(
         half = Dr // 2
         a_, b_ = k_pe[None, :, :half], k_pe[None, :, half:]
         k_rel = torch.cat([a_ * ang.cos() - b_ * ang.sin(), b_ * ang.cos() + a_ * ang.sin()], -1)  # (t, T, Dr)
-        q0 = torch.einsum("hdi,ti->htd", M0, xb[ts])  # (H, t, Dq)
+        q0 = torch.stack([xb[ts] @ current(h).T for h in range(H)])  # (H, t, Dq) current queries
         k_rel = k_rel.float()
-        for h in range(H):  # the (t, T, Dq) products in float32, the small solves in float64
-            Kt = torch.cat([k_nope[h].float()[None].expand(len(ts), -1, -1), k_rel], -1) * scale_new  # (t, T, Dq)
-            om = Om[h].float()
-            wsum = om.sum(-1, keepdim=True)
-            Kc = Kt - torch.bmm(om[:, None], Kt) / wsum[..., None]
-            Sh = S[h].float()
-            Sc = Sh - (om * Sh).sum(-1, keepdim=True) / wsum
-            Kw = Kc * om[..., None]
-            Nm = torch.bmm(Kw.transpose(1, 2), Kc).double()  # (t, Dq, Dq)
-            rhs = torch.bmm(Kw.transpose(1, 2), Sc[..., None])[..., 0].double()
-            lam = ridge * Nm.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)  # (t,)
-            Nm = Nm + lam[:, None, None] * torch.eye(Dq, dtype=torch.float64)
-            qstar[h, b] = torch.linalg.solve(Nm, rhs + lam[:, None] * q0[h])
+        # Query positions in chunks that share a causal key range: keys past the last position of a
+        # chunk carry zero weight, so they are left out rather than multiplied by zeros.
+        for chunk in torch.arange(len(ts)).split(8):
+            tk = int(ts[chunk[-1]]) + 1
+            kr_c = k_rel[chunk, :tk]
+            for h in range(H):
+                Kt = torch.cat([k_nope[h, :tk].float()[None].expand(len(chunk), -1, -1), kr_c], -1) * scale_new
+                om = Om[h, chunk, :tk].float()
+                wsum = om.sum(-1, keepdim=True)
+                Kc = Kt - torch.bmm(om[:, None], Kt) / wsum[..., None]  # row-centred keys (c, tk, Dq)
+                Sh = S[h, chunk, :tk].float()
+                Sc = Sh - (om * Sh).sum(-1, keepdim=True) / wsum
+                qstar[h, b, chunk] = _weighted_ridge(Kc, Sc, om, q0[h, chunk], ridge)
+    # q_proj rows per head: ridge regression (reg) of q* on the sampled inputs, towards the current
+    # rows; one head at a time, straight into the output dtype
     Xs = x[:, ts].reshape(-1, hidden)
-    G_ = Xs.T @ Xs
-    mu = reg * float(G_.diagonal().mean())
-    Ginv = torch.linalg.inv(G_ + mu * torch.eye(hidden, dtype=torch.float64))
-    M = torch.einsum("hnd,ni->hdi", qstar.reshape(H, -1, Dq), Xs) + mu * M0
-    M = torch.einsum("hdi,ij->hdj", M, Ginv)
-    if w.rope_interleaved:
-        M[:, Dn:] = rotate_half_to_interleaved(M[:, Dn:], 1)
+    qs = qstar.reshape(H, -1, Dq)
+    q_new = torch.empty_like(w.q)
+    for h in range(H):
+        Mh = ridge_towards(Xs, qs[h], current(h), reg)  # (Dq, hidden)
+        if w.rope_interleaved:
+            Mh[Dn:] = rotate_half_to_interleaved(Mh[Dn:], 0)
+        q_new[h] = Mh
     info = dict(w.info, q_refit=True)
-    return MlaWeights(q=M.to(w.q.dtype), kv_a=w.kv_a, kv_a_norm=w.kv_a_norm, kv_b=w.kv_b, o=w.o, kv_a_bias=w.kv_a_bias,
+    return MlaWeights(q=q_new, kv_a=w.kv_a, kv_a_norm=w.kv_a_norm, kv_b=w.kv_b, o=w.o, kv_a_bias=w.kv_a_bias,
                       o_bias=w.o_bias, rope_interleaved=w.rope_interleaved, info=info)

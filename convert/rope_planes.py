@@ -91,12 +91,11 @@ def rotate_queries(
     """
     H, D, hidden = q.shape
     comps = list(range(A_inv.shape[-1])) if components is None else list(components)
-    qz = to_planes(q[:, :rotary_dim], rotary_dim, dim=1)  # (H, F, hidden)
     coef = A_inv[:, kv_index][..., comps].conj()  # (F, H, M): [f, h, m] = conj(A_inv[f, j(h), m])
-    zq = torch.einsum("fhm,hfx->hmfx", coef, qz)  # (H, M, F, hidden)
     out = torch.zeros(H, len(comps), D, hidden, dtype=torch.float64)
-    out[:, :, :rotary_dim] = from_planes(zq, dim=2)
-    del zq
+    for h in range(H):  # one head at a time: complex (H, M, F, hidden) temporaries are ~0.4 GB at 8B
+        qz = to_planes(q[h, :rotary_dim], rotary_dim, dim=0)  # (F, hidden)
+        out[h, :, :rotary_dim] = from_planes(torch.einsum("fm,fx->mfx", coef[:, h], qz), dim=1)
     if rotary_dim < D:
         for c, m in enumerate(comps):
             heads = (kv_index == m).nonzero().flatten()

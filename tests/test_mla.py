@@ -465,3 +465,47 @@ def test_unsupported_sources_fail_clearly():
         convert_layer_to_mla(_attn(), None, 16, 16, "calibrated")
     with pytest.raises(KvSurgeonError, match="rope_type"):
         convert_layer_to_mla(_attn().with_(rope=RopeSpec(10000.0, 16, 16, "llama3", {"factor": 8.0})), torch.randn(10, 32), 16, 8)
+
+
+@pytest.mark.parametrize("n", [5, 40], ids=["fewer-keys-than-dims", "more-keys"])
+def test_weighted_ridge_matches_the_normal_equations(n):
+    """The q refit's batched ridge solve: the key-space (Woodbury) form used when keys < dims and
+    the normal-equation form both equal a direct float64 solve."""
+    from kvsurgeon.convert.mla import _weighted_ridge
+
+    g = torch.Generator().manual_seed(0)
+    c, d, ridge = 3, 16, 0.3
+    K = torch.randn(c, n, d, generator=g, dtype=DT)
+    s = torch.randn(c, n, generator=g, dtype=DT)
+    om = torch.rand(c, n, generator=g, dtype=DT)
+    q0 = torch.randn(c, d, generator=g, dtype=DT)
+    got = _weighted_ridge(K.float(), s.float(), om.float(), q0, ridge)
+    for i in range(c):
+        Kf, sf, of = K[i].float().double(), s[i].float().double(), om[i].float().double()
+        N = Kf.T @ (of[:, None] * Kf)
+        lam = ridge * N.diagonal().mean()
+        want = torch.linalg.solve(N + lam * torch.eye(d, dtype=DT), Kf.T @ (of * sf) + lam * q0[i])
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
+
+
+def test_ballast_direction_in_token_space_matches_hidden_space():
+    """With fewer calibration tokens than hidden dims the norm-ballast direction is found in token
+    space; it must be the hidden-space generalised eigenvector (up to sign), duplicate tokens included."""
+    from kvsurgeon.convert.mla import _ballast_direction, _psd_sqrt
+
+    g = torch.Generator().manual_seed(0)
+    N, hid, r = 40, 64, 10
+    X = torch.randn(N, hid, generator=g, dtype=DT) * torch.rand(hid, generator=g, dtype=DT)
+    X[1] = X[0]  # the same token in two windows (e.g. BOS)
+    A = torch.randn(r, hid, generator=g, dtype=DT)
+    deficit = torch.rand(N, generator=g, dtype=DT)
+    Sx = X.T @ X / N
+    d = _ballast_direction(X, A, deficit, Sx)
+    Q, _ = torch.linalg.qr(A.T)
+    Pc = torch.eye(hid, dtype=DT) - Q @ Q.T
+    Cx = Pc @ Sx @ Pc + 1e-6 * Sx.diagonal().mean() * torch.eye(hid, dtype=DT)
+    _, Ci = _psd_sqrt(Cx)
+    _, V = torch.linalg.eigh(Ci @ (Pc @ ((X * deficit[:, None]).T @ X / N) @ Pc) @ Ci)
+    ref = Pc @ (Ci @ V[:, -1])
+    ref = ref / ref.norm()
+    torch.testing.assert_close(d * torch.sign(d @ ref), ref, rtol=0, atol=1e-6)
