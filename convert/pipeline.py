@@ -10,6 +10,7 @@ attention (plus calibration inputs) to the tensors that replace it.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import time
 from dataclasses import dataclass, field
@@ -129,6 +130,7 @@ def convert_model(
                     new_name = plan.rename(name)
                     if name not in attn_names and new_name is not None:
                         writer.write(new_name, ckpt.get_tensor(name))
+                release_memory()
             writer.finish()
         except ValueError as e:  # a tensor that does not fit the target config
             raise KvSurgeonError(f"internal error: the conversion produced a checkpoint its config cannot load: {e}") from e
@@ -144,6 +146,16 @@ def convert_model(
         if opts.validate:
             validate_checkpoint(tmp)
     return ConvertResult(Path(opts.out), src, time.time() - t0, n_layers, writer.total_bytes, new_config)
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS between layers. glibc keeps freed blocks of the dynamic mmap
+    threshold's size in the heap, so one layer's float64 temporaries would otherwise stay resident
+    and add to the next layer's peak."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 def planned_tensors(config: dict, dtype: torch.dtype) -> tuple[list[TensorSpec], set[str]]:
