@@ -109,14 +109,14 @@ def main() -> None:
         subprocess.run(["sync"], check=True)
         wall = time.time() - t0
         rows.append((name, wall, st["peak_rss_bytes"], st["read_bytes"], st["written_bytes"]))
-        print(f"  {wall:.1f}s, peak RSS {st['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+        print(f"  {wall:.1f}s, peak RSS {st['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
         shutil.rmtree(out, ignore_errors=True)
 
     print()
-    print(f"| conversion | wall s | x cp | peak RSS GiB | read GB | written GB |")
+    print(f"| conversion | wall s | x cp | peak RSS GB (GiB) | read GB | written GB |")
     print(f"|---|---:|---:|---:|---:|---:|")
     for name, s, rss, rd, wr in rows:
-        rss_s = f"{rss / 2**30:.2f}" if rss else "-"
+        rss_s = f"{rss / 1e9:.2f} ({rss / 2**30:.2f})" if rss else "-"
         print(f"| {name} | {s:.1f} | {s / cp_s:.2f} | {rss_s} | {rd / 1e9:.2f} | {wr / 1e9:.2f} |")
 
 
