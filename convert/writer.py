@@ -93,6 +93,7 @@ def atomic_output(target: str | os.PathLike, overwrite: bool = False, protect: l
     tmp.mkdir()
     try:
         yield tmp
+        _umask_modes(tmp)
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             target.rename(old)
@@ -108,6 +109,16 @@ def atomic_output(target: str | os.PathLike, overwrite: bool = False, protect: l
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask_modes(folder: Path) -> None:
+    """Give every file the mode a plain ``open`` would: some writers (safetensors via
+    ``save_pretrained``) create 0600 temporaries, which would hide a shared model from other users."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~mask)
 
 
 # Files that describe how to use the model rather than its weights: carried over unchanged.

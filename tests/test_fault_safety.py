@@ -80,3 +80,19 @@ def test_truncated_shard_is_named(tmp_path):
     assert res.exit_code == 2
     assert victim.name in res.output and "truncated" in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_completed_output_files_get_the_umask_mode(tmp_path):
+    """A writer that creates 0600 files (safetensors' temporaries) must not leave the finished
+    model unreadable to the other users of a shared machine."""
+    from kvsurgeon.convert.writer import atomic_output
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_output(tmp_path / "out") as tmp:
+            f = tmp / "model.safetensors"
+            f.write_bytes(b"x")
+            f.chmod(0o600)
+        assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)
