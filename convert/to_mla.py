@@ -12,14 +12,26 @@ from .pipeline import Plan
 
 METHODS = ("calibrated", "svd")
 
-# What ``calibrated`` does beyond the joint PCA, each measured on SmolLM2 at -75% (R=64, Dr=32) by the
-# ablations behind BENCHMARKS.md: one latent dim steadying rms(latent) for attention sinks
-# (NORM_BALLAST), tokens weighted by the attention they receive (TOKEN_MIX), keys favoured over
-# values in the shared latent (KV_BALANCE: 1 -> 8 took ppl 47.6 -> 30.5), then least-squares refits
-# of q_proj against the converted keys (30.5 -> 25.8) and of o_proj against the source layer's output.
+# What ``calibrated`` does beyond the joint PCA, each measured on SmolLM2 by the ablations behind
+# BENCHMARKS.md: one latent dim steadying rms(latent) for attention sinks (NORM_BALLAST), tokens
+# weighted by the attention they receive (TOKEN_MIX), keys favoured over values in the shared latent
+# (kv_balance, below), then least-squares refits of q_proj against the converted keys (-75%: 30.5 ->
+# 25.8) and of o_proj against the source layer's output.
 NORM_BALLAST = 1
 TOKEN_MIX = 0.5
-KV_BALANCE = 8.0
+KV_BALANCE = None  # None: kv_balance() of the cache reduction; a number overrides it
+
+
+def kv_balance(cache_reduction: float) -> float:
+    """How much the joint latent favours keys over values, by how much of the cache is cut.
+
+    Measured on SmolLM2 (train windows disjoint from calibration): at -75% balance 8 beat 1 (ppl
+    30.5 vs 47.6); at -50% balance 1 beat 8 (1.33x vs 1.50x the source). A tight latent has to
+    spend itself on what the softmax is most sensitive to, the keys; a roomier one does better
+    treating both alike. Between the two measured budgets the balance is interpolated
+    geometrically (not measured there)."""
+    t = min(max((cache_reduction - 0.5) / 0.25, 0.0), 1.0)
+    return 8.0 ** t
 Q_REFIT = dict(stride=4, ridge=0.3)
 O_REFIT_RIDGE = 1e-2
 
@@ -55,7 +67,8 @@ def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "cali
                 w = convert_layer_to_mla(attn, None, kv_lora_rank, Dr, method, qk_nope_head_dim=Dn)
                 return write_mla(w, i, attention_bias=bias)
             tw = attention_token_weights(attn, x, mix=TOKEN_MIX)
-            w = convert_layer_to_mla(attn, x, kv_lora_rank, Dr, method, qk_nope_head_dim=Dn, kv_balance=KV_BALANCE,
+            balance = KV_BALANCE if KV_BALANCE is not None else kv_balance(1 - (kv_lora_rank + Dr) / (2 * G * D))
+            w = convert_layer_to_mla(attn, x, kv_lora_rank, Dr, method, qk_nope_head_dim=Dn, kv_balance=balance,
                                      norm_ballast=min(NORM_BALLAST, kv_lora_rank - 1), token_weights=tw)
             w = refit_queries(w, attn, x, **Q_REFIT)
             w = refit_output(w, attn, x, ridge=O_REFIT_RIDGE)

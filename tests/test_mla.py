@@ -509,3 +509,12 @@ def test_ballast_direction_in_token_space_matches_hidden_space():
     ref = Pc @ (Ci @ V[:, -1])
     ref = ref / ref.norm()
     torch.testing.assert_close(d * torch.sign(d @ ref), ref, rtol=0, atol=1e-6)
+
+
+def test_kv_balance_follows_the_measured_budgets():
+    from kvsurgeon.convert.to_mla import kv_balance
+
+    assert kv_balance(0.25) == kv_balance(0.5) == 1.0  # -50% and milder: keys and values alike
+    assert kv_balance(0.75) == kv_balance(0.9) == 8.0  # -75% and tighter: keys favoured
+    mids = [kv_balance(c) for c in (0.55, 0.6, 0.65, 0.7)]
+    assert all(1.0 < a < b < 8.0 for a, b in zip(mids, mids[1:]))
