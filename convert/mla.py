@@ -311,13 +311,13 @@ def fit_latent_scales(
     return a / m
 
 
-def _ballast_direction(X: torch.Tensor, A: torch.Tensor, deficit: torch.Tensor, Sx: torch.Tensor) -> torch.Tensor:
+def _ballast_direction(X: torch.Tensor, A: torch.Tensor, deficit: torch.Tensor) -> torch.Tensor:
     """A unit input direction (hidden,) outside the row space of A whose energy is concentrated on
     the tokens whose latent is too small: max_d sum_t deficit_t (d.x_t)^2 / sum_t (d.x_t)^2
-    (Sx = X^T X / N, with a 1e-6 ridge)."""
+    (with a ridge of 1e-6 x the mean diagonal of Sx = X^T X / N)."""
     N, hidden = X.shape
     Q, _ = torch.linalg.qr(A.T)  # (hidden, r) orthonormal basis of the row space
-    eps = 1e-6 * float(Sx.diagonal().mean())
+    eps = 1e-6 * float(X.pow(2).sum()) / (N * hidden)
     if N < hidden:
         # Fewer tokens than dims: the optimum lies in the span of the projected tokens Z = X Pc, so the
         # same generalised eigenproblem is solved in token space (N x N) instead of hidden x hidden
@@ -333,7 +333,7 @@ def _ballast_direction(X: torch.Tensor, A: torch.Tensor, deficit: torch.Tensor, 
     else:
         Pc = torch.eye(hidden, dtype=torch.float64) - Q @ Q.T
         Cd = Pc @ ((X * deficit[:, None]).T @ X / N) @ Pc
-        Cx = Pc @ Sx @ Pc + eps * torch.eye(hidden, dtype=torch.float64)
+        Cx = Pc @ (X.T @ X / N) @ Pc + eps * torch.eye(hidden, dtype=torch.float64)
         _, Cx_isqrt = _psd_sqrt(Cx)
         _, V = torch.linalg.eigh(Cx_isqrt @ Cd @ Cx_isqrt)
         d = Pc @ (Cx_isqrt @ V[:, -1])
@@ -571,7 +571,7 @@ def convert_layer_to_mla(
             for b in range(nb):  # extra latent rows that only steady rms(c) (kv_b columns start at zero)
                 f = (Y[:, :used] * s[:used]).pow(2).sum(-1)
                 deficit = (1 - f / f.mean()).clamp_min(0)
-                A0[used] = _ballast_direction(X, A0[:used], deficit, p.Sx if method == "calibrated" else X.T @ X / X.shape[0])
+                A0[used] = _ballast_direction(X, A0[:used], deficit)
                 Y = X @ A0.T
                 used += 1
                 s[:used] = fit_latent_scales(Y[:, :used]).sqrt()

@@ -500,7 +500,7 @@ def test_ballast_direction_in_token_space_matches_hidden_space():
     A = torch.randn(r, hid, generator=g, dtype=DT)
     deficit = torch.rand(N, generator=g, dtype=DT)
     Sx = X.T @ X / N
-    d = _ballast_direction(X, A, deficit, Sx)
+    d = _ballast_direction(X, A, deficit)
     Q, _ = torch.linalg.qr(A.T)
     Pc = torch.eye(hid, dtype=DT) - Q @ Q.T
     Cx = Pc @ Sx @ Pc + 1e-6 * Sx.diagonal().mean() * torch.eye(hid, dtype=DT)
