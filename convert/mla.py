@@ -965,7 +965,7 @@ def refit_queries(
         if w.kv_a_bias is not None:
             ckv = ckv + w.kv_a_bias.double()
         c = w.kv_a_norm.double() * ckv[:, :R] / _latent_rms(ckv[:, :R])[:, None]
-        k_nope = torch.einsum("hdr,tr->htd", w.kv_b.double()[:, :Dn], c)  # (H, T, Dn)
+        k_nope = torch.einsum("hdr,tr->htd", w.kv_b.double()[:, :Dn], c).float()  # (H, T, Dn), float32 products below
         k_pe = ckv[:, R:]
         if w.rope_interleaved:
             k_pe = interleaved_to_rotate_half(k_pe, -1)
@@ -983,7 +983,7 @@ def refit_queries(
             tk = int(ts[chunk[-1]]) + 1
             kr_c = k_rel[chunk, :tk]
             for h in range(H):
-                Kt = torch.cat([k_nope[h, :tk].float()[None].expand(len(chunk), -1, -1), kr_c], -1) * scale_new
+                Kt = torch.cat([k_nope[h, :tk][None].expand(len(chunk), -1, -1), kr_c], -1) * scale_new
                 om = Om[h, chunk, :tk].float()
                 wsum = om.sum(-1, keepdim=True)
                 Kc = Kt - torch.bmm(om[:, None], Kt) / wsum[..., None]  # row-centred keys (c, tk, Dq)

@@ -20,6 +20,8 @@ METHODS = ("calibrated", "svd")
 NORM_BALLAST = 1
 TOKEN_MIX = 0.5
 KV_BALANCE = None  # None: kv_balance() of the cache reduction; a number overrides it
+Q_REFIT = dict(stride=4, ridge=0.3)
+O_REFIT_RIDGE = 1e-2
 
 
 def kv_balance(cache_reduction: float) -> float:
@@ -32,8 +34,6 @@ def kv_balance(cache_reduction: float) -> float:
     geometrically (not measured there)."""
     t = min(max((cache_reduction - 0.5) / 0.25, 0.0), 1.0)
     return 8.0 ** t
-Q_REFIT = dict(stride=4, ridge=0.3)
-O_REFIT_RIDGE = 1e-2
 
 
 def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "calibrated"):
