@@ -40,14 +40,28 @@ def calibration_ids(tokenizer, cfg: CalibConfig) -> torch.Tensor:
     return token_windows(tokenizer, iter_texts(cfg.source(), cfg.text_field, cfg.split), cfg.seq_len, cfg.tokens)
 
 
-def _modeling_classes(config_dict: dict):
+def _classes_for(config_dict: dict, model_type: str, architecture: str):
     from transformers import AutoConfig
 
-    fam = family_for(config_dict)
-    module = importlib.import_module(f"transformers.models.{fam.model_type}.modeling_{fam.model_type}")
-    prefix = fam.architectures[0].removesuffix("ForCausalLM")
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    prefix = architecture.removesuffix("ForCausalLM")
     cfg = AutoConfig.for_model(**config_dict)
-    return cfg, getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RotaryEmbedding"), fam
+    cfg._attn_implementation = "sdpa"
+    return cfg, getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RotaryEmbedding")
+
+
+def _modeling_classes(config_dict: dict):
+    fam = family_for(config_dict)
+    return (*_classes_for(config_dict, fam.model_type, fam.architectures[0]), fam)
+
+
+def _decoder_layer(layer_cls, cfg, i: int, state: dict[str, torch.Tensor], dtype, where: str):
+    with torch.device("meta"):  # weights are assigned below: no second copy of the layer
+        layer = layer_cls(cfg, layer_idx=i)
+    missing, unexpected = layer.load_state_dict({k: t.to(dtype) for k, t in state.items()}, strict=False, assign=True)
+    if missing or unexpected:
+        raise KvSurgeonError(f"layer {i} of {where} does not match its config: missing {missing}, unexpected {unexpected}")
+    return layer.eval()
 
 
 class LayerStream:
@@ -61,7 +75,6 @@ class LayerStream:
         self.ckpt = ckpt
         self.config_dict = config_dict
         self.cfg, self.layer_cls, rope_cls, self.fam = _modeling_classes(config_dict)
-        self.cfg._attn_implementation = "sdpa"
         self.dtype = dtype
         self.ids = ids
         emb = ckpt.get_tensor("model.embed_tokens.weight")
@@ -73,14 +86,9 @@ class LayerStream:
         self.position_ids = pos
 
     def layer_module(self, i: int):
-        with torch.device("meta"):  # weights are assigned below: no second copy of the layer
-            layer = self.layer_cls(self.cfg, layer_idx=i)
         prefix = self.fam.layer_prefix.format(i=i)
-        state = {k[len(prefix):]: self.ckpt.get_tensor(k).to(self.dtype) for k in self.ckpt.keys() if k.startswith(prefix)}
-        missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
-        if missing or unexpected:
-            raise KvSurgeonError(f"layer {i} of {self.ckpt.folder} does not match its config: missing {missing}, unexpected {unexpected}")
-        return layer.eval()
+        state = {k[len(prefix):]: self.ckpt.get_tensor(k) for k in self.ckpt.keys() if k.startswith(prefix)}
+        return _decoder_layer(self.layer_cls, self.cfg, i, state, self.dtype, str(self.ckpt.folder))
 
     @torch.inference_mode()
     def attention_input(self, layer) -> torch.Tensor:
@@ -98,3 +106,46 @@ class LayerStream:
             yield i, self.attention_input(layer)
             self.advance(layer)
             del layer
+
+
+class ConvertedStream:
+    """Calibration hidden states on the *converted* model's own path (GPTQ-style sequential
+    calibration): layer i is calibrated on what the already-converted layers 0..i-1 produce, so its
+    fits see, and can compensate for, the drift those layers introduced.
+
+    ``attention_input(i)`` gives x = input_layernorm(h_i) (B, T, hidden) in float32, reading only the
+    source's input norm; ``advance(i, tensors)`` runs transformers' own decoder layer of the *target*
+    config, built from the converted layer's tensors (output names), on h_i. Nothing but the norm is
+    read from the source twice.
+    """
+
+    def __init__(self, ckpt: LazyCheckpoint, source_config: dict, target_config: dict, ids: torch.Tensor, dtype=torch.float32):
+        self.ckpt = ckpt
+        self.dtype = dtype
+        self.fam = family_for(source_config)
+        self.src_cfg, self.src_layer_cls, _, _ = _modeling_classes(source_config)
+        arch = (target_config.get("architectures") or [""])[0]
+        self.cfg, self.layer_cls, rope_cls = _classes_for(target_config, target_config["model_type"], arch)
+        emb = ckpt.get_tensor("model.embed_tokens.weight")
+        self.hidden = emb[ids].to(dtype)
+        del emb
+        pos = torch.arange(ids.shape[1])[None]
+        self.position_embeddings = tuple(t.to(dtype) for t in rope_cls(config=self.cfg)(self.hidden, pos))
+        self.position_ids = pos
+
+    @torch.inference_mode()
+    def attention_input(self, i: int) -> torch.Tensor:
+        with torch.device("meta"):
+            layer = self.src_layer_cls(self.src_cfg, layer_idx=i)
+        prefix = self.fam.layer_prefix.format(i=i) + "input_layernorm."
+        norm = {k[len(prefix):]: self.ckpt.get_tensor(k).to(self.dtype) for k in self.ckpt.keys() if k.startswith(prefix)}
+        layer.input_layernorm.load_state_dict(norm, assign=True)
+        return layer.input_layernorm(self.hidden)
+
+    @torch.inference_mode()
+    def advance(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        """tensors: every tensor of converted layer i under its output name (model.layers.{i}.*)."""
+        prefix = f"model.layers.{i}."
+        state = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+        layer = _decoder_layer(self.layer_cls, self.cfg, i, state, self.dtype, "the converted checkpoint")
+        self.hidden = layer(self.hidden, position_embeddings=self.position_embeddings, position_ids=self.position_ids)

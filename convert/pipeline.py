@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from kvsurgeon.attention import AttentionWeights, family_for, read_attention
 
-from .calibration import CalibConfig, LayerStream, calibration_ids
+from .calibration import CalibConfig, ConvertedStream, LayerStream, calibration_ids
 from .checkpoint import LazyCheckpoint, read_config
 from .errors import KvSurgeonError
 from .resolve import resolve_model
@@ -38,6 +38,9 @@ class Plan:
     new_config: dict
     transform: LayerTransform
     needs_calibration: bool = False
+    # Calibrate each layer on the converted model's own hidden states (layers 0..i-1 already
+    # converted) instead of the source's: new_config must then name a transformers decoder layer.
+    sequential: bool = False
     # Non-attention tensors are copied under the same name unless this maps them elsewhere;
     # None drops a tensor (e.g. one the transform already wrote in another form).
     rename: Callable[[str], "str | None"] = staticmethod(lambda name: name)
@@ -95,7 +98,7 @@ def convert_model(
         from .evaluate import load_tokenizer
 
         ids = calibration_ids(load_tokenizer(src), opts.calib)
-        stream = LayerStream(ckpt, config, ids)
+        stream = ConvertedStream(ckpt, config, plan.new_config, ids) if plan.sequential else LayerStream(ckpt, config, ids)
 
     layer_names = {i: [k for k in ckpt.keys() if k.startswith(fam.layer_prefix.format(i=i))] for i in range(n_layers)}
     in_layers = {k for names in layer_names.values() for k in names}
@@ -117,19 +120,26 @@ def convert_model(
                 attn = read_attention(ckpt, config, i)
                 attn_names = set(fam.attention_tensor_names(i, config))
                 x = None
-                if stream is not None:
+                if isinstance(stream, ConvertedStream):
+                    x = stream.attention_input(i)
+                elif stream is not None:
                     layer = stream.layer_module(i)
                     x = stream.attention_input(layer)  # (windows, seq_len, hidden), positions from 0
                     # advance and free the float32 layer before the transform's own float64 work:
                     # on an 8B layer that is ~0.9 GB less at the peak
                     stream.advance(layer)
                     del layer
-                for name, t in plan.transform(i, attn.to(torch.float32), x).items():
+                converted = plan.transform(i, attn.to(torch.float32), x)
+                for name, t in converted.items():
                     writer.write(name, t)
                 for name in layer_names[i]:
                     new_name = plan.rename(name)
                     if name not in attn_names and new_name is not None:
-                        writer.write(new_name, ckpt.get_tensor(name))
+                        converted[new_name] = ckpt.get_tensor(name)
+                        writer.write(new_name, converted[new_name])
+                if isinstance(stream, ConvertedStream):
+                    stream.advance(i, converted)
+                del converted
                 release_memory()
             writer.finish()
         except ValueError as e:  # a tensor that does not fit the target config

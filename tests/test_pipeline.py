@@ -3,6 +3,8 @@ reproduces the source exactly through real files."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -62,3 +64,53 @@ def test_builtin_calibration_text_is_used_by_default(tmp_path):
     src = save_tiny(tmp_path / "src")
     ids = calibration_ids(load_tokenizer(src), CalibConfig(tokens=1024, seq_len=128))
     assert ids.shape == (8, 128)
+
+
+@pytest.mark.parametrize("target_type", ["llama", "deepseek_v3"])
+def test_sequential_plan_calibrates_on_the_converted_models_states(tmp_path, text_file, target_type):
+    """With ``sequential=True`` layer i sees input_layernorm of the hidden states that the *converted*
+    checkpoint (loaded back by transformers) produces, not the source's: checked against the output
+    model's own hidden states for a plan that really changes each layer (halved o_proj, or MLA)."""
+    from transformers import AutoModelForCausalLM
+
+    from kvsurgeon.convert.calibration import calibration_ids
+    from kvsurgeon.convert.evaluate import load_tokenizer
+    from kvsurgeon.convert.to_mla import mla_plan
+
+    src = save_tiny(tmp_path / "src")
+    seen = {}
+    if target_type == "llama":
+        def make_plan(config, ckpt):
+            def transform(i, attn, x):
+                seen[i] = x.clone()
+                return write_attention(dataclasses.replace(attn, o=attn.o * 0.5), config, i)
+
+            return Plan(new_config=config, transform=transform, needs_calibration=True, sequential=True)
+    else:
+        inner = mla_plan(kv_lora_rank=24, rope_dim=8)
+
+        def make_plan(config, ckpt):
+            plan = inner(config, ckpt)
+            transform = plan.transform
+
+            def recording(i, attn, x):
+                seen[i] = x.clone()
+                return transform(i, attn, x)
+
+            plan.transform = recording
+            return plan
+
+    calib = CalibConfig(data=str(text_file), tokens=256, seq_len=64)
+    res = convert_model(str(src), make_plan, ConvertOptions(out=tmp_path / "out", calib=calib, dtype="float32"))
+    ids = calibration_ids(load_tokenizer(src), calib)
+    out = AutoModelForCausalLM.from_pretrained(res.out, dtype=torch.float32, attn_implementation="sdpa").eval()
+    source = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        hs = out(input_ids=ids, output_hidden_states=True).hidden_states
+        hs_src = source(input_ids=ids, output_hidden_states=True).hidden_states
+    assert sorted(seen) == [0, 1]
+    for i in (0, 1):
+        torch.testing.assert_close(seen[i], out.model.layers[i].input_layernorm(hs[i]), rtol=1e-4, atol=1e-4)
+    # and layer 1's input really is not the source's (the test would pass vacuously otherwise)
+    assert (seen[1] - source.model.layers[1].input_layernorm(hs_src[1])).abs().max() > 1e-2
+

@@ -3,6 +3,7 @@ scored on pydocs-train documents that calibration never sees (the last --tail-do
 shipped calibration reads the first 4,096 tokens), so pydocs-valid stays for the reported numbers.
 
     python scripts/experiments/mla_constants.py 128 64 KV_BALANCE=1     # R, Dr, NAME=VALUE ...
+    python scripts/experiments/mla_constants.py 64 32 calib=16384        # calibration tokens (default 4096)
 
 Prints one JSON line: ppl, the source's ppl on the same windows, their ratio, KL, conversion seconds.
 The K/V balance rule in to_mla.kv_balance came from this (2026-11-23, -50% R128/Dr64: 8 -> 1.50x,
@@ -30,8 +31,12 @@ from kvsurgeon.convert.evaluate import evaluate  # noqa: E402
 def main(argv: list[str]) -> None:
     tail_docs, eval_tokens = 200, 8192
     R, Dr, *settings = argv
+    calib_tokens, extra = "4096", []
     for kv in settings:
         name, value = kv.split("=", 1)
+        if name == "calib":
+            calib_tokens = value
+            continue
         if not hasattr(to_mla, name):
             raise SystemExit(f"to_mla has no constant {name}")
         setattr(to_mla, name, json.loads(value))
@@ -39,7 +44,7 @@ def main(argv: list[str]) -> None:
     out = ROOT / "runs" / "tune" / tag
     t0 = time.time()
     app(["convert", SOURCE, "--to", "mla", "--kv-lora-rank", R, "--rope-dim", Dr, "--calib-data", str(TRAIN),
-         "--calib-tokens", "4096", "--out", str(out), "--overwrite"], standalone_mode=False)
+         "--calib-tokens", calib_tokens, *extra, "--out", str(out), "--overwrite"], standalone_mode=False)
     secs = time.time() - t0
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as f:
         f.writelines(TRAIN.read_text().splitlines(keepends=True)[-tail_docs:])
