@@ -31,13 +31,15 @@ class CalibConfig:
     seq_len: int = 512
     text_field: str = "text"
     split: str = "train"
+    windows_per_text: int | None = None  # at most this many windows' worth of tokens from each text; None: no cap
 
     def source(self) -> str:
         return self.data or str(DEFAULT_CALIB)
 
 
 def calibration_ids(tokenizer, cfg: CalibConfig) -> torch.Tensor:
-    return token_windows(tokenizer, iter_texts(cfg.source(), cfg.text_field, cfg.split), cfg.seq_len, cfg.tokens)
+    per_text = cfg.windows_per_text * cfg.seq_len if cfg.windows_per_text else None
+    return token_windows(tokenizer, iter_texts(cfg.source(), cfg.text_field, cfg.split), cfg.seq_len, cfg.tokens, per_text=per_text)
 
 
 def _classes_for(config_dict: dict, model_type: str, architecture: str):

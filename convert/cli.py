@@ -53,6 +53,7 @@ def convert(
     calib_data: Optional[str] = typer.Option(None, help="calibration text: .jsonl/.txt/.parquet or HF dataset id (default: built-in)"),
     calib_tokens: int = typer.Option(8192, help="calibration tokens"),
     calib_seq_len: int = typer.Option(512, help="calibration window length"),
+    calib_windows_per_text: Optional[int] = typer.Option(None, help="take at most this many windows from each calibration text (spreads a small budget over more documents)"),
     text_field: str = typer.Option("text", help="text field of calibration rows"),
     overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
     revision: Optional[str] = typer.Option(None, help="Hub revision of the source"),
@@ -77,7 +78,8 @@ def convert(
             to=to, kv_heads=kv_heads, method=method, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
             keep_attention=keep_attention, linear_layers=layers, linear=linear if to == "hybrid" else None,
             transfer_tokens=transfer_tokens,
-            calib=CalibConfig(data=calib_data, tokens=calib_tokens, seq_len=calib_seq_len, text_field=text_field),
+            calib=CalibConfig(data=calib_data, tokens=calib_tokens, seq_len=calib_seq_len, text_field=text_field,
+                              windows_per_text=calib_windows_per_text),
         )
         opts = ConvertOptions(
             out=out, overwrite=overwrite, revision=revision, allow_pickle=allow_pickle,

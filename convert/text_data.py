@@ -74,11 +74,13 @@ def token_windows(
     seq_len: int,
     max_tokens: int | None = None,
     skip_tokens: int = 0,
+    per_text: int | None = None,
 ) -> torch.Tensor:
     """(n, seq_len) int64 windows covering at most ``max_tokens`` tokens.
 
     ``skip_tokens`` drops that many tokens first, so calibration and evaluation can draw
-    disjoint windows from one file.
+    disjoint windows from one file. ``per_text`` keeps only the first ``per_text`` tokens of each
+    text, so a small budget spans many documents instead of the first one or two.
     """
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
@@ -86,7 +88,8 @@ def token_windows(
     need = skip_tokens + (max_tokens if max_tokens else float("inf"))
     buf: list[int] = []
     for text in texts:
-        buf.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        buf.extend(ids[:per_text] if per_text else ids)
         if sep is not None:
             buf.append(sep)
         if len(buf) >= need:

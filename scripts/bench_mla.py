@@ -3,7 +3,7 @@
 two budgets (192 = -50%, 96 = -75%), `calibrated` vs the weight-only joint SVD baseline (`svd`),
 measured in one run on pydocs-valid with the source alongside.
 
-    python scripts/bench_mla.py [--eval-tokens 16384] [--calib-tokens 8192]
+    python scripts/bench_mla.py [--eval-tokens 16384] [--calib-tokens 8192] [--calib-windows-per-text 1]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--calib-windows-per-text", type=int, default=None, help="spread calibration over more documents")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-mla"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -35,6 +36,8 @@ def main() -> None:
             name = f"mla{budget}-{method}"
             conv = ["--to", "mla", "--kv-lora-rank", str(R), "--rope-dim", str(Dr), "--method", method,
                     "--calib-data", str(TRAIN), "--calib-tokens", str(args.calib_tokens)]
+            if args.calib_windows_per_text:
+                conv += ["--calib-windows-per-text", str(args.calib_windows_per_text)]
             st = convert(conv, out / name)
             r = evaluate(out / name, args.eval_tokens, args.seq_len, ref)
             if not rows:

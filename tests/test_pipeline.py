@@ -114,3 +114,26 @@ def test_sequential_plan_calibrates_on_the_converted_models_states(tmp_path, tex
     # and layer 1's input really is not the source's (the test would pass vacuously otherwise)
     assert (seen[1] - source.model.layers[1].input_layernorm(hs_src[1])).abs().max() > 1e-2
 
+
+def test_calibration_windows_per_text_spreads_the_budget(tmp_path):
+    """``windows_per_text=1`` takes each text's first window's worth of tokens, so 3 windows cover 3
+    texts; without it they all come from the first, long text."""
+    import json
+
+    from kvsurgeon.convert.calibration import calibration_ids
+    from kvsurgeon.convert.evaluate import load_tokenizer
+
+    src = save_tiny(tmp_path / "src")
+    tok = load_tokenizer(src)
+    marks = "abcd"  # text j is 200 copies of one letter: a window shows which texts it came from
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": m * 200}) + "\n" for m in marks))
+    ids_of = {m: tok(m, add_special_tokens=False)["input_ids"][0] for m in marks}
+
+    def texts_seen(ids):
+        return ["".join(m for m in marks if ids_of[m] in row.tolist()) for row in ids]
+
+    plain = calibration_ids(tok, CalibConfig(data=str(path), tokens=96, seq_len=32))
+    spread = calibration_ids(tok, CalibConfig(data=str(path), tokens=96, seq_len=32, windows_per_text=1))
+    assert texts_seen(plain) == ["a", "a", "a"]
+    assert texts_seen(spread) == ["a", "b", "bc"]  # 32 tokens of each text, then its eos

@@ -4,6 +4,7 @@ shipped calibration reads the first 4,096 tokens), so pydocs-valid stays for the
 
     python scripts/experiments/mla_constants.py 128 64 KV_BALANCE=1     # R, Dr, NAME=VALUE ...
     python scripts/experiments/mla_constants.py 64 32 calib=16384        # calibration tokens (default 4096)
+    python scripts/experiments/mla_constants.py 64 32 calib=8192 per_text=1   # --calib-windows-per-text
 
 Prints one JSON line: ppl, the source's ppl on the same windows, their ratio, KL, conversion seconds.
 The K/V balance rule in to_mla.kv_balance came from this (2026-11-23, -50% R128/Dr64: 8 -> 1.50x,
@@ -36,6 +37,9 @@ def main(argv: list[str]) -> None:
         name, value = kv.split("=", 1)
         if name == "calib":
             calib_tokens = value
+            continue
+        if name == "per_text":
+            extra = ["--calib-windows-per-text", value]
             continue
         if not hasattr(to_mla, name):
             raise SystemExit(f"to_mla has no constant {name}")
