@@ -786,6 +786,8 @@ def _source_qk(attn: AttentionWeights, x: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _causal_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    if q.dim() == 4 and q.shape[0] > 1:  # one sequence at a time: (B, H, T, T) float64 scores reach GBs
+        return torch.cat([_causal_attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], scale) for b in range(q.shape[0])])
     T = q.shape[-2]
     s = q @ k.transpose(-1, -2) * scale
     s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
