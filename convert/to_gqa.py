@@ -10,6 +10,9 @@ from .gqa import calibrated_merge, check_kv_heads, expand_to_mha, mean_pool
 from .pipeline import Plan
 
 METHODS = ("calibrated", "mean")
+# Calibrate layer i on the hidden states of the converted layers 0..i-1 (GPTQ-style), as the
+# ablation behind BENCHMARKS.md did, so the o refit also absorbs upstream drift.
+SEQUENTIAL = True
 
 
 def gqa_plan(target: int, method: str = "calibrated"):
@@ -40,6 +43,7 @@ def gqa_plan(target: int, method: str = "calibrated"):
             new_config=new_config,
             transform=transform,
             needs_calibration=(method == "calibrated" and not expanding and target != G),
+            sequential=SEQUENTIAL,
             summary=f"{G} -> {target} KV heads per layer ({H} query heads) by {what}.",
         )
 
