@@ -132,12 +132,16 @@ def convert_model(
                 converted = plan.transform(i, attn.to(torch.float32), x)
                 for name, t in converted.items():
                     writer.write(name, t)
+                sequential = isinstance(stream, ConvertedStream)
                 for name in layer_names[i]:
                     new_name = plan.rename(name)
                     if name not in attn_names and new_name is not None:
-                        converted[new_name] = ckpt.get_tensor(name)
-                        writer.write(new_name, converted[new_name])
-                if isinstance(stream, ConvertedStream):
+                        t = ckpt.get_tensor(name)
+                        writer.write(new_name, t)
+                        if sequential:  # the converted layer is rebuilt from these; otherwise free each at once
+                            converted[new_name] = t
+                        del t
+                if sequential:
                     stream.advance(i, converted)
                 del converted
                 release_memory()
