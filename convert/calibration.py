@@ -66,6 +66,15 @@ def _decoder_layer(layer_cls, cfg, i: int, state: dict[str, torch.Tensor], dtype
     return layer.eval()
 
 
+def _embedded(ckpt: LazyCheckpoint, ids: torch.Tensor, rope, dtype):
+    """Layer 0's input hidden states for ids (B, T), with RoPE position embeddings for positions 0..T-1."""
+    emb = ckpt.get_tensor("model.embed_tokens.weight")
+    hidden = emb[ids].to(dtype)  # gather first: never a float32 copy of the whole table
+    del emb
+    pos = torch.arange(ids.shape[1])[None]
+    return hidden, tuple(t.to(dtype) for t in rope(hidden, pos)), pos
+
+
 class LayerStream:
     """Walks the source's decoder layers over calibration ids, yielding each layer's attention input.
 
@@ -79,13 +88,7 @@ class LayerStream:
         self.cfg, self.layer_cls, rope_cls, self.fam = _modeling_classes(config_dict)
         self.dtype = dtype
         self.ids = ids
-        emb = ckpt.get_tensor("model.embed_tokens.weight")
-        self.hidden = emb[ids].to(dtype)  # gather first: never a float32 copy of the whole table
-        del emb
-        pos = torch.arange(ids.shape[1])[None]
-        rope = rope_cls(config=self.cfg)
-        self.position_embeddings = tuple(t.to(dtype) for t in rope(self.hidden, pos))
-        self.position_ids = pos
+        self.hidden, self.position_embeddings, self.position_ids = _embedded(ckpt, ids, rope_cls(config=self.cfg), dtype)
 
     def layer_module(self, i: int):
         prefix = self.fam.layer_prefix.format(i=i)
@@ -128,12 +131,7 @@ class ConvertedStream:
         self.src_cfg, self.src_layer_cls, _, _ = _modeling_classes(source_config)
         arch = (target_config.get("architectures") or [""])[0]
         self.cfg, self.layer_cls, rope_cls = _classes_for(target_config, target_config["model_type"], arch)
-        emb = ckpt.get_tensor("model.embed_tokens.weight")
-        self.hidden = emb[ids].to(dtype)
-        del emb
-        pos = torch.arange(ids.shape[1])[None]
-        self.position_embeddings = tuple(t.to(dtype) for t in rope_cls(config=self.cfg)(self.hidden, pos))
-        self.position_ids = pos
+        self.hidden, self.position_embeddings, self.position_ids = _embedded(ckpt, ids, rope_cls(config=self.cfg), dtype)
 
     @torch.inference_mode()
     def attention_input(self, i: int) -> torch.Tensor:
