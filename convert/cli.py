@@ -142,13 +142,34 @@ def inspect(
 
 
 # ---- eval ----------------------------------------------------------------------------------------
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(float(v[:-1]) * 1024) if v.lower().endswith("k") else int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise KvSurgeonError(f"{flag} {text!r}: use comma-separated token counts, e.g. 1024,2048,4K") from None
+
+
 @app.command("eval")
 def eval_(
-    model: str = typer.Argument(..., help="Hub model id or local folder to evaluate"),
-    data: str = typer.Option(..., "--data", help=".jsonl/.txt/.parquet file or HF dataset id"),
-    reference: Optional[str] = typer.Option(None, help="reference model (usually the source) for KL and top-1"),
-    max_tokens: int = typer.Option(16384, help="tokens to evaluate (whole windows)"),
-    seq_len: int = typer.Option(512, help="window length"),
+    model: str = typer.Argument(..., help="Hub model id or local folder to evaluate (any causal LM, stock class or not)"),
+    data: Optional[str] = typer.Option(None, "--data", help="ppl/long-ppl text: .jsonl/.txt/.parquet file or HF dataset id (default: built-in held-out Python docs)"),
+    reference: Optional[str] = typer.Option(None, help="reference model (usually the source): KL and top-1, and the same long-context prompts side by side"),
+    tasks: str = typer.Option(
+        "ppl", help="comma-separated: ppl (short windows), passkey, multikey, long-ppl (ppl per position bucket); 'all' for every task. "
+        "Cost: one forward per prompt; passkey = lengths x depths x samples prompts per model (SmolLM2-135M fp32 on 2 CPU cores: ~2.5 s at 1K, ~10 s at 4K)",
+    ),
+    max_tokens: int = typer.Option(16384, help="ppl: tokens to evaluate (whole windows)"),
+    seq_len: int = typer.Option(512, help="ppl: window length"),
+    lengths: str = typer.Option("1024,2048,4096", help="passkey/multikey: prompt lengths in tokens (1K, 2K... accepted)"),
+    depths: int = typer.Option(5, help="passkey/multikey: key depths, evenly spaced from 0% to 100%"),
+    samples: int = typer.Option(10, help="passkey/multikey: prompts per (length, depth) cell; 10 resolves 10%"),
+    keys: int = typer.Option(3, help="multikey: keys hidden per prompt (one is asked for)"),
+    filler: str = typer.Option("repeat", help="passkey filler: 'repeat' (built-in sentences) or your own text file/dataset"),
+    long_seq_len: int = typer.Option(4096, help="long-ppl: window length (reported per 0-512, 512-1K, 1K-2K, ... bucket)"),
+    long_windows: int = typer.Option(2, help="long-ppl: number of windows"),
+    allow_beyond_context: bool = typer.Option(False, help="allow lengths past max_position_embeddings (extrapolation)"),
+    png: Optional[Path] = typer.Option(None, help="long-context heatmap PNG (accuracy by length x depth, reference beside model)"),
+    seed: int = typer.Option(0, help="seed for keys and filler offsets"),
     batch_size: int = typer.Option(1),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 | auto"),
     text_field: str = typer.Option("text", help="text field of jsonl/parquet/dataset rows"),
@@ -156,19 +177,50 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     trust_remote_code: bool = typer.Option(False, help="allow custom modeling code from the model repo"),
 ) -> None:
-    """Perplexity on fixed windows; with --reference, KL(reference||model) and top-1 agreement."""
+    """Fidelity of MODEL: short-window perplexity and, against --reference, KL and top-1 agreement;
+    long-context retrieval (passkey, multikey) over a length x depth grid and perplexity by position."""
     from .evaluate import evaluate
+    from .long_context import TASKS, LongContextOptions, evaluate_long_context
 
     try:
-        r = evaluate(
-            model, data, reference=reference, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
-            dtype=dtype, text_field=text_field, split=split, trust_remote_code=trust_remote_code,
-        )
+        want = [t.strip() for t in tasks.split(",") if t.strip()]
+        if want == ["all"]:
+            want = ["ppl", *TASKS]
+        unknown = [t for t in want if t != "ppl" and t not in TASKS]
+        if unknown:
+            raise KvSurgeonError(f"--tasks: unknown {', '.join(unknown)}; choose from ppl, {', '.join(TASKS)}, all")
+        r = None
+        if "ppl" in want:
+            r = evaluate(
+                model, data, reference=reference, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
+                dtype=dtype, text_field=text_field, split=split, trust_remote_code=trust_remote_code,
+            )
+        long_tasks = tuple(t for t in want if t in TASKS)
+        long = None
+        if long_tasks:
+            opts = LongContextOptions(
+                tasks=long_tasks, lengths=_ints(lengths, "--lengths"), depths=depths, samples=samples, keys=keys,
+                filler=filler, text_field=text_field, long_seq_len=long_seq_len, long_windows=long_windows,
+                data=data, seed=seed, allow_beyond_context=allow_beyond_context,
+            )
+            long = evaluate_long_context(model, opts, reference, dtype, batch_size, trust_remote_code)
     except (KvSurgeonError, UnsupportedArchitectureError) as e:
         fail(e)
+    if png is not None and long:
+        from .long_context_report import heatmap_png
+
+        heatmap_png(long, png)
+        err.print(f"wrote {png}", highlight=False)
     if as_json:
-        print(json.dumps(r.as_dict(), indent=2))
+        print(json.dumps({**({"ppl": r.as_dict()} if r else {}), **({"long_context": [x.as_dict() for x in long]} if long else {})}, indent=2))
         return
+    if r is not None:
+        _print_ppl(r)
+    if long:
+        _print_long(long)
+
+
+def _print_ppl(r) -> None:
     t = Table(title=f"eval on {r.data}: {r.windows} x {r.seq_len} tokens ({r.tokens:,} predicted)")
     for c in ("model", "ppl", "KL(ref||model)", "top-1 agree", "KV bytes/token"):
         t.add_column(c, justify="left" if c == "model" else "right")
@@ -181,6 +233,19 @@ def eval_(
         f"{r.top1_agreement:.3%}" if r.top1_agreement is not None else "-",
         f"{r.kv_bytes_per_token:,}",
     )
+    out_.print(t)
+
+
+def _print_long(results) -> None:
+    from .long_context_report import summary_rows
+
+    head, rows = summary_rows(results)
+    o = results[0].options
+    t = Table(title=f"long context: {len(results[0].depths)} depths x {o['samples']} samples per length")
+    for i, c in enumerate(head):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    for row in rows:
+        t.add_row(*row)
     out_.print(t)
 
 

@@ -18,6 +18,9 @@ from .errors import KvSurgeonError
 from .resolve import resolve_model
 from .text_data import iter_texts, token_windows
 
+# Held out from the built-in calibration text (Python docs, PSF licence): the default for eval and convert --measure.
+DEFAULT_EVAL_DATA = Path(__file__).parent / "data" / "heldout.jsonl"
+
 
 # ---- math: tensors in, sums out ----------------------------------------------------------------
 def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
@@ -87,7 +90,7 @@ def load_tokenizer(*folders: Path):
 @torch.inference_mode()
 def evaluate(
     model_name: str,
-    data: str,
+    data: str | None,
     reference: str | None = None,
     max_tokens: int = 16384,
     seq_len: int = 512,
@@ -101,7 +104,7 @@ def evaluate(
     reference_model=None,
 ) -> EvalResult:
     """Evaluate ``model_name`` (optionally already loaded as ``model``) on fixed windows of ``data``."""
-    path = resolve_model(model_name) if model is None else Path(model_name)
+    path = Path(model_name) if model is not None and Path(model_name).is_dir() else resolve_model(model_name)
     if model is None:
         model, path = load_model(model_name, dtype, trust_remote_code=trust_remote_code)
     ref_path = None
@@ -110,6 +113,7 @@ def evaluate(
     elif reference is not None:  # already loaded: still resolve its folder (a Hub id too) for config and tokenizer
         ref_path = resolve_model(reference)
     tok = load_tokenizer(path, ref_path)
+    data = str(data or DEFAULT_EVAL_DATA)
     windows = token_windows(tok, iter_texts(data, text_field, split), seq_len, max_tokens)
 
     nll = kl = 0.0

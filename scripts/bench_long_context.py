@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Long-context fidelity of each conversion of the real SmolLM2, against the source in the same run.
+
+For each job: convert (CLI defaults unless the job says otherwise; calibration never touches
+pydocs-valid), then measure passkey and multikey retrieval over lengths x depths, perplexity per
+position bucket on pydocs-valid long windows, and 512-window perplexity on pydocs-valid. Writes
+JSON, a Markdown table and a PNG heatmap to --out.
+
+    HF_HUB_OFFLINE=1 python scripts/bench_long_context.py --out runs/bench-long
+    HF_HUB_OFFLINE=1 python scripts/bench_long_context.py --jobs mqa,mqa-long --out runs/bench-long-mqa
+
+Cost on 2 cores: ~5 min of eval per model at the default grid, plus each conversion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import SOURCE, TRAIN, VALID, convert  # noqa: E402
+
+# name -> convert arguments. Calibration: the CLI default (built-in text) unless stated.
+JOBS: dict[str, list[str]] = {
+    "mqa": ["--to", "mqa"],
+    "mla50": ["--to", "mla", "--kv-lora-rank", "128", "--rope-dim", "64"],
+    "mla75": ["--to", "mla", "--kv-lora-rank", "64", "--rope-dim", "32"],
+    "hybrid50": ["--to", "hybrid", "--keep-attention", "0.5", "--linear-layers", "auto",
+                 "--transfer-tokens", "8192", "--calib-data", str(TRAIN)],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", default="mqa,mla50,mla75", help=f"comma-separated, from {', '.join(JOBS)}")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
+                    help="an extra job: name=convert arguments (space-separated), e.g. 'mqa-2k=--to mqa --calib-seq-len 2048'")
+    ap.add_argument("--lengths", default="1024,2048,4096")
+    ap.add_argument("--depths", type=int, default=5)
+    ap.add_argument("--samples", type=int, default=2)
+    ap.add_argument("--keys", type=int, default=3)
+    ap.add_argument("--long-seq-len", type=int, default=4096)
+    ap.add_argument("--long-windows", type=int, default=2)
+    ap.add_argument("--short-tokens", type=int, default=4096, help="512-window ppl tokens on pydocs-valid")
+    ap.add_argument("--reuse", action="store_true", help="reuse converted folders already in --out")
+    ap.add_argument("--out", default="runs/bench-long")
+    args = ap.parse_args()
+
+    import torch
+
+    from kvsurgeon.convert.evaluate import evaluate, load_model, load_tokenizer
+    from kvsurgeon.convert.long_context import LongContextOptions, long_ppl_windows, measure_long_context
+    from kvsurgeon.convert.long_context_report import heatmap_png, markdown
+    from kvsurgeon.convert.resolve import resolve_model
+
+    jobs = {n: JOBS[n] for n in args.jobs.split(",") if n}
+    for e in args.extra:
+        name, _, rest = e.partition("=")
+        jobs[name] = rest.split()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    opts = LongContextOptions(
+        tasks=("passkey", "multikey", "long-ppl"), lengths=tuple(int(x) for x in args.lengths.split(",")),
+        depths=args.depths, samples=args.samples, keys=args.keys, long_seq_len=args.long_seq_len,
+        long_windows=args.long_windows, data=str(VALID),
+    )
+    src_path = resolve_model(SOURCE)
+    tok = load_tokenizer(src_path)
+    windows = long_ppl_windows(tok, opts)
+    torch.manual_seed(0)
+
+    rows, results = [], []
+    ref, _ = load_model(SOURCE)
+    t0 = time.time()
+    res = measure_long_context(ref, tok, opts, "source", windows=windows)
+    short = evaluate(SOURCE, str(VALID), max_tokens=args.short_tokens, progress=False, model=ref)
+    results.append(res)
+    rows.append({"name": "source", "convert": None, "ppl512": short.ppl, "kv_bytes_per_token": short.kv_bytes_per_token,
+                 "eval_seconds": time.time() - t0, **res.as_dict()})
+    print(markdown(results), flush=True)
+    for name, conv in jobs.items():
+        folder = out / name
+        stats = None
+        if not (args.reuse and (folder / "config.json").is_file()):
+            stats = convert(conv, folder)
+            print(f"{name}: converted in {stats['seconds']:.0f} s", flush=True)
+        model, _ = load_model(str(folder))
+        t0 = time.time()
+        res = measure_long_context(model, tok, opts, name, windows=windows)
+        short = evaluate(str(folder), str(VALID), reference=SOURCE, max_tokens=args.short_tokens, progress=False,
+                         model=model, reference_model=ref)
+        results.append(res)
+        rows.append({"name": name, "convert": "kvsurgeon convert " + SOURCE + " " + " ".join(conv), "convert_stats": stats,
+                     "ppl512": short.ppl, "ppl512_ratio": short.ppl / short.reference_ppl, "kl512": short.kl,
+                     "kv_bytes_per_token": short.kv_bytes_per_token, "eval_seconds": time.time() - t0, **res.as_dict()})
+        del model
+        (out / "results.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+        print(markdown(results), flush=True)
+    md = markdown(results)
+    md += "\n| model | KV bytes/token | 512-window ppl (ratio) |\n|---|---:|---:|\n"
+    for r in rows:
+        md += f"| {r['name']} | {r['kv_bytes_per_token']:,} | {r['ppl512']:.2f} ({r.get('ppl512_ratio', 1.0):.2f}x) |\n"
+    (out / "results.md").write_text(md)
+    heatmap_png(results, out / "long_context.png", title=f"{SOURCE}: passkey / multikey retrieval, no training")
+    print(md)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'long_context.png'}")
+
+
+if __name__ == "__main__":
+    main()
