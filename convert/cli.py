@@ -61,6 +61,11 @@ def convert(
     dtype: Optional[str] = typer.Option(None, help="output dtype: float32 | bfloat16 | float16 (default: the source's)"),
     allow_pickle: bool = typer.Option(False, help="allow reading *.bin pickle weights (can run code)"),
     push_to_hub: Optional[str] = typer.Option(None, help="push the result to this Hub repo id"),
+    measure: str = typer.Option(
+        "auto", help="evaluate the output against the source on built-in held-out text before writing the card: "
+        "512-window ppl/KL, passkey at 1K-2K, ppl by position. auto: on when cheap (<= 500M parameters on CPU, "
+        "~1.5 min for SmolLM2-135M on 2 cores; <= 8B on CUDA) | on | off",
+    ),
 ) -> None:
     """Convert MODEL's attention and write a stock transformers checkpoint to --out."""
     from .calibration import CalibConfig
@@ -83,7 +88,7 @@ def convert(
         )
         opts = ConvertOptions(
             out=out, overwrite=overwrite, revision=revision, allow_pickle=allow_pickle,
-            max_shard_size=max_shard_size, dtype=dtype,
+            max_shard_size=max_shard_size, dtype=dtype, measure=measure,
         )
         res = run_conversion(model, spec, opts)
     except (KvSurgeonError, UnsupportedArchitectureError) as e:
@@ -92,6 +97,10 @@ def convert(
     out_console.print(
         f"wrote {res.out} ({res.bytes_written / 2**20:.1f} MiB, {res.layers} layers) in {res.seconds:.1f}s", highlight=False
     )
+    if res.measured is not None:
+        out_console.print(f"measured against the source: {res.measured.note}", highlight=False)
+    elif measure != "off":
+        out_console.print("not measured (--measure auto skips models this size); run `kvsurgeon eval` or pass --measure on", highlight=False)
     if push_to_hub:
         _push(res.out, push_to_hub)
 

@@ -10,10 +10,11 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvsurgeon.attention.kv_cache import kv_bytes_per_token
+from kvsurgeon.attention.kv_cache import dtype_bytes, kv_bytes_per_token
 
 from .calibration import CalibConfig
-from .checkpoint import read_config
+from .checkpoint import LazyCheckpoint, read_config
+from .measure import measure_conversion, should_measure
 from .errors import KvSurgeonError
 from .pipeline import ConvertOptions, ConvertResult, convert_model
 
@@ -100,6 +101,15 @@ def run_conversion(
     def card(folder: Path, new_config: dict, src: Path, plan) -> None:
         from .model_card import CardInfo, source_license, write_model_card
 
+        fidelity, long_context = [], []
+        params = LazyCheckpoint(folder).total_bytes() // dtype_bytes(new_config)
+        if should_measure(opts.measure, params):
+            from kvsurgeon.attention.kv_cache import text_config
+
+            m = measure_conversion(folder, src, text_config(new_config).get("max_position_embeddings"), progress=opts.progress)
+            fidelity, long_context = [m.fidelity], [r.as_dict() for r in m.long_context]
+            measured.append(m)
+
         info = CardInfo(
             base_model=model,
             conversion=spec.to,
@@ -109,7 +119,12 @@ def run_conversion(
             license=source_license(src),
             kv_bytes_per_token_before=kv_bytes_per_token(read_config(src)),
             kv_bytes_per_token_after=kv_bytes_per_token(new_config),
+            fidelity=fidelity,
+            long_context=long_context,
         )
         write_model_card(folder, info)
 
-    return convert_model(model, spec.make_plan(), opts, card=card)
+    measured: list = []
+    res = convert_model(model, spec.make_plan(), opts, card=card)
+    res.measured = measured[0] if measured else None
+    return res

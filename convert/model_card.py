@@ -66,6 +66,7 @@ class CardInfo:
     kv_bytes_per_token_before: int
     kv_bytes_per_token_after: int
     fidelity: list[FidelityRow] = field(default_factory=list)
+    long_context: list[dict] = field(default_factory=list)  # LongContextResult.as_dict(), reference first
     extra_tags: list[str] = field(default_factory=list)
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -168,6 +169,18 @@ def _fidelity_section(info: CardInfo) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def _long_context_section(info: CardInfo) -> str:
+    head = "## Long context\n\n"
+    if not info.long_context:
+        return head + "Not measured yet: run `kvsurgeon eval MODEL --reference SOURCE --tasks passkey,multikey,long-ppl`.\n"
+    from .long_context import LongContextResult
+    from .long_context_report import markdown
+
+    return head + "Retrieval and perplexity by position, measured against the source on the same prompts.\n\n" + markdown(
+        [LongContextResult(**row) for row in info.long_context]
+    )
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -200,7 +213,7 @@ def render_model_card(info: CardInfo, repo_id: str | None = None) -> str:
         parts += ["\nUptraining recipe:\n\n", _fence(info.recipe, "yaml")]
     if not info.command and not info.recipe:
         parts.append("\nThe exact command was not recorded.\n")
-    parts += ["\n", _kv_section(info), "\n", _fidelity_section(info)]
+    parts += ["\n", _kv_section(info), "\n", _fidelity_section(info), "\n", _long_context_section(info)]
     load_from = repo_id or "path/to/this/folder"
     parts += [
         "\n## Loading\n\n",

@@ -59,6 +59,7 @@ class ConvertOptions:
     calib: CalibConfig = field(default_factory=CalibConfig)
     validate: bool = True
     progress: bool = True
+    measure: str = "auto"  # auto | on | off: evaluate the output against the source before the rename (measure.py)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ConvertResult:
     layers: int
     bytes_written: int
     config: dict
+    measured: object = None  # measure.Measured when convert --measure ran
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -187,7 +187,7 @@ class Uptrainer:
             transfer_tokens=c.transfer_tokens,
             calib=CalibConfig(data=c.calib_data, tokens=c.calib_tokens, seq_len=c.calib_seq_len),
         )
-        run_conversion(self.r.source, spec, ConvertOptions(out=folder, progress=self.progress), recipe=self.recipe_text)
+        run_conversion(self.r.source, spec, ConvertOptions(out=folder, progress=self.progress, measure="off"), recipe=self.recipe_text)
 
     def load(self, folder: Path, trainable: bool):
         from transformers import AutoModelForCausalLM

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -76,9 +77,31 @@ def test_card_front_matter_and_sections():
     # Fidelity: the given numbers, nothing else.
     for number in ("12.345", "11.111", "0.0421", "93.12%", "11.502", "0.0107", "97.55%", "4,096"):
         assert number in text
-    assert "not measured" not in text.lower()
+    fidelity = text.split("## Measured fidelity")[1].split("## Long context")[0]
+    assert "not measured" not in fidelity.lower()
+    assert "## Long context\n\nNot measured yet" in text
     assert 'AutoModelForCausalLM.from_pretrained("me/tiny-gqa")' in text
     assert "trust_remote_code" not in text
+
+
+def test_card_long_context_section_and_round_trip(tmp_path):
+    from kvsurgeon.convert.long_context import LongContextOptions, LongContextResult
+
+    opts = dataclasses.asdict(LongContextOptions(tasks=("passkey", "long-ppl"), lengths=(1024, 2048), depths=2, samples=3))
+    rows = [
+        LongContextResult(model=name, options=opts, depths=[0.0, 1.0], passkey=[[1.0, a], [b, 0.0]],
+                          passkey_by_length={"1024": (1 + a) / 2, "2048": b / 2}, long_ppl_buckets=["0-512", "512-1024", "1024-2048"],
+                          long_ppl=[20.0, p, 9.0], long_ppl_tokens=2047).as_dict()
+        for name, a, b, p in (("src (reference)", 1.0, 1.0, 10.5), ("conv", 0.0, 1 / 3, 17.25))
+    ]
+    info = _card(long_context=rows)
+    write_model_card(tmp_path, info)
+    text = (tmp_path / "README.md").read_text()
+    section = text.split("## Long context")[1].split("## Loading")[0]
+    assert "| src (reference) | 100% | 50% | 20.00 | 10.50 | 9.00 |" in section
+    assert "| conv | 50% | 17% | 20.00 | 17.25 | 9.00 |" in section
+    assert "3 prompts per length and depth" in section and "2 depths" in section
+    assert read_card_info(tmp_path).long_context == json.loads(json.dumps(rows))  # tuples come back as lists
 
 
 def test_card_without_measurements_says_so():

@@ -1,0 +1,90 @@
+"""What destroys long-context retrieval in a conversion, one change at a time, on the real SmolLM2.
+
+Scored on generated passkey prompts and on pydocs-train documents that calibration never sees (the
+last 200 documents), never on pydocs-valid.
+
+    python scripts/experiments/long_context_ablation.py mqa                       # CLI defaults
+    python scripts/experiments/long_context_ablation.py mqa merge.context=4096    # calibrated_merge kwarg
+    python scripts/experiments/long_context_ablation.py mqa merge.nope_planes=0
+    python scripts/experiments/long_context_ablation.py mqa --calib-seq-len 2048   # any convert flag
+    python scripts/experiments/long_context_ablation.py mla64 --calib-seq-len 2048
+
+Prints one JSON line per run: passkey accuracy per length, 512-window ppl ratio, long-window ppl per bucket.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kvsurgeon.convert.to_gqa as to_gqa  # noqa: E402
+from bench_common import ROOT, SOURCE, TRAIN  # noqa: E402
+from kvsurgeon.convert.cli import app  # noqa: E402
+
+BASE = {
+    "mqa": ["--to", "mqa"],
+    "mla128": ["--to", "mla", "--kv-lora-rank", "128", "--rope-dim", "64"],
+    "mla64": ["--to", "mla", "--kv-lora-rank", "64", "--rope-dim", "32"],
+}
+
+
+def main(argv: list[str]) -> None:
+    job, *rest = argv
+    merge_kw, flags, lengths, samples = {}, [], "1024,2048", 2
+    for a in rest:
+        if a.startswith("merge."):
+            k, v = a[6:].split("=", 1)
+            merge_kw[k] = json.loads(v)
+        elif a.startswith("lengths="):
+            lengths = a.split("=", 1)[1]
+        elif a.startswith("samples="):
+            samples = int(a.split("=", 1)[1])
+        else:
+            flags.append(a)
+    if merge_kw:
+        to_gqa.calibrated_merge = functools.partial(to_gqa.calibrated_merge, **merge_kw)
+    tag = "_".join([job, *rest]).replace("=", "").replace("--", "").replace(".", "")
+    out = ROOT / "runs" / "lc-ablation" / tag
+    t0 = time.time()
+    if not (out / "config.json").is_file():
+        app(["convert", SOURCE, *BASE[job], *flags, "--out", str(out), "--overwrite"], standalone_mode=False)
+    secs = time.time() - t0
+
+    from kvsurgeon.convert.evaluate import evaluate, load_model, load_tokenizer
+    from kvsurgeon.convert.long_context import LongContextOptions, measure_long_context
+    from kvsurgeon.convert.resolve import resolve_model
+
+    model, path = load_model(str(out))
+    tok = load_tokenizer(path)
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as f:
+        f.writelines(TRAIN.read_text().splitlines(keepends=True)[-200:])
+        f.flush()
+        opts = LongContextOptions(tasks=("passkey", "long-ppl"), lengths=tuple(int(x) for x in lengths.split(",")),
+                                  samples=samples, long_seq_len=2048, long_windows=2, data=f.name)
+        lc = measure_long_context(model, tok, opts, tag, progress=False)
+        short = evaluate(str(out), f.name, reference=SOURCE, max_tokens=4096, progress=False, model=model)
+        src_long = None
+        cache = ROOT / "runs" / "lc-ablation" / "source_long_ppl.json"
+        if cache.is_file():
+            src_long = json.loads(cache.read_text())
+        else:
+            ref, _ = load_model(SOURCE)
+            src_long = measure_long_context(ref, tok, LongContextOptions(tasks=("long-ppl",), long_seq_len=2048, long_windows=2, data=f.name), "source", progress=False).long_ppl
+            cache.write_text(json.dumps(src_long))
+    print(json.dumps({
+        "tag": tag, "passkey": lc.passkey_by_length, "ppl512_ratio": short.ppl / short.reference_ppl,
+        "long_ppl_ratio": [round(a / b, 3) for a, b in zip(lc.long_ppl, src_long)], "buckets": lc.long_ppl_buckets,
+        "convert_s": round(secs),
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
