@@ -8,6 +8,7 @@ states, and dropped. Memory holds one layer plus the (windows x seq_len x hidden
 from __future__ import annotations
 
 import importlib
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +33,7 @@ class CalibConfig:
     text_field: str = "text"
     split: str = "train"
     windows_per_text: int | None = None  # at most this many windows' worth of tokens from each text; None: no cap
+    retrieval: float = 0.0  # fraction of windows given long-range retrieval pairs (retrieval_window)
 
     def source(self) -> str:
         return self.data or str(DEFAULT_CALIB)
@@ -39,7 +41,41 @@ class CalibConfig:
 
 def calibration_ids(tokenizer, cfg: CalibConfig) -> torch.Tensor:
     per_text = cfg.windows_per_text * cfg.seq_len if cfg.windows_per_text else None
-    return token_windows(tokenizer, iter_texts(cfg.source(), cfg.text_field, cfg.split), cfg.seq_len, cfg.tokens, per_text=per_text)
+    ids = token_windows(tokenizer, iter_texts(cfg.source(), cfg.text_field, cfg.split), cfg.seq_len, cfg.tokens, per_text=per_text)
+    if not 0.0 <= cfg.retrieval <= 1.0:
+        raise KvSurgeonError(f"--calib-retrieval {cfg.retrieval}: a fraction of windows, between 0 and 1")
+    n = round(cfg.retrieval * ids.shape[0])
+    if n:
+        rng = random.Random(0)
+        for w in range(0, ids.shape[0], max(1, ids.shape[0] // n))[:n]:  # spread over the windows
+            ids[w] = torch.tensor(retrieval_window(tokenizer, ids[w].tolist(), rng))
+    return ids
+
+
+# Phrasing deliberately unlike the passkey eval's ("pass key", "door"), so calibration teaches the
+# mechanism (find an earlier fact, copy it) rather than the benchmark's sentence.
+_ITEMS = ("vault", "archive", "server room", "garden shed", "locker", "studio", "warehouse", "cabin")
+
+
+def retrieval_window(tokenizer, ids: list[int], rng: random.Random, facts: int = 3) -> list[int]:
+    """The window's own text with ``facts`` "access code" sentences at random depths and, at its end,
+    one of them restated in full: the source's attention then reaches back across the window to copy
+    the code, so calibration sees (and weighs) the long-range retrieval its fits must keep."""
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    items = rng.sample(_ITEMS, facts)
+    codes = [str(rng.randint(1000, 99999)) for _ in items]
+    needles = [enc(f" The access code for the {it} is {c}. ") for it, c in zip(items, codes)]
+    k = rng.randrange(facts)
+    tail = enc(f" Reminder: the access code for the {items[k]} is {codes[k]}.")
+    room = len(ids) - len(tail) - sum(map(len, needles))
+    if room < len(ids) // 4:  # window too short for the facts to be far apart: leave it as text
+        return ids
+    cuts = sorted(rng.randrange(int(0.8 * room)) for _ in needles)
+    out, pos = [], 0
+    for c, nd in zip(cuts, needles):
+        out += ids[pos:c] + nd
+        pos = c
+    return out + ids[pos:room] + tail
 
 
 def _classes_for(config_dict: dict, model_type: str, architecture: str):

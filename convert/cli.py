@@ -54,6 +54,7 @@ def convert(
     calib_tokens: int = typer.Option(8192, help="calibration tokens"),
     calib_seq_len: int = typer.Option(512, help="calibration window length"),
     calib_windows_per_text: Optional[int] = typer.Option(None, help="take at most this many windows from each calibration text (spreads a small budget over more documents)"),
+    calib_retrieval: float = typer.Option(0.0, help="fraction of calibration windows given long-range retrieval pairs (facts early, restated at the end), so the fits keep in-context retrieval"),
     text_field: str = typer.Option("text", help="text field of calibration rows"),
     overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
     revision: Optional[str] = typer.Option(None, help="Hub revision of the source"),
@@ -84,7 +85,7 @@ def convert(
             keep_attention=keep_attention, linear_layers=layers, linear=linear if to == "hybrid" else None,
             transfer_tokens=transfer_tokens,
             calib=CalibConfig(data=calib_data, tokens=calib_tokens, seq_len=calib_seq_len, text_field=text_field,
-                              windows_per_text=calib_windows_per_text),
+                              windows_per_text=calib_windows_per_text, retrieval=calib_retrieval),
         )
         opts = ConvertOptions(
             out=out, overwrite=overwrite, revision=revision, allow_pickle=allow_pickle,

@@ -84,6 +84,12 @@ def cli_command(model: str, spec: ConversionSpec, out: str | Path, extra: list[s
             args += [flag, str(value)]
     if spec.calib.data or spec.method in (None, "calibrated"):
         args += ["--calib-tokens", str(spec.calib.tokens), "--calib-seq-len", str(spec.calib.seq_len)]
+        if spec.calib.windows_per_text:
+            args += ["--calib-windows-per-text", str(spec.calib.windows_per_text)]
+        if spec.calib.retrieval:
+            args += ["--calib-retrieval", str(spec.calib.retrieval)]
+        if spec.calib.text_field != "text":
+            args += ["--text-field", spec.calib.text_field]
     args += ["--out", str(out), *(extra or [])]
     return shlex.join(args)
 

@@ -38,6 +38,8 @@ class ConversionCfg:
     calib_data: str | None = None
     calib_tokens: int = 8192
     calib_seq_len: int = 512
+    calib_windows_per_text: int | None = None
+    calib_retrieval: float = 0.0
 
 
 @dataclass

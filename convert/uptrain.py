@@ -185,7 +185,8 @@ class Uptrainer:
             to=c.to, kv_heads=c.kv_heads, method=c.method, kv_lora_rank=c.kv_lora_rank, rope_dim=c.rope_dim,
             keep_attention=c.keep_attention, linear_layers=c.linear_layers, linear=c.linear,
             transfer_tokens=c.transfer_tokens,
-            calib=CalibConfig(data=c.calib_data, tokens=c.calib_tokens, seq_len=c.calib_seq_len),
+            calib=CalibConfig(data=c.calib_data, tokens=c.calib_tokens, seq_len=c.calib_seq_len,
+                              windows_per_text=c.calib_windows_per_text, retrieval=c.calib_retrieval),
         )
         run_conversion(self.r.source, spec, ConvertOptions(out=folder, progress=self.progress, measure="off"), recipe=self.recipe_text)
 

@@ -147,3 +147,35 @@ def test_user_filler_text_is_used(smol, tmp_path):
     f.write_text("Alpacas graze quietly on the high plateau near the lake. " * 200)
     p = prompt_grid(tok, LongContextOptions(lengths=(300,), depths=1, samples=1, filler=str(f)), 1)[0]
     assert "Alpacas" in tok.decode(p.ids) and "grass is green" not in tok.decode(p.ids)
+
+
+def test_retrieval_calibration_windows(smol):
+    """--calib-retrieval: the chosen fraction of windows keeps its length and its own text, gains three
+    facts and a restatement of one at its end; the rest are untouched."""
+    from kvsurgeon.convert.calibration import CalibConfig, calibration_ids
+
+    _, tok = smol
+    plain = calibration_ids(tok, CalibConfig(tokens=2048, seq_len=512))
+    mixed = calibration_ids(tok, CalibConfig(tokens=2048, seq_len=512, retrieval=0.5))
+    assert mixed.shape == plain.shape == (4, 512)
+    changed = [i for i in range(4) if not torch.equal(mixed[i], plain[i])]
+    assert changed == [0, 2]
+    for i in changed:
+        text = tok.decode(mixed[i])
+        assert text.count("The access code for the") == 3
+        item, code = text.rsplit("Reminder: the access code for the ", 1)[1].rstrip(".").rsplit(" is ", 1)
+        assert f"The access code for the {item} is {code}." in text
+        assert tok.decode(plain[i][:40]) in text or tok.decode(plain[i][:40])[:60] in text  # its own text stays
+    with pytest.raises(Exception, match="between 0 and 1"):
+        calibration_ids(tok, CalibConfig(tokens=2048, seq_len=512, retrieval=1.5))
+
+
+def test_card_command_keeps_calibration_flags():
+    from kvsurgeon.convert.calibration import CalibConfig
+    from kvsurgeon.convert.conversion import ConversionSpec, cli_command
+
+    spec = ConversionSpec(to="mla", kv_lora_rank=64, rope_dim=32, calib=CalibConfig(
+        data="train.jsonl", tokens=16384, seq_len=1024, windows_per_text=1, retrieval=0.25, text_field="body"))
+    cmd = cli_command("org/model", spec, "out")
+    for flag in ("--calib-windows-per-text 1", "--calib-retrieval 0.25", "--text-field body", "--calib-seq-len 1024"):
+        assert flag in cmd
