@@ -37,6 +37,7 @@ __all__ = [
     "rotate_half_to_interleaved",
     "interleaved_to_rotate_half",
     "mla_kv_values_per_token",
+    "pad_latent",
 ]
 
 
@@ -122,6 +123,35 @@ class MlaWeights:
             o=cast(self.o), kv_a_bias=cast(self.kv_a_bias), o_bias=cast(self.o_bias),
             rope_interleaved=self.rope_interleaved, info=dict(self.info),
         )
+
+
+def pad_latent(w: MlaWeights, kv_lora_rank: int) -> MlaWeights:
+    """The same attention with a latent of ``kv_lora_rank`` (R') >= R values, for engines that only
+    take certain latent sizes (vLLM: ``kv_lora_rank + qk_rope_head_dim`` = 576). Exact, eps included.
+
+    The latent rows of kv_a (and their bias) are scaled by ``a = sqrt(R'/R)`` and R' - R zero rows
+    appended; kv_b gets zero columns; the norm weight is divided by ``a`` (0 on the padding). The
+    mean square over R' dims of ``[a c; 0]`` is ``a^2 (R/R') ms_R(c) = ms_R(c)``, so the RMSNorm sees
+    the same ``ms + eps`` and ``(w/a) (a c) / sqrt(ms + eps) = w c / sqrt(ms + eps)``. (Rescaling only
+    the weight by ``sqrt(R'/R)`` would be exact only up to eps, which it would scale by R'/R.)
+    """
+    R, Dr = w.kv_lora_rank, w.qk_rope_head_dim
+    if kv_lora_rank < R:
+        raise ValueError(f"cannot pad a latent of {R} values down to {kv_lora_rank}")
+    if kv_lora_rank == R:
+        return w
+    pad = kv_lora_rank - R
+    a = (kv_lora_rank / R) ** 0.5
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # (R + Dr, ...) -> (R' + Dr, ...)
+        return torch.cat([t[:R] * a, t.new_zeros((pad, *t.shape[1:])), t[R:]])
+
+    return MlaWeights(
+        q=w.q, kv_a=rows(w.kv_a), kv_a_norm=torch.cat([w.kv_a_norm / a, w.kv_a_norm.new_zeros(pad)]),
+        kv_b=torch.cat([w.kv_b, w.kv_b.new_zeros((*w.kv_b.shape[:2], pad))], dim=2), o=w.o,
+        kv_a_bias=None if w.kv_a_bias is None else rows(w.kv_a_bias), o_bias=w.o_bias,
+        rope_interleaved=w.rope_interleaved, info=dict(w.info, padded_from=R),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

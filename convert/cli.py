@@ -42,6 +42,9 @@ def convert(
     ),
     kv_lora_rank: Optional[int] = typer.Option(None, help="mla: latent size R (cache = R + rope-dim values/token/layer)"),
     rope_dim: Optional[int] = typer.Option(None, help="mla: decoupled rope key dims Dr (even, <= head_dim; default head_dim)"),
+    pad_latent_to: Optional[int] = typer.Option(
+        None, help="mla: zero-pad the cache to this many values/token/layer, exactly (vLLM's MLA kernels take 576)"
+    ),
     keep_attention: Optional[float] = typer.Option(
         None, help="hybrid: attention layers kept, a count (e.g. 8) or a fraction (e.g. 0.25)"
     ),
@@ -76,7 +79,7 @@ def convert(
                 raise KvSurgeonError(f"--linear-layers {linear_layers!r}: use auto, even, or comma-separated layer indices") from None
         spec = ConversionSpec(
             to=to, kv_heads=kv_heads, method=method, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
-            keep_attention=keep_attention, linear_layers=layers, linear=linear if to == "hybrid" else None,
+            pad_latent_to=pad_latent_to, keep_attention=keep_attention, linear_layers=layers, linear=linear if to == "hybrid" else None,
             transfer_tokens=transfer_tokens,
             calib=CalibConfig(data=calib_data, tokens=calib_tokens, seq_len=calib_seq_len, text_field=text_field,
                               windows_per_text=calib_windows_per_text),
