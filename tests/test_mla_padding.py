@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvsurgeon.attention.families import DictSource, read_attention
-from kvsurgeon.attention.mla_layout import pad_latent
+from kvsurgeon.attention.mla_layout import pad_latent, scale_latent
 from kvsurgeon.convert.calibration import CalibConfig
 from kvsurgeon.convert.conversion import ConversionSpec, run_conversion
 from kvsurgeon.convert.errors import KvSurgeonError
@@ -51,6 +51,24 @@ def test_pad_latent_is_exact_in_float64_with_eps():
     ref_small = mla_attention_reference(w, small)
     assert (mla_attention_reference(pad_latent(w, 560), small) - ref_small).abs().max() < 1e-10 * ref_small.abs().max()
     assert (mla_attention_reference(naive, small) - ref_small).abs().max() > 1e-4 * ref_small.abs().max()
+
+
+def test_scale_latent_only_shrinks_eps():
+    """A latent gain g leaves the attention unchanged except that eps weighs g^2 less: with inputs
+    whose latent rms is far above eps nothing changes; with tiny inputs (eps dominant) the scaled
+    layer equals the unscaled one at inputs g times larger (RMSNorm is scale-free without eps)."""
+    w = _layer()
+    x = torch.randn(2, 9, w.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = x / (x @ w.kv_a[: w.kv_lora_rank].T).pow(2).mean().sqrt()  # latent rms 1 >> sqrt(eps)
+    ref = mla_attention_reference(w, x)
+    s = scale_latent(w, 100.0)
+    assert s.info["latent_gain"] == 100.0 and torch.equal(s.kv_a[w.kv_lora_rank:], w.kv_a[w.kv_lora_rank:])
+    assert (mla_attention_reference(s, x) - ref).abs().max() < 1e-5 * ref.abs().max()
+    tiny = x * 1e-4  # latent rms 1e-4: eps (1e-6) dominates the unscaled norm
+    a, b = mla_attention_reference(w, tiny), mla_attention_reference(s, tiny)
+    assert (a - b).abs().max() > 0.1 * a.abs().max()  # eps mattered before ...
+    s2 = scale_latent(s, 100.0)  # ... and each further gain of 100 leaves less of it
+    assert (mla_attention_reference(s2, tiny) - b).abs().max() < (b - a).abs().max()
 
 
 def test_pad_latent_refuses_to_shrink():
