@@ -95,6 +95,10 @@ def convert(
     out_console.print(
         f"wrote {res.out} ({res.bytes_written / 2**20:.1f} MiB, {res.layers} layers) in {res.seconds:.1f}s", highlight=False
     )
+    from kvsurgeon.attention.serving import serving_support
+
+    for e in serving_support(res.config):
+        out_console.print(f"served by {e.describe()}", highlight=False, soft_wrap=True)
     if push_to_hub:
         _push(res.out, push_to_hub)
 
@@ -108,6 +112,8 @@ def inspect(
     allow_pickle: bool = typer.Option(False, help="allow reading *.bin pickle weights"),
 ) -> None:
     """Layer types, KV heads and KV-cache bytes per token and at 4K/32K/128K context."""
+    from kvsurgeon.attention.serving import EngineSupport
+
     from .inspect_model import group_layers, human_bytes, inspect_model
 
     try:
@@ -142,6 +148,8 @@ def inspect(
         s.add_column(f"{int(ctx) // 1024}K context", justify="right")
     s.add_row(f"{r.kv_bytes_per_token:,} B", *(human_bytes(b) for b in r.kv_cache_bytes.values()))
     out_.print(s)
+    for e in r.serving:
+        out_.print(f"served by {EngineSupport(**{**e, 'notes': tuple(e['notes'])}).describe()}", highlight=False, soft_wrap=True)
 
 
 # ---- eval ----------------------------------------------------------------------------------------

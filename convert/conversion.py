@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvsurgeon.attention.kv_cache import kv_bytes_per_token
+from kvsurgeon.attention.serving import serving_support
 
 from .calibration import CalibConfig
 from .checkpoint import read_config
@@ -113,6 +114,7 @@ def run_conversion(
             license=source_license(src),
             kv_bytes_per_token_before=kv_bytes_per_token(read_config(src)),
             kv_bytes_per_token_after=kv_bytes_per_token(new_config),
+            serving=[e.describe() for e in serving_support(new_config)],
         )
         write_model_card(folder, info)
 

@@ -67,6 +67,7 @@ class CardInfo:
     kv_bytes_per_token_after: int
     fidelity: list[FidelityRow] = field(default_factory=list)
     extra_tags: list[str] = field(default_factory=list)
+    serving: list[str] = field(default_factory=list)  # one line per engine (kvsurgeon.attention.serving)
 
     def to_json_dict(self) -> dict[str, Any]:
         return {"version": _CARD_VERSION, **dataclasses.asdict(self)}
@@ -201,6 +202,8 @@ def render_model_card(info: CardInfo, repo_id: str | None = None) -> str:
     if not info.command and not info.recipe:
         parts.append("\nThe exact command was not recorded.\n")
     parts += ["\n", _kv_section(info), "\n", _fidelity_section(info)]
+    if info.serving:
+        parts += ["\n## Serving\n\n", *(f"- {line}\n" for line in info.serving)]
     load_from = repo_id or "path/to/this/folder"
     parts += [
         "\n## Loading\n\n",
