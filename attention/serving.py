@@ -90,7 +90,7 @@ def vllm_support(config: Mapping[str, Any]) -> EngineSupport:
     if D not in VLLM_CPU_HEAD_SIZES:
         notes.append(f"not on CPU: head_dim {D} is not in {'/'.join(map(str, VLLM_CPU_HEAD_SIZES))}")
     if arch == "GraniteMoeHybridForCausalLM":
-        notes.append("CPU: batched long prompts with prefix caching crash (IndexError): pass enable_prefix_caching=False")
+        notes.append("CPU: prompts over 128 tokens crash (IndexError) unless enable_prefix_caching=False")
     return EngineSupport("vLLM", True, "", tuple(notes))
 
 
