@@ -45,6 +45,9 @@ NO_PREFIX_CACHING = {"enable_prefix_caching": False}
 # vLLM CPU attention takes head sizes 32, 64, 80, ... (not 16): tiny models use head_dim 32
 TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
             max_position_embeddings=512)
+# Llama-3.1's rope scaling (the issue's "llama3-rope source")
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 SMOL_TEXTS = [
     "The capital of France is Paris, and the capital of Germany is",
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
@@ -211,8 +214,10 @@ def served(tmp_path_factory, smollm2):
     text = _calib_text(d / "calib.jsonl")
     llama = save_tiny(d / "llama", **TINY)
     qwen3 = save_tiny(d / "qwen3", "qwen3", **TINY)
-    llama_big = save_tiny(d / "llama_big", hidden_size=512, intermediate_size=512, num_attention_heads=8,
-                          num_key_value_heads=8, head_dim=64, max_position_embeddings=512)
+    big = dict(hidden_size=512, intermediate_size=512, num_attention_heads=8, num_key_value_heads=8, head_dim=64,
+               max_position_embeddings=512)
+    llama_big = save_tiny(d / "llama_big", **big)
+    llama3_big = save_tiny(d / "llama3_big", **big, rope_parameters=LLAMA3_ROPE)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2)
@@ -238,6 +243,9 @@ def served(tmp_path_factory, smollm2):
         "native deepseek (no CPU rope kernel)": (d / "deepseek", tiny, NO_CPU_ROPE_KERNEL),
         "llama -> mla 512+64 (svd)": (_convert(llama_big, d / "llama_mla", text, to="mla", kv_lora_rank=512, rope_dim=64, method="svd"), tiny,
                                 NO_CPU_ROPE_KERNEL),
+        "llama3-rope -> mla 512+64 (svd)": (
+            _convert(llama3_big, d / "llama3_mla", text, to="mla", kv_lora_rank=512, rope_dim=64, method="svd"), tiny,
+            NO_CPU_ROPE_KERNEL),
         "llama -> mla 64+64 padded to 576 (svd)": (
             _convert(llama_big, d / "llama_mla_pad", text, to="mla", kv_lora_rank=64, rope_dim=64, method="svd", pad_latent_to=576),
             tiny, NO_CPU_ROPE_KERNEL),
@@ -324,6 +332,22 @@ def test_vllm_cpu_mamba2_prefix_caching_crashes_on_long_prompts(served):
     _, _, res = served["llama -> hybrid mamba2, 200-token prompt (vLLM default)"]
     assert "error" in res, "vLLM-CPU now serves long prompts to Mamba2 hybrids with prefix caching: update serving.py"
     assert "IndexError" in res["error"], res["error"]
+
+
+def test_vllm_deepseek_rewrites_llama3_rope(served):
+    """Which rope settings vLLM's DeepSeek path serves faithfully: default rope yes (PARITY); any other
+    rope_type is rewritten to its deepseek_yarn / deepseek_llama_scaling (both YaRN with mscale), so
+    an MLA conversion of a Llama-3.1-rope source, which transformers runs with llama3 rope, differs
+    in vLLM. attention/serving.py says no for it. Fails if vLLM starts honouring llama3 rope."""
+    from kvsurgeon.attention.serving import vllm_support
+
+    path, prompts, res = served["llama3-rope -> mla 512+64 (svd)"]
+    assert json.loads((path / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    assert not vllm_support(json.loads((path / "config.json").read_text())).serves
+    assert "error" not in res, res.get("error")
+    hf64, _ = hf_run(path, prompts, torch.float64)
+    d = max_diff(hf64, res["prompt_logprobs"])
+    assert d > 100 * TOL, f"vLLM now matches transformers on llama3 rope MLA ({d:.2g}): update serving.py"
 
 
 def test_vllm_refuses_unpadded_small_latent(served):
