@@ -37,6 +37,9 @@ __all__ = [
     "rotate_half_to_interleaved",
     "interleaved_to_rotate_half",
     "mla_kv_values_per_token",
+    "pad_latent",
+    "scale_latent",
+    "UNTIED_LM_HEAD",
 ]
 
 
@@ -124,6 +127,51 @@ class MlaWeights:
         )
 
 
+def scale_latent(w: MlaWeights, gain: float) -> MlaWeights:
+    """The latent rows of kv_a (and their bias) times ``gain``. kv_a_layernorm divides the scale out
+    again (``RMSNorm(g c) = w c / sqrt(ms + eps / g^2)``), so only the weight of eps changes: used to
+    make eps negligible, since transformers applies 1e-6 and vLLM ``rms_norm_eps``, and only a latent
+    far above both makes the engines agree."""
+    R = w.kv_lora_rank
+    g = torch.ones(w.kv_a.shape[0], dtype=w.kv_a.dtype)
+    g[:R] = gain
+    return MlaWeights(
+        q=w.q, kv_a=w.kv_a * g[:, None], kv_a_norm=w.kv_a_norm, kv_b=w.kv_b, o=w.o,
+        kv_a_bias=None if w.kv_a_bias is None else w.kv_a_bias * g, o_bias=w.o_bias,
+        rope_interleaved=w.rope_interleaved,
+        info={**w.info, "latent_gain": gain, **({"norm_r0": w.info["norm_r0"] * gain} if "norm_r0" in w.info else {})},
+    )
+
+
+def pad_latent(w: MlaWeights, kv_lora_rank: int) -> MlaWeights:
+    """The same attention with a latent of ``kv_lora_rank`` (R') >= R values, for engines that only
+    take certain latent sizes (vLLM: ``kv_lora_rank + qk_rope_head_dim`` = 576). Exact, eps included.
+
+    The latent rows of kv_a (and their bias) are scaled by ``a = sqrt(R'/R)`` and R' - R zero rows
+    appended; kv_b gets zero columns; the norm weight is divided by ``a`` (0 on the padding). The
+    mean square over R' dims of ``[a c; 0]`` is ``a^2 (R/R') ms_R(c) = ms_R(c)``, so the RMSNorm sees
+    the same ``ms + eps`` and ``(w/a) (a c) / sqrt(ms + eps) = w c / sqrt(ms + eps)``. (Rescaling only
+    the weight by ``sqrt(R'/R)`` would be exact only up to eps, which it would scale by R'/R.)
+    """
+    R, Dr = w.kv_lora_rank, w.qk_rope_head_dim
+    if kv_lora_rank < R:
+        raise ValueError(f"cannot pad a latent of {R} values down to {kv_lora_rank}")
+    if kv_lora_rank == R:
+        return w
+    pad = kv_lora_rank - R
+    a = (kv_lora_rank / R) ** 0.5
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # (R + Dr, ...) -> (R' + Dr, ...)
+        return torch.cat([t[:R] * a, t.new_zeros((pad, *t.shape[1:])), t[R:]])
+
+    return MlaWeights(
+        q=w.q, kv_a=rows(w.kv_a), kv_a_norm=torch.cat([w.kv_a_norm / a, w.kv_a_norm.new_zeros(pad)]),
+        kv_b=torch.cat([w.kv_b, w.kv_b.new_zeros((*w.kv_b.shape[:2], pad))], dim=2), o=w.o,
+        kv_a_bias=None if w.kv_a_bias is None else rows(w.kv_a_bias), o_bias=w.o_bias,
+        rope_interleaved=w.rope_interleaved, info=dict(w.info, padded_from=R),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # rope row order
 
@@ -153,7 +201,7 @@ def interleaved_to_rotate_half(rows: torch.Tensor, dim: int = 0) -> torch.Tensor
 # Source keys copied verbatim when present (special tokens, vocab, MLP, norms, context length).
 _COPIED = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "tie_word_embeddings",
+    "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
     "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout",
 )
 
@@ -194,7 +242,10 @@ def deepseek_config(
             rope_theta = params.get("rope_theta") or src.get("rope_theta") or 10000.0
         rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta)}
     cfg: dict[str, Any] = {k: src[k] for k in _COPIED if k in src}
-    cfg.setdefault("tie_word_embeddings", False)
+    # vLLM's DeepseekV2/V3 ignores tie_word_embeddings and leaves lm_head unloaded (garbage logits)
+    # when the checkpoint has no lm_head.weight: always write an untied lm_head (a tied source's
+    # embedding copied; see UNTIED_LM_HEAD)
+    cfg["tie_word_embeddings"] = False
     cfg.setdefault("rms_norm_eps", 1e-6)
     cfg.setdefault("hidden_act", "silu")
     cfg.update(
@@ -227,6 +278,9 @@ def deepseek_config(
     if "dtype" in src or "torch_dtype" in src:
         cfg["dtype"] = src.get("dtype") or src.get("torch_dtype")
     return cfg
+
+
+UNTIED_LM_HEAD = {"lm_head.weight": "model.embed_tokens.weight"}  # written from the embedding when missing
 
 
 def mla_kv_values_per_token(config: Mapping[str, Any]) -> int:

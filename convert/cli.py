@@ -42,6 +42,9 @@ def convert(
     ),
     kv_lora_rank: Optional[int] = typer.Option(None, help="mla: latent size R (cache = R + rope-dim values/token/layer)"),
     rope_dim: Optional[int] = typer.Option(None, help="mla: decoupled rope key dims Dr (even, <= head_dim; default head_dim)"),
+    pad_latent_to: Optional[int] = typer.Option(
+        None, help="mla: zero-pad the cache to this many values/token/layer, exactly (vLLM's MLA kernels take 576)"
+    ),
     keep_attention: Optional[float] = typer.Option(
         None, help="hybrid: attention layers kept, a count (e.g. 8) or a fraction (e.g. 0.25)"
     ),
@@ -82,7 +85,7 @@ def convert(
                 raise KvSurgeonError(f"--linear-layers {linear_layers!r}: use auto, even, or comma-separated layer indices") from None
         spec = ConversionSpec(
             to=to, kv_heads=kv_heads, method=method, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
-            keep_attention=keep_attention, linear_layers=layers, linear=linear if to == "hybrid" else None,
+            pad_latent_to=pad_latent_to, keep_attention=keep_attention, linear_layers=layers, linear=linear if to == "hybrid" else None,
             transfer_tokens=transfer_tokens,
             calib=CalibConfig(data=calib_data, tokens=calib_tokens, seq_len=calib_seq_len, text_field=text_field,
                               windows_per_text=calib_windows_per_text, retrieval=calib_retrieval),
@@ -102,6 +105,10 @@ def convert(
         out_console.print(f"measured against the source: {res.measured.note}", highlight=False)
     elif measure != "off":
         out_console.print("not measured (--measure auto skips models this size); run `kvsurgeon eval` or pass --measure on", highlight=False)
+    from kvsurgeon.attention.serving import serving_support
+
+    for e in serving_support(res.config):
+        out_console.print(f"served by {e.describe()}", highlight=False, soft_wrap=True)
     if push_to_hub:
         _push(res.out, push_to_hub)
 
@@ -115,6 +122,8 @@ def inspect(
     allow_pickle: bool = typer.Option(False, help="allow reading *.bin pickle weights"),
 ) -> None:
     """Layer types, KV heads and KV-cache bytes per token and at 4K/32K/128K context."""
+    from kvsurgeon.attention.serving import EngineSupport
+
     from .inspect_model import group_layers, human_bytes, inspect_model
 
     try:
@@ -149,6 +158,8 @@ def inspect(
         s.add_column(f"{int(ctx) // 1024}K context", justify="right")
     s.add_row(f"{r.kv_bytes_per_token:,} B", *(human_bytes(b) for b in r.kv_cache_bytes.values()))
     out_.print(s)
+    for e in r.serving:
+        out_.print(f"served by {EngineSupport(**{**e, 'notes': tuple(e['notes'])}).describe()}", highlight=False, soft_wrap=True)
 
 
 # ---- eval ----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvsurgeon.attention.kv_cache import dtype_bytes, kv_bytes_per_token
+from kvsurgeon.attention.serving import serving_support
 
 from .calibration import CalibConfig
 from .checkpoint import LazyCheckpoint, read_config
@@ -28,6 +29,7 @@ class ConversionSpec:
     method: str | None = None  # gqa/mqa: calibrated | mean; mla: calibrated | svd
     kv_lora_rank: int | None = None  # mla
     rope_dim: int | None = None  # mla
+    pad_latent_to: int | None = None  # mla: cached values per token per layer after exact zero-padding (vLLM: 576)
     keep_attention: float | None = None  # hybrid: attention layers kept (count >= 1, or fraction < 1)
     linear_layers: list[int] | str | None = None  # hybrid: explicit layer list, or "auto"
     linear: str | None = None  # hybrid: mamba2 | gated-deltanet
@@ -45,6 +47,8 @@ class ConversionSpec:
             raise KvSurgeonError("--to gqa needs --kv-heads N (the number of KV heads to keep)")
         if self.to == "hybrid" and self.keep_attention is None and self.linear_layers is None:
             raise KvSurgeonError("--to hybrid needs --keep-attention K|FRACTION or --linear-layers LIST|auto")
+        if self.pad_latent_to is not None and self.to != "mla":
+            raise KvSurgeonError("--pad-latent-to pads an MLA latent; it needs --to mla")
         if self.to == "mla" and self.kv_lora_rank is None:
             raise KvSurgeonError("--to mla needs --kv-lora-rank R (latent size; the cache keeps R + rope-dim values per token)")
 
@@ -56,7 +60,7 @@ class ConversionSpec:
         if self.to == "mla":
             from .to_mla import mla_plan
 
-            return mla_plan(self.kv_lora_rank, self.rope_dim, self.method or "calibrated")
+            return mla_plan(self.kv_lora_rank, self.rope_dim, self.method or "calibrated", self.pad_latent_to)
         from .to_hybrid import hybrid_plan
 
         return hybrid_plan(
@@ -73,6 +77,7 @@ def cli_command(model: str, spec: ConversionSpec, out: str | Path, extra: list[s
         "--method": spec.method,
         "--kv-lora-rank": spec.kv_lora_rank,
         "--rope-dim": spec.rope_dim,
+        "--pad-latent-to": spec.pad_latent_to,
         "--keep-attention": spec.keep_attention,
         "--linear-layers": ",".join(map(str, spec.linear_layers)) if isinstance(spec.linear_layers, list) else spec.linear_layers,
         "--linear": spec.linear,
@@ -127,6 +132,7 @@ def run_conversion(
             kv_bytes_per_token_after=kv_bytes_per_token(new_config),
             fidelity=fidelity,
             long_context=long_context,
+            serving=[e.describe() for e in serving_support(new_config)],
         )
         write_model_card(folder, info)
 

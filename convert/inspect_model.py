@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kvsurgeon.attention.kv_cache import layer_caches, summarize, text_config
+from kvsurgeon.attention.serving import serving_support
 
 from .checkpoint import LazyCheckpoint, read_config
 from .resolve import resolve_model
@@ -29,6 +30,7 @@ class Report:
     fixed_state_bytes: int
     kv_cache_bytes: dict[str, int]  # context length -> bytes, batch 1
     layers: list[dict]
+    serving: list[dict]  # per engine: serves, reason, notes (kvsurgeon.attention.serving)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +69,7 @@ def inspect_model(name: str, revision: str | None = None, allow_pickle: bool = F
         fixed_state_bytes=summary.fixed_bytes,
         kv_cache_bytes={str(c): summary.bytes_at(c, layers) for c in CONTEXTS},
         layers=[l.as_dict() for l in layers],
+        serving=[e.as_dict() for e in serving_support(config)],
     )
 
 

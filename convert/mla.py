@@ -61,7 +61,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from kvsurgeon.attention.mla_layout import MlaWeights, deepseek_config, rotate_half_to_interleaved, write_mla
+from kvsurgeon.attention.mla_layout import UNTIED_LM_HEAD, MlaWeights, deepseek_config, rotate_half_to_interleaved, write_mla
 from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
 
 from .errors import KvSurgeonError
@@ -753,6 +753,8 @@ def mla_state_dict(
     if attention_bias is None:
         attention_bias = any(w.has_bias for w in layers)
     out = {k: v for k, v in source.items() if ".self_attn." not in k and not k.endswith("rotary_emb.inv_freq")}
+    for new, name in UNTIED_LM_HEAD.items():  # the config is always untied (vLLM ignores tying)
+        out.setdefault(new, source[name])
     for i, w in enumerate(layers):
         out.update(write_mla(w, i, attention_bias))
     return out

@@ -68,6 +68,7 @@ class CardInfo:
     fidelity: list[FidelityRow] = field(default_factory=list)
     long_context: list[dict] = field(default_factory=list)  # LongContextResult.as_dict(), reference first
     extra_tags: list[str] = field(default_factory=list)
+    serving: list[str] = field(default_factory=list)  # one line per engine (kvsurgeon.attention.serving)
 
     def to_json_dict(self) -> dict[str, Any]:
         return {"version": _CARD_VERSION, **dataclasses.asdict(self)}
@@ -214,6 +215,8 @@ def render_model_card(info: CardInfo, repo_id: str | None = None) -> str:
     if not info.command and not info.recipe:
         parts.append("\nThe exact command was not recorded.\n")
     parts += ["\n", _kv_section(info), "\n", _fidelity_section(info), "\n", _long_context_section(info)]
+    if info.serving:
+        parts += ["\n## Serving\n\n", *(f"- {line}\n" for line in info.serving)]
     load_from = repo_id or "path/to/this/folder"
     parts += [
         "\n## Loading\n\n",

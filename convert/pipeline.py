@@ -46,6 +46,9 @@ class Plan:
     rename: Callable[[str], "str | None"] = staticmethod(lambda name: name)
     summary: str = ""
     files: dict = field(default_factory=dict)  # extra JSON files for the output folder (e.g. a layer ranking)
+    # Output tensors the source lacks, written as a copy of another source tensor: {new: source name}
+    # (e.g. an untied lm_head from a tied embedding)
+    copies: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -116,6 +119,9 @@ def convert_model(
             for name in ckpt.keys():
                 new_name = plan.rename(name)
                 if name not in in_layers and new_name is not None and new_name not in tied:
+                    writer.write(new_name, ckpt.get_tensor(name))
+            for new_name, name in plan.copies.items():
+                if new_name not in ckpt and new_name not in tied:
                     writer.write(new_name, ckpt.get_tensor(name))
             bar = tqdm(range(n_layers), desc="convert", unit="layer", disable=not opts.progress)
             for i in bar:

@@ -31,6 +31,7 @@ class ConversionCfg:
     method: str | None = None
     kv_lora_rank: int | None = None
     rope_dim: int | None = None
+    pad_latent_to: int | None = None
     keep_attention: float | None = None
     linear_layers: list[int] | str | None = None
     linear: str | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvsurgeon.attention import family_for, head_dim_of, rope_spec
-from kvsurgeon.attention.mla_layout import deepseek_config, write_mla
+from kvsurgeon.attention.mla_layout import UNTIED_LM_HEAD, MlaWeights, deepseek_config, pad_latent, scale_latent, write_mla
 
 from .checkpoint import LazyCheckpoint
 from .errors import KvSurgeonError
@@ -25,6 +25,27 @@ O_REFIT_RIDGE = 1e-2
 # Calibrate layer i on the converted layers 0..i-1's hidden states rather than the source's, so the
 # q/o refits also absorb upstream drift (-75% on pydocs-train windows: 25.83 -> 25.22).
 SEQUENTIAL = True
+# The written latent's rms, so kv_a_layernorm's eps (1e-6 in transformers, rms_norm_eps in vLLM: 1e-5
+# on SmolLM2) is negligible in both engines. At rms ~0.3 the two eps moved SmolLM2's prompt
+# log-probs by 8e-3 between the engines; at 100 they agree to float32 noise.
+LATENT_RMS = 100.0
+
+
+def latent_gain(w: MlaWeights, x) -> float:
+    """Gain that brings the latent's rms to LATENT_RMS: measured on the calibration inputs x when
+    there are some, else estimated for unit-variance isotropic inputs (sqrt of the mean squared
+    row norm of the latent rows of kv_a)."""
+    import torch
+
+    lat = w.kv_a[: w.kv_lora_rank].double()
+    if x is None:
+        rms = float(lat.pow(2).sum(1).mean().sqrt())
+    else:
+        c = x.reshape(-1, x.shape[-1]).double() @ lat.T
+        if w.kv_a_bias is not None:
+            c = c + w.kv_a_bias[: w.kv_lora_rank].double()
+        rms = float(c.pow(2).mean().sqrt())
+    return LATENT_RMS / max(rms, torch.finfo(torch.float32).tiny)
 
 
 def kv_balance(cache_reduction: float) -> float:
@@ -39,7 +60,10 @@ def kv_balance(cache_reduction: float) -> float:
     return 8.0 ** t
 
 
-def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "calibrated"):
+def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "calibrated", pad_latent_to: int | None = None):
+    """``pad_latent_to``: write the cache as this many values per token per layer (kv_lora_rank +
+    rope dim), zero-padding the fitted latent exactly (``pad_latent``): for engines that take only
+    certain latent sizes (vLLM: 576). The padding is stored and cached, so it costs what it says."""
     if method not in METHODS:
         raise KvSurgeonError(f"unknown --method {method!r} for --to mla; choose one of {', '.join(METHODS)}")
 
@@ -57,34 +81,42 @@ def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "cali
         Dr = rope_dim if rope_dim is not None else min(D, rope.rotary_dim)
         check_mla_ranks(num_kv_heads=G, head_dim=D, v_head_dim=D, rope=rope, kv_lora_rank=kv_lora_rank,
                         rope_dim=Dr, hidden_size=config["hidden_size"])
+        R_out = kv_lora_rank if pad_latent_to is None else pad_latent_to - Dr
+        if R_out < kv_lora_rank:
+            raise KvSurgeonError(
+                f"--pad-latent-to {pad_latent_to} is smaller than the latent it pads: kv_lora_rank {kv_lora_rank} + "
+                f"rope dim {Dr} = {kv_lora_rank + Dr}"
+            )
         _, theta = rope_frequency_plan(rope, Dr)
         Dn = min(kv_lora_rank, G * D - Dr)  # nope key dims per head: the latent is read in full when R <= G*D - Dr
         qkv_bias, o_bias = fam.biases(config)
         bias = qkv_bias or o_bias
         rope_parameters = None if rope.rope_type == "default" else {"rope_type": rope.rope_type, "rope_theta": rope.theta, **rope.scaling}
-        new_config = deepseek_config(config, kv_lora_rank, Dr, Dn, D, theta, rope_interleave=True,
+        new_config = deepseek_config(config, R_out, Dr, Dn, D, theta, rope_interleave=True,
                                      attention_bias=bias, rope_parameters=rope_parameters)
 
         def transform(i, attn, x):
             if method == "svd":  # the weight-only baseline: no activations at all
                 w = convert_layer_to_mla(attn, None, kv_lora_rank, Dr, method, qk_nope_head_dim=Dn)
-                return write_mla(w, i, attention_bias=bias)
+                return write_mla(pad_latent(scale_latent(w, latent_gain(w, None)), R_out), i, attention_bias=bias)
             tw = attention_token_weights(attn, x, mix=TOKEN_MIX)
             balance = KV_BALANCE if KV_BALANCE is not None else kv_balance(1 - (kv_lora_rank + Dr) / (2 * G * D))
             w = convert_layer_to_mla(attn, x, kv_lora_rank, Dr, method, qk_nope_head_dim=Dn, kv_balance=balance,
                                      norm_ballast=min(NORM_BALLAST, kv_lora_rank - 1), token_weights=tw)
             w = refit_queries(w, attn, x, **Q_REFIT)
             w = refit_output(w, attn, x, ridge=O_REFIT_RIDGE)
-            return write_mla(w, i, attention_bias=bias)
+            return write_mla(pad_latent(scale_latent(w, latent_gain(w, x)), R_out), i, attention_bias=bias)
 
-        before, after = 2 * G * D, kv_lora_rank + Dr
+        before, after = 2 * G * D, R_out + Dr
+        padded = f" (latent {kv_lora_rank} zero-padded to {R_out}, exact)" if R_out > kv_lora_rank else ""
         return Plan(
             new_config=new_config,
             transform=transform,
             needs_calibration=(method == "calibrated"),
+            copies=dict(UNTIED_LM_HEAD),
             sequential=SEQUENTIAL,
             summary=(
-                f"GQA {H}/{G} (head_dim {D}) -> DeepSeek MLA: latent rank {kv_lora_rank} + shared rope key {Dr} "
+                f"GQA {H}/{G} (head_dim {D}) -> DeepSeek MLA: latent rank {kv_lora_rank}{padded} + shared rope key {Dr} "
                 f"= {after} cached values per token per layer instead of {before} ({1 - after / before:.0%} smaller), "
                 f"{method} ({'per-frequency PCA of calibration keys for the rope key, joint PCA of calibration K_nope/V' if method == 'calibrated' else 'weight-only joint SVD of [W_k_nope; W_v]'})."
             ),

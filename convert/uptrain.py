@@ -183,7 +183,7 @@ class Uptrainer:
         c = self.r.conversion
         spec = ConversionSpec(
             to=c.to, kv_heads=c.kv_heads, method=c.method, kv_lora_rank=c.kv_lora_rank, rope_dim=c.rope_dim,
-            keep_attention=c.keep_attention, linear_layers=c.linear_layers, linear=c.linear,
+            pad_latent_to=c.pad_latent_to, keep_attention=c.keep_attention, linear_layers=c.linear_layers, linear=c.linear,
             transfer_tokens=c.transfer_tokens,
             calib=CalibConfig(data=c.calib_data, tokens=c.calib_tokens, seq_len=c.calib_seq_len,
                               windows_per_text=c.calib_windows_per_text, retrieval=c.calib_retrieval),

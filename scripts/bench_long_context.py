@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--long-seq-len", type=int, default=4096)
     ap.add_argument("--long-windows", type=int, default=2)
     ap.add_argument("--short-tokens", type=int, default=4096, help="512-window ppl tokens on pydocs-valid")
+    ap.add_argument("--domain2", default="runs/data/handbook-valid.jsonl",
+                    help="a second held-out domain for 512-window ppl (scripts/build_second_domain.py); skipped if missing")
     ap.add_argument("--reuse", action="store_true", help="reuse converted folders already in --out")
     ap.add_argument("--out", default="runs/bench-long")
     args = ap.parse_args()
@@ -96,16 +98,22 @@ def main() -> None:
         short = evaluate(str(folder), str(VALID), reference=SOURCE, max_tokens=args.short_tokens, progress=False,
                          model=model, reference_model=ref)
         results.append(res)
-        rows.append({"name": name, "convert": "kvsurgeon convert " + SOURCE + " " + " ".join(conv), "convert_stats": stats,
+        d2 = {}
+        if Path(args.domain2).is_file():
+            s2 = evaluate(str(folder), args.domain2, reference=SOURCE, max_tokens=args.short_tokens, progress=False,
+                          model=model, reference_model=ref)
+            d2 = {"domain2_ppl512": s2.ppl, "domain2_ppl512_ratio": s2.ppl / s2.reference_ppl, "domain2_source_ppl512": s2.reference_ppl}
+        rows.append({"name": name, "convert": "kvsurgeon convert " + SOURCE + " " + " ".join(conv), "convert_stats": stats, **d2,
                      "ppl512": short.ppl, "ppl512_ratio": short.ppl / short.reference_ppl, "kl512": short.kl,
                      "kv_bytes_per_token": short.kv_bytes_per_token, "eval_seconds": time.time() - t0, **res.as_dict()})
         del model
         (out / "results.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
         print(markdown(results), flush=True)
     md = markdown(results)
-    md += "\n| model | KV bytes/token | 512-window ppl (ratio) |\n|---|---:|---:|\n"
+    md += "\n| model | KV bytes/token | 512-window ppl, pydocs-valid (ratio) | 512-window ppl ratio, second domain |\n|---|---:|---:|---:|\n"
     for r in rows:
-        md += f"| {r['name']} | {r['kv_bytes_per_token']:,} | {r['ppl512']:.2f} ({r.get('ppl512_ratio', 1.0):.2f}x) |\n"
+        d2 = f"{r['domain2_ppl512_ratio']:.2f}x" if "domain2_ppl512_ratio" in r else "-"
+        md += f"| {r['name']} | {r['kv_bytes_per_token']:,} | {r['ppl512']:.2f} ({r.get('ppl512_ratio', 1.0):.2f}x) | {d2} |\n"
     (out / "results.md").write_text(md)
     heatmap_png(results, out / "long_context.png", title=f"{SOURCE}: passkey / multikey retrieval, no training")
     print(md)

@@ -433,3 +433,34 @@ def test_layer_cache_reuses_linear_layers_across_layer_choices(tmp_path, text_fi
     assert sum("reused" in s for s in logs) == 1  # layer 1 computed once
     name = "model.layers.1.mamba.in_proj.weight"
     assert torch.equal(LazyCheckpoint(a.out).get_tensor(name), LazyCheckpoint(b.out).get_tensor(name))
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_mamba2_grouped_bc_and_norm_match_reference(n_groups):
+    """With 1 < n_groups < n_heads, head h reads B/C of group h // (n_heads / n_groups) and the gated
+    RMSNorm normalises each group of inner / n_groups channels (Mamba2 / mamba_ssm). transformers'
+    PyTorch path matches that reference; the control with an interleaved head -> group map
+    (h % n_groups) differs, so the test can tell the two apart."""
+    cfg = dict(_granite_cfg(chunk=8), mamba_n_groups=n_groups)
+    m = _random_mamba(cfg)
+    w = Mamba2Weights.from_state_dict(m.state_dict())
+    x = torch.randn(2, 21, 64, dtype=torch.float64)
+    with torch.no_grad():
+        y = m(x)
+    dims = mamba2_dims(cfg)
+    ref, _ = mamba2_recurrent(w, dims, x, eps=cfg["rms_norm_eps"])
+    torch.testing.assert_close(y, ref, rtol=2e-6, atol=2e-6)
+    if n_groups > 1:  # permute heads so that the contiguous map reads what h % G would
+        H, rep = dims.n_heads, dims.n_heads // n_groups
+        perm = torch.tensor([(h % n_groups) * rep + h // n_groups for h in range(H)])
+        I, dh = dims.inner, dims.head_dim
+        rows = torch.arange(I).view(H, dh)[perm].reshape(-1)
+        w2 = Mamba2Weights.from_state_dict(m.state_dict())
+        w2.in_proj = torch.cat([w.in_proj[:I][rows], w.in_proj[I:2 * I][rows], w.in_proj[2 * I:-H], w.in_proj[-H:][perm]])
+        w2.in_proj_bias = torch.cat([w.in_proj_bias[:I][rows], w.in_proj_bias[I:2 * I][rows], w.in_proj_bias[2 * I:-H], w.in_proj_bias[-H:][perm]])
+        w2.conv_weight = torch.cat([w.conv_weight[:I][rows], w.conv_weight[I:]])
+        w2.conv_bias = torch.cat([w.conv_bias[:I][rows], w.conv_bias[I:]])
+        w2.A_log, w2.dt_bias, w2.D = w.A_log[perm], w.dt_bias[perm], w.D[perm]
+        w2.norm, w2.out_proj = w.norm[rows], w.out_proj[:, rows]
+        other, _ = mamba2_recurrent(w2, dims, x, eps=cfg["rms_norm_eps"])
+        assert (other - y).abs().max() > 1e-3

@@ -134,9 +134,10 @@ def test_deepseek_config_dense_no_moe_and_names():
     m = llama(tie=True)
     cfg = deepseek_config(m.config.to_dict(), kv_lora_rank=24, qk_rope_head_dim=16, qk_nope_head_dim=8, v_head_dim=16)
     assert cfg["architectures"] == ["DeepseekV3ForCausalLM"] and cfg["model_type"] == "deepseek_v3"
-    for k in ("vocab_size", "hidden_size", "intermediate_size", "rms_norm_eps", "tie_word_embeddings",
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "rms_norm_eps",
               "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings"):
         assert cfg[k] == m.config.to_dict()[k], k
+    assert cfg["tie_word_embeddings"] is False  # vLLM's DeepSeek ignores tying: lm_head is always written
     assert cfg["num_key_value_heads"] == cfg["num_attention_heads"] and cfg["q_lora_rank"] is None
     assert cfg["first_k_dense_replace"] == cfg["num_hidden_layers"]
     c = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}
@@ -146,7 +147,7 @@ def test_deepseek_config_dense_no_moe_and_names():
     assert mla_kv_values_per_token(cfg) == 24 + 16
     # every non-attention tensor of the Llama source has the same name in DeepseekV3
     src_names = {k for k in m.state_dict() if ".self_attn." not in k}
-    assert src_names <= set(mla.state_dict())
+    assert src_names | {"lm_head.weight"} <= set(mla.state_dict())
     # kv_a_layernorm eps is transformers' fixed 1e-6, not rms_norm_eps (the conversion keeps rms ~ 1)
     assert mla.model.layers[0].self_attn.kv_a_layernorm.variance_epsilon == 1e-6
 
