@@ -9,6 +9,7 @@ from .families import (
     head_dim_of,
     read_attention,
     rope_spec,
+    sliding_windows,
     supported_model_types,
     write_attention,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "head_dim_of",
     "read_attention",
     "rope_spec",
+    "sliding_windows",
     "supported_model_types",
     "write_attention",
 ]

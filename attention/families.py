@@ -7,6 +7,7 @@ so this module never touches files.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
@@ -41,6 +42,19 @@ class Family:
     has_qkv_bias: bool = False  # Qwen2: q/k/v carry biases, o does not
     has_qk_norm: bool = False  # Qwen3: RMSNorm per head on q and k before RoPE
     bias_from_config: bool = True  # Llama/Mistral: `attention_bias` in the config decides
+    # How the config turns into per-layer sliding windows (see ``sliding_windows``):
+    # "none": the class has no windows; "all": `sliding_window` applies to every layer (transformers'
+    # Mistral ignores `layer_types`); "qwen": only with `use_sliding_window`, per `layer_types`.
+    windows: str = "none"
+    # Source tensors with no place in any output, mapped to None (dropped), as torchtune's _FROM_HF
+    # tables do: checkpoints written by older transformers carry the RoPE table as a buffer.
+    legacy: tuple[str, ...] = (
+        "model.layers.{i}.self_attn.rotary_emb.inv_freq",
+        "model.rotary_emb.inv_freq",
+    )
+
+    def is_legacy(self, name: str) -> bool:
+        return any(_template_re(t).fullmatch(name) for t in self.legacy)
 
     def name(self, layer: int, proj: str, kind: str = "weight") -> str:
         return f"{self.layer_prefix.format(i=layer)}{self.attn}{proj}.{kind}"
@@ -67,11 +81,39 @@ FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
         Family("llama", ("LlamaForCausalLM",)),
-        Family("mistral", ("MistralForCausalLM",)),
-        Family("qwen2", ("Qwen2ForCausalLM",), has_qkv_bias=True, bias_from_config=False),
-        Family("qwen3", ("Qwen3ForCausalLM",), has_qk_norm=True),
+        Family("mistral", ("MistralForCausalLM",), windows="all"),
+        Family("qwen2", ("Qwen2ForCausalLM",), has_qkv_bias=True, bias_from_config=False, windows="qwen"),
+        Family("qwen3", ("Qwen3ForCausalLM",), has_qk_norm=True, windows="qwen"),
     )
 }
+
+
+def _template_re(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(re.escape("{i}"), r"\d+"))
+
+
+def sliding_windows(config: Mapping[str, Any]) -> dict[int, int]:
+    """{layer: window} for the layers the source class really windows (empty: all full attention).
+
+    Read as transformers 5 reads it: Qwen2/Qwen3 window only with ``use_sliding_window`` (else the
+    window is reset to None), per ``layer_types`` when present, else from ``max_window_layers`` on;
+    Mistral windows every layer whenever ``sliding_window`` is set. A window at least
+    ``max_position_embeddings`` long never drops a token the model may attend to: not a window.
+    """
+    fam = family_for(config)
+    w = config.get("sliding_window")
+    L = int(config["num_hidden_layers"])
+    if fam.windows == "none" or not w or int(w) >= int(config.get("max_position_embeddings") or 0) > 0:
+        return {}
+    if fam.windows == "all":
+        return {i: int(w) for i in range(L)}
+    if not config.get("use_sliding_window", False):
+        return {}
+    types = config.get("layer_types")
+    if types:
+        return {i: int(w) for i, t in enumerate(types) if t == "sliding_attention"}
+    first = int(config.get("max_window_layers", L))
+    return {i: int(w) for i in range(first, L)}
 
 
 def supported_model_types() -> list[str]:

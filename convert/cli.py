@@ -45,6 +45,12 @@ def convert(
     pad_latent_to: Optional[int] = typer.Option(
         None, help="mla: zero-pad the cache to this many values/token/layer, exactly (vLLM's MLA kernels take 576)"
     ),
+    q_bias: Optional[str] = typer.Option(
+        None, help="mla: a source q_proj bias (Qwen2) has no place in DeepseekV3: refuse (default) | fit (least squares on calibration inputs, lossy)"
+    ),
+    drop_sliding_window: bool = typer.Option(
+        False, help="mla/hybrid: the target class has no per-layer windows; convert a windowed source to full attention (the card says so)"
+    ),
     keep_attention: Optional[float] = typer.Option(
         None, help="hybrid: attention layers kept, a count (e.g. 8) or a fraction (e.g. 0.25)"
     ),
@@ -86,7 +92,7 @@ def convert(
         spec = ConversionSpec(
             to=to, kv_heads=kv_heads, method=method, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
             pad_latent_to=pad_latent_to, keep_attention=keep_attention, linear_layers=layers, linear=linear if to == "hybrid" else None,
-            transfer_tokens=transfer_tokens,
+            transfer_tokens=transfer_tokens, q_bias=q_bias, drop_sliding_window=drop_sliding_window,
             calib=CalibConfig(data=calib_data, tokens=calib_tokens, seq_len=calib_seq_len, text_field=text_field,
                               windows_per_text=calib_windows_per_text, retrieval=calib_retrieval),
         )

@@ -34,6 +34,8 @@ class ConversionSpec:
     linear_layers: list[int] | str | None = None  # hybrid: explicit layer list, or "auto"
     linear: str | None = None  # hybrid: mamba2 | gated-deltanet
     transfer_tokens: int = 0  # hybrid: attention-transfer tokens per layer at conversion
+    q_bias: str | None = None  # mla: refuse (default) | fit: fold a source q bias into q_proj (DeepseekV3 has none)
+    drop_sliding_window: bool = False  # mla/hybrid: convert a windowed source to full attention, said in the card
     calib: CalibConfig = field(default_factory=CalibConfig)
 
     def __post_init__(self) -> None:
@@ -47,6 +49,10 @@ class ConversionSpec:
             raise KvSurgeonError("--to gqa needs --kv-heads N (the number of KV heads to keep)")
         if self.to == "hybrid" and self.keep_attention is None and self.linear_layers is None:
             raise KvSurgeonError("--to hybrid needs --keep-attention K|FRACTION or --linear-layers LIST|auto")
+        if self.q_bias is not None and self.to != "mla":
+            raise KvSurgeonError("--q-bias decides where an MLA conversion puts the query bias; it needs --to mla")
+        if self.drop_sliding_window and self.to not in ("mla", "hybrid"):
+            raise KvSurgeonError("--drop-sliding-window is for --to mla/hybrid; --to gqa/mqa keeps the source's windows")
         if self.pad_latent_to is not None and self.to != "mla":
             raise KvSurgeonError("--pad-latent-to pads an MLA latent; it needs --to mla")
         if self.to == "mla" and self.kv_lora_rank is None:
@@ -60,12 +66,14 @@ class ConversionSpec:
         if self.to == "mla":
             from .to_mla import mla_plan
 
-            return mla_plan(self.kv_lora_rank, self.rope_dim, self.method or "calibrated", self.pad_latent_to)
+            return mla_plan(self.kv_lora_rank, self.rope_dim, self.method or "calibrated", self.pad_latent_to,
+                            q_bias=self.q_bias or "refuse", drop_sliding_window=self.drop_sliding_window)
         from .to_hybrid import hybrid_plan
 
         return hybrid_plan(
             keep_attention=self.keep_attention, linear_layers=self.linear_layers,
             linear=self.linear or "mamba2", transfer_tokens=self.transfer_tokens, calib=self.calib,
+            drop_sliding_window=self.drop_sliding_window,
         )
 
 
@@ -82,6 +90,7 @@ def cli_command(model: str, spec: ConversionSpec, out: str | Path, extra: list[s
         "--linear-layers": ",".join(map(str, spec.linear_layers)) if isinstance(spec.linear_layers, list) else spec.linear_layers,
         "--linear": spec.linear,
         "--transfer-tokens": spec.transfer_tokens or None,
+        "--q-bias": spec.q_bias,
         "--calib-data": spec.calib.data,
     }
     for flag, value in flags.items():
@@ -95,6 +104,8 @@ def cli_command(model: str, spec: ConversionSpec, out: str | Path, extra: list[s
             args += ["--calib-retrieval", str(spec.calib.retrieval)]
         if spec.calib.text_field != "text":
             args += ["--text-field", spec.calib.text_field]
+    if spec.drop_sliding_window:
+        args += ["--drop-sliding-window"]
     args += ["--out", str(out), *(extra or [])]
     return shlex.join(args)
 

@@ -193,7 +193,7 @@ def _check_supported(attn: AttentionWeights, q_bias: str) -> None:
     if attn.q_bias is not None and q_bias != "fit":
         raise MlaConversionError(
             "the source's q_proj has a bias but DeepseekV3's q_proj has none (attention_bias only adds "
-            "kv_a_proj_with_mqa and o_proj biases). Pass q_bias='fit' to fold it into the weights by least "
+            "kv_a_proj_with_mqa and o_proj biases). Pass --q-bias fit (Python: q_bias='fit') to fold it into the weights by least "
             "squares on calibration inputs (lossy; the residual is reported)."
         )
 

@@ -25,6 +25,7 @@ from kvsurgeon.attention import AttentionWeights, family_for, read_attention
 from .calibration import CalibConfig, ConvertedStream, LayerStream, calibration_ids
 from .checkpoint import LazyCheckpoint, read_config
 from .errors import KvSurgeonError
+from .preflight import check_coverage, check_source
 from .resolve import resolve_model
 from .safetensors_io import PlannedShardWriter, TensorSpec
 from .writer import atomic_output, copy_extras, parse_size, write_json
@@ -91,7 +92,12 @@ def convert_model(
     config = read_config(src)
     fam = family_for(config)
     ckpt = LazyCheckpoint(src, allow_pickle=opts.allow_pickle)
+    check_source(config, ckpt)  # preflight: nothing is written until the source, plan and coverage pass
     plan = make_plan(config, ckpt)
+    plan_rename = plan.rename
+
+    def rename(name: str) -> str | None:  # the family's legacy buffers have no place in any output
+        return None if fam.is_legacy(name) else plan_rename(name)
     out_dtype_name = opts.dtype or source_dtype(config)
     if out_dtype_name not in DTYPES:
         raise KvSurgeonError(f"unsupported dtype {out_dtype_name!r}; choose one of {', '.join(DTYPES)}")
@@ -112,12 +118,14 @@ def convert_model(
     new_config["dtype"] = out_dtype_name
     new_config.pop("torch_dtype", None)
     specs, tied = planned_tensors(new_config, out_dtype)
+    attn_all = {n for i in range(n_layers) for n in fam.attention_tensor_names(i, config)}
+    check_coverage(ckpt, config, rename, attn_all, {s.name for s in specs}, tied)
 
     with atomic_output(opts.out, overwrite=opts.overwrite, protect=[src]) as tmp:
         writer = PlannedShardWriter(tmp, specs, parse_size(opts.max_shard_size), metadata={"converted_by": "kvsurgeon"})
         try:
             for name in ckpt.keys():
-                new_name = plan.rename(name)
+                new_name = rename(name)
                 if name not in in_layers and new_name is not None and new_name not in tied:
                     writer.write(new_name, ckpt.get_tensor(name))
             for new_name, name in plan.copies.items():
@@ -142,7 +150,7 @@ def convert_model(
                     writer.write(name, t)
                 sequential = isinstance(stream, ConvertedStream)
                 for name in layer_names[i]:
-                    new_name = plan.rename(name)
+                    new_name = rename(name)
                     if name not in attn_names and new_name is not None:
                         t = ckpt.get_tensor(name)
                         writer.write(new_name, t)

@@ -36,6 +36,8 @@ class ConversionCfg:
     linear_layers: list[int] | str | None = None
     linear: str | None = None
     transfer_tokens: int = 0
+    q_bias: str | None = None
+    drop_sliding_window: bool = False
     calib_data: str | None = None
     calib_tokens: int = 8192
     calib_seq_len: int = 512

@@ -60,6 +60,7 @@ from .hybrid import (
     resolve_layer_choice,
 )
 from .pipeline import Plan
+from .preflight import refuse, window_note, window_problem
 
 LINEAR_KINDS = ("mamba2", "gated-deltanet")
 RANKING_FILE = "kvsurgeon_layer_ranking.json"
@@ -92,15 +93,6 @@ def _target_for(config: dict, linear: str) -> str:
     )
 
 
-def _sliding_note(config: dict) -> str:
-    if config.get("sliding_window") and config.get("use_sliding_window", True) is not False:
-        return (
-            f" Note: the source uses sliding-window attention ({config['sliding_window']} tokens); the kept attention "
-            f"layers attend to the full context (identical within the window)."
-        )
-    return ""
-
-
 def hybrid_plan(
     keep_attention: float | int | None = None,
     linear_layers: Sequence[int] | str | None = None,
@@ -117,6 +109,7 @@ def hybrid_plan(
     ranking: dict | None = None,
     layer_cache: dict | None = None,
     log: Callable[[str], None] | None = print,
+    drop_sliding_window: bool = False,
 ):
     """A ``make_plan(config, ckpt) -> Plan`` for ``--to hybrid``.
 
@@ -145,6 +138,9 @@ def hybrid_plan(
 
     def make_plan(config: dict, ckpt) -> Plan:
         target = _target_for(config, linear)
+        # before the ranking pass: a refusal must come before any work
+        refuse("cannot convert to a hybrid", [window_problem(
+            config, "GraniteMoeHybrid" if target == "granite" else "Qwen3.5", drop_sliding_window)])
         L = int(config["num_hidden_layers"])
         mode, keep, layers = resolve_layer_choice(L, keep_attention, linear_layers)
         if (keep == 0 if mode == "auto" else len(layers) == L):
@@ -260,7 +256,7 @@ def hybrid_plan(
             f"{L - len(layers)} attention layers and all MLPs kept exactly, as {new_config['architectures'][0]}. "
             f"Linear layers initialised from the attention they replace (V->x, K->B, Q->C, O->out_proj) and calibrated"
             + (f", then attention transfer on {transfer_tokens} tokens per layer." if transfer_tokens else ".")
-            + _sliding_note(config)
+            + (window_note(config) if drop_sliding_window else "")
         )
         return Plan(new_config=new_config, transform=transform, needs_calibration=bool(layers), rename=rename,
                     summary=summary, files=files)

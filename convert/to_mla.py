@@ -9,8 +9,10 @@ from .checkpoint import LazyCheckpoint
 from .errors import KvSurgeonError
 from .mla import attention_token_weights, check_mla_ranks, convert_layer_to_mla, refit_output, refit_queries, rope_frequency_plan
 from .pipeline import Plan
+from .preflight import refuse, window_note, window_problem
 
 METHODS = ("calibrated", "svd")
+Q_BIAS = ("refuse", "fit")
 
 # What ``calibrated`` does beyond the joint PCA, each measured on SmolLM2 by the ablations behind
 # BENCHMARKS.md: one latent dim steadying rms(latent) for attention sinks (NORM_BALLAST), tokens
@@ -60,20 +62,38 @@ def kv_balance(cache_reduction: float) -> float:
     return 8.0 ** t
 
 
-def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "calibrated", pad_latent_to: int | None = None):
-    """``pad_latent_to``: write the cache as this many values per token per layer (kv_lora_rank +
+def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "calibrated", pad_latent_to: int | None = None,
+             q_bias: str = "refuse", drop_sliding_window: bool = False):
+    """``q_bias``: "refuse" or "fit" (``--q-bias fit``: fold a source query bias into q_proj by least
+    squares on calibration inputs; DeepseekV3's q_proj has no bias). ``drop_sliding_window``: convert a
+    windowed source to full attention (DeepseekV3 has no windows) and say so in the card.
+    ``pad_latent_to``: write the cache as this many values per token per layer (kv_lora_rank +
     rope dim), zero-padding the fitted latent exactly (``pad_latent``): for engines that take only
     certain latent sizes (vLLM: 576). The padding is stored and cached, so it costs what it says."""
     if method not in METHODS:
         raise KvSurgeonError(f"unknown --method {method!r} for --to mla; choose one of {', '.join(METHODS)}")
+    if q_bias not in Q_BIAS:
+        raise KvSurgeonError(f"unknown --q-bias {q_bias!r}; choose one of {', '.join(Q_BIAS)}")
 
     def make_plan(config: dict, ckpt: LazyCheckpoint) -> Plan:
         fam = family_for(config)
+        problems = []
         if fam.has_qk_norm:
-            raise KvSurgeonError(
-                f"--to mla does not support {fam.model_type} sources yet: their per-head q/k RMSNorm has no "
-                "place in DeepSeek MLA. Supported for MLA: llama, mistral, qwen2 (without q bias)."
+            problems.append(
+                f"{fam.model_type} applies an RMSNorm to each head's queries and keys, which has no place in DeepSeek "
+                "MLA (the latent mixes heads before any norm could act). Use --to gqa/--to mqa (calibrated merging "
+                "keeps the norm) or --to hybrid --linear gated-deltanet (Qwen3.5 keeps it exactly)"
             )
+        qkv_bias_, _ = fam.biases(config)
+        if qkv_bias_ and q_bias == "refuse":
+            problems.append(
+                f"{fam.model_type} q_proj has a bias, DeepseekV3's q_proj has none. Pass --q-bias fit to fold it into "
+                "q_proj by least squares on calibration inputs (lossy; needs --method calibrated)"
+            )
+        if qkv_bias_ and q_bias == "fit" and method != "calibrated":
+            problems.append("--q-bias fit needs calibration inputs: use --method calibrated (the default), not svd")
+        problems.append(window_problem(config, "MLA (DeepseekV3)", drop_sliding_window))
+        refuse("cannot convert to MLA", [p for p in problems if p])
         rope = rope_spec(config)
         H = config["num_attention_heads"]
         G = config.get("num_key_value_heads") or H
@@ -97,17 +117,20 @@ def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "cali
 
         def transform(i, attn, x):
             if method == "svd":  # the weight-only baseline: no activations at all
-                w = convert_layer_to_mla(attn, None, kv_lora_rank, Dr, method, qk_nope_head_dim=Dn)
+                w = convert_layer_to_mla(attn, None, kv_lora_rank, Dr, method, qk_nope_head_dim=Dn, q_bias=q_bias)
                 return write_mla(pad_latent(scale_latent(w, latent_gain(w, None)), R_out), i, attention_bias=bias)
             tw = attention_token_weights(attn, x, mix=TOKEN_MIX)
             balance = KV_BALANCE if KV_BALANCE is not None else kv_balance(1 - (kv_lora_rank + Dr) / (2 * G * D))
             w = convert_layer_to_mla(attn, x, kv_lora_rank, Dr, method, qk_nope_head_dim=Dn, kv_balance=balance,
-                                     norm_ballast=min(NORM_BALLAST, kv_lora_rank - 1), token_weights=tw)
+                                     norm_ballast=min(NORM_BALLAST, kv_lora_rank - 1), token_weights=tw,
+                                     q_bias=q_bias)
             w = refit_queries(w, attn, x, **Q_REFIT)
             w = refit_output(w, attn, x, ridge=O_REFIT_RIDGE)
             return write_mla(pad_latent(scale_latent(w, latent_gain(w, x)), R_out), i, attention_bias=bias)
 
         before, after = 2 * G * D, R_out + Dr
+        extra = (" The source's q bias was folded into q_proj by least squares on calibration inputs (--q-bias fit)."
+                 if qkv_bias_ and q_bias == "fit" else "") + (window_note(config) if drop_sliding_window else "")
         padded = f" (latent {kv_lora_rank} zero-padded to {R_out}, exact)" if R_out > kv_lora_rank else ""
         return Plan(
             new_config=new_config,
@@ -119,6 +142,7 @@ def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "cali
                 f"GQA {H}/{G} (head_dim {D}) -> DeepSeek MLA: latent rank {kv_lora_rank}{padded} + shared rope key {Dr} "
                 f"= {after} cached values per token per layer instead of {before} ({1 - after / before:.0%} smaller), "
                 f"{method} ({'per-frequency PCA of calibration keys for the rope key, joint PCA of calibration K_nope/V' if method == 'calibrated' else 'weight-only joint SVD of [W_k_nope; W_v]'})."
+                + extra
             ),
         )
 

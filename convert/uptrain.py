@@ -184,7 +184,7 @@ class Uptrainer:
         spec = ConversionSpec(
             to=c.to, kv_heads=c.kv_heads, method=c.method, kv_lora_rank=c.kv_lora_rank, rope_dim=c.rope_dim,
             pad_latent_to=c.pad_latent_to, keep_attention=c.keep_attention, linear_layers=c.linear_layers, linear=c.linear,
-            transfer_tokens=c.transfer_tokens,
+            transfer_tokens=c.transfer_tokens, q_bias=c.q_bias, drop_sliding_window=c.drop_sliding_window,
             calib=CalibConfig(data=c.calib_data, tokens=c.calib_tokens, seq_len=c.calib_seq_len,
                               windows_per_text=c.calib_windows_per_text, retrieval=c.calib_retrieval),
         )
