@@ -34,8 +34,8 @@ Methods:
 
   A query refit adds nothing to step 1 under the score-MSE objective (the best query for a fixed
   shared key is the projection coefficient it already has). Biases are an extra input column of
-  ones throughout. Sources with q/k RMSNorm (Qwen3) are refused with a ``KvSurgeonError`` (mean
-  pooling handles them).
+  ones throughout. Sources with q/k RMSNorm (Qwen3) keep queries and the norms per head and merge
+  keys after the norm instead of step 1 (``qk_norm_merge``); steps 2 and 3 are unchanged.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import torch
 from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
 
 from .errors import KvSurgeonError
+from .qk_norm_merge import merge_normed_keys
 from .ridge import ridge_towards
 from .rope_planes import pca_basis, plane_covariance, rotate_keys, rotate_queries, to_planes
 
@@ -618,11 +619,7 @@ def calibrated_merge(
     """
     _check_attn(attn, target)
     info = {} if info is None else info
-    if attn.q_norm is not None or attn.k_norm is not None:
-        raise KvSurgeonError(
-            "calibrated merging does not support sources with q/k RMSNorm (Qwen3-style qk-norm) yet: the "
-            "per-head norm makes keys a non-linear function of the weights. Use --method mean."
-        )
+    qk_norm = attn.k_norm is not None  # Qwen3: keys merged after their per-head norm (qk_norm_merge)
     for name, val, ok in (
         ("values", values, ("pca", "mean")),
         ("value_tokens", value_tokens, ("received", "tokens")),
@@ -690,7 +687,11 @@ def calibrated_merge(
         return attn.with_(q=qw, k=kw, v=vw, o=new_o.to(attn.o.dtype), q_bias=qbias, k_bias=kbias, v_bias=vbias)
 
     y_src = None
-    if nope_planes is None and R:
+    if qk_norm:
+        new_k, k_norm = merge_normed_keys(k, X, [kb for kb, _ in blocks], attn.k_norm, attn.norm_eps, info)
+        out = assemble(q, new_k, new_o).with_(k_norm=k_norm)
+        info["nope_planes"] = None
+    elif nope_planes is None and R:
         y_src = attention_output(attn, x, **rope_kw)
         info["nope_errors"] = {}
         for n in nope_candidates(attn.rope, context or T, inv_freq):

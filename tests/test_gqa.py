@@ -172,11 +172,9 @@ def test_unsupported_architecture():
         family_for({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
 
 
-def test_qk_norm_sources_are_refused_by_calibrated_merge_but_mean_pools():
+def test_qk_norm_sources_mean_pool_keeps_the_norms():  # calibrated merging: tests/test_qk_norm_merge.py
     a = read_all(tiny())[0]
     a = a.with_(q_norm=torch.ones(D, dtype=a.q.dtype), k_norm=torch.ones(D, dtype=a.q.dtype))
-    with pytest.raises(KvSurgeonError, match="q/k RMSNorm.*--method mean"):
-        gqa.calibrated_merge(a, torch.randn(16, HIDDEN, dtype=a.q.dtype), 2)
     assert gqa.mean_pool(a, 2).k_norm is a.k_norm
 
 
