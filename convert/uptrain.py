@@ -298,7 +298,7 @@ class Uptrainer:
         stream = PackedStream(tok, r.data.train, r.data.seq_len, r.batch_size, r.data.text_field, r.data.split,
                               rank=acc.process_index, world=acc.num_processes)
         batches = stream.batches(skip_windows=prog.windows)
-        steps = r.stage_steps()
+        steps = r.stage_steps(acc.num_processes)
         global_tokens = r.tokens_per_step * acc.num_processes  # distinct windows per process, so this is true
         total = sum(steps) if r.max_steps is None else min(sum(steps), r.max_steps)
         bar = tqdm(total=total, initial=prog.global_step, desc="uptrain", unit="step", disable=not (self.progress and acc.is_main_process))
