@@ -386,9 +386,11 @@ class Uptrainer:
     def _restore(self, ck: Path) -> None:
         """accelerate's load_state: weights (safetensors), optimiser, schedule and this rank's RNG, all
         read with torch.load(weights_only=True)."""
-        missing = [f for f in ("model.safetensors", "optimizer.bin", "scheduler.bin") if not (ck / f).is_file()]
-        if missing:
-            raise KvSurgeonError(f"checkpoint {ck} lacks {', '.join(missing)} (written by an older kvsurgeon?); start a new run")
+        # model file names depend on the mode (model.safetensors; pytorch_model_fsdp* under FSDP); the
+        # old hand-written format kept a pickled trainer_state.pt, which is not read any more
+        if (ck / "trainer_state.pt").exists() or not (ck / "scheduler.bin").is_file():
+            raise KvSurgeonError(f"checkpoint {ck} is not an accelerate save_state folder (written by an older kvsurgeon?); "
+                                 "start a new run")
         try:
             self.acc.load_state(str(ck))
         except RuntimeError as e:  # load_state_dict's mismatch report
