@@ -232,3 +232,13 @@ def test_fsdp_two_gpus_saves_collectively(runs, tmp_path):
     two = rows(runs / "two")
     fsdp = rows(tmp_path / "fsdp-run")
     torch.testing.assert_close(torch.tensor([r["loss"] for r in fsdp]), torch.tensor([r["loss"] for r in two]), rtol=1e-3, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; on CPU test_uptrain.py runs the same evals")
+def test_gpu_run_evaluates_on_the_model_device(runs, tmp_path):
+    """The GPU run used to crash at its first eval (CPU windows fed to CUDA models)."""
+    d = recipe(runs, str(tmp_path / "gpu"), batch_size=2)
+    d["data"] |= {"eval": str(runs / "text.jsonl"), "eval_tokens": 128}
+    uptrain(recipe_from_dict(d), progress=False)
+    evals = rows(tmp_path / "gpu", "eval")
+    assert [e["stage"] for e in evals] == ["after conversion", "after uptraining"]
