@@ -372,6 +372,11 @@ class Uptrainer:
                 break  # max_steps reached
         except KeyboardInterrupt:
             bar.close()
+            if acc.num_processes > 1:
+                # each rank is interrupted at its own point (one inside a gather, one not): a collective
+                # save now could pair mismatched collectives and hang, so keep the last periodic checkpoint
+                last = self.latest_checkpoint()
+                raise KvSurgeonError(f"interrupted: continue with --resume from {last or 'the start (no checkpoint yet)'}") from None
             path = self.save_checkpoint(prog)
             raise KvSurgeonError(f"interrupted: checkpoint saved to {path}; continue with --resume") from None
         bar.close()
