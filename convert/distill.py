@@ -31,14 +31,21 @@ def distill_loss(
 class PackedStream:
     """Documents joined with EOS, cut into (batch_size, seq_len) batches, deterministic in order.
 
-    ``position`` counts batches handed out, so a resumed run skips exactly what it already saw;
-    the data repeats (a new epoch) when it runs out.
+    Rank-aware: each step takes ``world * batch_size`` consecutive windows of the one global stream and
+    rank r keeps windows [r*batch_size, (r+1)*batch_size), so processes never train on the same
+    window and N processes with batch b see exactly the windows one process with batch N*b sees.
+    ``position`` counts global windows consumed (independent of the world size), so a resumed run skips
+    exactly what the whole job already saw; the data repeats (a new epoch) when it runs out.
     """
 
-    def __init__(self, tokenizer, source: str, seq_len: int, batch_size: int, text_field: str = "text", split: str = "train"):
+    def __init__(self, tokenizer, source: str, seq_len: int, batch_size: int, text_field: str = "text", split: str = "train",
+                 rank: int = 0, world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world of {world}")
         self.tok = tokenizer
         self.source, self.text_field, self.split = source, text_field, split
         self.seq_len, self.batch_size = seq_len, batch_size
+        self.rank, self.world = rank, world
         self.position = 0
 
     def _windows(self) -> Iterator[list[int]]:
@@ -56,12 +63,26 @@ class PackedStream:
             if not produced:
                 raise ValueError(f"{self.source} holds fewer than {self.seq_len} tokens")
 
-    def batches(self, skip: int = 0) -> Iterator[torch.Tensor]:
+    def batches(self, skip_windows: int = 0) -> Iterator[torch.Tensor]:
         windows = self._windows()
-        for _ in range(skip * self.batch_size):
+        for _ in range(skip_windows):
             next(windows)
-        self.position = skip
+        self.position = skip_windows
+        per_step = self.batch_size * self.world
+        lo = self.rank * self.batch_size
         while True:
-            batch = [next(windows) for _ in range(self.batch_size)]
-            self.position += 1
-            yield torch.tensor(batch, dtype=torch.long)
+            step = [next(windows) for _ in range(per_step)]
+            self.position += per_step
+            yield torch.tensor(step[lo : lo + self.batch_size], dtype=torch.long)
+
+
+def window_digests(ids: torch.Tensor) -> torch.Tensor:
+    """One int64 per window from its tokens (blake2b, identical in every process, unlike ``hash``):
+    what the run gathers to count the distinct windows it trained on."""
+    import hashlib
+
+    rows = ids.detach().to("cpu", torch.int64).numpy()
+    return torch.tensor(
+        [int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little", signed=True) for r in rows],
+        dtype=torch.int64,
+    )

@@ -87,6 +87,10 @@ def load_tokenizer(*folders: Path):
     raise KvSurgeonError(f"no tokenizer found in {', '.join(str(f) for f in folders if f)}")
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.inference_mode()
 def evaluate(
     model_name: str,
@@ -121,13 +125,15 @@ def evaluate(
     agree = count = 0
     bar = tqdm(total=windows.shape[0] * (seq_len - 1), unit="tok", desc="eval", disable=not progress)
     for start in range(0, windows.shape[0], batch_size):
-        ids = windows[start : start + batch_size]
+        # windows are built on the CPU; each model takes them on its own device (a CUDA student and
+        # teacher under accelerate), and the sums are taken on the student's device
+        ids = windows[start : start + batch_size].to(_device(model))
         logits = model(input_ids=ids).logits
         s, n = nll_sum(logits, ids)
         nll += s
         count += n
         if reference_model is not None:
-            ref_logits = reference_model(input_ids=ids).logits
+            ref_logits = reference_model(input_ids=ids.to(_device(reference_model))).logits.to(logits.device)
             ref_nll += nll_sum(ref_logits, ids)[0]
             k, a = kl_top1_sums(logits, ref_logits)
             kl += k

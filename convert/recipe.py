@@ -112,8 +112,10 @@ class Recipe:
     def tokens_per_step(self) -> int:
         return self.batch_size * self.grad_accum * self.data.seq_len
 
-    def stage_steps(self) -> list[int]:
-        return [max(1, s.tokens // self.tokens_per_step) for s in self.stages]
+    def stage_steps(self, processes: int = 1) -> list[int]:
+        """Optimiser steps per stage. Stage tokens are the job's global budget: with N processes each
+        step trains on N x tokens_per_step distinct tokens, so there are N times fewer steps."""
+        return [max(1, s.tokens // (self.tokens_per_step * processes)) for s in self.stages]
 
     def validate(self) -> "Recipe":
         errs = []

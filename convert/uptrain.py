@@ -8,7 +8,7 @@ accelerate handles devices, DDP/FSDP and mixed precision, so nothing here is a l
 from __future__ import annotations
 
 import json
-import math
+import os
 import random
 import shutil
 import time
@@ -22,11 +22,15 @@ from kvsurgeon.attention.kernels import attn_implementation
 from kvsurgeon.attention.kv_cache import kv_bytes_per_token
 
 from .checkpoint import read_config
-from .distill import PackedStream, distill_loss
+from .distill import PackedStream, distill_loss, window_digests
 from .errors import KvSurgeonError
 from .recipe import Recipe, StageCfg
 from .resolve import resolve_model
 from .writer import atomic_output
+
+# run state next to accelerate's save_state files: plain JSON and safetensors, nothing to unpickle
+PROGRESS_FILE = "progress.json"
+SEEN_FILE = "seen_windows.safetensors"
 
 PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
@@ -36,8 +40,13 @@ class Progress:
     stage: int = 0
     stage_step: int = 0  # optimiser steps done in the current stage
     global_step: int = 0
-    batches: int = 0  # data position: batches consumed
-    tokens: int = 0
+    windows: int = 0  # data position: global windows consumed by all processes together
+    tokens: int = 0  # global: summed over processes
+
+    @classmethod
+    def read(cls, ck: Path) -> "Progress":
+        d = json.loads((ck / PROGRESS_FILE).read_text())
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 # ---- pieces ------------------------------------------------------------------------------------
@@ -75,34 +84,16 @@ def select_trainable(model, stage: StageCfg, config: dict):
     return model
 
 
-def lr_lambda(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    frac = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return 1.0 - (1.0 - min_ratio) * frac
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
+def make_scheduler(opt, total: int, warmup: int, schedule: str, min_ratio: float):
+    """The recipe's schedule from transformers' own: cosine and linear decay to ``min_ratio`` of the peak."""
+    from transformers import get_scheduler
 
-
-def rng_state() -> dict:
-    import numpy as np
-
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    import numpy as np
-
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    if schedule == "cosine":
+        return get_scheduler("cosine_with_min_lr", opt, warmup, total, scheduler_specific_kwargs={"min_lr_rate": min_ratio})
+    if schedule == "linear":  # warmup-stable-decay with no stable phase is linear decay to a floor
+        kw = {"num_stable_steps": 0, "num_decay_steps": max(1, total - warmup), "decay_type": "linear", "min_lr_ratio": min_ratio}
+        return get_scheduler("warmup_stable_decay", opt, warmup, total, scheduler_specific_kwargs=kw)
+    return get_scheduler("constant_with_warmup", opt, warmup, total)
 
 
 def plot_metrics(metrics_file: Path, png: Path) -> bool:
@@ -160,7 +151,17 @@ class Uptrainer:
         self.recipe_text = recipe_text
         self.progress = progress
         self.out = Path(recipe.output)
-        self.acc = Accelerator(mixed_precision=PRECISION[recipe.precision], gradient_accumulation_steps=1)
+        # Several processes on a machine without GPUs (torchrun, `accelerate launch --multi_gpu`) must ask
+        # for CPU explicitly, else accelerate gives every process DistributedType.NO and rank 0.
+        # step_scheduler_with_optimizer=False: accelerate would otherwise step a prepared scheduler
+        # num_processes times per optimiser step (it assumes a sharded epoch length); ours counts steps.
+        multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.acc = Accelerator(mixed_precision=PRECISION[recipe.precision], gradient_accumulation_steps=1,
+                               cpu=multi and not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+        if multi and self.acc.num_processes == 1:
+            raise KvSurgeonError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate set up one; "
+                                 "set ACCELERATE_USE_CPU=1 on a machine without GPUs")
+        self.seen: set[int] = set()  # digests of the windows trained on (main process), for distinct_tokens
         self.metrics_file = self.out / "metrics.jsonl"
         self.ckpt_dir = self.out / "checkpoints"
 
@@ -204,29 +205,42 @@ class Uptrainer:
         return model
 
     # -- checkpoints --
-    def save_checkpoint(self, model, optimizer, scheduler, prog: Progress) -> Path:
-        if not self.acc.is_main_process:
-            return self.ckpt_dir
+    def save_checkpoint(self, prog: Progress) -> Path:
+        """Every process calls this: accelerate's save_state gathers an FSDP model collectively and each
+        rank writes its own RNG state. Written to a temporary folder and renamed when complete, so a run
+        killed mid-save leaves the previous checkpoint as the newest."""
         from safetensors.torch import save_file
 
+        acc = self.acc
         target = self.ckpt_dir / f"step-{prog.global_step:07d}"
-        state = self.acc.get_state_dict(model)
-        with atomic_output(target, overwrite=True) as tmp:
-            stored, _ = _without_tied(state)
-            save_file({k: v.detach().contiguous().cpu() for k, v in stored.items()}, str(tmp / "model.safetensors"))
-            torch.save(
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-                tmp / "trainer_state.pt",
-            )
-            (tmp / "progress.json").write_text(json.dumps(asdict(prog)) + "\n")
-        old = sorted(self.ckpt_dir.glob("step-*"))[: -self.r.keep_checkpoints]
-        for o in old:
-            shutil.rmtree(o, ignore_errors=True)
+        tmp = self.ckpt_dir / f".tmp-{target.name}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / PROGRESS_FILE).write_text(json.dumps(asdict(prog)) + "\n")
+            save_file({"digests": torch.tensor(sorted(self.seen), dtype=torch.int64)}, str(tmp / SEEN_FILE))
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+            for old in sorted(self.ckpt_dir.glob("step-*"))[: -self.r.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
         return target
 
     def latest_checkpoint(self) -> Path | None:
-        ck = sorted(self.ckpt_dir.glob("step-*")) if self.ckpt_dir.is_dir() else []
+        ck = sorted(c for c in self.ckpt_dir.glob("step-*") if (c / PROGRESS_FILE).is_file()) if self.ckpt_dir.is_dir() else []
         return ck[-1] if ck else None
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume, drop rows a killed run logged after its last checkpoint: they are trained again."""
+        if self.acc.is_main_process and self.metrics_file.exists():
+            rows = [l for l in self.metrics_file.read_text().splitlines() if l.strip()]
+            self.metrics_file.write_text("".join(l + "\n" for l in rows if json.loads(l).get("step", 0) <= step))
+        self.acc.wait_for_everyone()
 
     def log(self, row: dict) -> None:
         if self.acc.is_main_process:
@@ -255,9 +269,10 @@ class Uptrainer:
 
     # -- main loop --
     def run(self, resume: bool = False) -> Path:
+        from safetensors.torch import load_file
         from transformers import AutoTokenizer
 
-        r = self.r
+        r, acc = self.r, self.acc
         if self.out.exists() and not resume and any(self.out.iterdir()) and (self.ckpt_dir.exists() or (self.out / "final").exists()):
             raise KvSurgeonError(f"{self.out} already holds a run; pass --resume to continue it, or choose another output")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -267,72 +282,86 @@ class Uptrainer:
         src = resolve_model(r.source)
         tok = AutoTokenizer.from_pretrained(folder)
         teacher = self.load(src, trainable=False)
-        teacher = self.acc.prepare_model(teacher, evaluation_mode=True)
+        teacher = acc.prepare_model(teacher, evaluation_mode=True)
         student_base = self.load(folder, trainable=True)
         config = read_config(folder)
 
         prog = Progress()
         ck = self.latest_checkpoint() if resume else None
         if ck is not None:
-            prog = Progress(**json.loads((ck / "progress.json").read_text()))
+            prog = Progress.read(ck)
+            self.seen = set(load_file(str(ck / SEEN_FILE))["digests"].tolist()) if acc.is_main_process else set()
+            self._truncate_metrics(prog.global_step)
         elif resume:
             raise KvSurgeonError(f"--resume: no checkpoint under {self.ckpt_dir}")
 
-        stream = PackedStream(tok, r.data.train, r.data.seq_len, r.batch_size, r.data.text_field, r.data.split)
-        batches = stream.batches(skip=prog.batches)
-        steps = r.stage_steps()
-        if prog.global_step == 0 and ck is None:
-            self.evaluate(student_base, teacher, folder, prog, "after conversion")
+        stream = PackedStream(tok, r.data.train, r.data.seq_len, r.batch_size, r.data.text_field, r.data.split,
+                              rank=acc.process_index, world=acc.num_processes)
+        batches = stream.batches(skip_windows=prog.windows)
+        steps = r.stage_steps(acc.num_processes)
+        global_tokens = r.tokens_per_step * acc.num_processes  # distinct windows per process, so this is true
         total = sum(steps) if r.max_steps is None else min(sum(steps), r.max_steps)
-        bar = tqdm(total=total, initial=prog.global_step, desc="uptrain", unit="step", disable=not (self.progress and self.acc.is_main_process))
+        bar = tqdm(total=total, initial=prog.global_step, desc="uptrain", unit="step", disable=not (self.progress and acc.is_main_process))
         model = student_base
         try:
             for si in range(prog.stage, len(r.stages)):
                 stage = r.stages[si]
+                # drop the previous stage's (and the teacher's) registrations: save_state then holds
+                # exactly this stage's student, optimiser and schedule
+                acc.free_memory()
                 model = select_trainable(student_base, stage, config)
                 params = [p for p in model.parameters() if p.requires_grad]
-                lr = stage.lr or r.optim.lr
-                opt = torch.optim.AdamW(params, lr=lr, betas=tuple(r.optim.betas), weight_decay=r.optim.weight_decay)
-                sched = torch.optim.lr_scheduler.LambdaLR(
-                    opt, lambda s, n=steps[si]: lr_lambda(s, n, r.optim.warmup_steps, r.optim.schedule, r.optim.min_lr_ratio)
-                )
+                opt = torch.optim.AdamW(params, lr=stage.lr or r.optim.lr, betas=tuple(r.optim.betas), weight_decay=r.optim.weight_decay)
+                sched = make_scheduler(opt, steps[si], r.optim.warmup_steps, r.optim.schedule, r.optim.min_lr_ratio)
+                model, opt, sched = acc.prepare(model, opt, sched)
                 if ck is not None and si == prog.stage:
-                    self._restore(ck, model, opt, sched)
-                model, opt, sched = self.acc.prepare(model, opt, sched)
+                    self._restore(ck)
+                if prog.global_step == 0 and ck is None and si == 0:
+                    # after prepare: the student is on the accelerator's device (sharded under FSDP)
+                    self.evaluate(model, teacher, folder, prog, "after conversion")
+                params = [p for p in model.parameters() if p.requires_grad]
                 start = prog.stage_step if si == prog.stage else 0
                 for _ in range(start, steps[si]):
                     if r.max_steps is not None and prog.global_step >= r.max_steps:
                         break
                     t0 = time.time()
-                    loss_sum = kl_sum = ce_sum = 0.0
+                    sums = torch.zeros(3, device=acc.device)
+                    digests = []
                     for _ in range(r.grad_accum):
-                        ids = next(batches).to(self.acc.device)
-                        with self.acc.autocast():
+                        ids = next(batches)
+                        digests.append(window_digests(ids))
+                        ids = ids.to(acc.device)
+                        with acc.autocast():
                             with torch.no_grad():
                                 t_logits = teacher(input_ids=ids).logits
                             s_logits = model(input_ids=ids).logits
                         loss, kl, ce = distill_loss(s_logits, t_logits, ids, r.distill.temperature, r.distill.kl_weight, r.distill.ce_weight)
-                        self.acc.backward(loss / r.grad_accum)
-                        loss_sum += loss.item() / r.grad_accum
-                        kl_sum += kl.item() / r.grad_accum
-                        ce_sum += ce.item() / r.grad_accum
+                        acc.backward(loss / r.grad_accum)
+                        sums += torch.stack([loss.detach(), kl, ce]) / r.grad_accum
                     if r.optim.grad_clip:
-                        self.acc.clip_grad_norm_(params, r.optim.grad_clip)
+                        acc.clip_grad_norm_(params, r.optim.grad_clip)
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
+                    # the logged loss is the mean over processes (= one process with the global batch);
+                    # the digests of every process's windows count the distinct data actually trained on
+                    loss_v, kl_v, ce_v = acc.reduce(sums, reduction="mean").tolist()
+                    all_digests = acc.gather(torch.cat(digests).to(acc.device)).tolist()
+                    if acc.is_main_process:
+                        self.seen.update(all_digests)
                     prog.stage_step += 1
                     prog.global_step += 1
-                    prog.batches = stream.position
-                    prog.tokens += r.tokens_per_step * self.acc.num_processes
+                    prog.windows = stream.position
+                    prog.tokens += global_tokens
                     dt = time.time() - t0
-                    tps = r.tokens_per_step * self.acc.num_processes / dt
+                    tps = global_tokens / dt
                     self.log({"kind": "train", "stage": stage.name, "step": prog.global_step, "tokens": prog.tokens,
-                              "loss": loss_sum, "kl": kl_sum, "ce": ce_sum, "lr": sched.get_last_lr()[0], "tokens_per_s": tps})
+                              "distinct_tokens": len(self.seen) * r.data.seq_len, "loss": loss_v, "kl": kl_v, "ce": ce_v,
+                              "lr": sched.get_last_lr()[0], "tokens_per_s": tps, "processes": acc.num_processes})
                     bar.update(1)
-                    bar.set_postfix(stage=stage.name, loss=f"{loss_sum:.3f}", kl=f"{kl_sum:.3f}", tok_s=f"{tps:.0f}")
+                    bar.set_postfix(stage=stage.name, loss=f"{loss_v:.3f}", kl=f"{kl_v:.3f}", tok_s=f"{tps:.0f}")
                     if prog.global_step % r.save_every == 0:
-                        self.save_checkpoint(model, opt, sched, prog)
+                        self.save_checkpoint(prog)
                     if r.eval_every and prog.global_step % r.eval_every == 0:
                         self.evaluate(model, teacher, folder, prog, stage.name)
                 else:
@@ -343,31 +372,35 @@ class Uptrainer:
                 break  # max_steps reached
         except KeyboardInterrupt:
             bar.close()
-            path = self.save_checkpoint(model, opt, sched, prog)
+            if acc.num_processes > 1:
+                # each rank is interrupted at its own point (one inside a gather, one not): a collective
+                # save now could pair mismatched collectives and hang, so keep the last periodic checkpoint
+                last = self.latest_checkpoint()
+                raise KvSurgeonError(f"interrupted: continue with --resume from {last or 'the start (no checkpoint yet)'}") from None
+            path = self.save_checkpoint(prog)
             raise KvSurgeonError(f"interrupted: checkpoint saved to {path}; continue with --resume") from None
         bar.close()
         if prog.stage < len(r.stages):  # stopped by max_steps: leave a checkpoint to resume from
-            self.save_checkpoint(model, opt, sched, prog)
+            self.save_checkpoint(prog)
             return self.latest_checkpoint()
         final = self.finish(student_base, teacher, folder, config, prog)
-        plot_metrics(self.metrics_file, self.out / "metrics.png")
+        if acc.is_main_process:
+            plot_metrics(self.metrics_file, self.out / "metrics.png")
         return final
 
-    def _restore(self, ck: Path, model, opt, sched) -> None:
-        from safetensors.torch import load_file
-
-        state = load_file(str(ck / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        _, tied = _without_tied(model.state_dict())  # stored once by save_checkpoint, shared again in the model
-        if unexpected or set(missing) - tied:
-            raise KvSurgeonError(
-                f"checkpoint {ck} does not match this recipe's model (unexpected {unexpected[:3]}, "
-                f"missing {sorted(set(missing) - tied)[:3]}); resume with the recipe that wrote it"
-            )
-        ts = torch.load(ck / "trainer_state.pt", weights_only=False)  # our own file, written by save_checkpoint
-        opt.load_state_dict(ts["optimizer"])
-        sched.load_state_dict(ts["scheduler"])
-        set_rng_state(ts["rng"])
+    def _restore(self, ck: Path) -> None:
+        """accelerate's load_state: weights (safetensors), optimiser, schedule and this rank's RNG, all
+        read with torch.load(weights_only=True)."""
+        # model file names depend on the mode (model.safetensors; pytorch_model_fsdp* under FSDP); the
+        # old hand-written format kept a pickled trainer_state.pt, which is not read any more
+        if (ck / "trainer_state.pt").exists() or not (ck / "scheduler.bin").is_file():
+            raise KvSurgeonError(f"checkpoint {ck} is not an accelerate save_state folder (written by an older kvsurgeon?); "
+                                 "start a new run")
+        try:
+            self.acc.load_state(str(ck))
+        except RuntimeError as e:  # load_state_dict's mismatch report
+            raise KvSurgeonError(f"checkpoint {ck} does not match this recipe's model ({str(e)[:300]}); "
+                                 "resume with the recipe that wrote it") from None
 
     def _unwrap_merged(self, model):
         m = self.acc.unwrap_model(model)
@@ -404,10 +437,11 @@ class Uptrainer:
                 fidelity=fid,
             )
             dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(config.get("dtype")), torch.float32)
+        # every process: under FSDP this gathers the full weights (a collective); DDP/one process: a plain state_dict
+        state = self.acc.get_state_dict(student)
+        if self.acc.is_main_process:
             with atomic_output(target, overwrite=True) as tmp:
-                model = self.acc.unwrap_model(student)
-                model.to(dtype).save_pretrained(tmp)
-                model.to(torch.float32)
+                self.acc.unwrap_model(student).save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state.items()})
                 copy_extras(folder, tmp)
                 write_model_card(tmp, info)
         self.acc.wait_for_everyone()

@@ -3,6 +3,8 @@
 
     python scripts/uptrain.py --recipe recipes/smollm2-mqa.yaml [--resume] [key=value ...]
     accelerate launch --config_file recipes/accelerate/fsdp.yaml scripts/uptrain.py --recipe recipes/llama3-8b-mla.yaml
+    # two processes on a machine without GPUs (`accelerate launch --cpu` would start only one):
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/uptrain.py --recipe R.yaml
 """
 
 from __future__ import annotations
