@@ -239,7 +239,8 @@ def eval_(
         heatmap_png(long, png)
         err.print(f"wrote {png}", highlight=False)
     if as_json:
-        print(json.dumps({**({"ppl": r.as_dict()} if r else {}), **({"long_context": [x.as_dict() for x in long]} if long else {})}, indent=2))
+        # the short-window fields stay at the top level (as before long context existed); long context under its own key
+        print(json.dumps({**(r.as_dict() if r else {}), **({"long_context": [x.as_dict() for x in long]} if long else {})}, indent=2))
         return
     if r is not None:
         _print_ppl(r)

@@ -71,7 +71,9 @@ def heatmap_png(results: list[LongContextResult], path: str | Path, title: str |
     tasks = [t for t in ("passkey", "multikey") if getattr(first, t) is not None]
     cols = len(results)
     rows = len(tasks) + (1 if first.long_ppl is not None else 0)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 0.8, 2.6 * rows + 0.6), squeeze=False)
+    fig = plt.figure(figsize=(3.2 * cols + 0.8, 2.8 * rows + 0.6), layout="constrained")
+    gs = fig.add_gridspec(rows, cols)
+    axes = [[fig.add_subplot(gs[ti, ci]) for ci in range(cols)] for ti in range(len(tasks))]
     lengths = first.options["lengths"]
     depths = [f"{100 * d:.0f}%" for d in first.depths]
     image = None
@@ -91,21 +93,19 @@ def heatmap_png(results: list[LongContextResult], path: str | Path, title: str |
             if ti == len(tasks) - 1:
                 ax.set_xlabel("key depth", fontsize=8)
     if first.long_ppl is not None:
-        ax0 = axes[-1][0]
+        ax0 = fig.add_subplot(gs[-1, :])  # the whole bottom row: one line per model
         for r in results:
             ax0.plot(range(len(r.long_ppl)), r.long_ppl, marker="o", label=r.model)
         ax0.set_xticks(range(len(first.long_ppl_buckets)), first.long_ppl_buckets, fontsize=7, rotation=30)
         ax0.set_ylabel("ppl", fontsize=8)
         ax0.set_title(f"perplexity by position ({first.options['long_seq_len']} windows)", fontsize=8)
-        ax0.legend(fontsize=6)
-        for ax in axes[-1][1:]:
-            ax.axis("off")
+        ax0.legend(fontsize=7)
     if image is not None:
-        fig.colorbar(image, ax=axes[: len(tasks)].ravel().tolist(), shrink=0.8, label="retrieved")
+        fig.colorbar(image, ax=[a for row in axes for a in row], shrink=0.8, label="retrieved")
     if title:
         fig.suptitle(title, fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

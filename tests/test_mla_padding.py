@@ -79,7 +79,7 @@ def test_pad_latent_refuses_to_shrink():
 
 
 def _convert(src, out, **spec):
-    run_conversion(str(src), ConversionSpec(to="mla", method="svd", **spec), ConvertOptions(out=out, progress=False))
+    run_conversion(str(src), ConversionSpec(to="mla", method="svd", **spec), ConvertOptions(out=out, progress=False, measure="off"))
     return out
 
 

@@ -126,7 +126,7 @@ def max_diff(hf_lps: list[torch.Tensor], vllm_lps: list[list[float]]) -> float:
 
 def _convert(src: Path, out: Path, calib_text: Path, **spec) -> Path:
     calib = CalibConfig(data=str(calib_text), tokens=512, seq_len=64)
-    run_conversion(str(src), ConversionSpec(calib=calib, **spec), ConvertOptions(out=out, calib=calib, progress=False))
+    run_conversion(str(src), ConversionSpec(calib=calib, **spec), ConvertOptions(out=out, calib=calib, progress=False, measure="off"))
     return out
 
 
