@@ -102,7 +102,7 @@ def main() -> None:
     for name in args.only or list(JOBS):
         out = base / f"out-{name}"
         shutil.rmtree(out, ignore_errors=True)
-        argv = ["convert", str(src), *JOBS[name], "--out", str(out)]
+        argv = ["convert", str(src), *JOBS[name], "--out", str(out), "--measure", "off"]  # time and memory of the conversion alone
         print(f"{name}: kvsurgeon {' '.join(argv)}", flush=True)
         t0 = time.time()
         st = run_measured(argv, base / f"{name}.json")

@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
     out = ROOT / "runs" / "lc-ablation" / tag
     t0 = time.time()
     if not (out / "config.json").is_file():
-        app(["convert", SOURCE, *BASE[job], *flags, "--out", str(out), "--overwrite"], standalone_mode=False)
+        app(["convert", SOURCE, *BASE[job], *flags, "--out", str(out), "--overwrite", "--measure", "off"], standalone_mode=False)
     secs = time.time() - t0
 
     from kvsurgeon.convert.evaluate import evaluate, load_model, load_tokenizer

@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
     out = ROOT / "runs" / "tune" / tag
     t0 = time.time()
     app(["convert", SOURCE, "--to", "mla", "--kv-lora-rank", R, "--rope-dim", Dr, "--calib-data", str(TRAIN),
-         "--calib-tokens", calib_tokens, *extra, "--out", str(out), "--overwrite"], standalone_mode=False)
+         "--calib-tokens", calib_tokens, *extra, "--out", str(out), "--overwrite", "--measure", "off"], standalone_mode=False)
     secs = time.time() - t0
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as f:
         f.writelines(TRAIN.read_text().splitlines(keepends=True)[-tail_docs:])
