@@ -23,12 +23,16 @@ DEFAULT_EVAL_DATA = Path(__file__).parent / "data" / "heldout.jsonl"
 
 
 # ---- math: tensors in, sums out ----------------------------------------------------------------
+def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) next-token NLL of (B, T, V) logits on (B, T) ids: position t predicts token t+1."""
+    lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
 def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     """Summed next-token NLL of (B, T, V) logits on (B, T) ids, and the number of predictions."""
-    lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    tgt = ids[:, 1:]
-    nll = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-    return float(nll.double().sum()), tgt.numel()
+    nll = token_nll(logits, ids)
+    return float(nll.double().sum()), nll.numel()
 
 
 def kl_top1_sums(logits: torch.Tensor, ref_logits: torch.Tensor) -> tuple[float, int]:

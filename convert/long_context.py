@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import KvSurgeonError
+from .evaluate import token_nll
 from .text_data import iter_texts
 
 TASKS = ("passkey", "multikey", "long-ppl")
@@ -251,8 +252,7 @@ def long_ppl(model, windows: torch.Tensor, edges: list[int], desc: str = "long-p
     sums = [[0.0, 0] for _ in edges[:-1]]
     for w in tqdm(windows, desc=desc, unit="window", disable=not progress):
         ids = w.unsqueeze(0).to(device)
-        logits = model(input_ids=ids).logits[:, :-1]
-        nll = -F.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        nll = token_nll(model(input_ids=ids).logits, ids)
         for acc, (s, c) in zip(sums, bucket_nll(nll.cpu(), edges)):
             acc[0] += s
             acc[1] += c

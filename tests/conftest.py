@@ -66,18 +66,22 @@ def tiny_ckpt(tmp_path) -> Path:
     return save_tiny(tmp_path / "tiny")
 
 
-@pytest.fixture
-def text_file(tmp_path) -> Path:
+def write_text(path: Path) -> Path:
+    """20 seeded documents of 200 words: a real .jsonl for calibration, training and eval."""
     import json
 
-    path = tmp_path / "text.jsonl"
     words = "the quick brown fox jumps over a lazy dog while python documentation explains modules".split()
     g = torch.Generator().manual_seed(0)
     with open(path, "w") as f:
-        for d in range(20):
+        for _ in range(20):
             idx = torch.randint(len(words), (200,), generator=g).tolist()
             f.write(json.dumps({"text": " ".join(words[i] for i in idx)}) + "\n")
     return path
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    return write_text(tmp_path / "text.jsonl")
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ from kvsurgeon.convert.distill import PackedStream, window_digests
 from kvsurgeon.convert.recipe import recipe_from_dict
 from kvsurgeon.convert.uptrain import uptrain
 
-from conftest import save_tiny, write_tiny_tokenizer
+from conftest import save_tiny, write_text, write_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ, STEPS = 32, 12
@@ -64,16 +64,6 @@ def launch(recipe: Path, resume: bool = False, timeout: int = 300) -> None:
     # a timeout, not a hang: a rank that skips a collective shows up here as a deadlock
     p = subprocess.run(launch_cmd(recipe, resume), env=launch_env(), capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stderr[-4000:]
-
-
-def write_text(path: Path) -> Path:
-    words = "the quick brown fox jumps over a lazy dog while python documentation explains modules".split()
-    g = torch.Generator().manual_seed(0)
-    with open(path, "w") as f:
-        for _ in range(20):
-            idx = torch.randint(len(words), (200,), generator=g).tolist()
-            f.write(json.dumps({"text": " ".join(words[i] for i in idx)}) + "\n")
-    return path
 
 
 def recipe(base: Path, out: str, batch_size: int, **over) -> dict:

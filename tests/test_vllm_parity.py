@@ -165,16 +165,7 @@ def _native_deepseek(out: Path) -> Path:
         max_position_embeddings=512, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
-    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.08)
-            elif "norm" in n:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-    m.save_pretrained(out)
-    write_tiny_tokenizer(out, 128)
-    return out
+    return _save_randomized(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), out)
 
 
 def _native_granite(out: Path, n_groups: int) -> Path:
@@ -189,16 +180,21 @@ def _native_granite(out: Path, n_groups: int) -> Path:
         mamba_proj_bias=True, num_local_experts=0, position_embedding_type="rope", tie_word_embeddings=False,
         attention_multiplier=32**-0.5, embedding_multiplier=1.0, residual_multiplier=1.0, logits_scaling=1.0,
     )
-    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return _save_randomized(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), out, mamba=True)
+
+
+def _save_randomized(m, out: Path, mamba: bool = False) -> Path:
+    """Widen transformers' tiny init so every weight matters, save with a tiny tokenizer. Mamba2 layers
+    also get random A_log and other vectors (dt bias, D, conv bias)."""
     with torch.no_grad():
         for n, p in m.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.08)
             elif "norm" in n:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif "A_log" in n:
+            elif mamba and "A_log" in n:
                 p.copy_(torch.randn_like(p))
-            else:
+            elif mamba:
                 p.normal_(0, 0.3)
     m.save_pretrained(out)
     write_tiny_tokenizer(out, 128)

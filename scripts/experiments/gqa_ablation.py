@@ -49,10 +49,10 @@ VALID = "/work/shared/data/pydocs-valid.jsonl"
 
 
 def load_model(work: Path):
-    cache = work / "smollm2_fp32.pt"
+    cache = work / "smollm2_fp32.v2.pt"  # v2: config stored as JSON text, so the cache loads with weights_only=True
     if cache.exists():
-        blob = torch.load(cache, weights_only=False)
-        cfg = transformers.LlamaConfig.from_dict(blob["config"])
+        blob = torch.load(cache, weights_only=True)
+        cfg = transformers.LlamaConfig.from_dict(json.loads(blob["config"]))
         model = transformers.LlamaForCausalLM(cfg)
         model.load_state_dict(blob["state_dict"], strict=False)
         model.tie_weights()
@@ -62,7 +62,7 @@ def load_model(work: Path):
         tok = transformers.AutoTokenizer.from_pretrained(GGUF_DIR, gguf_file=GGUF_FILE)
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)
-        torch.save({"config": cfg, "state_dict": model.state_dict()}, cache)
+        torch.save({"config": json.dumps(cfg, default=str), "state_dict": model.state_dict()}, cache)
         tok.save_pretrained(str(work / "tokenizer"))
         model = load_model(work)[0]
     model.config._attn_implementation = "sdpa"
