@@ -47,6 +47,7 @@ from typing import Sequence
 import torch
 
 from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
+from kvsurgeon.attention.reference import _as_batch, attention_output, head_outputs, rope_tables
 
 from .errors import KvSurgeonError
 from .qk_norm_merge import merge_normed_keys
@@ -148,111 +149,6 @@ def permute_heads(attn: AttentionWeights, kv_order: Sequence[int]) -> AttentionW
         q=pick(attn.q, qh), k=pick(attn.k, kv), v=pick(attn.v, kv), o=pick(attn.o, qh, 1),
         q_bias=pick(attn.q_bias, qh), k_bias=pick(attn.k_bias, kv), v_bias=pick(attn.v_bias, kv),
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Reference attention (calibration-side simulation of the transformers forward)
-# --------------------------------------------------------------------------------------------
-
-
-def rope_tables(rope: RopeSpec) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (float64, rotary_dim // 2) and cos/sin scaling as transformers computes
-    them for this RoPE type (scaled types go through transformers' own init functions)."""
-    if rope.rope_type == "default":
-        return rope.inv_freq(), 1.0
-    if rope.rope_type == "linear":
-        return rope.inv_freq() / float(rope.scaling["factor"]), 1.0
-    try:
-        from transformers import LlamaConfig
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        params = dict(rope.scaling, rope_type=rope.rope_type, rope_theta=rope.theta)
-        params["partial_rotary_factor"] = rope.partial_rotary_factor
-        orig = int(params.get("original_max_position_embeddings", 8192))
-        cfg = LlamaConfig(  # only the RoPE fields matter; the length keeps the scaling consistent
-            hidden_size=rope.head_dim, num_attention_heads=1, head_dim=rope.head_dim,
-            max_position_embeddings=max(int(orig * float(params.get("factor", 1.0))), orig + 1),
-            rope_parameters=params,
-        )
-        inv, scale = ROPE_INIT_FUNCTIONS[rope.rope_type](cfg, "cpu")
-    except Exception as e:  # pragma: no cover - depends on transformers internals
-        raise KvSurgeonError(
-            f"cannot compute RoPE frequencies for rope_type={rope.rope_type!r} ({e}); pass inv_freq= and "
-            f"attention_scaling= explicitly, or use --method mean"
-        ) from e
-    return inv.to(F64), float(scale)
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    half = rotary_dim // 2
-    a, b, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
-    return torch.cat([a * cos - b * sin, b * cos + a * sin, rest], dim=-1)
-
-
-def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
-
-
-def _as_batch(x: torch.Tensor) -> torch.Tensor:
-    """(N, hidden) -> one sequence (1, N, hidden); (B, T, hidden) stays."""
-    return x.unsqueeze(0) if x.dim() == 2 else x
-
-
-def head_outputs(
-    attn: AttentionWeights,
-    x: torch.Tensor,
-    *,
-    inv_freq: torch.Tensor | None = None,
-    attention_scaling: float | None = None,
-    probs: bool = False,
-):
-    """Per-head causal attention outputs before ``o_proj``, float64, (B, T, H, Dv).
-
-    x: (B, T, hidden) attention inputs (a 2-D (N, hidden) input is one sequence), positions 0..T-1.
-    With ``probs=True`` also returns the attention probabilities (B, H, T, T).
-    """
-    x = _as_batch(x).to(F64)
-    B, T, _ = x.shape
-    H, G, D, R = attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.rope.rotary_dim
-    if inv_freq is None:
-        inv_freq, scale0 = rope_tables(attn.rope)
-        attention_scaling = scale0 if attention_scaling is None else attention_scaling
-    attention_scaling = 1.0 if attention_scaling is None else attention_scaling
-    ang = torch.arange(T, dtype=F64)[:, None] * inv_freq.to(F64)[None]
-    cos, sin = ang.cos() * attention_scaling, ang.sin() * attention_scaling
-    mask = torch.ones(T, T, dtype=torch.bool).tril()
-    outs, ps = [], []
-    for b in range(B):  # one sequence at a time bounds the (H, T, T) score memory
-        xb = x[b]
-        q = torch.einsum("ti,hdi->htd", xb, attn.q.to(F64))
-        k = torch.einsum("ti,gdi->gtd", xb, attn.k.to(F64))
-        v = torch.einsum("ti,gdi->gtd", xb, attn.v.to(F64))
-        if attn.q_bias is not None:
-            q = q + attn.q_bias.to(F64)[:, None]
-        if attn.k_bias is not None:
-            k = k + attn.k_bias.to(F64)[:, None]
-        if attn.v_bias is not None:
-            v = v + attn.v_bias.to(F64)[:, None]
-        if attn.q_norm is not None:
-            q = _rms_norm(q, attn.q_norm, attn.norm_eps)
-        if attn.k_norm is not None:
-            k = _rms_norm(k, attn.k_norm, attn.norm_eps)
-        q, k = _apply_rope(q, cos, sin, R), _apply_rope(k, cos, sin, R)
-        kv = attn.kv_index()
-        s = q @ k[kv].transpose(-1, -2) * D**-0.5
-        p = s.masked_fill(~mask, float("-inf")).softmax(-1)
-        outs.append((p @ v[kv]).transpose(0, 1))  # (T, H, Dv)
-        if probs:
-            ps.append(p)
-    out = torch.stack(outs)
-    return (out, torch.stack(ps)) if probs else out
-
-
-def attention_output(attn: AttentionWeights, x: torch.Tensor, **kw) -> torch.Tensor:
-    """The layer's attention output (after ``o_proj``), float64, (B, T, hidden)."""
-    z = head_outputs(attn, x, **kw)
-    y = torch.einsum("bthv,ihv->bti", z, attn.o.to(F64))
-    return y if attn.o_bias is None else y + attn.o_bias.to(F64)
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from kvsurgeon.attention.hybrid_layout import GdnDims, GdnWeights, Mamba2Dims, M
 from kvsurgeon.attention.neutral import AttentionWeights
 
 from .errors import KvSurgeonError
-from .gqa import attention_output, head_outputs
+from kvsurgeon.attention.reference import attention_output, head_outputs
 
 F64 = torch.float64
 

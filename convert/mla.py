@@ -63,6 +63,17 @@ import torch
 
 from kvsurgeon.attention.mla_layout import UNTIED_LM_HEAD, MlaWeights, deepseek_config, rotate_half_to_interleaved, write_mla
 from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
+from kvsurgeon.attention.reference import (
+    apply_rope,
+    attention_output,
+    latent_rms,
+    mla_head_outputs,
+    mla_rope,
+    rope_cos_sin,
+    rope_tables,
+    source_probs,
+    source_qk,
+)
 
 from .errors import KvSurgeonError
 from .ridge import ridge_towards
@@ -81,13 +92,10 @@ __all__ = [
     "mla_config",
     "mla_state_dict",
     "attention_token_weights",
-    "source_attention_reference",
-    "mla_attention_reference",
     "refit_output",
     "refit_queries",
 ]
 
-KV_A_NORM_EPS = 1e-6  # DeepseekV3RMSNorm(config.kv_lora_rank): transformers never passes rms_norm_eps
 
 
 class MlaConversionError(KvSurgeonError):
@@ -340,10 +348,6 @@ def _ballast_direction(X: torch.Tensor, A: torch.Tensor, deficit: torch.Tensor) 
     return d / d.norm().clamp_min(1e-300)
 
 
-def _latent_rms(c: torch.Tensor) -> torch.Tensor:
-    return (c.pow(2).mean(-1) + KV_A_NORM_EPS).sqrt()
-
-
 # ---------------------------------------------------------------------------------------------
 # the conversion
 
@@ -417,7 +421,7 @@ def _plan(
         kb = rotate_keys(attn.k_bias.double()[..., None], A, rd)[..., 0]  # (G, D)
         k_pe_bias = kb[0, rope_rows]
 
-    inv_freq = attn.rope.inv_freq()
+    inv_freq = rope_tables(attn.rope)[0]
     nope: list[tuple[int, int]] = []
     dropped = 0
     is_rope = torch.zeros(G, D, dtype=torch.bool)
@@ -473,6 +477,8 @@ def _plan(
     C = S @ W @ Sx_kv @ W.T @ S
     evals, U = torch.linalg.eigh(0.5 * (C + C.T))
     evals, U = evals.flip(0).clamp_min(0), U.flip(1)
+    if attn.rope.rope_type != "default":  # Dr == rotary_dim: the config copies the source's rope_parameters
+        info.update(rope_type=attn.rope.rope_type, rope_scaling=dict(attn.rope.scaling))
     info.update(rope_theta=theta, kept_frequencies=kept, nope_dims=Kn, nope_dropped=dropped, kv_alpha=alpha)
     return _Plan(kept, theta, rope_rows, kr[0, rope_rows], q_rope, k_pe_bias, Wk, Cn, Wv, S, S_inv, Sx,
                  evals, U, q, info)
@@ -564,7 +570,7 @@ def convert_layer_to_mla(
     used = r  # latent dims carrying K/V (plus ballast dims, which only steady the norm)
     if X is not None:
         Y = X @ A0.T
-        info["rms_cv_unscaled"] = _cv(_latent_rms(Y[:, :r] / Y[:, :r].pow(2).mean().sqrt()))
+        info["rms_cv_unscaled"] = _cv(latent_rms(Y[:, :r] / Y[:, :r].pow(2).mean().sqrt()))
         if norm_fit:
             s[:r] = fit_latent_scales(Y[:, :r]).sqrt()
             nb = min(norm_ballast, R - r)
@@ -578,7 +584,7 @@ def convert_layer_to_mla(
         c = Y * s
         s = s / c[:, :used].pow(2).mean(-1).mean().sqrt()  # mean rms**2 over the used dims = 1
         c = Y * s
-        rho = _latent_rms(c)
+        rho = latent_rms(c)
         csq = c[:, :r].pow(2).sum(-1)
         r0 = float((csq / rho).sum() / (csq / rho.pow(2)).sum())  # least-squares: c * r0 / rho ~= c
         info["rms_cv"] = _cv(rho)
@@ -594,7 +600,7 @@ def convert_layer_to_mla(
     B = B0.clone()
     if X is not None and refit:
         c = X @ A.T
-        ct = torch.where(torch.arange(R) < used, r0 / s, torch.zeros(R, dtype=torch.float64)) * c / _latent_rms(c)[:, None]
+        ct = torch.where(torch.arange(R) < used, r0 / s, torch.zeros(R, dtype=torch.float64)) * c / latent_rms(c)[:, None]
         Z = X @ W.T
         ctw = ct if u is None else ct * u[:, None]
         G_ = ctw.T @ ct
@@ -604,7 +610,7 @@ def convert_layer_to_mla(
         w[r:used] = (r0 / s)[r:used]
     if X is not None:
         c = X @ A.T
-        ct = w * c / _latent_rms(c)[:, None]
+        ct = w * c / latent_rms(c)[:, None]
         Z = X @ W.T
         err = Z - ct @ B.T
         if Kn:
@@ -764,38 +770,6 @@ def mla_state_dict(
 # plain-PyTorch references (one layer, causal, no cache): measure a conversion before building a model
 
 
-def _rope_rotate_half(t: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    T = t.shape[-2]
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq.double()[None]
-    cos, sin = ang.cos(), ang.sin()
-    half = rotary_dim // 2
-    a, b, rest = t[..., :half], t[..., half:rotary_dim], t[..., rotary_dim:]
-    return torch.cat([a * cos - b * sin, b * cos + a * sin, rest], dim=-1)
-
-
-def _source_qk(attn: AttentionWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source queries (..., H, T, D) and keys (..., G, T, D) with biases and default RoPE, float64,
-    for inputs x (..., T, hidden) at positions 0..T-1."""
-    x = x.double()
-    q = torch.einsum("hdi,...ti->...htd", attn.q.double(), x)
-    k = torch.einsum("gdi,...ti->...gtd", attn.k.double(), x)
-    if attn.q_bias is not None:
-        q = q + attn.q_bias.double()[:, None]
-    if attn.k_bias is not None:
-        k = k + attn.k_bias.double()[:, None]
-    inv = attn.rope.inv_freq()
-    return _rope_rotate_half(q, inv, attn.rope.rotary_dim), _rope_rotate_half(k, inv, attn.rope.rotary_dim)
-
-
-def _causal_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    if q.dim() == 4 and q.shape[0] > 1:  # one sequence at a time: (B, H, T, T) float64 scores reach GBs
-        return torch.cat([_causal_attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], scale) for b in range(q.shape[0])])
-    T = q.shape[-2]
-    s = q @ k.transpose(-1, -2) * scale
-    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
-
-
 def attention_token_weights(attn: AttentionWeights, x: torch.Tensor, power: float = 1.0, mix: float = 1.0) -> torch.Tensor:
     """(B*T,) weights, mean 1: ``(1 - mix) + mix * received``, where ``received`` is how much attention
     each calibration token gets in the source layer (sum over heads and later queries of
@@ -803,68 +777,10 @@ def attention_token_weights(attn: AttentionWeights, x: torch.Tensor, power: floa
     x = x.double()
     if x.dim() != 3:
         raise MlaConversionError("attention_token_weights needs x shaped (batch, seq, hidden)")
-    out = []
-    idx = attn.kv_index()
-    for b in range(x.shape[0]):
-        q, k = _source_qk(attn, x[b])  # (H, T, D), (G, T, D)
-        T = q.shape[-2]
-        sc = (q @ k[idx].transpose(-1, -2)) * attn.head_dim ** -0.5
-        sc = sc.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-        p = torch.softmax(sc, -1)  # (H, T, T)
-        out.append(p.pow(power).sum((0, 1)))
+    out = [source_probs(attn, xb).pow(power).sum((0, 1)) for xb in x]  # (H, T, T) -> (T,)
     rec = torch.cat(out)
     rec = rec / rec.mean()
     return (1 - mix) + mix * rec
-
-
-def source_attention_reference(attn: AttentionWeights, x: torch.Tensor) -> torch.Tensor:
-    """Source attention output (B, T, hidden) for inputs x (B, T, hidden), float64, default RoPE."""
-    x = x.double()
-    q, k = _source_qk(attn, x)
-    v = torch.einsum("gdi,bti->bgtd", attn.v.double(), x)
-    if attn.v_bias is not None:
-        v = v + attn.v_bias.double()[None, :, None]
-    idx = attn.kv_index()
-    out = _causal_attend(q, k[:, idx], v[:, idx], attn.head_dim ** -0.5)
-    y = torch.einsum("xhd,bhtd->btx", attn.o.double(), out)
-    return y if attn.o_bias is None else y + attn.o_bias.double()
-
-
-def _mla_heads(w: MlaWeights, x: torch.Tensor, rope_theta: float | None, norm: str) -> torch.Tensor:
-    """Per-head attention outputs before o_proj, (B, H, T, Dv), float64."""
-    from kvsurgeon.attention.mla_layout import interleaved_to_rotate_half
-
-    x = x.double()
-    theta = w.info["rope_theta"] if rope_theta is None else rope_theta
-    R, Dr, Dn = w.kv_lora_rank, w.qk_rope_head_dim, w.qk_nope_head_dim
-    q = torch.einsum("hdi,bti->bhtd", w.q.double(), x)
-    ckv = torch.einsum("ri,bti->btr", w.kv_a.double(), x)
-    if w.kv_a_bias is not None:
-        ckv = ckv + w.kv_a_bias.double()
-    c, k_pe = ckv[..., :R], ckv[..., R:]
-    rho = _latent_rms(c)[..., None] if norm == "rms" else torch.full_like(c[..., :1], w.info.get("norm_r0", 1.0))
-    c = w.kv_a_norm.double() * c / rho
-    kv = torch.einsum("hdr,btr->bhtd", w.kv_b.double(), c)
-    k_nope, v = kv[..., :Dn], kv[..., Dn:]
-    q_nope, q_rope = q[..., :Dn], q[..., Dn:]
-    k_pe = k_pe[:, None]
-    if w.rope_interleaved:
-        q_rope, k_pe = interleaved_to_rotate_half(q_rope, -1), interleaved_to_rotate_half(k_pe, -1)
-    inv = 1.0 / (theta ** (torch.arange(0, Dr, 2, dtype=torch.float64) / Dr))
-    q_rope, k_pe = _rope_rotate_half(q_rope, inv, Dr), _rope_rotate_half(k_pe, inv, Dr)
-    qq = torch.cat([q_nope, q_rope], -1)
-    kk = torch.cat([k_nope, k_pe.expand(-1, qq.shape[1], -1, -1)], -1)
-    return _causal_attend(qq, kk, v, (Dn + Dr) ** -0.5)
-
-
-def mla_attention_reference(w: MlaWeights, x: torch.Tensor, rope_theta: float | None = None, norm: str = "rms") -> torch.Tensor:
-    """DeepseekV3 attention output (B, T, hidden), float64, default RoPE with ``rope_theta``
-    (default ``w.info['rope_theta']``). ``norm="rms"`` applies kv_a_layernorm as transformers does;
-    ``norm="ideal"`` replaces the per-token rms by the constant the conversion assumed
-    (``info['norm_r0']``), isolating the error the latent norm causes."""
-    out = _mla_heads(w, x, rope_theta, norm)
-    y = torch.einsum("xhd,bhtd->btx", w.o.double(), out)
-    return y if w.o_bias is None else y + w.o_bias.double()
 
 
 def refit_output(
@@ -878,10 +794,10 @@ def refit_output(
     match instead of the source layer's on x (e.g. sequential calibration correcting upstream drift)."""
     if x.dim() != 3:
         raise MlaConversionError("refit_output needs x shaped (batch, seq, hidden)")
-    a = _mla_heads(w, x, None, "rms")  # (B, H, T, Dv)
+    a = mla_head_outputs(w, x)  # (B, H, T, Dv)
     B_, H, T, Dv = a.shape
     a = a.permute(0, 2, 1, 3).reshape(B_ * T, H * Dv)
-    y = (source_attention_reference(attn, x) if target is None else target.double()).reshape(B_ * T, -1)
+    y = (attention_output(attn, x) if target is None else target.double()).reshape(B_ * T, -1)
     if w.o_bias is not None:
         y = y - w.o_bias.double()
     O0 = w.o.double().reshape(w.hidden_size, H * Dv)
@@ -945,20 +861,19 @@ def refit_queries(
     H, Dn, Dr, R = w.num_heads, w.qk_nope_head_dim, w.qk_rope_head_dim, w.kv_lora_rank
     Dq = Dn + Dr
     scale_new = Dq ** -0.5
-    theta = w.info["rope_theta"]
 
     def current(h: int) -> torch.Tensor:  # head h's query rows (Dq, hidden), rope part in rotate-half order
         m = w.q[h].double()
         return torch.cat([m[:Dn], interleaved_to_rotate_half(m[Dn:], 0)]) if w.rope_interleaved else m
 
-    inv_new = 1.0 / (theta ** (torch.arange(0, Dr, 2, dtype=torch.float64) / Dr))
+    inv_new, rope_scale = rope_tables(mla_rope(w))  # the written config's rope, scaled types included
     idx = attn.kv_index()
     ts = torch.arange(0, T, stride)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     qstar = torch.zeros(H, Bn, len(ts), Dq, dtype=torch.float64)
     for b in range(Bn):
         xb = x[b]
-        q, k = _source_qk(attn, xb)  # source scores
+        q, k = source_qk(attn, xb)  # source scores
         S = (q @ k[idx].transpose(-1, -2)) * attn.head_dim ** -0.5  # (H, T, T)
         S = S.masked_fill(~causal, float("-inf"))
         P = torch.softmax(S, -1)[:, ts]  # (H, t, T)
@@ -968,17 +883,16 @@ def refit_queries(
         ckv = xb @ w.kv_a.double().T
         if w.kv_a_bias is not None:
             ckv = ckv + w.kv_a_bias.double()
-        c = w.kv_a_norm.double() * ckv[:, :R] / _latent_rms(ckv[:, :R])[:, None]
+        c = w.kv_a_norm.double() * ckv[:, :R] / latent_rms(ckv[:, :R])[:, None]
         k_nope = torch.einsum("hdr,tr->htd", w.kv_b.double()[:, :Dn], c).float()  # (H, T, Dn), float32 products below
         k_pe = ckv[:, R:]
         if w.rope_interleaved:
             k_pe = interleaved_to_rotate_half(k_pe, -1)
-        # rope part seen from query t: the key rotated by (s - t)
+        # rope part seen from query t: the key rotated by (s - t); cos/sin scaling (yarn) reaches the
+        # score through both query and key
         rel = torch.arange(T, dtype=torch.float64)[None, :] - ts[:, None].double()  # (t, T)
-        ang = rel[..., None] * inv_new  # (t, T, Dr/2)
-        half = Dr // 2
-        a_, b_ = k_pe[None, :, :half], k_pe[None, :, half:]
-        k_rel = torch.cat([a_ * ang.cos() - b_ * ang.sin(), b_ * ang.cos() + a_ * ang.sin()], -1)  # (t, T, Dr)
+        cos, sin = rope_cos_sin(inv_new, rel, rope_scale ** 2)
+        k_rel = apply_rope(k_pe[None].expand(len(ts), -1, -1), cos, sin, Dr)  # (t, T, Dr)
         q0 = torch.stack([xb[ts] @ current(h).T for h in range(H)])  # (H, t, Dq) current queries
         k_rel = k_rel.float()
         # Query positions in chunks that share a causal key range: keys past the last position of a

@@ -46,7 +46,7 @@ from kvsurgeon.attention.hybrid_layout import (
 
 from .calibration import CalibConfig, LayerStream, calibration_ids
 from .errors import KvSurgeonError
-from .gqa import attention_output
+from kvsurgeon.attention.reference import attention_output
 from .hybrid import (
     GdnInit,
     Mamba2Init,

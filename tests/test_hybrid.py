@@ -21,7 +21,7 @@ from kvsurgeon.attention.kv_cache import layer_caches
 from kvsurgeon.attention.linear_reference import gdn_recurrent, mamba2_recurrent
 from kvsurgeon.convert.calibration import CalibConfig
 from kvsurgeon.convert.errors import KvSurgeonError
-from kvsurgeon.convert.gqa import attention_output
+from kvsurgeon.attention.reference import attention_output
 from kvsurgeon.convert.hybrid import (
     Mamba2Init,
     attention_transfer,

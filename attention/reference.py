@@ -1,0 +1,188 @@
+"""Float64 references for softmax attention: the one copy of RoPE and of causal attention that every
+transform, refit and test uses.
+
+- ``rope_tables``: inverse frequencies and cos/sin scaling exactly as transformers computes them,
+  scaled types (llama3, yarn, linear, ...) through transformers' own rope-init functions.
+- ``head_outputs`` / ``attention_output``: GQA/MHA with biases, per-head q/k RMSNorm, partial and
+  scaled RoPE (the neutral ``AttentionWeights`` form).
+- ``mla_head_outputs`` / ``mla_attention_output``: DeepSeek-V2/V3 MLA (``MlaWeights``), rope frequencies
+  from ``mla_rope``.
+
+One layer, causal, positions 0..T-1, no cache; inputs (B, T, hidden) or one sequence (T, hidden).
+``tests/test_reference.py`` checks each against transformers' modeling code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .mla_layout import MlaWeights, interleaved_to_rotate_half
+from .neutral import AttentionWeights, RopeSpec
+
+F64 = torch.float64
+KV_A_NORM_EPS = 1e-6  # DeepseekV3RMSNorm(config.kv_lora_rank): transformers never passes rms_norm_eps
+
+
+class RopeTableError(ValueError):
+    pass
+
+
+def rope_tables(rope: RopeSpec) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (float64, rotary_dim // 2) and the cos/sin scaling transformers applies."""
+    if rope.rope_type == "default":
+        return rope.inv_freq(), 1.0
+    if rope.rope_type == "linear":
+        return rope.inv_freq() / float(rope.scaling["factor"]), 1.0
+    try:
+        from transformers import LlamaConfig
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        params = dict(rope.scaling, rope_type=rope.rope_type, rope_theta=rope.theta)
+        params["partial_rotary_factor"] = rope.partial_rotary_factor
+        orig = int(params.get("original_max_position_embeddings", 8192))
+        cfg = LlamaConfig(  # only the RoPE fields matter; the length keeps the scaling consistent
+            hidden_size=rope.head_dim, num_attention_heads=1, head_dim=rope.head_dim,
+            max_position_embeddings=max(int(orig * float(params.get("factor", 1.0))), orig + 1),
+            rope_parameters=params,
+        )
+        inv, scale = ROPE_INIT_FUNCTIONS[rope.rope_type](cfg, "cpu")
+    except Exception as e:  # pragma: no cover - depends on transformers internals
+        raise RopeTableError(
+            f"cannot compute RoPE frequencies for rope_type={rope.rope_type!r} ({e}); pass inv_freq= and "
+            f"attention_scaling= explicitly, or use --method mean"
+        ) from e
+    return inv.to(F64), float(scale)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor | int, scaling: float = 1.0):
+    """cos and sin (..., rotary_dim // 2) at ``positions`` (a tensor of any shape, or T for 0..T-1)."""
+    pos = torch.arange(positions, dtype=F64) if isinstance(positions, int) else positions.to(F64)
+    ang = pos[..., None] * inv_freq.to(F64)
+    return ang.cos() * scaling, ang.sin() * scaling
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """Rotate-half RoPE on the first ``rotary_dim`` dims of x (..., T, D); the rest pass through."""
+    half = rotary_dim // 2
+    a, b, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin, rest], dim=-1)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.to(F64)
+
+
+def causal_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Causal attention probabilities from (..., T, T) scores."""
+    T = scores.shape[-1]
+    return scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+
+
+def _as_batch(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0) if x.dim() == 2 else x
+
+
+def source_qk(attn: AttentionWeights, x: torch.Tensor, inv_freq: torch.Tensor | None = None,
+              attention_scaling: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries (H, T, D) and keys (G, T, D) of one sequence x (T, hidden), after biases, q/k norms and
+    RoPE, float64. RoPE tables default to ``rope_tables(attn.rope)``."""
+    if inv_freq is None:
+        inv_freq, scale0 = rope_tables(attn.rope)
+        attention_scaling = scale0 if attention_scaling is None else attention_scaling
+    cos, sin = rope_cos_sin(inv_freq, x.shape[-2], 1.0 if attention_scaling is None else attention_scaling)
+    x = x.to(F64)
+    q = torch.einsum("ti,hdi->htd", x, attn.q.to(F64))
+    k = torch.einsum("ti,gdi->gtd", x, attn.k.to(F64))
+    if attn.q_bias is not None:
+        q = q + attn.q_bias.to(F64)[:, None]
+    if attn.k_bias is not None:
+        k = k + attn.k_bias.to(F64)[:, None]
+    if attn.q_norm is not None:
+        q = rms_norm(q, attn.q_norm, attn.norm_eps)
+    if attn.k_norm is not None:
+        k = rms_norm(k, attn.k_norm, attn.norm_eps)
+    R = attn.rope.rotary_dim
+    return apply_rope(q, cos, sin, R), apply_rope(k, cos, sin, R)
+
+
+def source_probs(attn: AttentionWeights, x: torch.Tensor, **rope_kw) -> torch.Tensor:
+    """Attention probabilities (H, T, T) of one sequence x (T, hidden)."""
+    q, k = source_qk(attn, x, **rope_kw)
+    return causal_softmax(q @ k[attn.kv_index()].transpose(-1, -2) * attn.head_dim ** -0.5)
+
+
+def head_outputs(attn: AttentionWeights, x: torch.Tensor, *, inv_freq: torch.Tensor | None = None,
+                 attention_scaling: float | None = None, probs: bool = False):
+    """Per-head causal attention outputs before ``o_proj``, float64, (B, T, H, Dv). With
+    ``probs=True`` also the probabilities (B, H, T, T)."""
+    x = _as_batch(x).to(F64)
+    kv = attn.kv_index()
+    outs, ps = [], []
+    for xb in x:  # one sequence at a time bounds the (H, T, T) score memory
+        p = source_probs(attn, xb, inv_freq=inv_freq, attention_scaling=attention_scaling)
+        v = torch.einsum("ti,gdi->gtd", xb, attn.v.to(F64))
+        if attn.v_bias is not None:
+            v = v + attn.v_bias.to(F64)[:, None]
+        outs.append((p @ v[kv]).transpose(0, 1))  # (T, H, Dv)
+        if probs:
+            ps.append(p)
+    out = torch.stack(outs)
+    return (out, torch.stack(ps)) if probs else out
+
+
+def attention_output(attn: AttentionWeights, x: torch.Tensor, **kw) -> torch.Tensor:
+    """The layer's attention output (after ``o_proj``), float64, (B, T, hidden)."""
+    z = head_outputs(attn, x, **kw)
+    y = torch.einsum("bthv,ihv->bti", z, attn.o.to(F64))
+    return y if attn.o_bias is None else y + attn.o_bias.to(F64)
+
+
+# ---------------------------------------------------------------------------------------------
+# MLA
+
+
+def mla_rope(w: MlaWeights, rope_theta: float | None = None) -> RopeSpec:
+    """The rope the DeepseekV3 config gives the shared rope key: ``info['rope_theta']`` and, for a
+    scaled source, ``info['rope_type']`` / ``info['rope_scaling']`` (copied from the source)."""
+    Dr = w.qk_rope_head_dim
+    theta = w.info["rope_theta"] if rope_theta is None else rope_theta
+    return RopeSpec(theta=theta, head_dim=Dr, rotary_dim=Dr, rope_type=w.info.get("rope_type", "default"),
+                    scaling=dict(w.info.get("rope_scaling", {})))
+
+
+def latent_rms(c: torch.Tensor) -> torch.Tensor:
+    """kv_a_layernorm's denominator over the latent's last dim."""
+    return (c.pow(2).mean(-1) + KV_A_NORM_EPS).sqrt()
+
+
+def mla_head_outputs(w: MlaWeights, x: torch.Tensor, rope_theta: float | None = None, norm: str = "rms") -> torch.Tensor:
+    """Per-head MLA outputs before o_proj, (B, H, T, Dv), float64. ``norm="ideal"`` replaces the
+    per-token latent rms by the constant the conversion assumed (``info['norm_r0']``)."""
+    x = _as_batch(x).to(F64)
+    R, Dr, Dn = w.kv_lora_rank, w.qk_rope_head_dim, w.qk_nope_head_dim
+    q = torch.einsum("hdi,bti->bhtd", w.q.to(F64), x)
+    ckv = torch.einsum("ri,bti->btr", w.kv_a.to(F64), x)
+    if w.kv_a_bias is not None:
+        ckv = ckv + w.kv_a_bias.to(F64)
+    c, k_pe = ckv[..., :R], ckv[..., R:]
+    rho = latent_rms(c)[..., None] if norm == "rms" else torch.full_like(c[..., :1], w.info.get("norm_r0", 1.0))
+    c = w.kv_a_norm.to(F64) * c / rho
+    kv = torch.einsum("hdr,btr->bhtd", w.kv_b.to(F64), c)
+    k_nope, v = kv[..., :Dn], kv[..., Dn:]
+    q_nope, q_rope = q[..., :Dn], q[..., Dn:]
+    k_pe = k_pe[:, None]
+    if w.rope_interleaved:
+        q_rope, k_pe = interleaved_to_rotate_half(q_rope, -1), interleaved_to_rotate_half(k_pe, -1)
+    inv, scale = rope_tables(mla_rope(w, rope_theta))
+    cos, sin = rope_cos_sin(inv, x.shape[1], scale)
+    q_rope, k_pe = apply_rope(q_rope, cos, sin, Dr), apply_rope(k_pe, cos, sin, Dr)
+    qq = torch.cat([q_nope, q_rope], -1)
+    kk = torch.cat([k_nope, k_pe.expand(-1, qq.shape[1], -1, -1)], -1)
+    out = [causal_softmax(qq[b] @ kk[b].transpose(-1, -2) * (Dn + Dr) ** -0.5) @ v[b] for b in range(x.shape[0])]
+    return torch.stack(out)
+
+
+def mla_attention_output(w: MlaWeights, x: torch.Tensor, rope_theta: float | None = None, norm: str = "rms") -> torch.Tensor:
+    """DeepseekV3 attention output (B, T, hidden), float64."""
+    y = torch.einsum("xhd,bhtd->btx", w.o.to(F64), mla_head_outputs(w, x, rope_theta, norm))
+    return y if w.o_bias is None else y + w.o_bias.to(F64)

@@ -1,0 +1,102 @@
+"""The float64 references in kvsurgeon.attention.reference against transformers' own modeling code:
+softmax attention over families x rope types (scaling active at the tested length), and MLA as
+DeepseekV3 runs it, for default and llama3 rope. Every transform and refit calls these, so a
+reference that departs from transformers would make every fit aim at the wrong function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from kvsurgeon.attention import DictSource, read_attention
+from kvsurgeon.attention.reference import attention_output, mla_attention_output
+from kvsurgeon.convert.mla import convert_layer_to_mla, mla_config, mla_state_dict
+
+from conftest import tiny_model
+
+T = 64
+# original context 16 < T: the scaled frequencies differ from the unscaled ones at these positions
+ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+}
+# float64 model, but transformers builds cos/sin in float32: ~1e-7 relative
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def layer_io(model, ids, layer: int):
+    """(input, output) of one layer's self_attn on ids."""
+    seen = {}
+    attn = model.model.layers[layer].self_attn
+    h1 = attn.register_forward_pre_hook(lambda m, a, kw: seen.update(x=kw["hidden_states"].clone()), with_kwargs=True)
+    h2 = attn.register_forward_hook(lambda m, a, o: seen.update(y=o[0].clone()))
+    with torch.no_grad():
+        model(ids)
+    h1.remove(), h2.remove()
+    return seen["x"], seen["y"]
+
+
+@pytest.mark.parametrize("rope", sorted(ROPES))
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_attention_reference_matches_transformers(family, rope):
+    model = tiny_model(family, dtype=torch.float64, rope_parameters=dict(ROPES[rope]), max_position_embeddings=256)
+    ids = torch.randint(2, model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
+    x, y = layer_io(model, ids, 1)
+    attn = read_attention(DictSource(model.state_dict()), model.config.to_dict(), 1)
+    assert (attn.q_bias is not None) == (family == "qwen2") and (attn.k_norm is not None) == (family == "qwen3")
+    assert attn.rope.rope_type == rope
+    torch.testing.assert_close(attention_output(attn, x), y, rtol=RTOL, atol=ATOL)
+    assert y.abs().max() > 1e-2
+    if rope != "default":  # the sweep can fail: unscaled tables give a measurably different layer
+        unscaled = attention_output(attn, x, inv_freq=attn.rope.inv_freq(), attention_scaling=1.0)
+        assert (unscaled - y).abs().max() > 100 * ATOL
+
+
+def test_attention_reference_takes_bf16_inputs():
+    model = tiny_model("llama", dtype=torch.float64)
+    attn = read_attention(DictSource(model.state_dict()), model.config.to_dict(), 0)
+    x = torch.randn(1, 16, model.config.hidden_size, dtype=torch.bfloat16)
+    torch.testing.assert_close(attention_output(attn, x), attention_output(attn, x.double()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rope", ["default", "llama3"])
+def test_mla_reference_matches_deepseek_v3(rope):
+    """A Llama with ``rope`` converted to MLA at full rank (SVD) is written as a DeepseekV3 that carries
+    the same rope_parameters; the MLA reference reproduces transformers' DeepseekV3 layer on the same
+    inputs."""
+    torch.manual_seed(0)
+    D, H, G, hid = 16, 4, 2, 64
+    cfg = LlamaConfig(vocab_size=128, hidden_size=hid, intermediate_size=48, num_hidden_layers=2, num_attention_heads=H,
+                      num_key_value_heads=G, head_dim=D, max_position_embeddings=256, rms_norm_eps=1e-12,
+                      tie_word_embeddings=False, rope_parameters=dict(ROPES[rope]))
+    src = LlamaForCausalLM._from_config(cfg, attn_implementation="eager", dtype=torch.float64).eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(1))
+    sd = DictSource(src.state_dict())
+    ws = []
+    for i in range(2):
+        x, _ = layer_io(src, ids, i)
+        ws.append(convert_layer_to_mla(read_attention(sd, src.config.to_dict(), i), x, G * 2 * D - D, D, method="svd"))
+    assert ws[0].info.get("rope_type", "default") == rope
+    mcfg = mla_config(src.config.to_dict(), ws, rope=read_attention(sd, src.config.to_dict(), 0).rope)
+    for k in ("architectures", "model_type"):
+        mcfg.pop(k)
+    mla = DeepseekV3ForCausalLM._from_config(DeepseekV3Config(**mcfg), attn_implementation="eager", dtype=torch.float64).eval()
+    mla.load_state_dict(mla_state_dict(src.state_dict(), ws), strict=True)
+    x, y = layer_io(mla, ids, 1)
+    # larger weights than the sweep's (scores ~10): float32 cos/sin show as ~1e-6 of the output's scale
+    err = float((mla_attention_output(ws[1], x) - y).abs().max() / y.abs().max())
+    print(f"MLA reference vs DeepseekV3 ({rope}): max error {err:.2e} of max |y|")
+    assert err < 2e-6
+    if rope != "default":  # the same layer with unscaled frequencies is far off: the sweep can fail
+        plain = dict(ws[1].info)
+        plain.pop("rope_type")
+        w_plain = type(ws[1])(**{**ws[1].__dict__, "info": plain})
+        assert float((mla_attention_output(w_plain, x) - y).abs().max() / y.abs().max()) > 1e-3
