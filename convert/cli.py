@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Optional
 
@@ -31,40 +32,9 @@ def fail(e: Exception) -> None:
 
 
 # ---- convert -------------------------------------------------------------------------------------
-@app.command()
 def convert(
     model: str = typer.Argument(..., help="source: Hub model id or local folder"),
-    to: str = typer.Option(..., "--to", help="gqa | mqa | mla | hybrid"),
     out: Path = typer.Option(..., "--out", help="output folder (written atomically)"),
-    kv_heads: Optional[int] = typer.Option(None, help="gqa: KV heads to keep (must divide the query heads)"),
-    method: Optional[str] = typer.Option(
-        None, help="gqa/mqa: calibrated (default) | mean;  mla: calibrated (default) | svd"
-    ),
-    kv_lora_rank: Optional[int] = typer.Option(None, help="mla: latent size R (cache = R + rope-dim values/token/layer)"),
-    rope_dim: Optional[int] = typer.Option(None, help="mla: decoupled rope key dims Dr (even, <= head_dim; default head_dim)"),
-    pad_latent_to: Optional[int] = typer.Option(
-        None, help="mla: zero-pad the cache to this many values/token/layer, exactly (vLLM's MLA kernels take 576)"
-    ),
-    q_bias: Optional[str] = typer.Option(
-        None, help="mla: a source q_proj bias (Qwen2) has no place in DeepseekV3: refuse (default) | fit (least squares on calibration inputs, lossy)"
-    ),
-    drop_sliding_window: bool = typer.Option(
-        False, help="mla/hybrid: the target class has no per-layer windows; convert a windowed source to full attention (the card says so)"
-    ),
-    keep_attention: Optional[float] = typer.Option(
-        None, help="hybrid: attention layers kept, a count (e.g. 8) or a fraction (e.g. 0.25)"
-    ),
-    linear_layers: Optional[str] = typer.Option(
-        None, help="hybrid: layers made linear: 'auto' (ranked by measured cost), 'even', or a list like 0,3,5"
-    ),
-    linear: str = typer.Option("mamba2", help="hybrid: mamba2 (Llama/Mistral/Qwen2) | gated-deltanet (Qwen3)"),
-    transfer_tokens: int = typer.Option(0, help="hybrid: attention-transfer tokens per linear layer (0: init only)"),
-    calib_data: Optional[str] = typer.Option(None, help="calibration text: .jsonl/.txt/.parquet or HF dataset id (default: built-in)"),
-    calib_tokens: int = typer.Option(8192, help="calibration tokens"),
-    calib_seq_len: int = typer.Option(512, help="calibration window length"),
-    calib_windows_per_text: Optional[int] = typer.Option(None, help="take at most this many windows from each calibration text (spreads a small budget over more documents)"),
-    calib_retrieval: float = typer.Option(0.0, help="fraction of calibration windows given long-range retrieval pairs (facts early, restated at the end), so the fits keep in-context retrieval"),
-    text_field: str = typer.Option("text", help="text field of calibration rows"),
     overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
     revision: Optional[str] = typer.Option(None, help="Hub revision of the source"),
     max_shard_size: str = typer.Option("2GB", help="largest output shard, e.g. 2GB, 500MB"),
@@ -76,26 +46,14 @@ def convert(
         "512-window ppl/KL, passkey at 1K-2K, ppl by position. auto: on when cheap (<= 500M parameters on CPU, "
         "~1.5 min for SmolLM2-135M on 2 cores; <= 8B on CUDA) | on | off",
     ),
+    **conversion,  # every ConversionSpec field, as the flags _with_spec_options declares
 ) -> None:
     """Convert MODEL's attention and write a stock transformers checkpoint to --out."""
-    from .calibration import CalibConfig
     from .conversion import ConversionSpec, run_conversion
     from .pipeline import ConvertOptions
 
     try:
-        layers = linear_layers
-        if layers and layers not in ("auto", "even"):
-            try:
-                layers = [int(v) for v in layers.split(",") if v.strip()]
-            except ValueError:
-                raise KvSurgeonError(f"--linear-layers {linear_layers!r}: use auto, even, or comma-separated layer indices") from None
-        spec = ConversionSpec(
-            to=to, kv_heads=kv_heads, method=method, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
-            pad_latent_to=pad_latent_to, keep_attention=keep_attention, linear_layers=layers, linear=linear if to == "hybrid" else None,
-            transfer_tokens=transfer_tokens, q_bias=q_bias, drop_sliding_window=drop_sliding_window,
-            calib=CalibConfig(data=calib_data, tokens=calib_tokens, seq_len=calib_seq_len, text_field=text_field,
-                              windows_per_text=calib_windows_per_text, retrieval=calib_retrieval),
-        )
+        spec = ConversionSpec(**conversion)
         opts = ConvertOptions(
             out=out, overwrite=overwrite, revision=revision, allow_pickle=allow_pickle,
             max_shard_size=max_shard_size, dtype=dtype, measure=measure,
@@ -117,6 +75,30 @@ def convert(
         out_console.print(f"served by {e.describe()}", highlight=False, soft_wrap=True)
     if push_to_hub:
         _push(res.out, push_to_hub)
+
+
+def _with_spec_options(fn):
+    """Give ``fn`` (which takes ``**conversion``) one typer option per ConversionSpec field, so the
+    flags, their defaults and help text are the spec's own."""
+    import inspect as _inspect
+
+    from .conversion import spec_cli_params
+
+    sig = _inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    params = own[:1]  # the MODEL argument, then the spec's options, then output and I/O
+    for name, tp, default, flag, help in spec_cli_params():
+        args = typing.get_args(tp)
+        if type(None) in args:  # typer wants Optional[X], not X | None
+            tp = Optional[next(a for a in args if a is not type(None))]
+        panel = "Calibration" if name.startswith("calib") or name == "text_field" else "Conversion"
+        params.append(_inspect.Parameter(name, _inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=tp,
+                                         default=typer.Option(default, flag, help=help, rich_help_panel=panel)))
+    fn.__signature__ = sig.replace(parameters=params + own[1:])
+    return fn
+
+
+app.command()(_with_spec_options(convert))
 
 
 # ---- inspect -------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ a recipe's ``conversion:`` block takes exactly the options ``kvsurgeon convert``
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+import typing
+from dataclasses import MISSING, InitVar, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from kvsurgeon.attention.kv_cache import dtype_bytes, kv_bytes_per_token
 from kvsurgeon.attention.serving import serving_support
@@ -22,23 +24,55 @@ from .pipeline import ConvertOptions, ConvertResult, convert_model
 TARGETS = ("gqa", "mqa", "mla", "hybrid")
 
 
+def _opt(default=MISSING, help: str = "", flag: str | None = None, cli_type=None):
+    """A spec field with what the CLI, the recipe schema and the card command derive from it."""
+    return field(default=default, metadata={"help": help, "flag": flag, "cli_type": cli_type})
+
+
 @dataclass
 class ConversionSpec:
-    to: str
-    kv_heads: int | None = None  # gqa
-    method: str | None = None  # gqa/mqa: calibrated | mean; mla: calibrated | svd
-    kv_lora_rank: int | None = None  # mla
-    rope_dim: int | None = None  # mla
-    pad_latent_to: int | None = None  # mla: cached values per token per layer after exact zero-padding (vLLM: 576)
-    keep_attention: float | None = None  # hybrid: attention layers kept (count >= 1, or fraction < 1)
-    linear_layers: list[int] | str | None = None  # hybrid: explicit layer list, or "auto"
-    linear: str | None = None  # hybrid: mamba2 | gated-deltanet
-    transfer_tokens: int = 0  # hybrid: attention-transfer tokens per layer at conversion
-    q_bias: str | None = None  # mla: refuse (default) | fit: fold a source q bias into q_proj (DeepseekV3 has none)
-    drop_sliding_window: bool = False  # mla/hybrid: convert a windowed source to full attention, said in the card
-    calib: CalibConfig = field(default_factory=CalibConfig)
+    """Every option of one conversion, declared once. ``kvsurgeon convert``'s flags (``spec_cli_params``),
+    the recipe's ``conversion:`` block (same keys) and the card's reproducing command (``cli_command``)
+    are all derived from these fields; ``tests/test_conversion_spec.py`` round-trips them."""
 
-    def __post_init__(self) -> None:
+    to: str = _opt(help="gqa | mqa | mla | hybrid")
+    kv_heads: int | None = _opt(None, "gqa: KV heads to keep (must divide the query heads)")
+    method: str | None = _opt(None, "gqa/mqa: calibrated (default) | mean;  mla: calibrated (default) | svd")
+    kv_lora_rank: int | None = _opt(None, "mla: latent size R (cache = R + rope-dim values/token/layer)")
+    rope_dim: int | None = _opt(None, "mla: decoupled rope key dims Dr (even, <= head_dim; default head_dim)")
+    pad_latent_to: int | None = _opt(
+        None, "mla: zero-pad the cache to this many values/token/layer, exactly (vLLM's MLA kernels take 576)")
+    q_bias: str | None = _opt(
+        None, "mla: a source q_proj bias (Qwen2) has no place in DeepseekV3: refuse (default) | fit (least squares on "
+        "calibration inputs, lossy)")
+    drop_sliding_window: bool = _opt(
+        False, "mla/hybrid: the target class has no per-layer windows; convert a windowed source to full attention "
+        "(the card says so)")
+    keep_attention: float | None = _opt(None, "hybrid: attention layers kept, a count (e.g. 8) or a fraction (e.g. 0.25)")
+    linear_layers: list[int] | str | None = _opt(
+        None, "hybrid: layers made linear: 'auto' (ranked by measured cost), 'even', or a list like 0,3,5", cli_type=str)
+    linear: str | None = _opt(None, "hybrid: mamba2 (default; Llama/Mistral/Qwen2) | gated-deltanet (Qwen3)")
+    transfer_tokens: int = _opt(0, "hybrid: attention-transfer tokens per linear layer (0: init only)")
+    calib_data: str | None = _opt(None, "calibration text: .jsonl/.txt/.parquet or HF dataset id (default: built-in)")
+    calib_tokens: int = _opt(8192, "calibration tokens")
+    calib_seq_len: int = _opt(512, "calibration window length")
+    calib_windows_per_text: int | None = _opt(
+        None, "take at most this many windows from each calibration text (spreads a small budget over more documents)")
+    calib_retrieval: float = _opt(
+        0.0, "fraction of calibration windows given long-range retrieval pairs (facts early, restated at the end), so "
+        "the fits keep in-context retrieval")
+    text_field: str = _opt("text", "text field of calibration rows")
+    calib: InitVar[CalibConfig | None] = None  # Python callers may pass a CalibConfig instead of the calib_* fields
+
+    def __post_init__(self, calib: CalibConfig | None = None) -> None:
+        if calib is not None:
+            self.calib_data, self.calib_tokens, self.calib_seq_len = calib.data, calib.tokens, calib.seq_len
+            self.calib_windows_per_text, self.calib_retrieval, self.text_field = calib.windows_per_text, calib.retrieval, calib.text_field
+        if isinstance(self.linear_layers, str) and self.linear_layers not in ("auto", "even"):
+            try:
+                self.linear_layers = [int(v) for v in self.linear_layers.split(",") if v.strip()]
+            except ValueError:
+                raise KvSurgeonError(f"--linear-layers {self.linear_layers!r}: use auto, even, or comma-separated layer indices") from None
         if self.to not in TARGETS:
             raise KvSurgeonError(f"unknown conversion target {self.to!r}; choose one of {', '.join(TARGETS)}")
         if self.to == "mqa":
@@ -49,6 +83,8 @@ class ConversionSpec:
             raise KvSurgeonError("--to gqa needs --kv-heads N (the number of KV heads to keep)")
         if self.to == "hybrid" and self.keep_attention is None and self.linear_layers is None:
             raise KvSurgeonError("--to hybrid needs --keep-attention K|FRACTION or --linear-layers LIST|auto")
+        if self.linear is not None and self.to != "hybrid":
+            raise KvSurgeonError("--linear chooses the linear layer type of a hybrid; it needs --to hybrid")
         if self.q_bias is not None and self.to != "mla":
             raise KvSurgeonError("--q-bias decides where an MLA conversion puts the query bias; it needs --to mla")
         if self.drop_sliding_window and self.to not in ("mla", "hybrid"):
@@ -57,6 +93,10 @@ class ConversionSpec:
             raise KvSurgeonError("--pad-latent-to pads an MLA latent; it needs --to mla")
         if self.to == "mla" and self.kv_lora_rank is None:
             raise KvSurgeonError("--to mla needs --kv-lora-rank R (latent size; the cache keeps R + rope-dim values per token)")
+
+    def calib_config(self) -> CalibConfig:
+        return CalibConfig(data=self.calib_data, tokens=self.calib_tokens, seq_len=self.calib_seq_len, text_field=self.text_field,
+                           windows_per_text=self.calib_windows_per_text, retrieval=self.calib_retrieval)
 
     def make_plan(self):
         if self.to in ("gqa", "mqa"):
@@ -72,40 +112,41 @@ class ConversionSpec:
 
         return hybrid_plan(
             keep_attention=self.keep_attention, linear_layers=self.linear_layers,
-            linear=self.linear or "mamba2", transfer_tokens=self.transfer_tokens, calib=self.calib,
+            linear=self.linear or "mamba2", transfer_tokens=self.transfer_tokens, calib=self.calib_config(),
             drop_sliding_window=self.drop_sliding_window,
         )
 
 
+def spec_flag(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def spec_cli_params() -> list[tuple[str, type, Any, str, str]]:
+    """(name, CLI type, default, flag, help) per ConversionSpec field: what ``kvsurgeon convert`` exposes."""
+    hints = typing.get_type_hints(ConversionSpec)
+    out = []
+    for f in fields(ConversionSpec):
+        tp = f.metadata.get("cli_type") or hints[f.name]
+        out.append((f.name, tp, ... if f.default is MISSING else f.default, spec_flag(f), f.metadata["help"]))
+    return out
+
+
 def cli_command(model: str, spec: ConversionSpec, out: str | Path, extra: list[str] | None = None) -> str:
-    """The ``kvsurgeon convert`` command that reproduces ``spec`` (for model cards and logs)."""
-    args = ["kvsurgeon", "convert", str(model), "--to", spec.to]
-    flags = {
-        "--kv-heads": spec.kv_heads if spec.to == "gqa" else None,
-        "--method": spec.method,
-        "--kv-lora-rank": spec.kv_lora_rank,
-        "--rope-dim": spec.rope_dim,
-        "--pad-latent-to": spec.pad_latent_to,
-        "--keep-attention": spec.keep_attention,
-        "--linear-layers": ",".join(map(str, spec.linear_layers)) if isinstance(spec.linear_layers, list) else spec.linear_layers,
-        "--linear": spec.linear,
-        "--transfer-tokens": spec.transfer_tokens or None,
-        "--q-bias": spec.q_bias,
-        "--calib-data": spec.calib.data,
-    }
-    for flag, value in flags.items():
-        if value is not None:
-            args += [flag, str(value)]
-    if spec.calib.data or spec.method in (None, "calibrated"):
-        args += ["--calib-tokens", str(spec.calib.tokens), "--calib-seq-len", str(spec.calib.seq_len)]
-        if spec.calib.windows_per_text:
-            args += ["--calib-windows-per-text", str(spec.calib.windows_per_text)]
-        if spec.calib.retrieval:
-            args += ["--calib-retrieval", str(spec.calib.retrieval)]
-        if spec.calib.text_field != "text":
-            args += ["--text-field", spec.calib.text_field]
-    if spec.drop_sliding_window:
-        args += ["--drop-sliding-window"]
+    """The ``kvsurgeon convert`` command that reproduces ``spec`` (for model cards and logs): every
+    field that differs from its default, plus the calibration budget whenever calibration runs."""
+    args = ["kvsurgeon", "convert", str(model)]
+    calibrates = spec.calib_data is not None or spec.method in (None, "calibrated")
+    for f in fields(ConversionSpec):
+        value = getattr(spec, f.name)
+        if f.name == "kv_heads" and spec.to == "mqa":
+            continue  # implied by --to mqa
+        shown = f.name == "to" or value != f.default or (calibrates and f.name in ("calib_tokens", "calib_seq_len"))
+        if not shown:
+            continue
+        if isinstance(value, bool):
+            args.append(spec_flag(f) if value else "--no-" + spec_flag(f)[2:])
+        else:
+            args += [spec_flag(f), ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     args += ["--out", str(out), *(extra or [])]
     return shlex.join(args)
 
@@ -117,8 +158,9 @@ def run_conversion(
     recipe: str | None = None,
 ) -> ConvertResult:
     """Convert ``model`` into ``opts.out`` and write a model card describing exactly what was done."""
-    opts.calib = spec.calib
-    command = cli_command(model, spec, opts.out, ["--dtype", opts.dtype] if opts.dtype else None)
+    opts.calib = spec.calib_config()
+    extra = (["--revision", opts.revision] if opts.revision else []) + (["--dtype", opts.dtype] if opts.dtype else [])
+    command = cli_command(model, spec, opts.out, extra)
 
     def card(folder: Path, new_config: dict, src: Path, plan) -> None:
         from .model_card import CardInfo, source_license, write_model_card

@@ -17,32 +17,12 @@ from typing import Any, Literal
 
 import yaml
 
+from .conversion import ConversionSpec
 from .errors import KvSurgeonError
 
 
 class RecipeError(KvSurgeonError):
     pass
-
-
-@dataclass
-class ConversionCfg:
-    to: Literal["gqa", "mqa", "mla", "hybrid", "none"] = "none"
-    kv_heads: int | None = None
-    method: str | None = None
-    kv_lora_rank: int | None = None
-    rope_dim: int | None = None
-    pad_latent_to: int | None = None
-    keep_attention: float | None = None
-    linear_layers: list[int] | str | None = None
-    linear: str | None = None
-    transfer_tokens: int = 0
-    q_bias: str | None = None
-    drop_sliding_window: bool = False
-    calib_data: str | None = None
-    calib_tokens: int = 8192
-    calib_seq_len: int = 512
-    calib_windows_per_text: int | None = None
-    calib_retrieval: float = 0.0
 
 
 @dataclass
@@ -55,6 +35,9 @@ class DataCfg:
     eval: str | None = None  # held-out data for eval; None skips eval
     eval_split: str = "validation"
     eval_tokens: int = 8192
+    # Fraction of training windows given long-range "access code" facts restated at the window's end
+    # (calibration.retrieval_window): the teacher copies the code, so distillation trains retrieval.
+    retrieval: float = 0.0
 
 
 @dataclass
@@ -90,7 +73,7 @@ class DistillCfg:
 class Recipe:
     source: str = ""
     output: str = ""
-    conversion: ConversionCfg = field(default_factory=ConversionCfg)
+    conversion: ConversionSpec | None = None  # the same keys as `kvsurgeon convert`'s flags; None: student: only
     student: str | None = None  # an already-converted folder; skips the conversion
     data: DataCfg = field(default_factory=DataCfg)
     stages: list[StageCfg] = field(default_factory=lambda: [StageCfg()])
@@ -127,6 +110,8 @@ class Recipe:
             errs.append("data.train: required (.jsonl/.txt/.parquet file or HF dataset id)")
         if self.data.seq_len < 2:
             errs.append(f"data.seq_len: must be >= 2, got {self.data.seq_len}")
+        if not 0.0 <= self.data.retrieval <= 1.0:
+            errs.append(f"data.retrieval: a fraction of training windows, between 0 and 1, got {self.data.retrieval}")
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 errs.append(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -148,8 +133,8 @@ class Recipe:
             errs.append("distill: kl_weight and ce_weight must be >= 0 and not both 0")
         if self.save_every < 1:
             errs.append("save_every: must be >= 1")
-        if self.conversion.to == "none" and not self.student:
-            errs.append("conversion.to: set gqa/mqa/mla/hybrid, or give student: (an already-converted folder)")
+        if self.conversion is None and not self.student:
+            errs.append("conversion: set to: gqa/mqa/mla/hybrid (and its options), or give student: (an already-converted folder)")
         if errs:
             raise RecipeError("invalid recipe:\n  " + "\n  ".join(errs))
         return self
@@ -168,7 +153,16 @@ def _build(cls, data: Any, path: str):
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise RecipeError(f"unknown key {path + key!r}{hint}; valid keys: {', '.join(fields)}")
         kwargs[key] = _coerce(hints[key], value, path + key)
-    return cls(**kwargs)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecipeError(f"{path + missing[0]!r}: required")
+    try:
+        return cls(**kwargs)
+    except RecipeError:
+        raise
+    except KvSurgeonError as e:  # a spec's own validation (e.g. --to mla needs --kv-lora-rank)
+        raise RecipeError(f"{path.rstrip('.') or 'recipe'}: {e}") from e
 
 
 def _coerce(tp, value: Any, path: str):

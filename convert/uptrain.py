@@ -177,18 +177,10 @@ class Uptrainer:
         return folder
 
     def convert(self, folder: Path) -> None:
-        from .calibration import CalibConfig
-        from .conversion import ConversionSpec, run_conversion
+        from .conversion import run_conversion
         from .pipeline import ConvertOptions
 
-        c = self.r.conversion
-        spec = ConversionSpec(
-            to=c.to, kv_heads=c.kv_heads, method=c.method, kv_lora_rank=c.kv_lora_rank, rope_dim=c.rope_dim,
-            pad_latent_to=c.pad_latent_to, keep_attention=c.keep_attention, linear_layers=c.linear_layers, linear=c.linear,
-            transfer_tokens=c.transfer_tokens, q_bias=c.q_bias, drop_sliding_window=c.drop_sliding_window,
-            calib=CalibConfig(data=c.calib_data, tokens=c.calib_tokens, seq_len=c.calib_seq_len,
-                              windows_per_text=c.calib_windows_per_text, retrieval=c.calib_retrieval),
-        )
+        spec = self.r.conversion
         run_conversion(self.r.source, spec, ConvertOptions(out=folder, progress=self.progress, measure="off"), recipe=self.recipe_text)
 
     def load(self, folder: Path, trainable: bool):
@@ -296,7 +288,7 @@ class Uptrainer:
             raise KvSurgeonError(f"--resume: no checkpoint under {self.ckpt_dir}")
 
         stream = PackedStream(tok, r.data.train, r.data.seq_len, r.batch_size, r.data.text_field, r.data.split,
-                              rank=acc.process_index, world=acc.num_processes)
+                              rank=acc.process_index, world=acc.num_processes, retrieval=r.data.retrieval)
         batches = stream.batches(skip_windows=prog.windows)
         steps = r.stage_steps(acc.num_processes)
         global_tokens = r.tokens_per_step * acc.num_processes  # distinct windows per process, so this is true
@@ -426,7 +418,7 @@ class Uptrainer:
             src_cfg = read_config(resolve_model(self.r.source))
             info = CardInfo(
                 base_model=self.r.source,
-                conversion=base.conversion if base else self.r.conversion.to,
+                conversion=base.conversion if base else (self.r.conversion.to if self.r.conversion else "none"),
                 summary=(base.summary if base else "") + f" Then uptrained on {prog.tokens:,} tokens of {self.r.data.train} "
                 f"by distillation from the source (stages: {', '.join(s.name for s in self.r.stages)}).",
                 command=base.command if base else None,

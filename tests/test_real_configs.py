@@ -95,11 +95,8 @@ def test_recipe_plans_build_against_their_source_config(path, smollm2):
     from kvsurgeon.convert.to_hybrid import _target_for
 
     r, _ = load_recipe(path)
-    c = r.conversion
+    c = spec = r.conversion  # the recipe's conversion block is the spec itself
     config = stored_config(r.source)
-    spec = ConversionSpec(to=c.to, kv_heads=c.kv_heads, method=c.method, kv_lora_rank=c.kv_lora_rank, rope_dim=c.rope_dim,
-                          pad_latent_to=c.pad_latent_to, keep_attention=c.keep_attention, linear_layers=c.linear_layers,
-                          linear=c.linear, q_bias=c.q_bias, drop_sliding_window=c.drop_sliding_window)
     if c.to == "hybrid":  # the plan itself ranks layers on the weights; its checks are these
         _target_for(config, c.linear or "mamba2")
         resolve_layer_choice(config["num_hidden_layers"], c.keep_attention, c.linear_layers)

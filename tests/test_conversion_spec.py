@@ -1,0 +1,82 @@
+"""One conversion spec: the CLI's flags, the recipe's ``conversion:`` block and the model card's
+reproducing command all come from ``ConversionSpec``'s fields, and each round-trips."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import asdict, fields
+
+import pytest
+import typer
+
+from kvsurgeon.convert.cli import app
+from kvsurgeon.convert.conversion import ConversionSpec, cli_command, spec_flag
+from kvsurgeon.convert.errors import KvSurgeonError
+from kvsurgeon.convert.recipe import RecipeError, recipe_from_dict
+
+SPECS = [
+    ConversionSpec(to="mqa"),
+    ConversionSpec(to="gqa", kv_heads=2, method="mean"),
+    ConversionSpec(to="mla", kv_lora_rank=128, rope_dim=64, pad_latent_to=576, q_bias="fit", drop_sliding_window=True,
+                   calib_data="calib.jsonl", calib_tokens=4096, calib_seq_len=1024, calib_windows_per_text=2,
+                   calib_retrieval=0.5, text_field="body"),
+    ConversionSpec(to="hybrid", keep_attention=0.5, linear_layers="auto", linear="gated-deltanet", transfer_tokens=8192),
+    ConversionSpec(to="hybrid", linear_layers=[0, 3, 5]),
+]
+
+
+BASE = {"data": {"train": "t.jsonl"}, "stages": [{"tokens": 1024}]}
+
+
+def parse_cli(argv: list[str]) -> ConversionSpec:
+    """``kvsurgeon convert ARGV`` parsed by the real click command (nothing runs), as a spec."""
+    cmd = typer.main.get_command(app).commands["convert"]
+    ctx = cmd.make_context("convert", list(argv))
+    names = {f.name for f in fields(ConversionSpec)}
+    return ConversionSpec(**{k: v for k, v in ctx.params.items() if k in names})
+
+
+def test_every_spec_field_is_a_cli_flag_with_help():
+    cmd = typer.main.get_command(app).commands["convert"]
+    opts = {o for p in cmd.params for o in p.opts}
+    helps = {p.name: p.help for p in cmd.params}
+    for f in fields(ConversionSpec):
+        assert spec_flag(f) in opts, f"ConversionSpec.{f.name} has no CLI flag"
+        assert helps[f.name] and helps[f.name] == f.metadata["help"]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.to)
+def test_cli_spec_card_command_round_trip(spec):
+    command = cli_command("src-model", spec, "out-dir", ["--dtype", "bfloat16"])
+    argv = shlex.split(command)[2:]  # drop "kvsurgeon convert"
+    assert argv[0] == "src-model" and "--out" in argv
+    assert parse_cli(argv) == spec
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.to)
+def test_recipe_conversion_block_round_trip(spec):
+    block = {k: v for k, v in asdict(spec).items()}
+    r = recipe_from_dict({"source": "s", "output": "o", "conversion": block, **BASE})
+    assert r.conversion == spec
+
+
+def test_card_command_keeps_every_non_default_option():
+    """The drift this design removes: windows-per-text, the text field and the revision used to be dropped."""
+    spec = SPECS[2]
+    command = cli_command("m", spec, "o", ["--revision", "abc"])
+    for flag in ("--calib-windows-per-text 2", "--calib-retrieval 0.5", "--text-field body", "--q-bias fit",
+                 "--drop-sliding-window", "--pad-latent-to 576", "--revision abc"):
+        assert flag in command, flag
+
+
+def test_bad_options_fail_the_same_way_everywhere():
+    with pytest.raises(KvSurgeonError, match="--to mla needs --kv-lora-rank"):
+        parse_cli(["m", "--to", "mla", "--out", "o"])
+    with pytest.raises(RecipeError, match="conversion: --to mla needs --kv-lora-rank"):
+        recipe_from_dict({"source": "s", "output": "o", "conversion": {"to": "mla"}, **BASE})
+    with pytest.raises(RecipeError, match="'conversion.to': required"):
+        recipe_from_dict({"source": "s", "output": "o", "conversion": {"method": "mean"}, **BASE})
+    with pytest.raises(RecipeError, match="did you mean 'calib_tokens'"):
+        recipe_from_dict({"source": "s", "output": "o", "conversion": {"to": "mqa", "calib_token": 5}, **BASE})
+    with pytest.raises(KvSurgeonError, match="--linear-layers 'x,y'"):
+        ConversionSpec(to="hybrid", linear_layers="x,y")
