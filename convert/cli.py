@@ -101,6 +101,18 @@ def _with_spec_options(fn):
 app.command()(_with_spec_options(convert))
 
 
+def spec_from_argv(argv: list[str]):
+    """The ConversionSpec that ``kvsurgeon convert ARGV`` would run, parsed by the real command
+    (nothing runs): for scripts that build a plan themselves, and for the round-trip tests."""
+    from dataclasses import fields
+
+    from .conversion import ConversionSpec
+
+    cmd = typer.main.get_command(app).commands["convert"]
+    params = cmd.make_context("convert", list(argv)).params
+    return ConversionSpec(**{f.name: params[f.name] for f in fields(ConversionSpec)})
+
+
 # ---- inspect -------------------------------------------------------------------------------------
 @app.command()
 def inspect(

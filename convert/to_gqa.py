@@ -10,12 +10,13 @@ from .gqa import calibrated_merge, check_kv_heads, expand_to_mha, mean_pool
 from .pipeline import Plan
 
 METHODS = ("calibrated", "mean")
-# Calibrate layer i on the hidden states of the converted layers 0..i-1 (GPTQ-style), as the
-# ablation behind BENCHMARKS.md did, so the o refit also absorbs upstream drift.
-SEQUENTIAL = True
 
 
-def gqa_plan(target: int, method: str = "calibrated"):
+def gqa_plan(target: int, method: str = "calibrated", merge: dict | None = None, sequential: bool = True):
+    """``merge``: keyword arguments for ``calibrated_merge`` (its documented defaults otherwise; the
+    ablations in scripts/experiments/ set them here). ``sequential``: calibrate layer i on the hidden
+    states of the converted layers 0..i-1 (GPTQ-style), as the ablation behind BENCHMARKS.md did, so
+    the o refit also absorbs upstream drift."""
     if method not in METHODS:
         raise KvSurgeonError(f"unknown --method {method!r} for --to gqa/mqa; choose one of {', '.join(METHODS)}")
 
@@ -35,7 +36,7 @@ def gqa_plan(target: int, method: str = "calibrated"):
             elif method == "mean":
                 new = mean_pool(attn, target)
             else:
-                new = calibrated_merge(attn, x, target)
+                new = calibrated_merge(attn, x, target, **(merge or {}))
             return write_attention(new, new_config, i)
 
         what = "expanded (exact repeat)" if expanding else f"{method} merging"
@@ -43,7 +44,7 @@ def gqa_plan(target: int, method: str = "calibrated"):
             new_config=new_config,
             transform=transform,
             needs_calibration=(method == "calibrated" and not expanding and target != G),
-            sequential=SEQUENTIAL,
+            sequential=sequential,
             summary=f"{G} -> {target} KV heads per layer ({H} query heads) by {what}.",
         )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from kvsurgeon.attention import family_for, head_dim_of, rope_spec
 from kvsurgeon.attention.mla_layout import UNTIED_LM_HEAD, MlaWeights, deepseek_config, pad_latent, scale_latent, write_mla
 
@@ -14,27 +16,30 @@ from .preflight import refuse, window_note, window_problem
 METHODS = ("calibrated", "svd")
 Q_BIAS = ("refuse", "fit")
 
-# What ``calibrated`` does beyond the joint PCA, each measured on SmolLM2 by the ablations behind
-# BENCHMARKS.md: one latent dim steadying rms(latent) for attention sinks (NORM_BALLAST), tokens
-# weighted by the attention they receive (TOKEN_MIX), keys favoured over values in the shared latent
-# (kv_balance, below), then least-squares refits of q_proj against the converted keys (-75%: 30.5 ->
-# 25.8) and of o_proj against the source layer's output.
-NORM_BALLAST = 1
-TOKEN_MIX = 0.5
-KV_BALANCE = None  # None: kv_balance() of the cache reduction; a number overrides it
-Q_REFIT = dict(stride=4, ridge=0.3)
-O_REFIT_RIDGE = 1e-2
-# Calibrate layer i on the converted layers 0..i-1's hidden states rather than the source's, so the
-# q/o refits also absorb upstream drift (-75% on pydocs-train windows: 25.83 -> 25.22).
-SEQUENTIAL = True
-# The written latent's rms, so kv_a_layernorm's eps (1e-6 in transformers, rms_norm_eps in vLLM: 1e-5
-# on SmolLM2) is negligible in both engines. At rms ~0.3 the two eps moved SmolLM2's prompt
-# log-probs by 8e-3 between the engines; at 100 they agree to float32 noise.
-LATENT_RMS = 100.0
 
 
-def latent_gain(w: MlaWeights, x) -> float:
-    """Gain that brings the latent's rms to LATENT_RMS: measured on the calibration inputs x when
+@dataclass(frozen=True)
+class MlaTuning:
+    """What ``calibrated`` does beyond the joint PCA. Each default was measured on SmolLM2 by the
+    ablations behind BENCHMARKS.md (scripts/experiments/mla_constants.py tunes one at a time)."""
+
+    norm_ballast: int = 1  # latent dims that steady rms(latent) for attention sinks
+    token_mix: float = 0.5  # tokens weighted by the attention they receive (0: uniform)
+    kv_balance: float | None = None  # keys favoured over values in the latent; None: kv_balance() of the cut
+    q_refit_stride: int = 4  # least-squares q_proj refit against the converted keys (-75%: 30.5 -> 25.8)
+    q_refit_ridge: float = 0.3
+    o_refit_ridge: float = 1e-2  # o_proj refit against the source layer's output
+    # Calibrate layer i on the converted layers 0..i-1's hidden states rather than the source's, so the
+    # q/o refits also absorb upstream drift (-75% on pydocs-train windows: 25.83 -> 25.22).
+    sequential: bool = True
+    # The written latent's rms, so kv_a_layernorm's eps (1e-6 in transformers, rms_norm_eps in vLLM:
+    # 1e-5 on SmolLM2) is negligible in both engines. At rms ~0.3 the two eps moved SmolLM2's prompt
+    # log-probs by 8e-3 between the engines; at 100 they agree to float32 noise.
+    latent_rms: float = 100.0
+
+
+def latent_gain(w: MlaWeights, x, target: float = MlaTuning.latent_rms) -> float:
+    """Gain that brings the latent's rms to ``target``: measured on the calibration inputs x when
     there are some, else estimated for unit-variance isotropic inputs (sqrt of the mean squared
     row norm of the latent rows of kv_a)."""
     import torch
@@ -47,7 +52,7 @@ def latent_gain(w: MlaWeights, x) -> float:
         if w.kv_a_bias is not None:
             c = c + w.kv_a_bias[: w.kv_lora_rank].double()
         rms = float(c.pow(2).mean().sqrt())
-    return LATENT_RMS / max(rms, torch.finfo(torch.float32).tiny)
+    return target / max(rms, torch.finfo(torch.float32).tiny)
 
 
 def kv_balance(cache_reduction: float) -> float:
@@ -63,13 +68,15 @@ def kv_balance(cache_reduction: float) -> float:
 
 
 def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "calibrated", pad_latent_to: int | None = None,
-             q_bias: str = "refuse", drop_sliding_window: bool = False):
-    """``q_bias``: "refuse" or "fit" (``--q-bias fit``: fold a source query bias into q_proj by least
+             q_bias: str = "refuse", drop_sliding_window: bool = False, tuning: MlaTuning = MlaTuning()):
+    """``tuning``: the calibrated method's measured constants (``MlaTuning``).
+    ``q_bias``: "refuse" or "fit" (``--q-bias fit``: fold a source query bias into q_proj by least
     squares on calibration inputs; DeepseekV3's q_proj has no bias). ``drop_sliding_window``: convert a
     windowed source to full attention (DeepseekV3 has no windows) and say so in the card.
     ``pad_latent_to``: write the cache as this many values per token per layer (kv_lora_rank +
     rope dim), zero-padding the fitted latent exactly (``pad_latent``): for engines that take only
     certain latent sizes (vLLM: 576). The padding is stored and cached, so it costs what it says."""
+    t = tuning
     if method not in METHODS:
         raise KvSurgeonError(f"unknown --method {method!r} for --to mla; choose one of {', '.join(METHODS)}")
     if q_bias not in Q_BIAS:
@@ -118,15 +125,15 @@ def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "cali
         def transform(i, attn, x):
             if method == "svd":  # the weight-only baseline: no activations at all
                 w = convert_layer_to_mla(attn, None, kv_lora_rank, Dr, method, qk_nope_head_dim=Dn, q_bias=q_bias)
-                return write_mla(pad_latent(scale_latent(w, latent_gain(w, None)), R_out), i, attention_bias=bias)
-            tw = attention_token_weights(attn, x, mix=TOKEN_MIX)
-            balance = KV_BALANCE if KV_BALANCE is not None else kv_balance(1 - (kv_lora_rank + Dr) / (2 * G * D))
+                return write_mla(pad_latent(scale_latent(w, latent_gain(w, None, t.latent_rms)), R_out), i, attention_bias=bias)
+            tw = attention_token_weights(attn, x, mix=t.token_mix)
+            balance = t.kv_balance if t.kv_balance is not None else kv_balance(1 - (kv_lora_rank + Dr) / (2 * G * D))
             w = convert_layer_to_mla(attn, x, kv_lora_rank, Dr, method, qk_nope_head_dim=Dn, kv_balance=balance,
-                                     norm_ballast=min(NORM_BALLAST, kv_lora_rank - 1), token_weights=tw,
+                                     norm_ballast=min(t.norm_ballast, kv_lora_rank - 1), token_weights=tw,
                                      q_bias=q_bias)
-            w = refit_queries(w, attn, x, **Q_REFIT)
-            w = refit_output(w, attn, x, ridge=O_REFIT_RIDGE)
-            return write_mla(pad_latent(scale_latent(w, latent_gain(w, x)), R_out), i, attention_bias=bias)
+            w = refit_queries(w, attn, x, stride=t.q_refit_stride, ridge=t.q_refit_ridge)
+            w = refit_output(w, attn, x, ridge=t.o_refit_ridge)
+            return write_mla(pad_latent(scale_latent(w, latent_gain(w, x, t.latent_rms)), R_out), i, attention_bias=bias)
 
         before, after = 2 * G * D, R_out + Dr
         extra = (" The source's q bias was folded into q_proj by least squares on calibration inputs (--q-bias fit)."
@@ -137,7 +144,7 @@ def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "cali
             transform=transform,
             needs_calibration=(method == "calibrated"),
             copies=dict(UNTIED_LM_HEAD),
-            sequential=SEQUENTIAL,
+            sequential=t.sequential,
             summary=(
                 f"GQA {H}/{G} (head_dim {D}) -> DeepSeek MLA: latent rank {kv_lora_rank}{padded} + shared rope key {Dr} "
                 f"= {after} cached values per token per layer instead of {before} ({1 - after / before:.0%} smaller), "

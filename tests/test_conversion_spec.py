@@ -9,7 +9,7 @@ from dataclasses import asdict, fields
 import pytest
 import typer
 
-from kvsurgeon.convert.cli import app
+from kvsurgeon.convert.cli import app, spec_from_argv
 from kvsurgeon.convert.conversion import ConversionSpec, cli_command, spec_flag
 from kvsurgeon.convert.errors import KvSurgeonError
 from kvsurgeon.convert.recipe import RecipeError, recipe_from_dict
@@ -28,12 +28,7 @@ SPECS = [
 BASE = {"data": {"train": "t.jsonl"}, "stages": [{"tokens": 1024}]}
 
 
-def parse_cli(argv: list[str]) -> ConversionSpec:
-    """``kvsurgeon convert ARGV`` parsed by the real click command (nothing runs), as a spec."""
-    cmd = typer.main.get_command(app).commands["convert"]
-    ctx = cmd.make_context("convert", list(argv))
-    names = {f.name for f in fields(ConversionSpec)}
-    return ConversionSpec(**{k: v for k, v in ctx.params.items() if k in names})
+parse_cli = spec_from_argv  # ``kvsurgeon convert ARGV`` parsed by the real click command, nothing runs
 
 
 def test_every_spec_field_is_a_cli_flag_with_help():

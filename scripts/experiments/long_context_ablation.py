@@ -14,7 +14,6 @@ Prints one JSON line per run: passkey accuracy per length, 512-window ppl ratio,
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -27,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvsurgeon.convert.to_gqa as to_gqa  # noqa: E402
 from bench_common import ROOT, SOURCE, TRAIN  # noqa: E402
-from kvsurgeon.convert.cli import app  # noqa: E402
+from kvsurgeon.convert.cli import app, spec_from_argv  # noqa: E402
+from kvsurgeon.convert.pipeline import ConvertOptions, convert_model  # noqa: E402
 
 BASE = {
     "mqa": ["--to", "mqa"],
@@ -49,12 +49,16 @@ def main(argv: list[str]) -> None:
             samples = int(a.split("=", 1)[1])
         else:
             flags.append(a)
-    if merge_kw:
-        to_gqa.calibrated_merge = functools.partial(to_gqa.calibrated_merge, **merge_kw)
     tag = "_".join([job, *rest]).replace("=", "").replace("--", "").replace(".", "")
     out = ROOT / "runs" / "lc-ablation" / tag
     t0 = time.time()
-    if not (out / "config.json").is_file():
+    if not (out / "config.json").is_file() and merge_kw:  # calibrated_merge options are not CLI flags: build the plan
+        if job != "mqa":
+            raise SystemExit("merge.KEY=VALUE applies to the mqa job only")
+        spec = spec_from_argv([SOURCE, *BASE[job], *flags, "--out", str(out)])
+        convert_model(SOURCE, to_gqa.gqa_plan(1, spec.method or "calibrated", merge=merge_kw),
+                      ConvertOptions(out=out, overwrite=True, calib=spec.calib_config(), measure="off"))
+    elif not (out / "config.json").is_file():
         app(["convert", SOURCE, *BASE[job], *flags, "--out", str(out), "--overwrite", "--measure", "off"], standalone_mode=False)
     secs = time.time() - t0
 

@@ -1,8 +1,8 @@
-"""Tune one of ``kvsurgeon.convert.to_mla``'s constants at one MLA budget on the real SmolLM2,
+"""Tune one of ``kvsurgeon.convert.to_mla.MlaTuning``'s fields at one MLA budget on the real SmolLM2,
 scored on pydocs-train documents that calibration never sees (the last --tail-docs documents; the
 shipped calibration reads the first 4,096 tokens), so pydocs-valid stays for the reported numbers.
 
-    python scripts/experiments/mla_constants.py 128 64 KV_BALANCE=1     # R, Dr, NAME=VALUE ...
+    python scripts/experiments/mla_constants.py 128 64 kv_balance=1     # R, Dr, FIELD=VALUE ...
     python scripts/experiments/mla_constants.py 64 32 calib=16384        # calibration tokens (default 4096)
     python scripts/experiments/mla_constants.py 64 32 calib=8192 per_text=1   # --calib-windows-per-text
 
@@ -13,6 +13,7 @@ The K/V balance rule in to_mla.kv_balance came from this (2026-11-23, -50% R128/
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,30 +26,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvsurgeon.convert.to_mla as to_mla  # noqa: E402
 from bench_common import ROOT, SOURCE, TRAIN  # noqa: E402
-from kvsurgeon.convert.cli import app  # noqa: E402
+from kvsurgeon.convert.conversion import ConversionSpec  # noqa: E402
+from kvsurgeon.convert.pipeline import ConvertOptions, convert_model  # noqa: E402
 from kvsurgeon.convert.evaluate import evaluate  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
     tail_docs, eval_tokens = 200, 8192
     R, Dr, *settings = argv
-    calib_tokens, extra = "4096", []
+    calib = dict(calib_data=str(TRAIN), calib_tokens=4096)
+    tuning = {}
+    names = {f.name for f in dataclasses.fields(to_mla.MlaTuning)}
     for kv in settings:
         name, value = kv.split("=", 1)
         if name == "calib":
-            calib_tokens = value
-            continue
-        if name == "per_text":
-            extra = ["--calib-windows-per-text", value]
-            continue
-        if not hasattr(to_mla, name):
-            raise SystemExit(f"to_mla has no constant {name}")
-        setattr(to_mla, name, json.loads(value))
+            calib["calib_tokens"] = int(value)
+        elif name == "per_text":
+            calib["calib_windows_per_text"] = int(value)
+        elif name in names:
+            tuning[name] = json.loads(value)
+        else:
+            raise SystemExit(f"unknown setting {name}: MlaTuning has {', '.join(sorted(names))}; or calib=, per_text=")
     tag = "_".join(argv).replace("=", "")
     out = ROOT / "runs" / "tune" / tag
+    spec = ConversionSpec(to="mla", kv_lora_rank=int(R), rope_dim=int(Dr), **calib)
+    plan = to_mla.mla_plan(int(R), int(Dr), tuning=to_mla.MlaTuning(**tuning))
     t0 = time.time()
-    app(["convert", SOURCE, "--to", "mla", "--kv-lora-rank", R, "--rope-dim", Dr, "--calib-data", str(TRAIN),
-         "--calib-tokens", calib_tokens, *extra, "--out", str(out), "--overwrite", "--measure", "off"], standalone_mode=False)
+    convert_model(SOURCE, plan, ConvertOptions(out=out, overwrite=True, calib=spec.calib_config(), measure="off"))
     secs = time.time() - t0
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as f:
         f.writelines(TRAIN.read_text().splitlines(keepends=True)[-tail_docs:])
