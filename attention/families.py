@@ -44,7 +44,8 @@ class Family:
     bias_from_config: bool = True  # Llama/Mistral: `attention_bias` in the config decides
     # How the config turns into per-layer sliding windows (see ``sliding_windows``):
     # "none": the class has no windows; "all": `sliding_window` applies to every layer (transformers'
-    # Mistral ignores `layer_types`); "qwen": only with `use_sliding_window`, per `layer_types`.
+    # Mistral ignores `layer_types`); "qwen": only with `use_sliding_window`, per `layer_types`;
+    # "types": per `layer_types` (Ministral, the ``--to swa`` output class).
     windows: str = "none"
     # Source tensors with no place in any output, mapped to None (dropped), as torchtune's _FROM_HF
     # tables do: checkpoints written by older transformers carry the RoPE table as a buffer.
@@ -84,6 +85,7 @@ FAMILIES: dict[str, Family] = {
         Family("mistral", ("MistralForCausalLM",), windows="all"),
         Family("qwen2", ("Qwen2ForCausalLM",), has_qkv_bias=True, bias_from_config=False, windows="qwen"),
         Family("qwen3", ("Qwen3ForCausalLM",), has_qk_norm=True, windows="qwen"),
+        Family("ministral", ("MinistralForCausalLM",), bias_from_config=False, windows="types"),
     )
 }
 
@@ -97,19 +99,22 @@ def sliding_windows(config: Mapping[str, Any]) -> dict[int, int]:
 
     Read as transformers 5 reads it: Qwen2/Qwen3 window only with ``use_sliding_window`` (else the
     window is reset to None), per ``layer_types`` when present, else from ``max_window_layers`` on;
-    Mistral windows every layer whenever ``sliding_window`` is set. A window at least
-    ``max_position_embeddings`` long never drops a token the model may attend to: not a window.
+    Mistral windows every layer whenever ``sliding_window`` is set, unless the config has ``layer_types``
+    (AutoConfig then loads it as Ministral, which follows them, as Ministral always does). A window at
+    least ``max_position_embeddings`` long never drops a token the model may attend to: not a window.
     """
     fam = family_for(config)
     w = config.get("sliding_window")
     L = int(config["num_hidden_layers"])
     if fam.windows == "none" or not w or int(w) >= int(config.get("max_position_embeddings") or 0) > 0:
         return {}
+    types = config.get("layer_types")
+    if fam.windows == "types" or (fam.windows == "all" and types):
+        return {i: int(w) for i, t in enumerate(types or ["sliding_attention"] * L) if t == "sliding_attention"}
     if fam.windows == "all":
         return {i: int(w) for i in range(L)}
     if not config.get("use_sliding_window", False):
         return {}
-    types = config.get("layer_types")
     if types:
         return {i: int(w) for i, t in enumerate(types) if t == "sliding_attention"}
     first = int(config.get("max_window_layers", L))

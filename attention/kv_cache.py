@@ -138,3 +138,10 @@ def summarize(config: Mapping[str, Any], dtype: str | None = None) -> tuple[Cach
 
 def kv_bytes_per_token(config: Mapping[str, Any], dtype: str | None = None) -> int:
     return summarize(config, dtype)[0].bytes_per_token
+
+
+def kv_bytes_at_context(config: Mapping[str, Any], context: int, dtype: str | None = None) -> int:
+    """One sequence's cache at ``context`` tokens: windowed layers stop at their window, linear layers
+    hold a fixed state."""
+    summary, layers = summarize(config, dtype)
+    return summary.bytes_at(context, layers) + summary.fixed_bytes

@@ -4,7 +4,7 @@ transform, refit and test uses.
 - ``rope_tables``: inverse frequencies and cos/sin scaling exactly as transformers computes them,
   scaled types (llama3, yarn, linear, ...) through transformers' own rope-init functions.
 - ``head_outputs`` / ``attention_output``: GQA/MHA with biases, per-head q/k RMSNorm, partial and
-  scaled RoPE (the neutral ``AttentionWeights`` form).
+  scaled RoPE (the neutral ``AttentionWeights`` form), optionally in a sliding window (``window=``).
 - ``mla_head_outputs`` / ``mla_attention_output``: DeepSeek-V2/V3 MLA (``MlaWeights``), rope frequencies
   from ``mla_rope``.
 
@@ -72,10 +72,19 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.to(F64)
 
 
-def causal_softmax(scores: torch.Tensor) -> torch.Tensor:
-    """Causal attention probabilities from (..., T, T) scores."""
-    T = scores.shape[-1]
-    return scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+def causal_mask(T: int, window: int | None = None) -> torch.Tensor:
+    """(T, T) bool, True where query i may NOT see key j: the future, and with a sliding ``window`` the
+    keys ``window`` or more positions back (query i sees i-window+1..i, as transformers' and vLLM's
+    sliding_window do)."""
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    hidden = j > i
+    return hidden | (i - j >= window) if window else hidden
+
+
+def causal_softmax(scores: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Causal attention probabilities from (..., T, T) scores, optionally within a sliding window."""
+    return scores.masked_fill(causal_mask(scores.shape[-1], window), float("-inf")).softmax(-1)
 
 
 def _as_batch(x: torch.Tensor) -> torch.Tensor:
@@ -105,21 +114,21 @@ def source_qk(attn: AttentionWeights, x: torch.Tensor, inv_freq: torch.Tensor | 
     return apply_rope(q, cos, sin, R), apply_rope(k, cos, sin, R)
 
 
-def source_probs(attn: AttentionWeights, x: torch.Tensor, **rope_kw) -> torch.Tensor:
-    """Attention probabilities (H, T, T) of one sequence x (T, hidden)."""
+def source_probs(attn: AttentionWeights, x: torch.Tensor, window: int | None = None, **rope_kw) -> torch.Tensor:
+    """Attention probabilities (H, T, T) of one sequence x (T, hidden); ``window``: sliding window."""
     q, k = source_qk(attn, x, **rope_kw)
-    return causal_softmax(q @ k[attn.kv_index()].transpose(-1, -2) * attn.head_dim ** -0.5)
+    return causal_softmax(q @ k[attn.kv_index()].transpose(-1, -2) * attn.head_dim ** -0.5, window)
 
 
 def head_outputs(attn: AttentionWeights, x: torch.Tensor, *, inv_freq: torch.Tensor | None = None,
-                 attention_scaling: float | None = None, probs: bool = False):
+                 attention_scaling: float | None = None, probs: bool = False, window: int | None = None):
     """Per-head causal attention outputs before ``o_proj``, float64, (B, T, H, Dv). With
-    ``probs=True`` also the probabilities (B, H, T, T)."""
+    ``probs=True`` also the probabilities (B, H, T, T). ``window``: a sliding-window layer's window."""
     x = _as_batch(x).to(F64)
     kv = attn.kv_index()
     outs, ps = [], []
     for xb in x:  # one sequence at a time bounds the (H, T, T) score memory
-        p = source_probs(attn, xb, inv_freq=inv_freq, attention_scaling=attention_scaling)
+        p = source_probs(attn, xb, window, inv_freq=inv_freq, attention_scaling=attention_scaling)
         v = torch.einsum("ti,gdi->gtd", xb, attn.v.to(F64))
         if attn.v_bias is not None:
             v = v + attn.v_bias.to(F64)[:, None]

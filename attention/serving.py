@@ -17,8 +17,10 @@ VLLM_VERSION = "0.32.0"
 # architectures whose vLLM path the parity tests served (text models)
 VLLM_ARCHITECTURES = {
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-    "DeepseekV3ForCausalLM", "GraniteMoeHybridForCausalLM",
+    "DeepseekV3ForCausalLM", "GraniteMoeHybridForCausalLM", "MinistralForCausalLM",
 }
+# served through vLLM's Transformers backend (no native class): the parity tests served them that way
+VLLM_TRANSFORMERS_BACKEND = {"MinistralForCausalLM"}
 # known but not servable on the CPU build: reason
 VLLM_NOT_SERVED = {
     "Qwen3_5ForCausalLM": "the CPU build cannot inspect Qwen3_5ForCausalLM without torchvision, whose PyPI build "
@@ -87,11 +89,21 @@ def vllm_support(config: Mapping[str, Any]) -> EngineSupport:
     D = int(c.get("head_dim") or int(c["hidden_size"]) // H)
     if arch == "GraniteMoeHybridForCausalLM" and D * H != int(c["hidden_size"]):
         return no(f"vLLM's GraniteMoeHybrid takes head_dim = hidden_size / heads, this has {D}")
+    if arch == "Qwen2ForCausalLM" and _mixed_windows(c):
+        return no("vLLM's Qwen2 has no per-layer windows: with mixed layer_types it asserts unless max_window_layers "
+                  "== num_hidden_layers, and then serves every layer at full attention")
+    if arch in VLLM_TRANSFORMERS_BACKEND:
+        notes.append("through vLLM's Transformers backend (no native class; per-layer sliding windows honoured)")
     if D not in VLLM_CPU_HEAD_SIZES:
         notes.append(f"not on CPU: head_dim {D} is not in {'/'.join(map(str, VLLM_CPU_HEAD_SIZES))}")
     if arch == "GraniteMoeHybridForCausalLM":
         notes.append("CPU: prompts over 128 tokens crash (IndexError) unless enable_prefix_caching=False")
     return EngineSupport("vLLM", True, "", tuple(notes))
+
+
+def _mixed_windows(c: Mapping[str, Any]) -> bool:
+    types = set(c.get("layer_types") or [])
+    return len(types) > 1 and bool(c.get("sliding_window")) and c.get("use_sliding_window", True) is not False
 
 
 def serving_support(config: Mapping[str, Any]) -> list[EngineSupport]:

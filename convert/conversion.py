@@ -12,7 +12,7 @@ from dataclasses import MISSING, InitVar, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from kvsurgeon.attention.kv_cache import dtype_bytes, kv_bytes_per_token
+from kvsurgeon.attention.kv_cache import dtype_bytes, kv_bytes_at_context, kv_bytes_per_token
 from kvsurgeon.attention.serving import serving_support
 
 from .calibration import CalibConfig
@@ -21,7 +21,7 @@ from .measure import measure_conversion, should_measure
 from .errors import KvSurgeonError
 from .pipeline import ConvertOptions, ConvertResult, convert_model
 
-TARGETS = ("gqa", "mqa", "mla", "hybrid")
+TARGETS = ("gqa", "mqa", "mla", "hybrid", "swa")
 
 
 def _opt(default=MISSING, help: str = "", flag: str | None = None, cli_type=None):
@@ -35,7 +35,7 @@ class ConversionSpec:
     the recipe's ``conversion:`` block (same keys) and the card's reproducing command (``cli_command``)
     are all derived from these fields; ``tests/test_conversion_spec.py`` round-trips them."""
 
-    to: str = _opt(help="gqa | mqa | mla | hybrid")
+    to: str = _opt(help="gqa | mqa | mla | hybrid | swa")
     kv_heads: int | None = _opt(None, "gqa: KV heads to keep (must divide the query heads)")
     method: str | None = _opt(None, "gqa/mqa: calibrated (default) | mean;  mla: calibrated (default) | svd")
     kv_lora_rank: int | None = _opt(None, "mla: latent size R (cache = R + rope-dim values/token/layer)")
@@ -53,6 +53,11 @@ class ConversionSpec:
         None, "hybrid: layers made linear: 'auto' (ranked by measured cost), 'even', or a list like 0,3,5", cli_type=str)
     linear: str | None = _opt(None, "hybrid: mamba2 (default; Llama/Mistral/Qwen2) | gated-deltanet (Qwen3)")
     transfer_tokens: int = _opt(0, "hybrid: attention-transfer tokens per linear layer (0: init only)")
+    window: int | None = _opt(None, "swa: tokens a windowed layer attends to, itself included (e.g. 512)")
+    keep_global: float | None = _opt(
+        None, "swa: layers kept at full attention, a count (e.g. 8) or a fraction (e.g. 0.25), evenly spaced")
+    global_layers: list[int] | str | None = _opt(
+        None, "swa: the layers kept at full attention, a list like 0,15,29 (instead of --keep-global)", cli_type=str)
     calib_data: str | None = _opt(None, "calibration text: .jsonl/.txt/.parquet or HF dataset id (default: built-in)")
     calib_tokens: int = _opt(8192, "calibration tokens")
     calib_seq_len: int = _opt(512, "calibration window length")
@@ -73,6 +78,11 @@ class ConversionSpec:
                 self.linear_layers = [int(v) for v in self.linear_layers.split(",") if v.strip()]
             except ValueError:
                 raise KvSurgeonError(f"--linear-layers {self.linear_layers!r}: use auto, even, or comma-separated layer indices") from None
+        if isinstance(self.global_layers, str):
+            try:
+                self.global_layers = [int(v) for v in self.global_layers.split(",") if v.strip()]
+            except ValueError:
+                raise KvSurgeonError(f"--global-layers {self.global_layers!r}: use comma-separated layer indices like 0,15,29") from None
         if self.to not in TARGETS:
             raise KvSurgeonError(f"unknown conversion target {self.to!r}; choose one of {', '.join(TARGETS)}")
         if self.to == "mqa":
@@ -91,8 +101,23 @@ class ConversionSpec:
             raise KvSurgeonError("--drop-sliding-window is for --to mla/hybrid; --to gqa/mqa keeps the source's windows")
         if self.pad_latent_to is not None and self.to != "mla":
             raise KvSurgeonError("--pad-latent-to pads an MLA latent; it needs --to mla")
+        self._check_swa()
         if self.to == "mla" and self.kv_lora_rank is None:
             raise KvSurgeonError("--to mla needs --kv-lora-rank R (latent size; the cache keeps R + rope-dim values per token)")
+
+    def _check_swa(self) -> None:
+        swa_opts = [f for f in ("window", "keep_global", "global_layers") if getattr(self, f) is not None]
+        if self.to != "swa":
+            if swa_opts:
+                raise KvSurgeonError(f"--{swa_opts[0].replace('_', '-')} is a sliding-window option; it needs --to swa")
+            return
+        if self.window is None:
+            raise KvSurgeonError("--to swa needs --window N (tokens each windowed layer attends to, e.g. 512)")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise KvSurgeonError(f"--window must be a whole number of tokens >= 1, got {self.window!r}")
+        if (self.keep_global is None) == (self.global_layers is None):
+            raise KvSurgeonError("--to swa needs exactly one of --keep-global K|FRACTION (evenly spaced full-attention "
+                                 "layers) or --global-layers LIST")
 
     def calib_config(self) -> CalibConfig:
         return CalibConfig(data=self.calib_data, tokens=self.calib_tokens, seq_len=self.calib_seq_len, text_field=self.text_field,
@@ -108,6 +133,10 @@ class ConversionSpec:
 
             return mla_plan(self.kv_lora_rank, self.rope_dim, self.method or "calibrated", self.pad_latent_to,
                             q_bias=self.q_bias or "refuse", drop_sliding_window=self.drop_sliding_window)
+        if self.to == "swa":
+            from .to_swa import swa_plan
+
+            return swa_plan(self.window, self.keep_global, self.global_layers)
         from .to_hybrid import hybrid_plan
 
         return hybrid_plan(
@@ -135,7 +164,7 @@ def cli_command(model: str, spec: ConversionSpec, out: str | Path, extra: list[s
     """The ``kvsurgeon convert`` command that reproduces ``spec`` (for model cards and logs): every
     field that differs from its default, plus the calibration budget whenever calibration runs."""
     args = ["kvsurgeon", "convert", str(model)]
-    calibrates = spec.calib_data is not None or spec.method in (None, "calibrated")
+    calibrates = spec.to != "swa" and (spec.calib_data is not None or spec.method in (None, "calibrated"))
     for f in fields(ConversionSpec):
         value = getattr(spec, f.name)
         if f.name == "kv_heads" and spec.to == "mqa":
@@ -163,7 +192,7 @@ def run_conversion(
     command = cli_command(model, spec, opts.out, extra)
 
     def card(folder: Path, new_config: dict, src: Path, plan) -> None:
-        from .model_card import CardInfo, source_license, write_model_card
+        from .model_card import CONTEXT_TOKENS, CardInfo, source_license, write_model_card
 
         fidelity, long_context = [], []
         params = LazyCheckpoint(folder).total_bytes() // dtype_bytes(new_config)
@@ -183,6 +212,8 @@ def run_conversion(
             license=source_license(src),
             kv_bytes_per_token_before=kv_bytes_per_token(read_config(src)),
             kv_bytes_per_token_after=kv_bytes_per_token(new_config),
+            kv_bytes_at_context_before=kv_bytes_at_context(read_config(src), CONTEXT_TOKENS),
+            kv_bytes_at_context_after=kv_bytes_at_context(new_config, CONTEXT_TOKENS),
             fidelity=fidelity,
             long_context=long_context,
             serving=[e.describe() for e in serving_support(new_config)],

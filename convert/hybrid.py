@@ -94,24 +94,24 @@ def even_linear_layers(num_layers: int, keep: int) -> list[int]:
     return [i for i in range(num_layers) if i not in attn]
 
 
-def _keep_count(keep_attention: float | int, num_layers: int) -> int:
+def _keep_count(keep_attention: float | int, num_layers: int, flag: str = "--keep-attention") -> int:
     if isinstance(keep_attention, bool) or not isinstance(keep_attention, (int, float)):
-        raise KvSurgeonError(f"--keep-attention must be a number, got {keep_attention!r}")
+        raise KvSurgeonError(f"{flag} must be a number, got {keep_attention!r}")
     k = keep_attention
     if isinstance(k, float) and not math.isfinite(k):
-        raise KvSurgeonError(f"--keep-attention must be finite, got {k}")
+        raise KvSurgeonError(f"{flag} must be finite, got {k}")
     if k < 0:
-        raise KvSurgeonError(f"--keep-attention must be >= 0 (a layer count, or a fraction in [0, 1)); got {k}")
+        raise KvSurgeonError(f"{flag} must be >= 0 (a layer count, or a fraction in [0, 1)); got {k}")
     if isinstance(k, float) and k < 1:
         return int(math.floor(k * num_layers + 0.5))  # a fraction of the layers
     if isinstance(k, float) and not k.is_integer():
         raise KvSurgeonError(
-            f"--keep-attention {k}: a fraction must lie in [0, 1) and a layer count must be a whole number "
+            f"{flag} {k}: a fraction must lie in [0, 1) and a layer count must be a whole number "
             f"(this model has {num_layers} layers)"
         )
     k = int(k)
     if k > num_layers:
-        raise KvSurgeonError(f"--keep-attention {k} is more than the model's {num_layers} layers")
+        raise KvSurgeonError(f"{flag} {k} is more than the model's {num_layers} layers")
     return k
 
 

@@ -65,6 +65,9 @@ class CardInfo:
     license: str | None = None  # copied from the source when known
     kv_bytes_per_token_before: int
     kv_bytes_per_token_after: int
+    # one sequence's cache at CONTEXT_TOKENS (windows and fixed states counted); None: per token x context
+    kv_bytes_at_context_before: int | None = None
+    kv_bytes_at_context_after: int | None = None
     fidelity: list[FidelityRow] = field(default_factory=list)
     long_context: list[dict] = field(default_factory=list)  # LongContextResult.as_dict(), reference first
     extra_tags: list[str] = field(default_factory=list)
@@ -129,12 +132,14 @@ def _mib(n_bytes: float) -> str:
 
 def _kv_section(info: CardInfo) -> str:
     before, after = info.kv_bytes_per_token_before, info.kv_bytes_per_token_after
+    at_before = info.kv_bytes_at_context_before if info.kv_bytes_at_context_before is not None else before * CONTEXT_TOKENS
+    at_after = info.kv_bytes_at_context_after if info.kv_bytes_at_context_after is not None else after * CONTEXT_TOKENS
     lines = [
         "## KV cache\n",
         f"| | KV cache bytes per token | KV cache at {CONTEXT_TOKENS // 1024}K context |",
         "|---|---:|---:|",
-        f"| source | {before:,} | {_mib(before * CONTEXT_TOKENS)} |",
-        f"| this model | {after:,} | {_mib(after * CONTEXT_TOKENS)} |",
+        f"| source | {before:,} | {_mib(at_before)} |",
+        f"| this model | {after:,} | {_mib(at_after)} |",
         "",
     ]
     if before > 0:
@@ -145,6 +150,9 @@ def _kv_section(info: CardInfo) -> str:
             lines.append(f"Note: the KV cache is **{-change:.1f}% larger** than the source's.")
     else:
         lines.append("Reduction: not available (the source's KV cache size is unknown).")
+    if at_before > 0 and abs(at_after / at_before - after / max(before, 1)) > 1e-3:  # windows / fixed states
+        lines.append(f"At {CONTEXT_TOKENS // 1024}K context: **{(1.0 - at_after / at_before) * 100.0:.1f}%** smaller "
+                     "(sliding-window layers keep at most their window; linear layers a fixed state).")
     lines.append(f"Sizes are per sequence, for {CONTEXT_TOKENS:,} tokens, batch size 1.")
     return "\n".join(lines) + "\n"
 

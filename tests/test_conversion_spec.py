@@ -22,6 +22,8 @@ SPECS = [
                    calib_retrieval=0.5, text_field="body"),
     ConversionSpec(to="hybrid", keep_attention=0.5, linear_layers="auto", linear="gated-deltanet", transfer_tokens=8192),
     ConversionSpec(to="hybrid", linear_layers=[0, 3, 5]),
+    ConversionSpec(to="swa", window=512, keep_global=0.25),
+    ConversionSpec(to="swa", window=256, global_layers=[0, 15, 29]),
 ]
 
 
