@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Iterator
 
 import torch
@@ -36,12 +37,18 @@ class PackedStream:
     window and N processes with batch b see exactly the windows one process with batch N*b sees.
     ``position`` counts global windows consumed (independent of the world size), so a resumed run skips
     exactly what the whole job already saw; the data repeats (a new epoch) when it runs out.
+
+    ``retrieval``: the fraction of windows rewritten by ``calibration.retrieval_window``. Which windows,
+    and their facts, follow from the global window index alone, so ranks and resumes agree.
     """
 
     def __init__(self, tokenizer, source: str, seq_len: int, batch_size: int, text_field: str = "text", split: str = "train",
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, retrieval: float = 0.0):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world of {world}")
+        if not 0.0 <= retrieval <= 1.0:
+            raise ValueError(f"retrieval {retrieval}: a fraction of windows, between 0 and 1")
+        self.retrieval = retrieval
         self.tok = tokenizer
         self.source, self.text_field, self.split = source, text_field, split
         self.seq_len, self.batch_size = seq_len, batch_size
@@ -63,6 +70,15 @@ class PackedStream:
             if not produced:
                 raise ValueError(f"{self.source} holds fewer than {self.seq_len} tokens")
 
+    def _window(self, index: int, ids: list[int]) -> list[int]:
+        if self.retrieval:
+            rng = random.Random(index)
+            if rng.random() < self.retrieval:
+                from .calibration import retrieval_window
+
+                return retrieval_window(self.tok, ids, rng)
+        return ids
+
     def batches(self, skip_windows: int = 0) -> Iterator[torch.Tensor]:
         windows = self._windows()
         for _ in range(skip_windows):
@@ -71,9 +87,11 @@ class PackedStream:
         per_step = self.batch_size * self.world
         lo = self.rank * self.batch_size
         while True:
+            first = self.position
             step = [next(windows) for _ in range(per_step)]
             self.position += per_step
-            yield torch.tensor(step[lo : lo + self.batch_size], dtype=torch.long)
+            mine = [self._window(first + lo + j, w) for j, w in enumerate(step[lo : lo + self.batch_size])]
+            yield torch.tensor(mine, dtype=torch.long)
 
 
 def window_digests(ids: torch.Tensor) -> torch.Tensor:

@@ -128,6 +128,31 @@ def test_rank_split_of_the_stream_is_disjoint_and_complete(tmp_path):
     torch.testing.assert_close(take(1, 2, 1, 1, skip=4)[0], r1[2], rtol=0, atol=0)
 
 
+def test_retrieval_windows_follow_the_global_index_across_ranks_and_resumes(tmp_path):
+    """data.retrieval rewrites a seeded subset of windows: which ones, and their facts, depend only on
+    the global window index, so a rank split and a resumed stream see the same windows as one run."""
+    from transformers import AutoTokenizer
+
+    write_tiny_tokenizer(tmp_path, 128)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    text = write_text(tmp_path / "t.jsonl")  # ~47 windows of 512 bytes
+    seq, n = 512, 8
+
+    def take(rank, world, bs, steps, skip=0, retrieval=0.5):
+        it = PackedStream(tok, str(text), seq, bs, rank=rank, world=world, retrieval=retrieval).batches(skip_windows=skip)
+        return torch.cat([next(it) for _ in range(steps)])
+
+    plain, mixed = take(0, 1, 1, n, retrieval=0.0), take(0, 1, 1, n)
+    changed = [i for i in range(n) if not torch.equal(plain[i], mixed[i])]
+    assert 1 <= len(changed) < n  # seeded Bernoulli(0.5) over 8 windows: some, not all
+    for i in changed:
+        decoded = tok.decode(mixed[i]).replace("<unk>", " ")  # the tiny vocabulary has no space token
+        assert "Reminder: the access code for the" in decoded and decoded.count("The access code for the") == 3
+    two = torch.stack([torch.cat([a, b]) for a, b in zip(take(0, 2, 1, n // 2), take(1, 2, 1, n // 2))]).reshape(n, seq)
+    torch.testing.assert_close(two, mixed, rtol=0, atol=0)
+    torch.testing.assert_close(take(0, 1, 1, n - 3, skip=3), mixed[3:], rtol=0, atol=0)
+
+
 def test_two_ranks_train_on_disjoint_windows_and_count_globally(runs):
     one, two = rows(runs / "one"), rows(runs / "two")
     assert len(two) == STEPS and all(r["processes"] == 2 for r in two)

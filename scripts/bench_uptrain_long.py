@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""How much long-context retrieval distillation at long sequence length buys back, on a CPU budget.
+
+One conversion of the real SmolLM2 (CLI defaults unless --convert says otherwise, or --student reuses
+a folder) is uptrained by distillation from the source on 2,048-token windows of pydocs-train
+documents held out from calibration (the first 6, which the built-in calibration text is, and the
+last 200, which the ablations evaluate on, are both excluded). ``--retrieval`` rewrites that fraction
+of training windows with "access code" facts restated at the window's end (phrasing unlike the
+passkey eval's). The source, the student before and the student after are then measured in the same
+run: passkey and multikey at 1K/2K, ppl by position at 4K, and 512-window ppl on pydocs-valid and on
+the second domain.
+
+    python scripts/bench_uptrain_long.py --student mqa=runs/bench-long-base/mqa --tokens 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import SOURCE, TRAIN, VALID, convert  # noqa: E402
+
+CALIB_DOCS, ABLATION_DOCS = 6, 200
+
+
+def held_out_train(out: Path) -> Path:
+    """pydocs-train minus the built-in calibration documents and the ablations' eval tail."""
+    lines = [l for l in TRAIN.read_text().splitlines() if l.strip()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines[CALIB_DOCS:-ABLATION_DOCS]) + "\n")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--student", metavar="NAME=FOLDER", help="reuse a conversion (e.g. mqa=runs/bench-long-base/mqa)")
+    ap.add_argument("--convert", metavar="NAME=ARGS", help="or convert now, e.g. 'mqa=--to mqa'")
+    ap.add_argument("--tokens", type=int, default=100_000)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--retrieval", type=float, default=0.5, help="fraction of training windows with retrieval facts")
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--trainable", default="attention", choices=["attention", "all", "new"])
+    ap.add_argument("--lengths", default="1024,2048")
+    ap.add_argument("--depths", type=int, default=5)
+    ap.add_argument("--samples", type=int, default=2)
+    ap.add_argument("--short-tokens", type=int, default=4096)
+    ap.add_argument("--domain2", default="runs/data/handbook-valid.jsonl")
+    ap.add_argument("--out", default="runs/bench-uptrain-long")
+    args = ap.parse_args()
+    if bool(args.student) == bool(args.convert):
+        ap.error("pass exactly one of --student NAME=FOLDER or --convert NAME=ARGS")
+
+    import torch
+
+    from kvsurgeon.convert.evaluate import evaluate, load_model, load_tokenizer
+    from kvsurgeon.convert.long_context import LongContextOptions, long_ppl_windows, measure_long_context
+    from kvsurgeon.convert.long_context_report import heatmap_png, markdown
+    from kvsurgeon.convert.recipe import recipe_from_dict
+    from kvsurgeon.convert.resolve import resolve_model
+    from kvsurgeon.convert.uptrain import uptrain
+
+    torch.set_num_threads(os.cpu_count() or 2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name, _, spec = (args.student or args.convert).partition("=")
+    if args.convert:
+        student = out / f"{name}-converted"
+        convert(spec.split(), student)
+    else:
+        student = Path(spec)
+    train = held_out_train(out / "train.jsonl")
+    run = out / f"{name}-uptrained"
+    recipe = recipe_from_dict({
+        "source": SOURCE, "output": str(run), "student": str(student),
+        "data": {"train": str(train), "seq_len": args.seq_len, "retrieval": args.retrieval, "eval": None},
+        "stages": [{"name": "attention", "tokens": args.tokens, "trainable": args.trainable}],
+        "optim": {"lr": args.lr, "warmup_steps": 5, "schedule": "cosine"},
+        "precision": "bf16", "save_every": 10,
+    })
+    t0 = time.time()
+    uptrain(recipe, resume=(run / "checkpoints").is_dir())
+    train_secs = time.time() - t0
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = [m for m in metrics if m["kind"] == "train"]
+
+    opts = LongContextOptions(tasks=("passkey", "multikey", "long-ppl"), lengths=tuple(int(x) for x in args.lengths.split(",")),
+                              depths=args.depths, samples=args.samples, data=str(VALID))
+    tok = load_tokenizer(resolve_model(SOURCE))
+    windows = long_ppl_windows(tok, opts)
+    ref, _ = load_model(SOURCE)
+    rows, results = [], []
+    for label, folder in (("source", None), (f"{name} before", student), (f"{name} after {trained[-1]['tokens']:,} tok", run / "final")):
+        model = ref if folder is None else load_model(str(folder))[0]
+        res = measure_long_context(model, tok, opts, label, windows=windows)
+        results.append(res)
+        row = {"name": label, **res.as_dict()}
+        for dom, data in (("pydocs-valid", str(VALID)), ("domain2", args.domain2)):
+            if folder is not None and Path(data).is_file():
+                s = evaluate(str(folder), data, reference=SOURCE, max_tokens=args.short_tokens, progress=False, model=model, reference_model=ref)
+                row[f"{dom}_ppl512_ratio"] = s.ppl / s.reference_ppl
+        rows.append(row)
+        print(markdown(results), flush=True)
+    summary = {"student": str(student), "tokens": trained[-1]["tokens"], "seq_len": args.seq_len, "retrieval": args.retrieval,
+               "lr": args.lr, "trainable": args.trainable, "train_seconds": train_secs,
+               "tokens_per_s": sorted(m["tokens_per_s"] for m in trained)[len(trained) // 2], "rows": rows}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    md = markdown(results) + "\n| model | 512-window ppl ratio, pydocs-valid | second domain |\n|---|---:|---:|\n"
+    for r in rows[1:]:
+        md += f"| {r['name']} | {r.get('pydocs-valid_ppl512_ratio', float('nan')):.2f}x | {r.get('domain2_ppl512_ratio', float('nan')):.2f}x |\n"
+    (out / "results.md").write_text(md)
+    heatmap_png(results, out / "long_context.png", title=f"{name}: before and after {trained[-1]['tokens']:,} tokens of distillation at {args.seq_len}")
+    print(md)
+    print(f"trained {trained[-1]['tokens']:,} tokens in {train_secs / 60:.1f} min; wrote {out}/results.{{json,md}}, long_context.png")
+
+
+if __name__ == "__main__":
+    main()
