@@ -75,7 +75,7 @@ def main() -> None:
         convert(spec.split(), student)
     else:
         student = Path(spec)
-    train = held_out_train(out / "train.jsonl")
+    train = held_out_train(Path("runs/data/pydocs-uptrain.jsonl"))  # also what recipes/smollm2-mqa-long.yaml trains on
     run = out / f"{name}-uptrained"
     recipe = recipe_from_dict({
         "source": SOURCE, "output": str(run), "student": str(student),
