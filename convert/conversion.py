@@ -57,7 +57,9 @@ class ConversionSpec:
     keep_global: float | None = _opt(
         None, "swa: layers kept at full attention, a count (e.g. 8) or a fraction (e.g. 0.25), evenly spaced")
     global_layers: list[int] | str | None = _opt(
-        None, "swa: the layers kept at full attention, a list like 0,15,29 (instead of --keep-global)", cli_type=str)
+        None, "swa: the layers kept at full attention: a list like 0,15,29, or with --keep-global K: 'auto' (the K "
+        "layers whose windowing costs retrieval most, measured on calibration text with retrieval facts) or 'even'",
+        cli_type=str)
     calib_data: str | None = _opt(None, "calibration text: .jsonl/.txt/.parquet or HF dataset id (default: built-in)")
     calib_tokens: int = _opt(8192, "calibration tokens")
     calib_seq_len: int = _opt(512, "calibration window length")
@@ -78,11 +80,12 @@ class ConversionSpec:
                 self.linear_layers = [int(v) for v in self.linear_layers.split(",") if v.strip()]
             except ValueError:
                 raise KvSurgeonError(f"--linear-layers {self.linear_layers!r}: use auto, even, or comma-separated layer indices") from None
-        if isinstance(self.global_layers, str):
+        if isinstance(self.global_layers, str) and self.global_layers not in ("auto", "even"):
             try:
                 self.global_layers = [int(v) for v in self.global_layers.split(",") if v.strip()]
             except ValueError:
-                raise KvSurgeonError(f"--global-layers {self.global_layers!r}: use comma-separated layer indices like 0,15,29") from None
+                raise KvSurgeonError(f"--global-layers {self.global_layers!r}: use auto, even, or comma-separated layer "
+                                     "indices like 0,15,29") from None
         if self.to not in TARGETS:
             raise KvSurgeonError(f"unknown conversion target {self.to!r}; choose one of {', '.join(TARGETS)}")
         if self.to == "mqa":
@@ -115,9 +118,13 @@ class ConversionSpec:
             raise KvSurgeonError("--to swa needs --window N (tokens each windowed layer attends to, e.g. 512)")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise KvSurgeonError(f"--window must be a whole number of tokens >= 1, got {self.window!r}")
-        if (self.keep_global is None) == (self.global_layers is None):
-            raise KvSurgeonError("--to swa needs exactly one of --keep-global K|FRACTION (evenly spaced full-attention "
-                                 "layers) or --global-layers LIST")
+        if isinstance(self.global_layers, str):  # auto / even choose --keep-global K layers
+            if self.keep_global is None:
+                raise KvSurgeonError(f"--global-layers {self.global_layers} chooses --keep-global K layers: pass --keep-global "
+                                     "(a count like 8 or a fraction like 0.25)")
+        elif (self.keep_global is None) == (self.global_layers is None):
+            raise KvSurgeonError("--to swa needs --keep-global K|FRACTION (with --global-layers auto|even; even by default) "
+                                 "or --global-layers LIST")
 
     def calib_config(self) -> CalibConfig:
         return CalibConfig(data=self.calib_data, tokens=self.calib_tokens, seq_len=self.calib_seq_len, text_field=self.text_field,
@@ -136,7 +143,7 @@ class ConversionSpec:
         if self.to == "swa":
             from .to_swa import swa_plan
 
-            return swa_plan(self.window, self.keep_global, self.global_layers)
+            return swa_plan(self.window, self.keep_global, self.global_layers, calib=self.calib_config())
         from .to_hybrid import hybrid_plan
 
         return hybrid_plan(
@@ -164,7 +171,7 @@ def cli_command(model: str, spec: ConversionSpec, out: str | Path, extra: list[s
     """The ``kvsurgeon convert`` command that reproduces ``spec`` (for model cards and logs): every
     field that differs from its default, plus the calibration budget whenever calibration runs."""
     args = ["kvsurgeon", "convert", str(model)]
-    calibrates = spec.to != "swa" and (spec.calib_data is not None or spec.method in (None, "calibrated"))
+    calibrates = (spec.global_layers == "auto") if spec.to == "swa" else (spec.calib_data is not None or spec.method in (None, "calibrated"))
     for f in fields(ConversionSpec):
         value = getattr(spec, f.name)
         if f.name == "kv_heads" and spec.to == "mqa":

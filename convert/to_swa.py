@@ -15,9 +15,15 @@ Output classes (both read ``layer_types`` per layer; chosen by serving them, tes
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
-from kvsurgeon.attention import family_for, sliding_windows
+import torch
+
+from kvsurgeon.attention import family_for, read_attention, sliding_windows
+from kvsurgeon.attention.reference import attention_output
+
+from .calibration import CalibConfig, LayerStream, calibration_ids
 
 from .errors import KvSurgeonError
 from .hybrid import _keep_count, even_linear_layers
@@ -33,10 +39,12 @@ LLAMA_BIASES = ("attention_bias", "mlp_bias")
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
-def global_layer_choice(num_layers: int, keep_global: float | int | None, global_layers: Sequence[int] | None) -> list[int]:
+def global_layer_choice(num_layers: int, keep_global: float | int | None, global_layers: Sequence[int] | str | None,
+                        ranking: dict | None = None) -> list[int]:
     """The layers kept at full attention: an explicit list, or ``keep_global`` (count or fraction)
-    spread evenly (the same spacing as ``--to hybrid``'s kept attention layers)."""
-    if global_layers is not None:
+    spread evenly (the same spacing as ``--to hybrid``'s kept attention layers), or with
+    ``global_layers="auto"`` the ``keep_global`` layers ranked first by ``ranking`` (``rank_windowing``)."""
+    if global_layers is not None and not isinstance(global_layers, str):
         layers = list(global_layers)
         bad = [i for i in layers if not 0 <= i < num_layers]
         if bad:
@@ -52,8 +60,50 @@ def global_layer_choice(num_layers: int, keep_global: float | int | None, global
             f"--keep-global {keep_global} keeps no full-attention layer of {num_layers}: with every layer windowed "
             "nothing reaches past the window (retrieval beyond it is lost); keep at least one (--keep-global 1)"
         )
+    if global_layers == "auto":
+        if ranking is None:
+            raise ValueError("global_layers='auto' needs the measured ranking")
+        return sorted(r["layer"] for r in ranking["ranking"][:keep])
     linear = set(even_linear_layers(num_layers, keep))
     return [i for i in range(num_layers) if i not in linear]
+
+
+RANKING_FILE = "kvsurgeon_window_ranking.json"
+TAIL = 32  # positions scored at the end of each retrieval window: the restated fact and its copy
+
+
+@torch.inference_mode()
+def rank_windowing(ckpt, config: dict, window: int, calib: CalibConfig, log=None) -> dict:
+    """Cost of windowing each layer alone, where retrieval happens: on calibration windows whose end
+    restates a fact stated far earlier (``calibration.retrieval_window``, every window), the relative
+    error of the layer's attention output with a ``window`` vs full attention at the last ``TAIL``
+    positions, on the source's own hidden states. Layers that copy from far back (retrieval heads,
+    cf. DuoAttention) score high and are the ones to keep global. One streaming pass, one layer in memory."""
+    from .evaluate import load_tokenizer
+
+    t0 = time.time()
+    ctx = int(config.get("max_position_embeddings") or 2048)
+    seq = min(4 * window, ctx, 2048)
+    if seq <= window + TAIL:
+        raise KvSurgeonError(f"--global-layers auto scores layers on windows longer than --window {window}; the model's "
+                             f"context ({ctx}) leaves no room: pass --global-layers LIST or --global-layers even")
+    cfg = CalibConfig(calib.data, max(calib.tokens, 2 * seq), seq, calib.text_field, calib.split, retrieval=1.0)
+    ids = calibration_ids(load_tokenizer(ckpt.folder), cfg)
+    costs = {}
+    for i, x in LayerStream(ckpt, config, ids):
+        attn = read_attention(ckpt, config, i)
+        full = attention_output(attn, x)[:, -TAIL:]
+        local = attention_output(attn, x, window=window)[:, -TAIL:]
+        costs[i] = float((local - full).pow(2).sum() / full.pow(2).sum().clamp_min(1e-30))
+        if log:
+            log(f"rank: layer {i} windowed alone: tail rel-error {costs[i]:.4f} ({time.time() - t0:.0f}s)")
+    order = sorted(costs, key=lambda i: -costs[i])
+    return {
+        "metric": f"relative error of the layer's attention output at the last {TAIL} positions of retrieval windows, "
+                  f"window {window} vs full attention",
+        "tokens": int(ids.numel()), "seq_len": seq, "seconds": round(time.time() - t0, 1),
+        "ranking": [{"rank": r, "layer": i, "cost": costs[i]} for r, i in enumerate(order)],
+    }
 
 
 def swa_problems(config: dict, window: int, globals_: list[int]) -> list[str | None]:
@@ -106,13 +156,22 @@ def swa_config(config: dict, window: int, globals_: list[int]) -> dict:
     return new
 
 
-def swa_plan(window: int, keep_global: float | int | None = None, global_layers: Sequence[int] | None = None):
+def swa_plan(window: int, keep_global: float | int | None = None, global_layers: Sequence[int] | str | None = None,
+             calib: CalibConfig | None = None):
     """A ``make_plan(config, ckpt) -> Plan`` for ``--to swa``: ``window`` tokens per windowed layer (the
-    token itself included), full attention on the ``global_layers`` / ``keep_global`` layers."""
+    token itself included), full attention on the ``global_layers`` / ``keep_global`` layers
+    (``global_layers="auto"``: ranked by ``rank_windowing`` on ``calib`` text)."""
 
     def make_plan(config: dict, ckpt) -> Plan:
         L = int(config["num_hidden_layers"])
-        globals_ = global_layer_choice(L, keep_global, global_layers)
+        global_layer_choice(L, keep_global, global_layers, {"ranking": [{"layer": i} for i in range(L)]})  # input checks
+        refuse("cannot convert to sliding-window layers", swa_problems(config, window, []))
+        files = {}
+        ranking = None
+        if global_layers == "auto":
+            ranking = rank_windowing(ckpt, config, window, calib or CalibConfig(), log=print)
+            files[RANKING_FILE] = ranking
+        globals_ = global_layer_choice(L, keep_global, global_layers, ranking)
         refuse("cannot convert to sliding-window layers", swa_problems(config, window, globals_))
         new_config = swa_config(config, window, globals_)
         fam = family_for(config)
@@ -126,6 +185,8 @@ def swa_plan(window: int, keep_global: float | int | None = None, global_layers:
                    f"{', '.join(map(str, globals_))}; weights unchanged, written as {cls}.")
         if not windowed:
             summary = f"every layer kept at full attention: the source's function, written as {cls}."
-        return Plan(new_config=new_config, transform=transform, summary=summary)
+        if ranking is not None:
+            summary += f" Global layers chosen by measured windowing cost at retrieval ({RANKING_FILE})."
+        return Plan(new_config=new_config, transform=transform, summary=summary, files=files)
 
     return make_plan

@@ -24,6 +24,7 @@ SPECS = [
     ConversionSpec(to="hybrid", linear_layers=[0, 3, 5]),
     ConversionSpec(to="swa", window=512, keep_global=0.25),
     ConversionSpec(to="swa", window=256, global_layers=[0, 15, 29]),
+    ConversionSpec(to="swa", window=256, keep_global=8, global_layers="auto", calib_data="c.jsonl"),
 ]
 
 

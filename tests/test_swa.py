@@ -133,3 +133,32 @@ def test_bad_options_are_named(kw, match):
         ConversionSpec(to="swa", **kw)
     with pytest.raises(KvSurgeonError, match="--window is a sliding-window option; it needs --to swa"):
         ConversionSpec(to="mqa", window=8)
+
+
+def test_auto_global_layers_follow_the_measured_windowing_cost(tmp_path, text_file):
+    """--global-layers auto keeps the layers whose windowing costs most at the end of retrieval windows.
+    Planted: layer 2's values are zero, so windowing it changes nothing (cost 0): it must rank last and
+    never be kept. The ranking file's cost for the top layer is recomputed here from the reference."""
+    from safetensors.torch import load_file, save_file
+
+    src = save_tiny(tmp_path / "src", num_hidden_layers=4, max_position_embeddings=512, max_shard_size="10GB")
+    shard = next(src.glob("*.safetensors"))
+    sd = load_file(shard)
+    sd["model.layers.2.self_attn.v_proj.weight"].zero_()
+    save_file(sd, shard, metadata={"format": "pt"})
+    out = convert(src, tmp_path / "out", window=16, keep_global=2, global_layers="auto",
+                  calib_data=str(text_file), calib_tokens=512)
+    ranking = json.loads((out / "kvsurgeon_window_ranking.json").read_text())
+    order = [r["layer"] for r in ranking["ranking"]]
+    assert order[-1] == 2 and ranking["ranking"][-1]["cost"] == 0.0
+    cfg = json.loads((out / "config.json").read_text())
+    kept = [i for i, t in enumerate(cfg["layer_types"]) if t == "full_attention"]
+    assert kept == sorted(order[:2]) and 2 not in kept
+    assert ranking["ranking"][0]["cost"] > ranking["ranking"][1]["cost"] > 0
+    card = (out / "README.md").read_text()
+    assert "--global-layers auto" in card and "measured windowing cost" in card
+
+
+def test_auto_needs_a_count():
+    with pytest.raises(KvSurgeonError, match="--global-layers auto chooses --keep-global K layers"):
+        ConversionSpec(to="swa", window=16, global_layers="auto")
