@@ -824,7 +824,10 @@ def _weighted_ridge(K: torch.Tensor, s: torch.Tensor, om: torch.Tensor, q0: torc
         rhs = torch.bmm(Kw.transpose(1, 2), s[..., None])[..., 0].double()
         lam = ridge * Nm.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
         Nm = Nm + lam[:, None, None] * torch.eye(d, dtype=torch.float64)
-        return torch.linalg.solve(Nm, rhs + lam[:, None] * q0)
+        # SPD (ridge > 0): Cholesky, not LU. Batched LU (torch.linalg.solve) on CPU failed here on finite
+        # inputs once a model forward had run in the same process (MKL "DLASWP parameter 6", lu_solve
+        # pivot error; scripts/demo.py), while Cholesky is both the right factorisation and unaffected.
+        return torch.cholesky_solve((rhs + lam[:, None] * q0)[..., None], torch.linalg.cholesky(Nm))[..., 0]
     sq = om.double().sqrt()
     A = K.double() * sq[..., None]  # (c, n, d)
     lam = (ridge * A.pow(2).sum((1, 2)) / d).clamp_min(1e-12)  # = ridge x mean diag(A^T A)
