@@ -19,6 +19,8 @@ form (the MLP merged into Granite's ``shared_mlp.input_linear``, zero-centred Qw
 
 from __future__ import annotations
 
+from tqdm.auto import tqdm
+
 import json
 import math
 import time
@@ -108,7 +110,7 @@ def hybrid_plan(
     gdn_init: GdnInit | None = None,
     ranking: dict | None = None,
     layer_cache: dict | None = None,
-    log: Callable[[str], None] | None = print,
+    log: Callable[[str], None] | None = tqdm.write,  # above the per-layer progress bar, not into it
     drop_sliding_window: bool = False,
 ):
     """A ``make_plan(config, ckpt) -> Plan`` for ``--to hybrid``.

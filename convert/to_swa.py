@@ -19,6 +19,7 @@ import time
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from kvsurgeon.attention import family_for, read_attention, sliding_windows
 from kvsurgeon.attention.reference import attention_output
@@ -169,7 +170,7 @@ def swa_plan(window: int, keep_global: float | int | None = None, global_layers:
         files = {}
         ranking = None
         if global_layers == "auto":
-            ranking = rank_windowing(ckpt, config, window, calib or CalibConfig(), log=print)
+            ranking = rank_windowing(ckpt, config, window, calib or CalibConfig(), log=tqdm.write)
             files[RANKING_FILE] = ranking
         globals_ = global_layer_choice(L, keep_global, global_layers, ranking)
         refuse("cannot convert to sliding-window layers", swa_problems(config, window, globals_))

@@ -116,6 +116,18 @@ def hf_run(path: str | Path, prompts: list[list[int]], dtype=torch.float32) -> t
     return lps, greedy
 
 
+def assert_parity(name: str, path, prompts, res: dict, tol: float = TOL) -> float:
+    """vLLM's result ``res`` for ``path`` matches transformers: prompt log-probs within ``tol`` of
+    float64, greedy tokens equal to float32's. Returns the max difference."""
+    assert "error" not in res, f"vLLM refused {name}: {res.get('error')}\n{res.get('traceback', '')}"
+    hf64, _ = hf_run(path, prompts, torch.float64)
+    _, hf_greedy = hf_run(path, prompts)
+    d = max_diff(hf64, res["prompt_logprobs"])
+    assert d <= tol, f"{name}: vLLM's prompt log-probs differ from transformers' (float64) by {d:.3g} > {tol}"
+    assert res["greedy"] == hf_greedy, f"{name}: greedy tokens differ\nvLLM {res['greedy']}\nHF   {hf_greedy}"
+    return d
+
+
 def max_diff(hf_lps: list[torch.Tensor], vllm_lps: list[list[float]]) -> float:
     return max(float((a - torch.tensor(b, dtype=torch.float64)).abs().max()) for a, b in zip(hf_lps, vllm_lps))
 
@@ -470,10 +482,4 @@ def test_vllm_gpu_serves_what_cpu_cannot(served_gpu, request, name, why):
     """With CUDA, vLLM's defaults (no CPU workaround) must match transformers' float64 log-probs and
     greedy tokens on the targets the CPU build gets wrong or refuses (``why``)."""
     path, prompts, _ = request.getfixturevalue("served")[name]
-    res = served_gpu[name]
-    assert "error" not in res, f"vLLM (GPU) refused {name} ({why} on CPU): {res['error']}"
-    hf64, _ = hf_run(path, prompts, torch.float64)
-    _, hf_greedy = hf_run(path, prompts)
-    d = max_diff(hf64, res["prompt_logprobs"])
-    assert d <= GPU_TOL, f"{name}: vLLM GPU differs from transformers float64 by {d:.3g} > {GPU_TOL}"
-    assert res["greedy"] == hf_greedy, f"{name}: greedy tokens differ on GPU"
+    assert_parity(f"{name} on GPU ({why} on CPU)", path, prompts, served_gpu[name], GPU_TOL)

@@ -16,7 +16,7 @@ import torch
 from kvsurgeon.attention.serving import vllm_support
 
 from conftest import save_tiny
-from test_vllm_parity import TINY, TOL, _convert, hf_run, max_diff, serve, token_prompts, vllm_python
+from test_vllm_parity import TINY, TOL, _convert, assert_parity, hf_run, max_diff, serve, token_prompts, vllm_python
 
 W = 16  # tiny models' window; the prompts are 3-12 windows long
 SMOL_W = 32
@@ -60,12 +60,7 @@ SERVED = ["llama source (control)", "llama -> swa, layer 1 global", "llama -> sw
 @pytest.mark.parametrize("name", SERVED)
 def test_vllm_serves_swa_like_transformers(served, name):
     path, prompts, res = served[name]
-    assert "error" not in res, f"vLLM refused {name}: {res['error']}"
-    hf64, _ = hf_run(path, prompts, torch.float64)
-    _, hf_greedy = hf_run(path, prompts)
-    d = max_diff(hf64, res["prompt_logprobs"])
-    assert d <= TOL, f"{name}: vLLM differs from transformers float64 by {d:.3g} > {TOL}"
-    assert res["greedy"] == hf_greedy, f"{name}: greedy tokens differ"
+    assert_parity(name, path, prompts, res)
     from transformers import AutoConfig
 
     assert vllm_support(AutoConfig.from_pretrained(path).to_dict()).serves
