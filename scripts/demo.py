@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
                     help="hybrid: attention-transfer tokens per Mamba2 layer (default: %(default)s)")
     ap.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for 512-window perplexity (default: %(default)s)")
     ap.add_argument("--passkey-length", type=int, default=2048, help="passkey prompt length in tokens (default: %(default)s)")
-    ap.add_argument("--passkey-samples", type=int, default=2,
+    ap.add_argument("--passkey-samples", type=int, default=1,
                     help="passkey prompts per depth, 5 depths (default: %(default)s)")
     args = ap.parse_args()
     known = {j.name for j in JOBS}

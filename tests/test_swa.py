@@ -124,8 +124,8 @@ def test_bad_input_is_refused_before_writing(tmp_path, kw, model, overrides, mat
 @pytest.mark.parametrize("kw,match", [
     ({}, "--to swa needs --window"),
     ({"window": 0, "keep_global": 1}, "--window must be a whole number"),
-    ({"window": 8}, "exactly one of --keep-global"),
-    ({"window": 8, "keep_global": 1, "global_layers": "0"}, "exactly one of --keep-global"),
+    ({"window": 8}, r"needs --keep-global K\|FRACTION .* or --global-layers LIST"),
+    ({"window": 8, "keep_global": 1, "global_layers": "0"}, r"needs --keep-global K\|FRACTION .* or --global-layers LIST"),
     ({"window": 8, "global_layers": "a,b"}, "--global-layers 'a,b'"),
 ])
 def test_bad_options_are_named(kw, match):
