@@ -91,14 +91,22 @@ def _as_batch(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(0) if x.dim() == 2 else x
 
 
+def resolve_rope(attn: AttentionWeights, inv_freq: torch.Tensor | None = None,
+                 attention_scaling: float | None = None) -> tuple[torch.Tensor, float]:
+    """The RoPE tables to use: given ones, else ``rope_tables(attn.rope)`` (scaling overridable).
+    Callers looping over sequences resolve once (scaled types go through transformers each time)."""
+    if inv_freq is None:
+        inv_freq, scale0 = rope_tables(attn.rope)
+        attention_scaling = scale0 if attention_scaling is None else attention_scaling
+    return inv_freq, 1.0 if attention_scaling is None else attention_scaling
+
+
 def source_qk(attn: AttentionWeights, x: torch.Tensor, inv_freq: torch.Tensor | None = None,
               attention_scaling: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries (H, T, D) and keys (G, T, D) of one sequence x (T, hidden), after biases, q/k norms and
     RoPE, float64. RoPE tables default to ``rope_tables(attn.rope)``."""
-    if inv_freq is None:
-        inv_freq, scale0 = rope_tables(attn.rope)
-        attention_scaling = scale0 if attention_scaling is None else attention_scaling
-    cos, sin = rope_cos_sin(inv_freq, x.shape[-2], 1.0 if attention_scaling is None else attention_scaling)
+    inv_freq, attention_scaling = resolve_rope(attn, inv_freq, attention_scaling)
+    cos, sin = rope_cos_sin(inv_freq, x.shape[-2], attention_scaling)
     x = x.to(F64)
     q = torch.einsum("ti,hdi->htd", x, attn.q.to(F64))
     k = torch.einsum("ti,gdi->gtd", x, attn.k.to(F64))
@@ -125,6 +133,7 @@ def head_outputs(attn: AttentionWeights, x: torch.Tensor, *, inv_freq: torch.Ten
     """Per-head causal attention outputs before ``o_proj``, float64, (B, T, H, Dv). With
     ``probs=True`` also the probabilities (B, H, T, T). ``window``: a sliding-window layer's window."""
     x = _as_batch(x).to(F64)
+    inv_freq, attention_scaling = resolve_rope(attn, inv_freq, attention_scaling)
     kv = attn.kv_index()
     outs, ps = [], []
     for xb in x:  # one sequence at a time bounds the (H, T, T) score memory

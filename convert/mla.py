@@ -66,9 +66,11 @@ from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
 from kvsurgeon.attention.reference import (
     apply_rope,
     attention_output,
+    causal_softmax,
     latent_rms,
     mla_head_outputs,
     mla_rope,
+    resolve_rope,
     rope_cos_sin,
     rope_tables,
     source_probs,
@@ -777,7 +779,8 @@ def attention_token_weights(attn: AttentionWeights, x: torch.Tensor, power: floa
     x = x.double()
     if x.dim() != 3:
         raise MlaConversionError("attention_token_weights needs x shaped (batch, seq, hidden)")
-    out = [source_probs(attn, xb).pow(power).sum((0, 1)) for xb in x]  # (H, T, T) -> (T,)
+    inv, scale = resolve_rope(attn)
+    out = [source_probs(attn, xb, inv_freq=inv, attention_scaling=scale).pow(power).sum((0, 1)) for xb in x]  # (H, T, T) -> (T,)
     rec = torch.cat(out)
     rec = rec / rec.mean()
     return (1 - mix) + mix * rec
@@ -870,16 +873,16 @@ def refit_queries(
         return torch.cat([m[:Dn], interleaved_to_rotate_half(m[Dn:], 0)]) if w.rope_interleaved else m
 
     inv_new, rope_scale = rope_tables(mla_rope(w))  # the written config's rope, scaled types included
+    inv_src, scale_src = resolve_rope(attn)
     idx = attn.kv_index()
     ts = torch.arange(0, T, stride)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     qstar = torch.zeros(H, Bn, len(ts), Dq, dtype=torch.float64)
     for b in range(Bn):
         xb = x[b]
-        q, k = source_qk(attn, xb)  # source scores
+        q, k = source_qk(attn, xb, inv_src, scale_src)  # source scores
         S = (q @ k[idx].transpose(-1, -2)) * attn.head_dim ** -0.5  # (H, T, T)
-        S = S.masked_fill(~causal, float("-inf"))
-        P = torch.softmax(S, -1)[:, ts]  # (H, t, T)
+        P = causal_softmax(S)[:, ts]  # (H, t, T)
         S = S[:, ts].masked_fill(~causal[ts], 0.0)
         Om = (1 - uniform) * P + uniform * causal[ts].double() / (ts[:, None] + 1).double()
         # converted keys
