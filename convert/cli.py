@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvsurgeon.attention import UnsupportedArchitectureError
+from kvsurgeon.attention.reference import RopeTableError
 
 from .errors import KvSurgeonError
 
@@ -59,7 +60,7 @@ def convert(
             max_shard_size=max_shard_size, dtype=dtype, measure=measure,
         )
         res = run_conversion(model, spec, opts)
-    except (KvSurgeonError, UnsupportedArchitectureError) as e:
+    except (KvSurgeonError, UnsupportedArchitectureError, RopeTableError) as e:
         fail(e)
     out_console = err if push_to_hub else out_
     out_console.print(

@@ -75,17 +75,8 @@ class ConversionSpec:
         if calib is not None:
             self.calib_data, self.calib_tokens, self.calib_seq_len = calib.data, calib.tokens, calib.seq_len
             self.calib_windows_per_text, self.calib_retrieval, self.text_field = calib.windows_per_text, calib.retrieval, calib.text_field
-        if isinstance(self.linear_layers, str) and self.linear_layers not in ("auto", "even"):
-            try:
-                self.linear_layers = [int(v) for v in self.linear_layers.split(",") if v.strip()]
-            except ValueError:
-                raise KvSurgeonError(f"--linear-layers {self.linear_layers!r}: use auto, even, or comma-separated layer indices") from None
-        if isinstance(self.global_layers, str) and self.global_layers not in ("auto", "even"):
-            try:
-                self.global_layers = [int(v) for v in self.global_layers.split(",") if v.strip()]
-            except ValueError:
-                raise KvSurgeonError(f"--global-layers {self.global_layers!r}: use auto, even, or comma-separated layer "
-                                     "indices like 0,15,29") from None
+        self.linear_layers = _layer_list(self.linear_layers, "--linear-layers")
+        self.global_layers = _layer_list(self.global_layers, "--global-layers")
         if self.to not in TARGETS:
             raise KvSurgeonError(f"unknown conversion target {self.to!r}; choose one of {', '.join(TARGETS)}")
         if self.to == "mqa":
@@ -153,6 +144,16 @@ class ConversionSpec:
         )
 
 
+def _layer_list(value, flag: str):
+    """A layer option as given on the command line: "auto", "even", or "0,3,5" -> [0, 3, 5]."""
+    if not isinstance(value, str) or value in ("auto", "even"):
+        return value
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise KvSurgeonError(f"{flag} {value!r}: use auto, even, or comma-separated layer indices like 0,15,29") from None
+
+
 def spec_flag(f) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
@@ -202,6 +203,7 @@ def run_conversion(
         from .model_card import CONTEXT_TOKENS, CardInfo, source_license, write_model_card
 
         fidelity, long_context = [], []
+        src_config = read_config(src)
         params = LazyCheckpoint(folder).total_bytes() // dtype_bytes(new_config)
         if should_measure(opts.measure, params):
             from kvsurgeon.attention.kv_cache import text_config
@@ -217,9 +219,9 @@ def run_conversion(
             command=command,
             recipe=recipe,
             license=source_license(src),
-            kv_bytes_per_token_before=kv_bytes_per_token(read_config(src)),
+            kv_bytes_per_token_before=kv_bytes_per_token(src_config),
             kv_bytes_per_token_after=kv_bytes_per_token(new_config),
-            kv_bytes_at_context_before=kv_bytes_at_context(read_config(src), CONTEXT_TOKENS),
+            kv_bytes_at_context_before=kv_bytes_at_context(src_config, CONTEXT_TOKENS),
             kv_bytes_at_context_after=kv_bytes_at_context(new_config, CONTEXT_TOKENS),
             fidelity=fidelity,
             long_context=long_context,

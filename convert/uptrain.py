@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvsurgeon.attention.kernels import attn_implementation
-from kvsurgeon.attention.kv_cache import kv_bytes_per_token
+from kvsurgeon.attention.kv_cache import kv_bytes_at_context, kv_bytes_per_token
 
 from .checkpoint import read_config
 from .distill import PackedStream, distill_loss, window_digests
@@ -401,7 +401,7 @@ class Uptrainer:
         return m
 
     def finish(self, student, teacher, folder: Path, config: dict, prog: Progress) -> Path:
-        from .model_card import CardInfo, FidelityRow, read_card_info, write_model_card
+        from .model_card import CONTEXT_TOKENS, CardInfo, FidelityRow, read_card_info, write_model_card
         from .writer import copy_extras
 
         after = self.evaluate(student, teacher, folder, prog, "after uptraining")
@@ -426,6 +426,8 @@ class Uptrainer:
                 license=base.license if base else None,
                 kv_bytes_per_token_before=kv_bytes_per_token(src_cfg),
                 kv_bytes_per_token_after=kv_bytes_per_token(config),
+                kv_bytes_at_context_before=kv_bytes_at_context(src_cfg, CONTEXT_TOKENS),
+                kv_bytes_at_context_after=kv_bytes_at_context(config, CONTEXT_TOKENS),
                 fidelity=fid,
             )
             dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(config.get("dtype")), torch.float32)

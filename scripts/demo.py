@@ -76,6 +76,7 @@ def main() -> None:
 
     from kvsurgeon.attention.kv_cache import kv_bytes_per_token
     from kvsurgeon.attention.serving import serving_support
+    from kvsurgeon.convert.checkpoint import read_config
     from kvsurgeon.convert.conversion import ConversionSpec, cli_command, run_conversion
     from kvsurgeon.convert.evaluate import evaluate, load_model, load_tokenizer
     from kvsurgeon.convert.long_context import LongContextOptions, measure_long_context
@@ -108,7 +109,7 @@ def main() -> None:
 
     console.rule(f"source: {SOURCE}")
     ref, _ = load_model(SOURCE)
-    src_cfg = __import__("json").loads((src_path / "config.json").read_text())
+    src_cfg = read_config(src_path)
     _, _, src_pk = measure("source", ref, src_path)
     rows = [Row("source", f"source: {SOURCE} (GQA 9/3)", kv_bytes_per_token(src_cfg), 1.0, 0.0, src_pk,
                 _served(serving_support(src_cfg)), 0.0, "")]
