@@ -72,6 +72,7 @@ class CardInfo:
     long_context: list[dict] = field(default_factory=list)  # LongContextResult.as_dict(), reference first
     extra_tags: list[str] = field(default_factory=list)
     serving: list[str] = field(default_factory=list)  # one line per engine (kvsurgeon.attention.serving)
+    training_kernels: list[dict] = field(default_factory=list)  # uptraining: convert.kernels.LayerKernels rows
 
     def to_json_dict(self) -> dict[str, Any]:
         return {"version": _CARD_VERSION, **dataclasses.asdict(self)}
@@ -190,6 +191,14 @@ def _long_context_section(info: CardInfo) -> str:
     )
 
 
+def _kernels_section(info: CardInfo) -> str:
+    """The kernel each layer type's uptraining forward passes reached (recorded by the run, not inferred)."""
+    rows = ["## Uptraining kernels\n\n", "| layer type | layers | kernel | fused | device |\n", "|---|---|---|---|---|\n"]
+    for r in info.training_kernels:
+        rows.append(f"| {r['layer_type']} | {r['layers']} | {_cell(r['kernel'])} | {'yes' if r['fused'] else 'no'} | {r['device']} |\n")
+    return "".join(rows)
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -225,6 +234,8 @@ def render_model_card(info: CardInfo, repo_id: str | None = None) -> str:
     parts += ["\n", _kv_section(info), "\n", _fidelity_section(info), "\n", _long_context_section(info)]
     if info.serving:
         parts += ["\n## Serving\n\n", *(f"- {line}\n" for line in info.serving)]
+    if info.training_kernels:
+        parts += ["\n", _kernels_section(info)]
     load_from = repo_id or "path/to/this/folder"
     parts += [
         "\n## Loading\n\n",

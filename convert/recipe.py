@@ -19,6 +19,8 @@ import yaml
 
 from .conversion import ConversionSpec
 from .errors import KvSurgeonError
+from .estimate import HardwareCfg
+from .kernels import KernelChoice
 
 
 class RecipeError(KvSurgeonError):
@@ -83,7 +85,10 @@ class Recipe:
     grad_accum: int = 1
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     gradient_checkpointing: bool = False
-    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa
+    # auto: the fused kernels transformers binds on CUDA (FlashAttention-2, mamba_ssm, fla), PyTorch
+    # elsewhere; fused: demand them (error naming what to install); torch: PyTorch paths everywhere
+    kernels: KernelChoice = "auto"
+    hardware: HardwareCfg | None = None  # GPU recipes: the hardware and time they are sized for
     eval_every: int = 0  # steps; 0: only before and after
     save_every: int = 50  # steps between resumable checkpoints
     keep_checkpoints: int = 2
@@ -133,11 +138,17 @@ class Recipe:
             errs.append("distill: kl_weight and ce_weight must be >= 0 and not both 0")
         if self.save_every < 1:
             errs.append("save_every: must be >= 1")
+        if self.hardware is not None:
+            errs += self.hardware.problems(sum(s.tokens for s in self.stages))
         if self.conversion is None and not self.student:
             errs.append("conversion: set to: gqa/mqa/mla/hybrid (and its options), or give student: (an already-converted folder)")
         if errs:
             raise RecipeError("invalid recipe:\n  " + "\n  ".join(errs))
         return self
+
+
+# keys older recipes used -> their replacement (named in the unknown-key error)
+RENAMED = {"attn_implementation": "kernels"}
 
 
 # ---- dict -> dataclass, strictly ---------------------------------------------------------------
@@ -149,7 +160,7 @@ def _build(cls, data: Any, path: str):
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
+            close = [RENAMED[key]] if key in RENAMED and RENAMED[key] in fields else difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise RecipeError(f"unknown key {path + key!r}{hint}; valid keys: {', '.join(fields)}")
         kwargs[key] = _coerce(hints[key], value, path + key)

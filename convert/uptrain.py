@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kvsurgeon.attention.kernels import attn_implementation
 from kvsurgeon.attention.kv_cache import kv_bytes_at_context, kv_bytes_per_token
 
 from .checkpoint import read_config
 from .distill import PackedStream, distill_loss, window_digests
 from .errors import KvSurgeonError
+from .kernels import Availability, KernelRecorder, attn_implementation, check_fused, report_rows, require_fused, resolve
 from .recipe import Recipe, StageCfg
 from .resolve import resolve_model
 from .writer import atomic_output
@@ -161,6 +161,11 @@ class Uptrainer:
         if multi and self.acc.num_processes == 1:
             raise KvSurgeonError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate set up one; "
                                  "set ACCELERATE_USE_CPU=1 on a machine without GPUs")
+        # resolved once: auto -> fused on CUDA, torch otherwise (fused without CUDA raises here)
+        self.avail = Availability.detect()
+        self.kernel_mode = resolve(recipe.kernels, self.avail)
+        self.kernels: KernelRecorder | None = None
+        self.kernel_rows: list[dict] = []  # the student's, for the model card
         self.seen: set[int] = set()  # digests of the windows trained on (main process), for distinct_tokens
         self.metrics_file = self.out / "metrics.jsonl"
         self.ckpt_dir = self.out / "checkpoints"
@@ -187,7 +192,7 @@ class Uptrainer:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, attn_implementation=attn_implementation(self.r.attn_implementation)
+            folder, dtype=torch.float32, attn_implementation=attn_implementation(self.r.kernels, self.avail)
         )
         if trainable and self.r.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -273,6 +278,7 @@ class Uptrainer:
         folder = self.student_folder()
         src = resolve_model(r.source)
         tok = AutoTokenizer.from_pretrained(folder)
+        require_fused(r.kernels, [read_config(folder), read_config(src)], self.avail)
         teacher = self.load(src, trainable=False)
         teacher = acc.prepare_model(teacher, evaluation_mode=True)
         student_base = self.load(folder, trainable=True)
@@ -295,6 +301,7 @@ class Uptrainer:
         total = sum(steps) if r.max_steps is None else min(sum(steps), r.max_steps)
         bar = tqdm(total=total, initial=prog.global_step, desc="uptrain", unit="step", disable=not (self.progress and acc.is_main_process))
         model = student_base
+        self.kernels = KernelRecorder(self.kernel_mode, [student_base, teacher]).install()
         try:
             for si in range(prog.stage, len(r.stages)):
                 stage = r.stages[si]
@@ -317,6 +324,8 @@ class Uptrainer:
                     if r.max_steps is not None and prog.global_step >= r.max_steps:
                         break
                     t0 = time.time()
+                    if not self.kernel_rows:  # report what training reached, not the eval before it
+                        self.kernels.called.clear()
                     sums = torch.zeros(3, device=acc.device)
                     digests = []
                     for _ in range(r.grad_accum):
@@ -350,6 +359,8 @@ class Uptrainer:
                     self.log({"kind": "train", "stage": stage.name, "step": prog.global_step, "tokens": prog.tokens,
                               "distinct_tokens": len(self.seen) * r.data.seq_len, "loss": loss_v, "kl": kl_v, "ce": ce_v,
                               "lr": sched.get_last_lr()[0], "tokens_per_s": tps, "processes": acc.num_processes})
+                    if not self.kernel_rows:
+                        self._log_kernels(student_base, teacher, prog)
                     bar.update(1)
                     bar.set_postfix(stage=stage.name, loss=f"{loss_v:.3f}", kl=f"{kl_v:.3f}", tok_s=f"{tps:.0f}")
                     if prog.global_step % r.save_every == 0:
@@ -371,14 +382,27 @@ class Uptrainer:
                 raise KvSurgeonError(f"interrupted: continue with --resume from {last or 'the start (no checkpoint yet)'}") from None
             path = self.save_checkpoint(prog)
             raise KvSurgeonError(f"interrupted: checkpoint saved to {path}; continue with --resume") from None
+        finally:
+            self.kernels.remove()
         bar.close()
         if prog.stage < len(r.stages):  # stopped by max_steps: leave a checkpoint to resume from
             self.save_checkpoint(prog)
             return self.latest_checkpoint()
-        final = self.finish(student_base, teacher, folder, config, prog)
+        with KernelRecorder(self.kernel_mode, [student_base, teacher]):  # the final eval runs the same paths
+            final = self.finish(student_base, teacher, folder, config, prog)
         if acc.is_main_process:
             plot_metrics(self.metrics_file, self.out / "metrics.png")
         return final
+
+    def _log_kernels(self, student, teacher, prog: Progress) -> None:
+        """After the first step: the kernel each layer type's forward reached, into metrics.jsonl (and
+        later the card); kernels: fused fails here if any layer type ran a PyTorch path."""
+        s_rows, t_rows = self.kernels.report(student), self.kernels.report(teacher)
+        self.kernel_rows = report_rows(s_rows)
+        self.log({"kind": "kernels", "step": prog.global_step, "tokens": prog.tokens, "choice": self.r.kernels,
+                  "resolved": self.kernel_mode, "student": self.kernel_rows, "teacher": report_rows(t_rows)})
+        check_fused(self.r.kernels, s_rows, "student")
+        check_fused(self.r.kernels, t_rows, "teacher")
 
     def _restore(self, ck: Path) -> None:
         """accelerate's load_state: weights (safetensors), optimiser, schedule and this rank's RNG, all
@@ -429,6 +453,7 @@ class Uptrainer:
                 kv_bytes_at_context_before=kv_bytes_at_context(src_cfg, CONTEXT_TOKENS),
                 kv_bytes_at_context_after=kv_bytes_at_context(config, CONTEXT_TOKENS),
                 fidelity=fid,
+                training_kernels=self.kernel_rows,
             )
             dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(config.get("dtype")), torch.float32)
         # every process: under FSDP this gathers the full weights (a collective); DDP/one process: a plain state_dict
