@@ -1,7 +1,7 @@
 """Source families described as data: tensor-name templates and which optional parts exist.
 
 Adding a Llama-like family is one entry in ``FAMILIES``. Reading needs only an object with
-``get_tensor(name)`` and ``__contains__`` (``kvsurgeon.convert.checkpoint.LazyCheckpoint`` is one),
+``get_tensor(name)`` and ``__contains__`` (``kvsurgeon.convert.io.checkpoint.LazyCheckpoint`` is one),
 so this module never touches files.
 """
 

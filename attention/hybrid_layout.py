@@ -1,6 +1,6 @@
 """Hybrid targets as layouts: GraniteMoeHybrid (attention + Mamba2) and Qwen3.5 text (attention +
 Gated DeltaNet). Configs, tensor names and per-layer weights; layout only, no transforms (those live
-in ``kvsurgeon.convert.hybrid``).
+in ``kvsurgeon.convert.hybrid.fit``).
 
 GraniteMoeHybrid from a Llama/Mistral/Qwen2 source (transformers 5.23 ``GraniteMoeHybridForCausalLM``,
 vLLM ``GraniteMoeHybridForCausalLM``)::
@@ -176,7 +176,7 @@ def granite_hybrid_config(
     (``mamba_n_heads = H``, ``mamba_d_head = head_dim``), one B/C group per query head
     (``mamba_n_groups = H``, so C can carry each head's own query), ``mamba_d_state = head_dim``.
     ``mamba_proj_bias`` is on: the z-gate gets a constant through the in_proj bias (see
-    ``kvsurgeon.convert.hybrid``), and a source ``o_proj`` bias lands in ``out_proj.bias``.
+    ``kvsurgeon.convert.hybrid.fit``), and a source ``o_proj`` bias lands in ``out_proj.bias``.
     """
     H = int(source["num_attention_heads"])
     hidden = int(source["hidden_size"])

@@ -1,6 +1,6 @@
 """DeepSeek MLA (``DeepseekV3ForCausalLM``) as a target layout: weights, config, tensor names.
 
-Layout only; the transforms that fill it live in ``kvsurgeon.convert.mla``.
+Layout only; the transforms that fill it live in ``kvsurgeon.convert.mla.fit``.
 
 What ``DeepseekV3Attention`` computes (transformers 5.23, ``q_lora_rank: null``), per token::
 
@@ -224,7 +224,7 @@ def deepseek_config(
     small valid values and create no modules), no q LoRA, no MTP layers, ``num_key_value_heads =
     num_attention_heads`` (required by transformers' MLA), default RoPE with ``rope_theta`` (the
     source's unless given; the MLA rope dim only holds ``qk_rope_head_dim / 2`` frequencies, see
-    ``kvsurgeon.convert.mla.rope_theta_for``). ``rope_parameters`` overrides the RoPE block verbatim
+    ``kvsurgeon.convert.mla.fit.rope_theta_for``). ``rope_parameters`` overrides the RoPE block verbatim
     (non-default RoPE: transformers follows it, vLLM does not).
     """
     tc = source_config.get("text_config")

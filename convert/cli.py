@@ -50,8 +50,8 @@ def convert(
     **conversion,  # every ConversionSpec field, as the flags _with_spec_options declares
 ) -> None:
     """Convert MODEL's attention and write a stock transformers checkpoint to --out."""
-    from .conversion import ConversionSpec, run_conversion
-    from .pipeline import ConvertOptions
+    from .pipeline.spec import ConversionSpec, run_conversion
+    from .pipeline.driver import ConvertOptions
 
     try:
         spec = ConversionSpec(**conversion)
@@ -83,7 +83,7 @@ def _with_spec_options(fn):
     flags, their defaults and help text are the spec's own."""
     import inspect as _inspect
 
-    from .conversion import spec_cli_params
+    from .pipeline.spec import spec_cli_params
 
     sig = _inspect.signature(fn)
     own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
@@ -107,7 +107,7 @@ def spec_from_argv(argv: list[str]):
     (nothing runs): for scripts that build a plan themselves, and for the round-trip tests."""
     from dataclasses import fields
 
-    from .conversion import ConversionSpec
+    from .pipeline.spec import ConversionSpec
 
     cmd = typer.main.get_command(app).commands["convert"]
     params = cmd.make_context("convert", list(argv)).params
@@ -201,8 +201,8 @@ def eval_(
 ) -> None:
     """Fidelity of MODEL: short-window perplexity and, against --reference, KL and top-1 agreement;
     long-context retrieval (passkey, multikey) over a length x depth grid and perplexity by position."""
-    from .evaluate import evaluate
-    from .long_context import TASKS, LongContextOptions, evaluate_long_context
+    from .evaluation.perplexity import evaluate
+    from .evaluation.long_context import TASKS, LongContextOptions, evaluate_long_context
 
     try:
         want = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -229,7 +229,7 @@ def eval_(
     except (KvSurgeonError, UnsupportedArchitectureError) as e:
         fail(e)
     if png is not None and long:
-        from .long_context_report import heatmap_png
+        from .evaluation.report import heatmap_png
 
         heatmap_png(long, png)
         err.print(f"wrote {png}", highlight=False)
@@ -260,7 +260,7 @@ def _print_ppl(r) -> None:
 
 
 def _print_long(results) -> None:
-    from .long_context_report import summary_rows
+    from .evaluation.report import summary_rows
 
     head, rows = summary_rows(results)
     o = results[0].options
@@ -281,8 +281,8 @@ def uptrain(
     push_to_hub: Optional[str] = typer.Option(None, help="push the final model to this Hub repo id"),
 ) -> None:
     """Convert (per the recipe) and distil from the source; same runner as scripts/uptrain.py."""
-    from .recipe import load_recipe
-    from .uptrain import uptrain as run
+    from .train.recipe import load_recipe
+    from .train.uptrain import uptrain as run
 
     try:
         r, text = load_recipe(recipe, list(overrides or []))
@@ -297,8 +297,8 @@ def uptrain(
 
 # ---- push ----------------------------------------------------------------------------------------
 def _push(folder: Path, repo_id: str, private: bool = False, revision: str | None = None, message: str | None = None) -> None:
-    from .model_card import refresh_model_card
-    from .publish import push_folder
+    from .hub.model_card import refresh_model_card
+    from .hub.publish import push_folder
 
     try:
         url = push_folder(

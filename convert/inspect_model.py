@@ -8,8 +8,8 @@ from pathlib import Path
 from kvsurgeon.attention.kv_cache import layer_caches, summarize, text_config
 from kvsurgeon.attention.serving import serving_support
 
-from .checkpoint import LazyCheckpoint, read_config
-from .resolve import resolve_model
+from .io.checkpoint import LazyCheckpoint, read_config
+from .io.resolve import resolve_model
 
 CONTEXTS = (4096, 32768, 131072)
 

@@ -53,7 +53,7 @@ def _child(stats: str, argv: list[str]) -> None:
 
 
 def evaluate(folder: Path | str, max_tokens: int, seq_len: int, reference_model=None):
-    from kvsurgeon.convert.evaluate import evaluate as ev, load_model
+    from kvsurgeon.convert.evaluation.perplexity import evaluate as ev, load_model
 
     model, path = load_model(str(folder))
     return ev(str(path), str(VALID), reference=SOURCE, max_tokens=max_tokens, seq_len=seq_len, progress=False,
@@ -61,7 +61,7 @@ def evaluate(folder: Path | str, max_tokens: int, seq_len: int, reference_model=
 
 
 def reference_model():
-    from kvsurgeon.convert.evaluate import load_model
+    from kvsurgeon.convert.evaluation.perplexity import load_model
 
     return load_model(SOURCE)[0]
 

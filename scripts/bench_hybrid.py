@@ -27,12 +27,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from kvsurgeon.attention.kv_cache import kv_bytes_per_token, summarize  # noqa: E402
-from kvsurgeon.convert.calibration import CalibConfig  # noqa: E402
-from kvsurgeon.convert.checkpoint import read_config  # noqa: E402
-from kvsurgeon.convert.evaluate import evaluate, load_model  # noqa: E402
-from kvsurgeon.convert.pipeline import ConvertOptions, convert_model  # noqa: E402
-from kvsurgeon.convert.resolve import resolve_model  # noqa: E402
-from kvsurgeon.convert.to_hybrid import RANKING_FILE, REPORT_FILE, hybrid_plan  # noqa: E402
+from kvsurgeon.convert.pipeline.calibration import CalibConfig  # noqa: E402
+from kvsurgeon.convert.io.checkpoint import read_config  # noqa: E402
+from kvsurgeon.convert.evaluation.perplexity import evaluate, load_model  # noqa: E402
+from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model  # noqa: E402
+from kvsurgeon.convert.io.resolve import resolve_model  # noqa: E402
+from kvsurgeon.convert.hybrid.plan import RANKING_FILE, REPORT_FILE, hybrid_plan  # noqa: E402
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TRAIN = "/work/shared/data/pydocs-train.jsonl"

@@ -56,10 +56,10 @@ def main() -> None:
 
     import torch
 
-    from kvsurgeon.convert.evaluate import evaluate, load_model, load_tokenizer
-    from kvsurgeon.convert.long_context import LongContextOptions, long_ppl_windows, measure_long_context
-    from kvsurgeon.convert.long_context_report import heatmap_png, markdown
-    from kvsurgeon.convert.resolve import resolve_model
+    from kvsurgeon.convert.evaluation.perplexity import evaluate, load_model, load_tokenizer
+    from kvsurgeon.convert.evaluation.long_context import LongContextOptions, long_ppl_windows, measure_long_context
+    from kvsurgeon.convert.evaluation.report import heatmap_png, markdown
+    from kvsurgeon.convert.io.resolve import resolve_model
 
     jobs = {n: JOBS[n] for n in args.jobs.split(",") if n}
     for e in args.extra:

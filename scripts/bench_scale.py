@@ -43,10 +43,10 @@ JOBS = {
 
 def build(folder: Path) -> None:
     """Write the random checkpoint layer by layer (bounded memory), plus a real tokenizer."""
-    from kvsurgeon.convert.pipeline import planned_tensors
-    from kvsurgeon.convert.resolve import resolve_model
-    from kvsurgeon.convert.safetensors_io import PlannedShardWriter
-    from kvsurgeon.convert.writer import atomic_output, copy_extras, write_json
+    from kvsurgeon.convert.pipeline.driver import planned_tensors
+    from kvsurgeon.convert.io.resolve import resolve_model
+    from kvsurgeon.convert.io.safetensors_io import PlannedShardWriter
+    from kvsurgeon.convert.io.writer import atomic_output, copy_extras, write_json
 
     specs, _ = planned_tensors(CONFIG, torch.bfloat16)
     total = sum(s.nbytes for s in specs)

@@ -20,8 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from kvsurgeon.convert.recipe import recipe_from_dict
-from kvsurgeon.convert.uptrain import uptrain
+from kvsurgeon.convert.train.recipe import recipe_from_dict
+from kvsurgeon.convert.train.uptrain import uptrain
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -36,7 +36,7 @@ def plain_finetune_tokens_per_s(seq_len: int, steps: int = 4) -> float:
     """One fine-tuning step of the source alone (CE loss), bf16 autocast, as the reference speed."""
     from transformers import AutoModelForCausalLM
 
-    from kvsurgeon.convert.resolve import resolve_model
+    from kvsurgeon.convert.io.resolve import resolve_model
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(SOURCE), dtype=torch.float32, attn_implementation="sdpa")
     model.train()

@@ -59,12 +59,12 @@ def main() -> None:
 
     import torch
 
-    from kvsurgeon.convert.evaluate import evaluate, load_model, load_tokenizer
-    from kvsurgeon.convert.long_context import LongContextOptions, long_ppl_windows, measure_long_context
-    from kvsurgeon.convert.long_context_report import heatmap_png, markdown
-    from kvsurgeon.convert.recipe import recipe_from_dict
-    from kvsurgeon.convert.resolve import resolve_model
-    from kvsurgeon.convert.uptrain import uptrain
+    from kvsurgeon.convert.evaluation.perplexity import evaluate, load_model, load_tokenizer
+    from kvsurgeon.convert.evaluation.long_context import LongContextOptions, long_ppl_windows, measure_long_context
+    from kvsurgeon.convert.evaluation.report import heatmap_png, markdown
+    from kvsurgeon.convert.train.recipe import recipe_from_dict
+    from kvsurgeon.convert.io.resolve import resolve_model
+    from kvsurgeon.convert.train.uptrain import uptrain
 
     torch.set_num_threads(os.cpu_count() or 2)
     out = Path(args.out)

@@ -80,7 +80,7 @@ def main() -> None:
     if not (VENV / ".kvsurgeon-vllm-installed").exists():
         raise SystemExit(f"no vLLM side venv at {VENV}: run `bash scripts/setup_vllm.sh` first")
 
-    from kvsurgeon.convert.resolve import resolve_model
+    from kvsurgeon.convert.io.resolve import resolve_model
 
     calib = ["--calib-data", str(TRAIN)] if TRAIN.exists() else []
     smol = resolve_model(SOURCE)  # the snapshot folder in the Hub cache

@@ -76,12 +76,12 @@ def main() -> None:
 
     from kvsurgeon.attention.kv_cache import kv_bytes_per_token
     from kvsurgeon.attention.serving import serving_support
-    from kvsurgeon.convert.checkpoint import read_config
-    from kvsurgeon.convert.conversion import ConversionSpec, cli_command, run_conversion
-    from kvsurgeon.convert.evaluate import evaluate, load_model, load_tokenizer
-    from kvsurgeon.convert.long_context import LongContextOptions, measure_long_context
-    from kvsurgeon.convert.pipeline import ConvertOptions
-    from kvsurgeon.convert.resolve import resolve_model
+    from kvsurgeon.convert.io.checkpoint import read_config
+    from kvsurgeon.convert.pipeline.spec import ConversionSpec, cli_command, run_conversion
+    from kvsurgeon.convert.evaluation.perplexity import evaluate, load_model, load_tokenizer
+    from kvsurgeon.convert.evaluation.long_context import LongContextOptions, measure_long_context
+    from kvsurgeon.convert.pipeline.driver import ConvertOptions
+    from kvsurgeon.convert.io.resolve import resolve_model
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from demo_report import Row, markdown, png, terminal_table

@@ -13,8 +13,8 @@ import argparse
 import sys
 
 from kvsurgeon.convert.errors import KvSurgeonError
-from kvsurgeon.convert.recipe import load_recipe
-from kvsurgeon.convert.uptrain import uptrain
+from kvsurgeon.convert.train.recipe import load_recipe
+from kvsurgeon.convert.train.uptrain import uptrain
 
 
 def main() -> None:

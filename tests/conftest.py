@@ -88,7 +88,7 @@ def text_file(tmp_path) -> Path:
 def smollm2() -> Path:
     """The real SmolLM2 through its Hub id, offline, as a user with a warm cache has it."""
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from kvsurgeon.convert.resolve import resolve_model
+    from kvsurgeon.convert.io.resolve import resolve_model
 
     try:
         return resolve_model(SMOL_ID)

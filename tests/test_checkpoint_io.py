@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvsurgeon.convert.checkpoint import CheckpointError, LazyCheckpoint, read_config
-from kvsurgeon.convert.resolve import ResolveError, resolve_model
-from kvsurgeon.convert.safetensors_io import PlannedShardWriter, TensorSpec
-from kvsurgeon.convert.writer import OutputError, atomic_output, copy_extras, parse_size
+from kvsurgeon.convert.io.checkpoint import CheckpointError, LazyCheckpoint, read_config
+from kvsurgeon.convert.io.resolve import ResolveError, resolve_model
+from kvsurgeon.convert.io.safetensors_io import PlannedShardWriter, TensorSpec
+from kvsurgeon.convert.io.writer import OutputError, atomic_output, copy_extras, parse_size
 
 
 def specs_of(ck: LazyCheckpoint) -> list[TensorSpec]:
@@ -73,7 +73,7 @@ def test_reading_does_not_map_the_shard(tmp_path):
     save_file({f"t{i}": torch.randn(4096, 4096) for i in range(4)}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text("{}")
     code = (
-        "import resource, sys; from kvsurgeon.convert.checkpoint import LazyCheckpoint;"
+        "import resource, sys; from kvsurgeon.convert.io.checkpoint import LazyCheckpoint;"
         "ck = LazyCheckpoint(sys.argv[1]); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
         "[ck.get_tensor(f't{i}').sum() for i in range(4)];"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)"

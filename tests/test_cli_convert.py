@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import save_tiny
 from kvsurgeon.convert.cli import app
-from kvsurgeon.convert.model_card import read_card_info
+from kvsurgeon.convert.hub.model_card import read_card_info
 from test_publish import hub  # noqa: F401  (the local Hub fixture)
 
 runner = CliRunner()

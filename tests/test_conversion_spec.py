@@ -10,9 +10,9 @@ import pytest
 import typer
 
 from kvsurgeon.convert.cli import app, spec_from_argv
-from kvsurgeon.convert.conversion import ConversionSpec, cli_command, spec_flag
+from kvsurgeon.convert.pipeline.spec import ConversionSpec, cli_command, spec_flag
 from kvsurgeon.convert.errors import KvSurgeonError
-from kvsurgeon.convert.recipe import RecipeError, recipe_from_dict
+from kvsurgeon.convert.train.recipe import RecipeError, recipe_from_dict
 
 SPECS = [
     ConversionSpec(to="mqa"),

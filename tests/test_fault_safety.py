@@ -85,7 +85,7 @@ def test_truncated_shard_is_named(tmp_path):
 def test_completed_output_files_get_the_umask_mode(tmp_path):
     """A writer that creates 0600 files (safetensors' temporaries) must not leave the finished
     model unreadable to the other users of a shared machine."""
-    from kvsurgeon.convert.writer import atomic_output
+    from kvsurgeon.convert.io.writer import atomic_output
 
     mask = os.umask(0o022)
     try:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kvsurgeon.convert.estimate import REL_TOL, HardwareCfg, training_flops_per_token
-from kvsurgeon.convert.recipe import RecipeError, load_recipe, recipe_from_dict
+from kvsurgeon.convert.train.estimate import REL_TOL, HardwareCfg, training_flops_per_token
+from kvsurgeon.convert.train.recipe import RecipeError, load_recipe, recipe_from_dict
 
 from real_configs import HUB_IDS, real_config
 

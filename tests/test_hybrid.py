@@ -19,10 +19,10 @@ from kvsurgeon.attention.hybrid_layout import (
 )
 from kvsurgeon.attention.kv_cache import layer_caches
 from kvsurgeon.attention.linear_reference import gdn_recurrent, mamba2_recurrent
-from kvsurgeon.convert.calibration import CalibConfig
+from kvsurgeon.convert.pipeline.calibration import CalibConfig
 from kvsurgeon.convert.errors import KvSurgeonError
 from kvsurgeon.attention.reference import attention_output
-from kvsurgeon.convert.hybrid import (
+from kvsurgeon.convert.hybrid.fit import (
     Mamba2Init,
     attention_transfer,
     even_linear_layers,
@@ -34,8 +34,8 @@ from kvsurgeon.convert.hybrid import (
     relative_mse,
     resolve_layer_choice,
 )
-from kvsurgeon.convert.pipeline import ConvertOptions, convert_model
-from kvsurgeon.convert.to_hybrid import RANKING_FILE, REPORT_FILE, hybrid_plan
+from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model
+from kvsurgeon.convert.hybrid.plan import RANKING_FILE, REPORT_FILE, hybrid_plan
 
 from conftest import save_tiny, tiny_config
 
@@ -258,7 +258,7 @@ def test_mamba2_init_is_what_transformers_computes():
 def test_gdn_init_is_what_transformers_computes():
     cfg, attn, x = _tiny_attention_and_inputs("qwen3")
     qcfg = qwen35_text_config(cfg, [0])
-    from kvsurgeon.convert.hybrid import GdnInit
+    from kvsurgeon.convert.hybrid.fit import GdnInit
 
     w, info = gdn_from_attention(attn, x, gdn_dims(qcfg), eps=qcfg["rms_norm_eps"], init=GdnInit(fit_tokens=192, refit_tokens=288))
     y = linear_layer_output(gdn_module(qcfg, 0, w), x)
@@ -370,7 +370,7 @@ def test_bad_layer_choice_errors(keep, layers, match):
 
 
 def test_plan_errors(tmp_path):
-    from kvsurgeon.convert.checkpoint import LazyCheckpoint, read_config
+    from kvsurgeon.convert.io.checkpoint import LazyCheckpoint, read_config
 
     def plan_for(model_type, **kw):
         over = GRANITE_TINY if model_type != "qwen3" else {}
@@ -424,7 +424,7 @@ def test_cache_bytes_bf16_match_transformers(tmp_path, text_file):
 
 
 def test_layer_cache_reuses_linear_layers_across_layer_choices(tmp_path, text_file):
-    from kvsurgeon.convert.checkpoint import LazyCheckpoint
+    from kvsurgeon.convert.io.checkpoint import LazyCheckpoint
 
     src = save_tiny(tmp_path / "src", "llama", **GRANITE_TINY, num_hidden_layers=3)
     cache, logs = {}, []

@@ -95,7 +95,7 @@ def test_eval_ppl_matches_direct_transformers(smollm2, tmp_path):
     assert r["kv_bytes_per_token"] == 23_040
     assert r["reference_kv_bytes_per_token"] == 23_040
     # an already-loaded reference named by its Hub id (as the benchmarks pass it) still resolves its config
-    from kvsurgeon.convert.evaluate import evaluate
+    from kvsurgeon.convert.evaluation.perplexity import evaluate
 
     res2 = evaluate(str(smollm2), str(data), reference="HuggingFaceTB/SmolLM2-135M-Instruct", max_tokens=256, seq_len=128,
                     progress=False, model=model, reference_model=model)

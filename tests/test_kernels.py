@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from kvsurgeon.attention.hybrid_layout import granite_hybrid_config, qwen35_text_config
-from kvsurgeon.convert.kernels import (
+from kvsurgeon.convert.train.kernels import (
     Availability,
     KernelError,
     KernelRecorder,
@@ -221,7 +221,7 @@ def _needs_fused(kind):
         pytest.skip("KVSURGEON_SKIP_FUSED=1")
     avail = Availability.detect()
     if not avail.has(kind):
-        from kvsurgeon.convert.kernels import FUSED_PACKAGES
+        from kvsurgeon.convert.train.kernels import FUSED_PACKAGES
 
         pytest.fail(f"CUDA is present but the fused {kind} kernels are not installed: {FUSED_PACKAGES[kind][1]} "
                     "(or KVSURGEON_SKIP_FUSED=1 to skip)")
@@ -265,8 +265,8 @@ def test_fused_path_matches_cpu_reference(kind):
 
 # ---- a run records its kernels in metrics and the card ------------------------------------------
 def test_uptrain_records_kernels_in_metrics_and_card(tmp_path, text_file):
-    from kvsurgeon.convert.recipe import recipe_from_dict
-    from kvsurgeon.convert.uptrain import uptrain
+    from kvsurgeon.convert.train.recipe import recipe_from_dict
+    from kvsurgeon.convert.train.uptrain import uptrain
 
     from conftest import save_tiny
 
@@ -292,7 +292,7 @@ def test_uptrain_records_kernels_in_metrics_and_card(tmp_path, text_file):
 
 
 def test_old_recipe_key_names_its_replacement(tmp_path, text_file):
-    from kvsurgeon.convert.recipe import RecipeError, recipe_from_dict
+    from kvsurgeon.convert.train.recipe import RecipeError, recipe_from_dict
 
     with pytest.raises(RecipeError, match="did you mean 'kernels'"):
         recipe_from_dict({"source": "x", "output": "y", "data": {"train": "z"}, "attn_implementation": "auto"})

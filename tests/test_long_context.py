@@ -12,8 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from kvsurgeon.convert.cli import app
-from kvsurgeon.convert.evaluate import load_model, load_tokenizer
-from kvsurgeon.convert.long_context import (
+from kvsurgeon.convert.evaluation.perplexity import load_model, load_tokenizer
+from kvsurgeon.convert.evaluation.long_context import (
     FillerTokens, LongContextError, LongContextOptions, bucket_edges, bucket_nll, check_lengths, evaluate_long_context,
     grid_accuracy, long_ppl, make_prompt, prompt_grid, score_prompts,
 )
@@ -152,7 +152,7 @@ def test_user_filler_text_is_used(smol, tmp_path):
 def test_retrieval_calibration_windows(smol):
     """--calib-retrieval: the chosen fraction of windows keeps its length and its own text, gains three
     facts and a restatement of one at its end; the rest are untouched."""
-    from kvsurgeon.convert.calibration import CalibConfig, calibration_ids
+    from kvsurgeon.convert.pipeline.calibration import CalibConfig, calibration_ids
 
     _, tok = smol
     plain = calibration_ids(tok, CalibConfig(tokens=2048, seq_len=512))
@@ -171,8 +171,8 @@ def test_retrieval_calibration_windows(smol):
 
 
 def test_card_command_keeps_calibration_flags():
-    from kvsurgeon.convert.calibration import CalibConfig
-    from kvsurgeon.convert.conversion import ConversionSpec, cli_command
+    from kvsurgeon.convert.pipeline.calibration import CalibConfig
+    from kvsurgeon.convert.pipeline.spec import ConversionSpec, cli_command
 
     spec = ConversionSpec(to="mla", kv_lora_rank=64, rope_dim=32, calib=CalibConfig(
         data="train.jsonl", tokens=16384, seq_len=1024, windows_per_text=1, retrieval=0.25, text_field="body"))

@@ -19,7 +19,7 @@ from kvsurgeon.attention.mla_layout import (
 )
 from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
 from kvsurgeon.convert.errors import KvSurgeonError
-from kvsurgeon.convert.mla import (
+from kvsurgeon.convert.mla.fit import (
     allocate_ranks,
     attention_token_weights,
     check_mla_ranks,
@@ -469,7 +469,7 @@ def test_unsupported_sources_fail_clearly():
 def test_weighted_ridge_matches_the_normal_equations(n):
     """The q refit's batched ridge solve: the key-space (Woodbury) form used when keys < dims and
     the normal-equation form both equal a direct float64 solve."""
-    from kvsurgeon.convert.mla import _weighted_ridge
+    from kvsurgeon.convert.mla.fit import _weighted_ridge
 
     g = torch.Generator().manual_seed(0)
     c, d, ridge = 3, 16, 0.3
@@ -489,7 +489,7 @@ def test_weighted_ridge_matches_the_normal_equations(n):
 def test_ballast_direction_in_token_space_matches_hidden_space():
     """With fewer calibration tokens than hidden dims the norm-ballast direction is found in token
     space; it must be the hidden-space generalised eigenvector (up to sign), duplicate tokens included."""
-    from kvsurgeon.convert.mla import _ballast_direction, _psd_sqrt
+    from kvsurgeon.convert.mla.fit import _ballast_direction, _psd_sqrt
 
     g = torch.Generator().manual_seed(0)
     N, hid, r = 40, 64, 10
@@ -510,7 +510,7 @@ def test_ballast_direction_in_token_space_matches_hidden_space():
 
 
 def test_kv_balance_follows_the_measured_budgets():
-    from kvsurgeon.convert.to_mla import kv_balance
+    from kvsurgeon.convert.mla.plan import kv_balance
 
     assert kv_balance(0.25) == kv_balance(0.5) == 1.0  # -50% and milder: keys and values alike
     assert kv_balance(0.75) == kv_balance(0.9) == 8.0  # -75% and tighter: keys favoured

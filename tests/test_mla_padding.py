@@ -10,12 +10,12 @@ import torch
 
 from kvsurgeon.attention.families import DictSource, read_attention
 from kvsurgeon.attention.mla_layout import pad_latent, scale_latent
-from kvsurgeon.convert.calibration import CalibConfig
-from kvsurgeon.convert.conversion import ConversionSpec, run_conversion
+from kvsurgeon.convert.pipeline.calibration import CalibConfig
+from kvsurgeon.convert.pipeline.spec import ConversionSpec, run_conversion
 from kvsurgeon.convert.errors import KvSurgeonError
 from kvsurgeon.attention.reference import mla_attention_output
-from kvsurgeon.convert.mla import convert_layer_to_mla
-from kvsurgeon.convert.pipeline import ConvertOptions
+from kvsurgeon.convert.mla.fit import convert_layer_to_mla
+from kvsurgeon.convert.pipeline.driver import ConvertOptions
 
 from conftest import save_tiny, tiny_model
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from kvsurgeon.attention import write_attention
-from kvsurgeon.convert.calibration import CalibConfig, LayerStream
-from kvsurgeon.convert.checkpoint import LazyCheckpoint, read_config
-from kvsurgeon.convert.pipeline import ConvertOptions, Plan, convert_model
+from kvsurgeon.convert.pipeline.calibration import CalibConfig, LayerStream
+from kvsurgeon.convert.io.checkpoint import LazyCheckpoint, read_config
+from kvsurgeon.convert.pipeline.driver import ConvertOptions, Plan, convert_model
 
 from conftest import save_tiny
 
@@ -57,8 +57,8 @@ def test_identity_plan_is_exact_and_atomic(tmp_path, text_file):
 
 
 def test_builtin_calibration_text_is_used_by_default(tmp_path):
-    from kvsurgeon.convert.calibration import DEFAULT_CALIB, calibration_ids
-    from kvsurgeon.convert.evaluate import load_tokenizer
+    from kvsurgeon.convert.pipeline.calibration import DEFAULT_CALIB, calibration_ids
+    from kvsurgeon.convert.evaluation.perplexity import load_tokenizer
 
     assert DEFAULT_CALIB.is_file()
     src = save_tiny(tmp_path / "src")
@@ -73,9 +73,9 @@ def test_sequential_plan_calibrates_on_the_converted_models_states(tmp_path, tex
     model's own hidden states for a plan that really changes each layer (halved o_proj, or MLA)."""
     from transformers import AutoModelForCausalLM
 
-    from kvsurgeon.convert.calibration import calibration_ids
-    from kvsurgeon.convert.evaluate import load_tokenizer
-    from kvsurgeon.convert.to_mla import mla_plan
+    from kvsurgeon.convert.pipeline.calibration import calibration_ids
+    from kvsurgeon.convert.evaluation.perplexity import load_tokenizer
+    from kvsurgeon.convert.mla.plan import mla_plan
 
     src = save_tiny(tmp_path / "src")
     seen = {}
@@ -120,8 +120,8 @@ def test_calibration_windows_per_text_spreads_the_budget(tmp_path):
     texts; without it they all come from the first, long text."""
     import json
 
-    from kvsurgeon.convert.calibration import calibration_ids
-    from kvsurgeon.convert.evaluate import load_tokenizer
+    from kvsurgeon.convert.pipeline.calibration import calibration_ids
+    from kvsurgeon.convert.evaluation.perplexity import load_tokenizer
 
     src = save_tiny(tmp_path / "src")
     tok = load_tokenizer(src)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from kvsurgeon.convert.cli import app
-from kvsurgeon.convert.model_card import read_card_info
+from kvsurgeon.convert.hub.model_card import read_card_info
 from real_configs import TINY_WINDOW, real_config, shrink, tiny_from
 
 runner = CliRunner()
@@ -97,7 +97,7 @@ def test_legacy_inv_freq_buffers_are_dropped(tmp_path):
     out = tmp_path / "out"
     res = runner.invoke(app, ["convert", str(src), "--to", "gqa", "--kv-heads", "2", "--out", str(out), *CALIB])
     assert res.exit_code == 0, res.output
-    from kvsurgeon.convert.checkpoint import LazyCheckpoint
+    from kvsurgeon.convert.io.checkpoint import LazyCheckpoint
 
     assert not [k for k in LazyCheckpoint(out).keys() if "inv_freq" in k]
     assert torch.equal(logits(out, IDS), ref)  # same KV heads: an exact copy

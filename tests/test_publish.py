@@ -15,7 +15,7 @@ from huggingface_hub import HfApi, constants, snapshot_download
 
 from hub_server import FakeHub
 from kvsurgeon.convert.errors import KvSurgeonError
-from kvsurgeon.convert.model_card import (
+from kvsurgeon.convert.hub.model_card import (
     CardInfo,
     FidelityRow,
     read_card_info,
@@ -24,7 +24,7 @@ from kvsurgeon.convert.model_card import (
     source_license,
     write_model_card,
 )
-from kvsurgeon.convert.publish import PublishError, _choose_uploader, files_to_upload, push_folder
+from kvsurgeon.convert.hub.publish import PublishError, _choose_uploader, files_to_upload, push_folder
 
 TOKEN = "hf_fakeValidToken_for_tests_0123456789"
 WRONG_TOKEN = "hf_WRONGsecretTOKEN_must_not_leak_9876543210"
@@ -85,7 +85,7 @@ def test_card_front_matter_and_sections():
 
 
 def test_card_long_context_section_and_round_trip(tmp_path):
-    from kvsurgeon.convert.long_context import LongContextOptions, LongContextResult
+    from kvsurgeon.convert.evaluation.long_context import LongContextOptions, LongContextResult
 
     opts = dataclasses.asdict(LongContextOptions(tasks=("passkey", "long-ppl"), lengths=(1024, 2048), depths=2, samples=3))
     rows = [

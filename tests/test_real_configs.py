@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvsurgeon.convert.calibration import CalibConfig
-from kvsurgeon.convert.conversion import ConversionSpec, run_conversion
+from kvsurgeon.convert.pipeline.calibration import CalibConfig
+from kvsurgeon.convert.pipeline.spec import ConversionSpec, run_conversion
 from kvsurgeon.convert.errors import KvSurgeonError
-from kvsurgeon.convert.pipeline import ConvertOptions
+from kvsurgeon.convert.pipeline.driver import ConvertOptions
 from real_configs import HUB_IDS, NAMES, real_config, shrink, tiny_from
 
 CALIB = CalibConfig(tokens=256, seq_len=32)
@@ -82,17 +82,17 @@ def stored_config(source: str) -> dict:
     names = {v: k for k, v in HUB_IDS.items()}
     if source in names:
         return real_config(names[source])
-    from kvsurgeon.convert.checkpoint import read_config
-    from kvsurgeon.convert.resolve import resolve_model
+    from kvsurgeon.convert.io.checkpoint import read_config
+    from kvsurgeon.convert.io.resolve import resolve_model
 
     return read_config(resolve_model(source))  # SmolLM2: the real fixture in the Hub cache
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_plans_build_against_their_source_config(path, smollm2):
-    from kvsurgeon.convert.hybrid import resolve_layer_choice
-    from kvsurgeon.convert.recipe import load_recipe
-    from kvsurgeon.convert.to_hybrid import _target_for
+    from kvsurgeon.convert.hybrid.fit import resolve_layer_choice
+    from kvsurgeon.convert.train.recipe import load_recipe
+    from kvsurgeon.convert.hybrid.plan import _target_for
 
     r, _ = load_recipe(path)
     c = spec = r.conversion  # the recipe's conversion block is the spec itself

@@ -108,7 +108,7 @@ def test_real_mla_caches_only_the_latent_and_beats_weight_svd(smollm2, tmp_path,
 def test_convert_measures_into_the_card(tmp_path):
     """convert --measure on a no-op conversion (3 -> 3 KV heads writes the source's weights): every measured
     number must equal the source's, short and long, and the card must carry them."""
-    from kvsurgeon.convert.model_card import read_card_info
+    from kvsurgeon.convert.hub.model_card import read_card_info
 
     out = tmp_path / "same"
     res = runner.invoke(app, ["convert", SMOL, "--to", "gqa", "--kv-heads", "3", "--method", "mean", "--out", str(out), "--measure", "on"])

@@ -11,7 +11,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, L
 
 from kvsurgeon.attention import DictSource, read_attention
 from kvsurgeon.attention.reference import attention_output, mla_attention_output
-from kvsurgeon.convert.mla import convert_layer_to_mla, mla_config, mla_state_dict
+from kvsurgeon.convert.mla.fit import convert_layer_to_mla, mla_config, mla_state_dict
 
 from conftest import tiny_model
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvsurgeon.convert.ridge import ridge_towards
+from kvsurgeon.convert.linalg import ridge_towards
 
 
 @pytest.mark.parametrize("N", [7, 50], ids=["fewer-rows-than-inputs", "more-rows"])

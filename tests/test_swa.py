@@ -15,10 +15,10 @@ from conftest import save_tiny, tiny_model
 from kvsurgeon.attention import DictSource, read_attention, sliding_windows
 from kvsurgeon.attention.reference import attention_output
 from kvsurgeon.convert.cli import app
-from kvsurgeon.convert.conversion import ConversionSpec, run_conversion
+from kvsurgeon.convert.pipeline.spec import ConversionSpec, run_conversion
 from kvsurgeon.convert.errors import KvSurgeonError
-from kvsurgeon.convert.model_card import read_card_info
-from kvsurgeon.convert.pipeline import ConvertOptions
+from kvsurgeon.convert.hub.model_card import read_card_info
+from kvsurgeon.convert.pipeline.driver import ConvertOptions
 from test_reference import ATOL, RTOL, layer_io
 
 W = 8  # window of the tests' windowed layers

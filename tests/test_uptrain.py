@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from kvsurgeon.convert.recipe import RecipeError, apply_overrides, load_recipe, recipe_from_dict
-from kvsurgeon.convert.uptrain import uptrain
+from kvsurgeon.convert.train.recipe import RecipeError, apply_overrides, load_recipe, recipe_from_dict
+from kvsurgeon.convert.train.uptrain import uptrain
 
 from conftest import save_tiny
 

@@ -28,9 +28,9 @@ import pytest
 import torch
 import yaml
 
-from kvsurgeon.convert.distill import PackedStream, window_digests
-from kvsurgeon.convert.recipe import recipe_from_dict
-from kvsurgeon.convert.uptrain import uptrain
+from kvsurgeon.convert.train.distill import PackedStream, window_digests
+from kvsurgeon.convert.train.recipe import recipe_from_dict
+from kvsurgeon.convert.train.uptrain import uptrain
 
 from conftest import save_tiny, write_text, write_tiny_tokenizer
 

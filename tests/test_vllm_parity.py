@@ -29,9 +29,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvsurgeon.convert.calibration import CalibConfig
-from kvsurgeon.convert.conversion import ConversionSpec, run_conversion
-from kvsurgeon.convert.pipeline import ConvertOptions
+from kvsurgeon.convert.pipeline.calibration import CalibConfig
+from kvsurgeon.convert.pipeline.spec import ConversionSpec, run_conversion
+from kvsurgeon.convert.pipeline.driver import ConvertOptions
 
 from conftest import SMOL_ID, save_tiny, write_tiny_tokenizer
 

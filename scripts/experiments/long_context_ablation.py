@@ -24,10 +24,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kvsurgeon.convert.to_gqa as to_gqa  # noqa: E402
+import kvsurgeon.convert.gqa.plan as to_gqa  # noqa: E402
 from bench_common import ROOT, SOURCE, TRAIN  # noqa: E402
 from kvsurgeon.convert.cli import app, spec_from_argv  # noqa: E402
-from kvsurgeon.convert.pipeline import ConvertOptions, convert_model  # noqa: E402
+from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model  # noqa: E402
 
 BASE = {
     "mqa": ["--to", "mqa"],
@@ -62,9 +62,9 @@ def main(argv: list[str]) -> None:
         app(["convert", SOURCE, *BASE[job], *flags, "--out", str(out), "--overwrite", "--measure", "off"], standalone_mode=False)
     secs = time.time() - t0
 
-    from kvsurgeon.convert.evaluate import evaluate, load_model, load_tokenizer
-    from kvsurgeon.convert.long_context import LongContextOptions, measure_long_context
-    from kvsurgeon.convert.resolve import resolve_model
+    from kvsurgeon.convert.evaluation.perplexity import evaluate, load_model, load_tokenizer
+    from kvsurgeon.convert.evaluation.long_context import LongContextOptions, measure_long_context
+    from kvsurgeon.convert.io.resolve import resolve_model
 
     model, path = load_model(str(out))
     tok = load_tokenizer(path)

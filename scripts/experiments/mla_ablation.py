@@ -4,7 +4,7 @@
     /work/main/.venv/bin/python scripts/experiments/mla_ablation.py --runs "64:128:calibrated,32:64:svd"
 
 Source: Llama, 30 layers, 9 heads, 3 KV heads, head_dim 64 (GQA cache 2*3*64 = 384 values per token
-per layer). Every layer is converted (kvsurgeon.convert.mla.convert_layer_to_mla) from attention
+per layer). Every layer is converted (kvsurgeon.convert.mla.fit.convert_layer_to_mla) from attention
 inputs captured on pydocs-train (forward pre-hooks on self_attn, inputs of the *source* model),
 written into a stock DeepseekV3ForCausalLM (strict state dict) and evaluated on pydocs-valid:
 perplexity and mean per-token KL(source || converted).
@@ -104,7 +104,7 @@ def evaluate(model, ids: torch.Tensor, ref_lp: list[torch.Tensor]) -> tuple[floa
 def build_mla_model(source_model, layers):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    from kvsurgeon.convert.mla import mla_config, mla_state_dict
+    from kvsurgeon.convert.mla.fit import mla_config, mla_state_dict
 
     cfg = mla_config(source_model.config.to_dict(), layers)
     cfg.pop("architectures", None)
@@ -132,7 +132,7 @@ def convert_sequential(model, attns, calib: torch.Tensor, xs_src, rope_dim, kv_l
     source layer applied to those inputs; "correct": it matches the source model's post-attention
     residual stream, also undoing drift from earlier layers."""
     from kvsurgeon.attention.reference import attention_output, mla_attention_output
-    from kvsurgeon.convert.mla import attention_token_weights, convert_layer_to_mla, refit_output, refit_queries
+    from kvsurgeon.convert.mla.fit import attention_token_weights, convert_layer_to_mla, refit_output, refit_queries
 
     h = model.model.embed_tokens(calib).double()
     h_src = h.clone()
@@ -197,7 +197,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     from kvsurgeon.attention.families import DictSource, read_attention
-    from kvsurgeon.convert.mla import attention_token_weights, convert_layer_to_mla, refit_output, refit_queries
+    from kvsurgeon.convert.mla.fit import attention_token_weights, convert_layer_to_mla, refit_output, refit_queries
 
     t0 = time.time()
     model, tok = load_source()

@@ -1,4 +1,4 @@
-"""Tune one of ``kvsurgeon.convert.to_mla.MlaTuning``'s fields at one MLA budget on the real SmolLM2,
+"""Tune one of ``kvsurgeon.convert.mla.plan.MlaTuning``'s fields at one MLA budget on the real SmolLM2,
 scored on pydocs-train documents that calibration never sees (the last --tail-docs documents; the
 shipped calibration reads the first 4,096 tokens), so pydocs-valid stays for the reported numbers.
 
@@ -24,11 +24,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kvsurgeon.convert.to_mla as to_mla  # noqa: E402
+import kvsurgeon.convert.mla.plan as to_mla  # noqa: E402
 from bench_common import ROOT, SOURCE, TRAIN  # noqa: E402
-from kvsurgeon.convert.conversion import ConversionSpec  # noqa: E402
-from kvsurgeon.convert.pipeline import ConvertOptions, convert_model  # noqa: E402
-from kvsurgeon.convert.evaluate import evaluate  # noqa: E402
+from kvsurgeon.convert.pipeline.spec import ConversionSpec  # noqa: E402
+from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model  # noqa: E402
+from kvsurgeon.convert.evaluation.perplexity import evaluate  # noqa: E402
 
 
 def main(argv: list[str]) -> None:

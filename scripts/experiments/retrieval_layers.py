@@ -32,8 +32,8 @@ def main() -> None:
     ap.add_argument("--layers", default=None, help="swap this set at once, e.g. 0-14 or 3,7; default: each layer alone")
     args = ap.parse_args()
 
-    from kvsurgeon.convert.evaluate import load_model, load_tokenizer
-    from kvsurgeon.convert.long_context import LongContextOptions, prompt_grid, score_prompts
+    from kvsurgeon.convert.evaluation.perplexity import load_model, load_tokenizer
+    from kvsurgeon.convert.evaluation.long_context import LongContextOptions, prompt_grid, score_prompts
 
     src, path = load_model(SOURCE)
     conv, _ = load_model(args.converted)

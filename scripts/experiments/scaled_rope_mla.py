@@ -25,9 +25,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import kvsurgeon.convert as kc
-    from kvsurgeon.convert.calibration import CalibConfig
-    from kvsurgeon.convert.conversion import ConversionSpec, run_conversion
-    from kvsurgeon.convert.pipeline import ConvertOptions
+    from kvsurgeon.convert.pipeline.calibration import CalibConfig
+    from kvsurgeon.convert.pipeline.spec import ConversionSpec, run_conversion
+    from kvsurgeon.convert.pipeline.driver import ConvertOptions
 
     torch.manual_seed(0)
     rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -1,0 +1,1 @@
+"""Measuring fidelity: short-window perplexity/KL, long-context retrieval and perplexity by position, reports."""

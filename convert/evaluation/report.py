@@ -1,0 +1,111 @@
+"""Long-context results as a person reads them: a terminal table, Markdown for model cards, a PNG heatmap."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..evaluation.long_context import LongContextResult
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
+
+
+def _k(n: int | str) -> str:
+    n = int(n)
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def summary_rows(results: list[LongContextResult]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one row per model; passkey/multikey accuracy per length, then long ppl per bucket."""
+    first = results[0]
+    lengths = first.options["lengths"]
+    head = ["model"]
+    for task in ("passkey", "multikey"):
+        if getattr(first, task) is not None:
+            head += [f"{task} {_k(n)}" for n in lengths]
+    if first.long_ppl is not None:
+        head += [f"ppl {b}" for b in first.long_ppl_buckets]
+    rows = []
+    for r in results:
+        row = [r.model]
+        for task in ("passkey", "multikey"):
+            if getattr(first, task) is not None:
+                by = getattr(r, f"{task}_by_length")
+                row += [_pct(by.get(str(n))) for n in lengths]
+        if first.long_ppl is not None:
+            row += [f"{p:.2f}" for p in r.long_ppl]
+        rows.append(row)
+    return head, rows
+
+
+def markdown(results: list[LongContextResult]) -> str:
+    """A Markdown section: accuracy per length (over all depths), and perplexity per position bucket."""
+    head, rows = summary_rows(results)
+    o = results[0].options
+    n_depths = len(results[0].depths)
+    lines = [
+        f"Passkey: a 5-digit key in {'built-in filler sentences' if o['filler'] == 'repeat' else o['filler']}, "
+        f"{n_depths} depths from 0% to 100%, {o['samples']} prompts per length and depth; multikey hides "
+        f"{o['keys']} keys and asks for one. Retrieved means greedy decoding emits the key.",
+    ]
+    if results[0].long_ppl is not None:
+        lines.append(
+            f"Long perplexity: {o['long_windows']} windows of {o['long_seq_len']:,} tokens "
+            f"({results[0].long_ppl_tokens:,} predicted), per position bucket."
+        )
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def heatmap_png(results: list[LongContextResult], path: str | Path, title: str | None = None) -> Path:
+    """Accuracy by length x depth, one panel per model and task, side by side; plus long ppl per bucket."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = results[0]
+    tasks = [t for t in ("passkey", "multikey") if getattr(first, t) is not None]
+    cols = len(results)
+    rows = len(tasks) + (1 if first.long_ppl is not None else 0)
+    fig = plt.figure(figsize=(3.2 * cols + 0.8, 2.8 * rows + 0.6), layout="constrained")
+    gs = fig.add_gridspec(rows, cols)
+    axes = [[fig.add_subplot(gs[ti, ci]) for ci in range(cols)] for ti in range(len(tasks))]
+    lengths = first.options["lengths"]
+    depths = [f"{100 * d:.0f}%" for d in first.depths]
+    image = None
+    for ti, task in enumerate(tasks):
+        for ci, r in enumerate(results):
+            ax = axes[ti][ci]
+            grid = getattr(r, task)
+            image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            for i, line in enumerate(grid):
+                for j, v in enumerate(line):
+                    ax.text(j, i, _pct(v), ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(depths)), depths, fontsize=7)
+            ax.set_yticks(range(len(lengths)), [_k(n) for n in lengths], fontsize=7)
+            ax.set_title(f"{r.model}\n{task}", fontsize=8)
+            if ci == 0:
+                ax.set_ylabel("prompt tokens", fontsize=8)
+            if ti == len(tasks) - 1:
+                ax.set_xlabel("key depth", fontsize=8)
+    if first.long_ppl is not None:
+        ax0 = fig.add_subplot(gs[-1, :])  # the whole bottom row: one line per model
+        for r in results:
+            ax0.plot(range(len(r.long_ppl)), r.long_ppl, marker="o", label=r.model)
+        ax0.set_xticks(range(len(first.long_ppl_buckets)), first.long_ppl_buckets, fontsize=7, rotation=30)
+        ax0.set_ylabel("ppl", fontsize=8)
+        ax0.set_title(f"perplexity by position ({first.options['long_seq_len']} windows)", fontsize=8)
+        ax0.legend(fontsize=7)
+    if image is not None:
+        fig.colorbar(image, ax=[a for row in axes for a in row], shrink=0.8, label="retrieved")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

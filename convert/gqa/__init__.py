@@ -1,0 +1,1 @@
+"""MHA/GQA -> GQA/MQA: the plan (validation, config) and the head-merging math."""

@@ -1,0 +1,627 @@
+"""MHA/GQA -> GQA/MQA: pooling KV heads into fewer, shared ones.
+
+Pure functions on the neutral form (``kvsurgeon.attention.AttentionWeights``): tensors in, tensors
+out, no file I/O. Shapes (see ``attention/neutral.py``)::
+
+    q (H, D, hidden)   k (G, D, hidden)   v (G, Dv, hidden)   o (hidden, H, Dv)
+
+Query head ``h`` reads KV head ``h // (H // G)``. Merging G KV heads into ``target`` heads merges
+each contiguous block of ``r = G // target`` KV heads; the query heads reading that block are a
+contiguous block too, so the layout needs no q/o change (``permute_heads`` first if the heads to
+merge are not contiguous).
+
+Methods:
+
+* ``mean_pool``: the GQA paper's baseline, the mean of each block's K/V weights (and biases).
+* ``expand_to_mha``: the exact inverse direction, KV heads repeated until G == H.
+* ``calibrated_merge``: the default. Given attention inputs ``x`` on calibration tokens it builds
+  the shared head that loses least, piece by piece (each piece measured on SmolLM2-135M 3 -> 1 KV
+  heads, see ``scripts/experiments/gqa_ablation.py``):
+
+  1. keys, per RoPE frequency: the best rank-1 *complex* fit of the block's keys (a
+     rotation-scaling per frequency commutes with RoPE, see ``rope_planes``), weighted by the RMS
+     of the queries reading each head and, per key token, by the source softmax's sensitivity to
+     its score; every query head absorbs its head's complex coefficient. Dims past ``rotary_dim``
+     (partial RoPE) and the slowest RoPE planes, which barely turn over the context, are pooled
+     into one query-whitened PCA instead (it may move content between planes: the single biggest
+     gain, since those planes carry most of the score variance; exact RoPE with nope_planes=0).
+  2. values: the best rank-Dv fit of the block's stacked values, each head whitened by the energy
+     of the o-projection columns that read it (so the PCA minimises the attention output error),
+     tokens weighted by the attention they receive; each query head's o columns absorb its head's
+     reconstruction map (``o_h' = o_h P_j``).
+  3. a ridge least-squares refit of ``o_proj`` so the layer's attention output on the calibration
+     tokens moves least.
+
+  A query refit adds nothing to step 1 under the score-MSE objective (the best query for a fixed
+  shared key is the projection coefficient it already has). Biases are an extra input column of
+  ones throughout. Sources with q/k RMSNorm (Qwen3) keep queries and the norms per head and merge
+  keys after the norm instead of step 1 (``qk_norm_merge``); steps 2 and 3 are unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Sequence
+
+import torch
+
+from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
+from kvsurgeon.attention.reference import _as_batch, attention_output, head_outputs, rope_tables
+
+from ..errors import KvSurgeonError
+from ..gqa.qk_norm import merge_normed_keys
+from ..linalg import ridge_towards
+from ..rope_planes import pca_basis, plane_covariance, rotate_keys, rotate_queries, to_planes
+
+F64 = torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_kv_heads(num_heads: int, num_kv_heads: int, target: int) -> None:
+    """Raise ``KvSurgeonError`` unless ``num_kv_heads`` KV heads can be pooled into ``target``."""
+    pool_choices = [d for d in _divisors(num_kv_heads) if num_heads % d == 0]
+    choices = ", ".join(map(str, pool_choices))
+    if target < 1:
+        raise KvSurgeonError(
+            f"--kv-heads must be at least 1 (got {target}); valid choices for this model: {choices}."
+        )
+    if num_heads % target:
+        valid = ", ".join(map(str, _divisors(num_heads)))
+        raise KvSurgeonError(
+            f"--kv-heads {target} does not divide the {num_heads} query heads: every KV head must be "
+            f"shared by the same number of query heads. Valid KV-head counts for {num_heads} query heads: "
+            f"{valid} (pooling from the current {num_kv_heads}: {choices})."
+        )
+    if target > num_kv_heads:
+        raise KvSurgeonError(
+            f"--kv-heads {target} is more than the model's current {num_kv_heads} KV heads. Pooling can only "
+            f"reduce KV heads; going up is only possible as an exact repeat of every head up to "
+            f"{num_heads} (use expand_to_mha), which grows the KV cache. Valid choices for pooling: {choices}."
+        )
+    if num_kv_heads % target:
+        raise KvSurgeonError(
+            f"--kv-heads {target} does not divide the current {num_kv_heads} KV heads: pooling needs groups of "
+            f"equal size ({num_kv_heads} % {target} != 0). Valid choices: {choices}."
+        )
+
+
+def _check_attn(attn: AttentionWeights, target: int) -> None:
+    check_kv_heads(attn.num_heads, attn.num_kv_heads, target)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact reshuffles and the mean-pooling baseline
+# --------------------------------------------------------------------------------------------
+
+
+def _block_mean(t: torch.Tensor | None, target: int) -> torch.Tensor | None:
+    if t is None:
+        return None
+    G = t.shape[0]
+    return t.double().reshape(target, G // target, *t.shape[1:]).mean(1).to(t.dtype)
+
+
+def mean_pool(attn: AttentionWeights, target: int) -> AttentionWeights:
+    """GQA-paper baseline: each new KV head is the mean of a contiguous block of KV heads (weights and
+    biases). q/o are unchanged: the query heads of a block already form a contiguous block."""
+    _check_attn(attn, target)
+    return attn.with_(
+        k=_block_mean(attn.k, target),
+        v=_block_mean(attn.v, target),
+        k_bias=_block_mean(attn.k_bias, target),
+        v_bias=_block_mean(attn.v_bias, target),
+    )
+
+
+def expand_to_mha(attn: AttentionWeights) -> AttentionWeights:
+    """Repeat every KV head for each query head that reads it, so G == H (exact, grows the cache)."""
+    n = attn.group_size
+
+    def rep(t):
+        return None if t is None else t.repeat_interleave(n, dim=0)
+
+    return attn.with_(k=rep(attn.k), v=rep(attn.v), k_bias=rep(attn.k_bias), v_bias=rep(attn.v_bias))
+
+
+def permute_heads(attn: AttentionWeights, kv_order: Sequence[int]) -> AttentionWeights:
+    """Reorder KV heads: new KV head i is old KV head ``kv_order[i]``. The query heads reading it move
+    with it (and their o columns), so the layer computes exactly the same function."""
+    G, n = attn.num_kv_heads, attn.group_size
+    order = [int(j) for j in kv_order]
+    if sorted(order) != list(range(G)):
+        raise KvSurgeonError(f"kv_order must be a permutation of 0..{G - 1}, got {list(kv_order)}")
+    kv = torch.tensor(order)
+    qh = (kv[:, None] * n + torch.arange(n)[None]).reshape(-1)  # query heads, in their new order
+
+    def pick(t, idx, dim=0):
+        return None if t is None else t.index_select(dim, idx)
+
+    return attn.with_(
+        q=pick(attn.q, qh), k=pick(attn.k, kv), v=pick(attn.v, kv), o=pick(attn.o, qh, 1),
+        q_bias=pick(attn.q_bias, qh), k_bias=pick(attn.k_bias, kv), v_bias=pick(attn.v_bias, kv),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Grouping KV heads by similarity
+# --------------------------------------------------------------------------------------------
+
+
+def _block_topk(cov: torch.Tensor, d: int):
+    """Scorer: energy of the best rank-``d`` fit of a group's stacked d-dim activations, from the
+    full (G d, G d) second moment (sliced per group, so no pass over the tokens per group)."""
+
+    def kept(group: Sequence[int]) -> torch.Tensor:
+        idx = torch.cat([torch.arange(j * d, (j + 1) * d) for j in group])
+        return torch.linalg.eigvalsh(cov[idx][:, idx])[-d:].sum()
+
+    return kept
+
+
+def _key_energy(keys: torch.Tensor, rotary_dim: int, weights: torch.Tensor | None):
+    """Function scoring a group of KV heads by the fraction of (weighted) key energy one complex
+    component per frequency keeps (plus one real PCA over the non-rotary dims)."""
+    keys = keys.to(F64)
+    N, G, D = keys.shape
+    cov = plane_covariance(keys, rotary_dim)  # (F, G, G)
+    if weights is not None:
+        w = weights.to(F64).to(cov.dtype)
+        cov = w[:, :, None] * cov * w[:, None, :]
+    tail = keys[..., rotary_dim:].reshape(N, -1)  # (N, G * Dt)
+    Dt = D - rotary_dim
+    tail_kept = _block_topk(tail.T @ tail, Dt) if Dt else None
+    total = cov.diagonal(dim1=-2, dim2=-1).real.sum() + tail.pow(2).sum()
+
+    def score(group: Sequence[int]) -> float:
+        g = torch.tensor(group)
+        kept = torch.linalg.eigvalsh(cov[:, g][:, :, g])[:, -1].sum()
+        if tail_kept is not None:
+            kept = kept + tail_kept(group)
+        return float(kept / total.clamp_min(1e-300))
+
+    return score
+
+
+def _value_energy(values: torch.Tensor):
+    values = values.to(F64)
+    N, G, Dv = values.shape
+    flat = values.reshape(N, G * Dv)
+    kept = _block_topk(flat.T @ flat, Dv)
+    total = values.pow(2).sum().clamp_min(1e-300)
+    return lambda group: float(kept(group) / total)
+
+
+def _equal_partitions(items: list[int], size: int):
+    """All partitions of ``items`` into groups of ``size`` (canonical: each group starts with its
+    smallest remaining item)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for others in itertools.combinations(rest, size - 1):
+        left = [i for i in rest if i not in others]
+        for tail in _equal_partitions(left, size):
+            yield [[first, *others], *tail]
+
+
+def _num_partitions(G: int, target: int) -> int:
+    r = G // target
+    return math.factorial(G) // (math.factorial(r) ** target * math.factorial(target))
+
+
+def similarity_groups(
+    keys: torch.Tensor,
+    target: int,
+    *,
+    values: torch.Tensor | None = None,
+    rotary_dim: int | None = None,
+    key_weights: torch.Tensor | None = None,
+    max_exhaustive: int = 20000,
+) -> list[int]:
+    """A KV-head order whose contiguous blocks of ``G // target`` heads merge best.
+
+    keys: (N, G, D) pre-RoPE key activations (for a weight-only grouping pass ``k.permute(2, 0, 1)``,
+    i.e. isotropic inputs); values: optional (N, G, Dv) activations (whiten them first to weigh
+    heads by their output energy); key_weights: optional (F, G) per-frequency query RMS as in
+    ``pca_basis``. A group scores the fraction of key energy kept by one complex component per RoPE
+    frequency plus the fraction of value energy kept by a rank-Dv fit; the order maximises the sum
+    over groups (exhaustive search when the partitions are few, else greedy plus pairwise swaps).
+    Feed the result to ``permute_heads``.
+    """
+    N, G, D = keys.shape
+    check_kv_heads(G, G, target)
+    r = G // target
+    if r == 1 or target == 1:
+        return list(range(G))
+    kscore = _key_energy(keys, D if rotary_dim is None else rotary_dim, key_weights)
+    vscore = _value_energy(values) if values is not None else None
+
+    cache: dict[tuple[int, ...], float] = {}
+
+    def score(group) -> float:
+        key = tuple(sorted(group))
+        if key not in cache:
+            cache[key] = kscore(key) + (vscore(key) if vscore else 0.0)
+        return cache[key]
+
+    if _num_partitions(G, target) <= max_exhaustive:
+        best = max(_equal_partitions(list(range(G)), r), key=lambda p: sum(score(g) for g in p))
+    else:
+        left, best = list(range(G)), []
+        while left:  # greedy: grow a group from the first free head by the best next head
+            group = [left.pop(0)]
+            while len(group) < r:
+                j = max(left, key=lambda c: score(group + [c]))
+                group.append(j)
+                left.remove(j)
+            best.append(group)
+        improved = True
+        while improved:  # pairwise swaps between groups
+            improved = False
+            for a, b in itertools.combinations(range(len(best)), 2):
+                for i, j in itertools.product(range(r), range(r)):
+                    ga, gb = list(best[a]), list(best[b])
+                    ga[i], gb[j] = gb[j], ga[i]
+                    if score(ga) + score(gb) > score(best[a]) + score(best[b]) + 1e-12:
+                        best[a], best[b], improved = ga, gb, True
+    return [j for g in best for j in sorted(g)]
+
+
+# --------------------------------------------------------------------------------------------
+# Calibrated merging
+# --------------------------------------------------------------------------------------------
+
+
+def _augment(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """Weight rows (..., d, hidden) and bias (..., d) -> (..., d, hidden + 1): bias as a column of
+    an extra input that is always 1."""
+    w = w.to(F64)
+    col = b.to(F64)[..., None] if b is not None else w.new_zeros(*w.shape[:-1], 1)
+    return torch.cat([w, col], dim=-1)
+
+
+def _psd_sqrt(S: torch.Tensor, rel_eps: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric square root of a PSD matrix and its (regularised) inverse."""
+    lam, V = torch.linalg.eigh(S)
+    lam = lam.clamp_min(rel_eps * lam.max().clamp_min(1e-300))
+    return (V * lam.sqrt()) @ V.T, (V / lam.sqrt()) @ V.T
+
+
+def shared_basis(
+    rows: Sequence[torch.Tensor], metrics: Sequence[torch.Tensor], cov: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Shared rows ``W`` (rank, in) and maps ``P_j`` (d, rank) minimising
+    ``sum_j E_x || L_j (W_j - P_j W) x ||^2`` with ``L_j^T L_j = metrics[j]``.
+
+    rows: per-head weight rows W_j (d, in); metrics: (d, d) PSD importance of each output dim
+    (e.g. o-projection Gram for values, query covariance for keys); cov: (in, in) input second
+    moment ``sum_t x x^T``. The solution is a PCA of the stacked whitened activations; ``W`` is
+    rescaled so its activations carry the mean energy of the heads it replaces.
+    """
+    Ls, Linvs = zip(*(_psd_sqrt(m) for m in metrics))
+    Y = torch.cat([L @ W for L, W in zip(Ls, rows)])  # (r d, in)
+    lam, U = torch.linalg.eigh(Y @ cov @ Y.T)
+    U = U[:, -rank:].flip(-1)  # top components
+    W = U.T @ Y
+    energy = torch.einsum("ri,ij,rj->", W, cov, W)
+    target = sum(torch.einsum("ri,ij,rj->", Wj, cov, Wj) for Wj in rows) / len(rows)
+    alpha = float((target / energy.clamp_min(1e-300)).sqrt()) if energy > 0 else 1.0
+    d = rows[0].shape[0]
+    P = [Linv @ U[j * d:(j + 1) * d] / alpha for j, Linv in enumerate(Linvs)]
+    return W * alpha, P
+
+
+def _merge_keys(q, k, X, rotary_dim, n_q, *, token_w=None, nope_planes=0):
+    """One block: q (Hb, D, in+1), k (r, D, in+1) augmented rows, X (N, in+1) inputs.
+
+    token_w: optional (N,) importance of each key token. nope_planes: how many of the slowest RoPE
+    planes are treated as non-rotary and pooled with the tail dims (see ``calibrated_merge``).
+    Returns the shared key rows (D, in+1) and the new query rows (Hb, D, in+1).
+    """
+    Hb, D, _ = q.shape
+    r = k.shape[0]
+    R = rotary_dim
+    F = R // 2
+    kv_local = torch.arange(Hb) // n_q
+    keys = torch.einsum("ni,gdi->ngd", X, k)  # (N, r, D)
+    qa = torch.einsum("ni,hdi->nhd", X, q)  # (N, Hb, D)
+    tw = torch.ones(X.shape[0], dtype=F64) if token_w is None else token_w.to(F64) / token_w.mean()
+    new_k = torch.zeros(D, k.shape[-1], dtype=F64)
+    new_q = torch.zeros_like(q)
+    if R:
+        # query energy per (frequency, KV head): a key error e in plane f costs E|q_f|^2 |e|^2
+        qpow = to_planes(qa[..., :R], R).abs().pow(2).mean(0)  # (Hb, F)
+        w = torch.zeros(F, r, dtype=F64).index_add_(1, kv_local, qpow.T).sqrt()
+        A, A_inv = pca_basis(plane_covariance(keys * tw.sqrt()[:, None, None], R), w)
+        kz = rotate_keys(k, A, R)[0]  # component 0 (rows :R meaningful)
+        qz = rotate_queries(q, A_inv, kv_local, R, components=[0])[:, 0]  # only the kept component
+        # rescale each plane so the shared key keeps the heads' mean energy (numerics only)
+        z = to_planes((X @ kz[:R].T), R)  # (N, F)
+        have = z.abs().pow(2).mean(0)
+        want = to_planes(keys[..., :R], R).abs().pow(2).mean(0).mean(0)  # (F,)
+        s = (want / have.clamp_min(1e-300)).sqrt().where(have > 0, torch.ones_like(have))
+        s2 = torch.cat([s, s])
+        new_k[:R] = kz[:R] * s2[:, None]
+        new_q[:, :R] = qz[:, :R] / s2[:, None]
+    # dims without (effective) rotation: the tail past rotary_dim, then the slowest planes, slowest first
+    flat = list(range(R, D))
+    for f in range(F - 1, F - 1 - min(nope_planes, F), -1):
+        flat += [f, f + F]
+    if flat:  # plain PCA, whitened by the covariance of the queries reading each head
+        idx = torch.tensor(flat)
+        Xw = X * tw.sqrt()[:, None]
+        C = Xw.T @ Xw
+        qt = qa[..., idx]
+        metrics = [
+            sum(qt[:, h].T @ qt[:, h] for h in range(Hb) if kv_local[h] == j) / X.shape[0] for j in range(r)
+        ]
+        W, P = shared_basis([k[j, idx] for j in range(r)], metrics, C, len(flat))
+        W, P = _align_dims(W, P)
+        new_k[idx] = W
+        for h in range(Hb):
+            new_q[h, idx] = P[int(kv_local[h])].T @ q[h, idx]
+    return new_k, new_q
+
+
+def _align_dims(W: torch.Tensor, P: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Re-base a full-rank shared basis so each head's map P_j is as close to identity as possible.
+
+    The fit is unchanged (``P_j W`` is), but each new dim then carries mostly the same source dim,
+    so slow RoPE planes pooled as non-rotary keep their own plane's content where they can (exact
+    when one head is merged with nothing). S = argmin sum_j |P_j S - I|^2; W -> S^-1 W, P_j -> P_j S.
+    """
+    d = W.shape[0]
+    if any(p.shape != (d, d) for p in P):
+        return W, P
+    Pst = torch.cat(P)
+    S = torch.linalg.lstsq(Pst, torch.eye(d, dtype=F64).repeat(len(P), 1)).solution
+    if torch.linalg.cond(S) > 1e8:  # heads cancel out: keep the PCA basis
+        return W, P
+    return torch.linalg.solve(S, W), [p @ S for p in P]
+
+
+def _merge_values(v, o, C, n_q):
+    """One block: v (r, Dv, in+1) augmented rows, o (hidden, Hb, Dv), C (in+1, in+1) input moment.
+
+    Returns shared value rows (Dv, in+1) and new o columns (hidden, Hb, Dv).
+    """
+    r, Dv, _ = v.shape
+    Hb = o.shape[1]
+    kv_local = torch.arange(Hb) // n_q
+    metrics = [sum(o[:, h].T @ o[:, h] for h in range(Hb) if kv_local[h] == j) for j in range(r)]
+    W, P = shared_basis(list(v), metrics, C, Dv)
+    new_o = torch.stack([o[:, h] @ P[int(kv_local[h])] for h in range(Hb)], dim=1)
+    return W, new_o
+
+
+def _attention_stats(attn: AttentionWeights, x: torch.Tensor, X: torch.Tensor, **rope_kw):
+    """Source-attention statistics on calibration windows x (B, T, hidden), X = augmented rows.
+
+    Returns, per token and query head, ``key_w`` (N, H): the first-order sensitivity of the head's
+    output to an error in that token's score, ``sum_t a(t,s) |o_h (v(s) - z_h(t))|^2`` (softmax
+    derivative; a score offset shared by all keys costs nothing); and ``recv`` (N, H): the
+    attention the token receives, ``sum_t a(t,s)``.
+    """
+    B, T, _ = x.shape
+    kv = attn.kv_index()
+    v_aug = _augment(attn.v, attn.v_bias)
+    o = attn.o.to(F64)
+    M = torch.einsum("ihv,ihw->hvw", o, o)  # o-metric per query head
+    key_w, recv = [], []
+    for b in range(B):
+        Xb = X[b * T:(b + 1) * T]
+        z, p = head_outputs(attn, x[b:b + 1], probs=True, **rope_kw)
+        z, p = z[0].transpose(0, 1), p[0]  # (H, T, Dv), (H, T, T)
+        v = torch.einsum("ti,gdi->gtd", Xb, v_aug)[kv]  # (H, T, Dv)
+        vMv = torch.einsum("htv,hvw,htw->ht", v, M, v)
+        zMz = torch.einsum("htv,hvw,htw->ht", z, M, z)
+        pz = p.transpose(-1, -2) @ z  # sum_t a(t,s) z(t)
+        colsum = p.sum(-2)  # (H, T) attention received
+        # sum_t a(t,s) |v(s) - z(t)|^2_M, expanded
+        w = colsum * vMv - 2 * torch.einsum("htv,hvw,htw->ht", v, M, pz) + (p.transpose(-1, -2) @ zMz[..., None])[..., 0]
+        key_w.append(w.clamp_min(0).T)
+        recv.append(colsum.T)
+    return torch.cat(key_w), torch.cat(recv)
+
+
+def refit_o(
+    attn: AttentionWeights,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    ridge: float = 0.1,
+    inv_freq: torch.Tensor | None = None,
+    attention_scaling: float | None = None,
+) -> AttentionWeights:
+    """Least-squares refit of ``o_proj`` (and its bias, if any) so the attention output on ``x`` is
+    closest to ``y`` (B, T, hidden), with a ridge ``ridge * mean diag(Z^T Z)`` pulling towards the
+    current ``o`` (the fit has H * Dv inputs per output: keep the ridge unless calibration is large)."""
+    z = head_outputs(attn, x, inv_freq=inv_freq, attention_scaling=attention_scaling)
+    Z = z.reshape(-1, attn.num_heads * attn.v_head_dim)
+    O0 = attn.o.to(F64).reshape(attn.hidden_size, -1)
+    if attn.o_bias is not None:
+        Z = torch.cat([Z, Z.new_ones(Z.shape[0], 1)], 1)
+        O0 = torch.cat([O0, attn.o_bias.to(F64)[:, None]], 1)
+    O = ridge_towards(Z, y.to(F64).reshape(-1, attn.hidden_size), O0, ridge)
+    new_o_bias = None
+    if attn.o_bias is not None:
+        O, new_o_bias = O[:, :-1], O[:, -1].to(attn.o_bias.dtype)
+    return attn.with_(o=O.reshape(attn.o.shape).to(attn.o.dtype), o_bias=new_o_bias)
+
+
+def nope_candidates(
+    rope: RopeSpec, context: int, inv_freq: torch.Tensor | None = None, max_angle: float = math.pi / 2
+) -> list[int]:
+    """Counts of slowest RoPE planes worth trying as non-rotary: 0, F/8, 2F/8, ... and the number of
+    planes that turn by at most ``max_angle`` over ``context`` tokens, which caps them (on SmolLM2,
+    pooling planes that turn by ~1.5 rad over the evaluated length helped, by ~6 rad hurt badly)."""
+    inv = rope_tables(rope)[0] if inv_freq is None else inv_freq.to(F64)
+    F = len(inv)
+    most = int((inv * context <= max_angle).sum())
+    step = max(1, F // 8)
+    return sorted({0, most, *range(step, most + 1, step)})
+
+
+def calibrated_merge(
+    attn: AttentionWeights,
+    x: torch.Tensor,
+    target: int,
+    *,
+    nope_planes: int | None = None,
+    context: int | None = None,
+    values: str = "pca",
+    value_tokens: str = "received",
+    key_tokens: str = "attention",
+    refit: bool = True,
+    ridge: float = 0.1,
+    regroup: bool = True,
+    y: torch.Tensor | None = None,
+    inv_freq: torch.Tensor | None = None,
+    attention_scaling: float | None = None,
+    info: dict | None = None,
+) -> AttentionWeights:
+    """Merge KV heads into ``target`` shared heads using calibration activations (the default method).
+
+    x: attention inputs (hidden states after ``input_layernorm``) on calibration tokens, (B, T, hidden)
+    windows starting at position 0, or (N, hidden) read as one sequence. Whether they came through
+    the original or the already-converted earlier layers is the caller's choice (converted-path
+    inputs measured better on SmolLM2). The window length is the context the merge is tuned for.
+
+    Keys, per RoPE plane: best complex rank-1 fit of each block (commutes with RoPE, exact at any
+    length). The ``nope_planes`` slowest planes, whose rotation over the context is small, are
+    instead pooled with the non-rotary dims into one query-whitened PCA, which may move content
+    between planes (much better at short range, approximate at long range); ``None`` picks the count
+    per layer from ``nope_candidates(context)`` by the attention-output error on ``x``; 0 keeps RoPE
+    exact. context: the longest sequence the converted model must serve well (default: the
+    calibration window length); it caps the pooled planes at those turning <= pi/2 over it. key_tokens: "attention" weighs key tokens by the softmax sensitivity of the source
+    attention (``_attention_stats``), "uniform" does not.
+    values: "pca" (shared basis whitened by each head's o-projection energy) or "mean" (ablation);
+    value_tokens: "received" weighs tokens by the attention they receive, "tokens" does not.
+    refit: least-squares refit of o_proj on x (``refit_o``, ridge ``ridge``) towards ``y``, by default
+    the source layer's own attention output on x. regroup: first reorder KV heads so similar heads
+    share a block (``similarity_groups``; the reorder itself is exact).
+    inv_freq / attention_scaling: RoPE tables for the attention simulation (default: ``rope_tables``).
+    info: optional dict filled with what was chosen (``nope_planes``, ``kv_order``, ``nope_errors``).
+    Returns weights in the input dtype with ``target`` KV heads.
+    """
+    _check_attn(attn, target)
+    info = {} if info is None else info
+    qk_norm = attn.k_norm is not None  # Qwen3: keys merged after their per-head norm (qk_norm_merge)
+    for name, val, ok in (
+        ("values", values, ("pca", "mean")),
+        ("value_tokens", value_tokens, ("received", "tokens")),
+        ("key_tokens", key_tokens, ("attention", "uniform")),
+    ):
+        if val not in ok:
+            raise KvSurgeonError(f"{name} must be one of {ok}, got {val!r}")
+    rope_kw = dict(inv_freq=inv_freq, attention_scaling=attention_scaling)
+    x = _as_batch(x).to(F64)
+    B, T, _ = x.shape
+    X = torch.cat([x.reshape(-1, x.shape[-1]), x.new_ones(B * T, 1)], 1)  # (N, in+1): bias = input of ones
+
+    H, G = attn.num_heads, attn.num_kv_heads
+    R = attn.rope.rotary_dim
+    r, Hb = G // target, H // target
+    n_q = attn.group_size  # query heads per source KV head
+    info["kv_order"] = list(range(G))
+    if regroup and 1 < target < G:
+        info["kv_order"] = _similarity_order(attn, X, target)
+        attn = permute_heads(attn, info["kv_order"])
+    if key_tokens == "attention" or value_tokens == "received":
+        key_w, recv = _attention_stats(attn, x, X, **rope_kw)
+
+    q = _augment(attn.q, attn.q_bias)
+    k = _augment(attn.k, attn.k_bias)
+    v = _augment(attn.v, attn.v_bias)
+    o = attn.o.to(F64)
+    blocks = [(slice(g * r, (g + 1) * r), slice(g * Hb, (g + 1) * Hb)) for g in range(target)]
+
+    # values: one shared basis per block, o columns absorb each head's reconstruction map
+    new_v, new_o = [], torch.zeros_like(o)
+    for kb, qb in blocks:
+        if values == "mean":
+            vg, og = v[kb].mean(0), o[:, qb]
+        else:
+            if value_tokens == "received":
+                wv = recv[:, qb].sum(1)
+                C = (X * (wv / wv.mean())[:, None]).T @ X
+            else:
+                C = X.T @ X
+            vg, og = _merge_values(v[kb], o[:, qb], C, n_q)
+        new_v.append(vg)
+        new_o[:, qb] = og
+    new_v = torch.stack(new_v)
+    C = None  # hidden^2 float64: 134 MB at 8B, not needed past the values
+
+    def merged_keys(n_nope: int):
+        new_q, new_k = torch.zeros_like(q), []
+        for kb, qb in blocks:
+            tw = key_w[:, qb].sum(1) if key_tokens == "attention" else None
+            kg, qg = _merge_keys(q[qb], k[kb], X, R, n_q, token_w=tw, nope_planes=n_nope)
+            new_k.append(kg)
+            new_q[qb] = qg
+        return new_q, torch.stack(new_k)
+
+    def assemble(new_q, new_k, new_o):
+        def split(t, ref_w, ref_b):
+            w, b = t[..., :-1].to(ref_w.dtype), t[..., -1]
+            keep = ref_b is not None or b.abs().max() > 0
+            return w, (b.to(ref_w.dtype if ref_b is None else ref_b.dtype) if keep else None)
+
+        qw, qbias = split(new_q, attn.q, attn.q_bias)
+        kw, kbias = split(new_k, attn.k, attn.k_bias)
+        vw, vbias = split(new_v, attn.v, attn.v_bias)
+        return attn.with_(q=qw, k=kw, v=vw, o=new_o.to(attn.o.dtype), q_bias=qbias, k_bias=kbias, v_bias=vbias)
+
+    y_src = None
+    if qk_norm:
+        new_k, k_norm = merge_normed_keys(k, X, [kb for kb, _ in blocks], attn.k_norm, attn.norm_eps, info)
+        out = assemble(q, new_k, new_o).with_(k_norm=k_norm)
+        info["nope_planes"] = None
+    elif nope_planes is None and R:
+        y_src = attention_output(attn, x, **rope_kw)
+        info["nope_errors"] = {}
+        for n in nope_candidates(attn.rope, context or T, inv_freq):
+            cand = assemble(*merged_keys(n), new_o)
+            info["nope_errors"][n] = float((attention_output(cand, x, **rope_kw) - y_src).pow(2).sum() / y_src.pow(2).sum())
+            del cand  # keep only the errors: holding the best candidate too costs a layer's weights
+        info["nope_planes"] = min(info["nope_errors"], key=lambda n: (info["nope_errors"][n], n))
+        out = assemble(*merged_keys(info["nope_planes"]), new_o)  # deterministic: the same merge again
+    else:
+        info["nope_planes"] = nope_planes or 0
+        out = assemble(*merged_keys(info["nope_planes"]), new_o)
+    if refit:
+        if y is None:
+            y = y_src if y_src is not None else attention_output(attn, x, **rope_kw)
+        out = refit_o(out, x, y, ridge=ridge, **rope_kw)
+    return out
+
+
+def _similarity_order(attn: AttentionWeights, X: torch.Tensor, target: int) -> list[int]:
+    """similarity_groups on calibration activations, keys weighted by query RMS and values whitened
+    by o-energy, as calibrated_merge scores them."""
+    R = attn.rope.rotary_dim
+    kv = attn.kv_index()
+    keys = torch.einsum("ni,gdi->ngd", X, _augment(attn.k, attn.k_bias))
+    qa = torch.einsum("ni,hdi->nhd", X, _augment(attn.q, attn.q_bias))
+    w = None
+    if R:
+        qpow = to_planes(qa[..., :R], R).abs().pow(2).mean(0)  # (H, F)
+        w = torch.zeros(R // 2, attn.num_kv_heads, dtype=F64).index_add_(1, kv, qpow.T).sqrt()
+    vals = torch.einsum("ni,gdi->ngd", X, _augment(attn.v, attn.v_bias))
+    o = attn.o.to(F64)
+    Ls = [
+        _psd_sqrt(sum(o[:, h].T @ o[:, h] for h in range(attn.num_heads) if kv[h] == j))[0]
+        for j in range(attn.num_kv_heads)
+    ]
+    vals = torch.stack([vals[:, j] @ Ls[j] for j in range(attn.num_kv_heads)], 1)
+    return similarity_groups(keys, target, values=vals, rotary_dim=R, key_weights=w)

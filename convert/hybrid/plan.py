@@ -1,0 +1,369 @@
+"""Attention -> hybrid: chosen attention layers become linear-attention layers.
+
+* Llama / Mistral / Qwen2 -> ``GraniteMoeHybridForCausalLM`` with Mamba2 layers (``--linear mamba2``)
+* Qwen3 -> ``Qwen3_5ForCausalLM`` (text) with Gated DeltaNet layers (``--linear gated-deltanet``)
+
+Kept attention layers and every MLP are bit-exact copies (a hybrid with no linear layer reproduces
+the source's logits exactly). Which layers: an explicit list, evenly interleaved
+(``--keep-attention K|FRACTION``), or ``auto``: each layer is linearised alone on calibration text,
+the KL increase of the next-token distribution is measured, and attention stays where it costs most
+(ranking printed and saved as ``kvsurgeon_layer_ranking.json`` in the output folder).
+
+Linear layers are initialised from the attention they replace and calibrated (``convert.hybrid``),
+then optionally trained by attention transfer on the calibration inputs (``--transfer-tokens N``).
+
+Pipeline contract used here: ``Plan.rename`` returns ``None`` for source tensors the transform has already written in another
+form (the MLP merged into Granite's ``shared_mlp.input_linear``, zero-centred Qwen3.5 norms), and
+``Plan.files`` holds JSON files for the output folder.
+"""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from kvsurgeon.attention import UnsupportedArchitectureError, family_for, read_attention
+from kvsurgeon.attention.hybrid_layout import (
+    GdnWeights,
+    HybridLayoutError,
+    Mamba2Weights,
+    gdn_dims,
+    granite_attention_tensors,
+    granite_hybrid_config,
+    granite_mlp_tensors,
+    mamba2_dims,
+    qwen35_attention_tensors,
+    qwen35_norm_tensor,
+    qwen35_text_config,
+    write_gdn,
+    write_mamba2,
+)
+
+from ..pipeline.calibration import CalibConfig, LayerStream, calibration_ids
+from ..errors import KvSurgeonError
+from kvsurgeon.attention.reference import attention_output
+from ..hybrid.fit import (
+    GdnInit,
+    Mamba2Init,
+    attention_transfer,
+    gdn_from_attention,
+    gdn_module,
+    linear_layer_output,
+    mamba2_from_attention,
+    mamba2_module,
+    relative_mse,
+    resolve_layer_choice,
+)
+from ..pipeline.driver import Plan
+from ..pipeline.preflight import refuse, window_note, window_problem
+
+LINEAR_KINDS = ("mamba2", "gated-deltanet")
+RANKING_FILE = "kvsurgeon_layer_ranking.json"
+REPORT_FILE = "kvsurgeon_hybrid.json"
+GRANITE_SOURCES = ("llama", "mistral", "qwen2")
+QWEN35_SOURCES = ("qwen3",)
+
+
+def _target_for(config: dict, linear: str) -> str:
+    try:
+        fam = family_for(config)
+    except UnsupportedArchitectureError as e:
+        raise KvSurgeonError(f"--to hybrid: {e}") from None
+    mt = fam.model_type
+    if linear not in LINEAR_KINDS:
+        raise KvSurgeonError(f"unknown --linear {linear!r}; choose one of {', '.join(LINEAR_KINDS)}")
+    if linear == "mamba2":
+        if mt in GRANITE_SOURCES:
+            return "granite"
+        raise KvSurgeonError(
+            f"--linear mamba2 writes GraniteMoeHybrid, whose attention has no q/k norms, so a {mt} source would not map "
+            f"exactly; use --linear gated-deltanet (Qwen3.5) for Qwen3 sources"
+        )
+    if mt in QWEN35_SOURCES:
+        return "qwen35"
+    raise KvSurgeonError(
+        f"--linear gated-deltanet writes Qwen3.5, whose attention always applies zero-centred q/k norms and an output "
+        f"gate: a {mt} source has no q/k norms, so its attention layers would not be kept exactly. Use --linear mamba2 "
+        f"(GraniteMoeHybrid) for {mt} sources"
+    )
+
+
+def hybrid_plan(
+    keep_attention: float | int | None = None,
+    linear_layers: Sequence[int] | str | None = None,
+    linear: str = "mamba2",
+    transfer_tokens: int = 0,
+    *,
+    calib: CalibConfig | None = None,
+    rank_tokens: int = 2048,
+    rank_kl_stride: int = 4,
+    transfer_lr: float = 3e-4,
+    transfer_batch_windows: int = 2,
+    mamba_init: Mamba2Init | None = None,
+    gdn_init: GdnInit | None = None,
+    ranking: dict | None = None,
+    layer_cache: dict | None = None,
+    log: Callable[[str], None] | None = tqdm.write,  # above the per-layer progress bar, not into it
+    drop_sliding_window: bool = False,
+):
+    """A ``make_plan(config, ckpt) -> Plan`` for ``--to hybrid``.
+
+    keep_attention: attention layers kept: an int count, a float < 1 fraction of the layers, or a whole
+        float count. linear_layers: explicit indices (list or "0,3,5"), "auto" (ranked on calibration
+        text; keeps ``keep_attention``, default half) or "even"/None (evenly interleaved).
+    linear: "mamba2" (Llama/Mistral/Qwen2 -> GraniteMoeHybrid) or "gated-deltanet" (Qwen3 -> Qwen3.5).
+    transfer_tokens: attention-transfer tokens per linear layer (optimizer tokens: calibration windows
+        are reused, ``ceil(N / (batch_windows * seq_len))`` steps); 0 = initialisation only.
+    calib: the calibration text (must match the pipeline's ``ConvertOptions.calib``; used here for the
+        ``auto`` ranking pass, which needs all layers before the pipeline starts). rank_tokens: tokens
+        of it used for the ranking.
+    ranking: a ranking from an earlier ``auto`` run on the same source and calibration (the content of
+        ``kvsurgeon_layer_ranking.json``): reused instead of measured again.
+    layer_cache: a dict shared by several plans for the *same source, calibration and settings*: each
+        linear layer's initialised / trained weights are computed once and reused (a linear layer
+        only sees the source's own activations, so it does not depend on which other layers are
+        linear). Benchmarks comparing layer choices use it.
+    """
+    if isinstance(transfer_tokens, bool) or not isinstance(transfer_tokens, int) or transfer_tokens < 0:
+        raise KvSurgeonError(f"--transfer-tokens must be a whole number >= 0, got {transfer_tokens!r}")
+    if linear not in LINEAR_KINDS:
+        raise KvSurgeonError(f"unknown --linear {linear!r}; choose one of {', '.join(LINEAR_KINDS)}")
+    say = log or (lambda s: None)
+    given_ranking = ranking
+
+    def make_plan(config: dict, ckpt) -> Plan:
+        target = _target_for(config, linear)
+        # before the ranking pass: a refusal must come before any work
+        refuse("cannot convert to a hybrid", [window_problem(
+            config, "GraniteMoeHybrid" if target == "granite" else "Qwen3.5", drop_sliding_window)])
+        L = int(config["num_hidden_layers"])
+        mode, keep, layers = resolve_layer_choice(L, keep_attention, linear_layers)
+        if (keep == 0 if mode == "auto" else len(layers) == L):
+            raise KvSurgeonError(
+                f"--to hybrid needs at least one attention layer: with every layer linear, transformers' hybrid cache "
+                f"has no attention layer to count tokens (DynamicCache.get_seq_length raises) and generate() fails; "
+                f"keep at least one (--keep-attention 1)"
+            )
+        build_config = granite_hybrid_config if target == "granite" else qwen35_text_config
+        try:
+            build_config(config, [])  # layout checks (head_dim, activation, ...) before any expensive pass
+        except HybridLayoutError as e:
+            raise KvSurgeonError(str(e)) from None
+        files: dict[str, object] = {}
+        if mode == "auto":
+            ranking = dict(given_ranking) if given_ranking else rank_layers(
+                ckpt, config, target, calib or CalibConfig(), rank_tokens, kl_stride=rank_kl_stride,
+                mamba_init=mamba_init, gdn_init=gdn_init, log=say,
+            )
+            order = [r["layer"] for r in ranking["ranking"]]  # most costly to linearise first
+            kept = set(order[:keep])
+            layers = sorted(i for i in range(L) if i not in kept)
+            ranking["kept_attention"] = sorted(kept)
+            ranking["linear_layers"] = layers
+            files[RANKING_FILE] = ranking
+            say(format_ranking(ranking))
+        linear_set = set(layers)
+        try:
+            new_config = build_config(config, layers)
+        except HybridLayoutError as e:
+            raise KvSurgeonError(str(e)) from None
+        report = {"linear_layers": layers, "mode": mode, "target": new_config["architectures"][0], "layers": {}}
+        files[REPORT_FILE] = report
+        eps = float(config.get("rms_norm_eps", 1e-6))
+
+        def linearise(i, attn, x):
+            key = (i, transfer_tokens)
+            if layer_cache is not None and key in layer_cache:
+                sd, info = layer_cache[key]
+                say(f"layer {i}: reused from layer_cache")
+            else:
+                sd, info = _linear_layer(i, attn, x)
+                if layer_cache is not None:
+                    layer_cache[key] = (sd, info)
+            report["layers"][str(i)] = info
+            if target == "granite":
+                return write_mamba2(Mamba2Weights.from_state_dict(sd), new_config, i)
+            return write_gdn(GdnWeights.from_state_dict(sd), new_config, i)
+
+        def _linear_layer(i, attn, x):
+            t0 = time.time()
+            y = attention_output(attn, x).to(torch.float32)
+            init_key = (i, "init")
+            if layer_cache is not None and init_key in layer_cache:
+                w, info = layer_cache[init_key]
+                info = dict(info)
+            else:
+                if target == "granite":
+                    w, info = mamba2_from_attention(attn, x, mamba2_dims(new_config), eps=eps, init=mamba_init, target=y)
+                else:
+                    w, info = gdn_from_attention(attn, x, gdn_dims(new_config), eps=eps, init=gdn_init, target=y)
+                info["init_seconds"] = round(time.time() - t0, 2)
+                if layer_cache is not None:
+                    layer_cache[init_key] = (w, dict(info))
+            module = mamba2_module(new_config, i, w) if target == "granite" else gdn_module(new_config, i, w)
+            if transfer_tokens:
+                T = x.shape[1]
+                steps = max(1, math.ceil(transfer_tokens / (transfer_batch_windows * T)))
+                res = attention_transfer(module, x, y, steps, transfer_lr, batch_windows=transfer_batch_windows)
+                info["transfer"] = {k: v for k, v in res.as_dict().items() if k != "history"}
+                say(
+                    f"layer {i}: init rel-MSE {info['rel_mse_init']:.4f}, attention transfer {res.steps} steps: held-out "
+                    f"{res.val_rel_mse_before:.4f} -> {res.val_rel_mse_after:.4f} ({res.seconds:.0f}s)"
+                )
+            else:
+                say(f"layer {i}: init rel-MSE {info['rel_mse_init']:.4f} ({info['init_seconds']:.0f}s)")
+            sd = {k: v.detach().to(torch.float32).clone() for k, v in module.state_dict().items()}
+            return sd, info
+
+        def transform(i, attn, x):
+            p = f"model.layers.{i}."
+            if i in linear_set:
+                if x is None:
+                    raise KvSurgeonError("internal error: linear layers need calibration inputs")
+                out = linearise(i, attn, x)
+            elif target == "granite":
+                out = granite_attention_tensors(attn, i, bool(new_config["attention_bias"]))
+            else:
+                out = qwen35_attention_tensors(attn, i)
+            if target == "granite":
+                g = [ckpt.get_tensor(p + f"mlp.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")]
+                out.update(granite_mlp_tensors(*g, i))
+            else:
+                for n in ("input_layernorm", "post_attention_layernorm"):
+                    out[p + n + ".weight"] = qwen35_norm_tensor(ckpt.get_tensor(p + n + ".weight"))
+                if i == L - 1:
+                    out["model.norm.weight"] = qwen35_norm_tensor(ckpt.get_tensor("model.norm.weight"))
+            return out
+
+        if target == "granite":
+            def rename(name: str):
+                return None if ".mlp." in name else name
+        else:
+            def rename(name: str):
+                if name == "model.norm.weight" or name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
+                    return None
+                return name
+
+        kind = "Mamba2" if target == "granite" else "Gated DeltaNet"
+        how = {"auto": "chosen by measured KL cost (auto)", "even": "evenly interleaved", "list": "as listed"}[mode]
+        summary = (
+            f"{len(layers)} of {L} attention layers replaced by {kind} layers ({how}: {layers}); "
+            f"{L - len(layers)} attention layers and all MLPs kept exactly, as {new_config['architectures'][0]}. "
+            f"Linear layers initialised from the attention they replace (V->x, K->B, Q->C, O->out_proj) and calibrated"
+            + (f", then attention transfer on {transfer_tokens} tokens per layer." if transfer_tokens else ".")
+            + (window_note(config) if drop_sliding_window else "")
+        )
+        return Plan(new_config=new_config, transform=transform, needs_calibration=bool(layers), rename=rename,
+                    summary=summary, files=files)
+
+    return make_plan
+
+
+# ----------------------------------------------------------------------------------------------
+# auto: measured cost of linearising each layer alone
+# ----------------------------------------------------------------------------------------------
+
+
+def _final_projection(ckpt, config: dict):
+    norm_w = ckpt.get_tensor("model.norm.weight").to(torch.float32)
+    head = ckpt.get_tensor("lm_head.weight" if "lm_head.weight" in ckpt else "model.embed_tokens.weight").to(torch.float32)
+    eps = float(config.get("rms_norm_eps", 1e-6))
+
+    def logits(h: torch.Tensor) -> torch.Tensor:
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_w
+        return h @ head.T
+
+    return logits
+
+
+@torch.inference_mode()
+def rank_layers(
+    ckpt,
+    config: dict,
+    target: str,
+    calib: CalibConfig,
+    tokens: int = 2048,
+    *,
+    kl_stride: int = 4,
+    mamba_init: Mamba2Init | None = None,
+    gdn_init: GdnInit | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Cost of linearising each layer alone: KL(source || model with only layer i linearised) per
+    token on ``tokens`` calibration tokens (every ``kl_stride``-th position), plus the layer's own
+    relative output error. One streaming pass: the clean hidden states and one perturbed copy per
+    layer already visited advance through each source layer in turn (L (L + 1) / 2 layer forwards,
+    one layer in memory)."""
+    from ..evaluation.perplexity import load_tokenizer
+
+    t0 = time.time()
+    say = log or (lambda s: None)
+    ids = calibration_ids(load_tokenizer(ckpt.folder), CalibConfig(calib.data, tokens, calib.seq_len, calib.text_field, calib.split))
+    stream = LayerStream(ckpt, config, ids)
+    L = int(config["num_hidden_layers"])
+    new_config = (granite_hybrid_config if target == "granite" else qwen35_text_config)(config, list(range(L)))
+    eps = float(config.get("rms_norm_eps", 1e-6))
+    kw = dict(position_embeddings=stream.position_embeddings, position_ids=stream.position_ids)
+    perturbed: dict[int, torch.Tensor] = {}
+    layer_err = {}
+    for i in range(L):
+        layer = stream.layer_module(i)
+        x = stream.attention_input(layer)
+        attn = read_attention(ckpt, config, i).to(torch.float32)
+        with torch.inference_mode(False), torch.no_grad():
+            if target == "granite":
+                init = mamba_init or Mamba2Init()
+                init = Mamba2Init(**{**init.__dict__, "fit_tokens": min(init.fit_tokens, tokens), "refit_tokens": tokens})
+                w, _ = mamba2_from_attention(attn, x.clone(), mamba2_dims(new_config), eps=eps, init=init)
+                module = mamba2_module(new_config, i, w)
+            else:
+                init = gdn_init or GdnInit()
+                init = GdnInit(**{**init.__dict__, "fit_tokens": min(init.fit_tokens, tokens), "refit_tokens": tokens})
+                w, _ = gdn_from_attention(attn, x.clone(), gdn_dims(new_config), eps=eps, init=init)
+                module = gdn_module(new_config, i, w)
+            y_lin = linear_layer_output(module, x.clone())
+        layer_err[i] = relative_mse(y_lin, attention_output(attn, x))
+        for j in perturbed:
+            perturbed[j] = layer(perturbed[j], **kw)
+        h = stream.hidden + y_lin.to(stream.hidden.dtype)
+        perturbed[i] = h + layer.mlp(layer.post_attention_layernorm(h))
+        stream.advance(layer)
+        del layer
+        say(f"rank: layer {i} linearised alone: layer output rel-MSE {layer_err[i]:.4f} ({time.time() - t0:.0f}s)")
+    logits = _final_projection(ckpt, config)
+    pos = torch.arange(0, ids.shape[1], kl_stride)
+    kls = {}
+    ref = [torch.log_softmax(logits(stream.hidden[b, pos]), -1) for b in range(ids.shape[0])]
+    for i, h in perturbed.items():
+        total = 0.0
+        for b in range(ids.shape[0]):
+            lp = torch.log_softmax(logits(h[b, pos]), -1)
+            total += float((ref[b].exp() * (ref[b] - lp)).sum(-1).double().sum())
+        kls[i] = total / (ids.shape[0] * len(pos))
+    ranking = sorted(range(L), key=lambda i: -kls[i])
+    return {
+        "metric": "mean per-token KL(source || source with only this layer linearised), nats",
+        "tokens": int(ids.numel()),
+        "kl_positions_stride": kl_stride,
+        "seconds": round(time.time() - t0, 1),
+        "ranking": [{"rank": r, "layer": i, "kl": kls[i], "layer_rel_mse": layer_err[i]} for r, i in enumerate(ranking)],
+    }
+
+
+def format_ranking(ranking: dict) -> str:
+    kept = set(ranking.get("kept_attention", []))
+    lines = [f"layer ranking ({ranking['metric']}; {ranking['tokens']} tokens):", "  rank  layer        KL  layer-rel-MSE  kept"]
+    for r in ranking["ranking"]:
+        lines.append(f"  {r['rank']:4d}  {r['layer']:5d}  {r['kl']:8.4f}  {r['layer_rel_mse']:13.4f}  {'attention' if r['layer'] in kept else 'linear'}")
+    return "\n".join(lines)
+
+
+def load_ranking(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / RANKING_FILE).read_text())

@@ -1,0 +1,156 @@
+"""GQA/MHA -> DeepSeek MLA: a stock ``DeepseekV3ForCausalLM`` whose cache holds only the latent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvsurgeon.attention import family_for, head_dim_of, rope_spec
+from kvsurgeon.attention.mla_layout import UNTIED_LM_HEAD, MlaWeights, deepseek_config, pad_latent, scale_latent, write_mla
+
+from ..io.checkpoint import LazyCheckpoint
+from ..errors import KvSurgeonError
+from ..mla.fit import attention_token_weights, check_mla_ranks, convert_layer_to_mla, refit_output, refit_queries, rope_frequency_plan
+from ..pipeline.driver import Plan
+from ..pipeline.preflight import refuse, window_note, window_problem
+
+METHODS = ("calibrated", "svd")
+Q_BIAS = ("refuse", "fit")
+
+
+
+@dataclass(frozen=True)
+class MlaTuning:
+    """What ``calibrated`` does beyond the joint PCA. Each default was measured on SmolLM2 by the
+    ablations behind BENCHMARKS.md (scripts/experiments/mla_constants.py tunes one at a time)."""
+
+    norm_ballast: int = 1  # latent dims that steady rms(latent) for attention sinks
+    token_mix: float = 0.5  # tokens weighted by the attention they receive (0: uniform)
+    kv_balance: float | None = None  # keys favoured over values in the latent; None: kv_balance() of the cut
+    q_refit_stride: int = 4  # least-squares q_proj refit against the converted keys (-75%: 30.5 -> 25.8)
+    q_refit_ridge: float = 0.3
+    o_refit_ridge: float = 1e-2  # o_proj refit against the source layer's output
+    # Calibrate layer i on the converted layers 0..i-1's hidden states rather than the source's, so the
+    # q/o refits also absorb upstream drift (-75% on pydocs-train windows: 25.83 -> 25.22).
+    sequential: bool = True
+    # The written latent's rms, so kv_a_layernorm's eps (1e-6 in transformers, rms_norm_eps in vLLM:
+    # 1e-5 on SmolLM2) is negligible in both engines. At rms ~0.3 the two eps moved SmolLM2's prompt
+    # log-probs by 8e-3 between the engines; at 100 they agree to float32 noise.
+    latent_rms: float = 100.0
+
+
+def latent_gain(w: MlaWeights, x, target: float = MlaTuning.latent_rms) -> float:
+    """Gain that brings the latent's rms to ``target``: measured on the calibration inputs x when
+    there are some, else estimated for unit-variance isotropic inputs (sqrt of the mean squared
+    row norm of the latent rows of kv_a)."""
+    import torch
+
+    lat = w.kv_a[: w.kv_lora_rank].double()
+    if x is None:
+        rms = float(lat.pow(2).sum(1).mean().sqrt())
+    else:
+        c = x.reshape(-1, x.shape[-1]).double() @ lat.T
+        if w.kv_a_bias is not None:
+            c = c + w.kv_a_bias[: w.kv_lora_rank].double()
+        rms = float(c.pow(2).mean().sqrt())
+    return target / max(rms, torch.finfo(torch.float32).tiny)
+
+
+def kv_balance(cache_reduction: float) -> float:
+    """How much the joint latent favours keys over values, by how much of the cache is cut.
+
+    Measured on SmolLM2 (train windows disjoint from calibration): at -75% balance 8 beat 1 (ppl
+    30.5 vs 47.6); at -50% balance 1 beat 8 (1.33x vs 1.50x the source). A tight latent has to
+    spend itself on what the softmax is most sensitive to, the keys; a roomier one does better
+    treating both alike. Between the two measured budgets the balance is interpolated
+    geometrically (not measured there)."""
+    t = min(max((cache_reduction - 0.5) / 0.25, 0.0), 1.0)
+    return 8.0 ** t
+
+
+def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "calibrated", pad_latent_to: int | None = None,
+             q_bias: str = "refuse", drop_sliding_window: bool = False, tuning: MlaTuning = MlaTuning()):
+    """``tuning``: the calibrated method's measured constants (``MlaTuning``).
+    ``q_bias``: "refuse" or "fit" (``--q-bias fit``: fold a source query bias into q_proj by least
+    squares on calibration inputs; DeepseekV3's q_proj has no bias). ``drop_sliding_window``: convert a
+    windowed source to full attention (DeepseekV3 has no windows) and say so in the card.
+    ``pad_latent_to``: write the cache as this many values per token per layer (kv_lora_rank +
+    rope dim), zero-padding the fitted latent exactly (``pad_latent``): for engines that take only
+    certain latent sizes (vLLM: 576). The padding is stored and cached, so it costs what it says."""
+    t = tuning
+    if method not in METHODS:
+        raise KvSurgeonError(f"unknown --method {method!r} for --to mla; choose one of {', '.join(METHODS)}")
+    if q_bias not in Q_BIAS:
+        raise KvSurgeonError(f"unknown --q-bias {q_bias!r}; choose one of {', '.join(Q_BIAS)}")
+
+    def make_plan(config: dict, ckpt: LazyCheckpoint) -> Plan:
+        fam = family_for(config)
+        problems = []
+        if fam.has_qk_norm:
+            problems.append(
+                f"{fam.model_type} applies an RMSNorm to each head's queries and keys, which has no place in DeepSeek "
+                "MLA (the latent mixes heads before any norm could act). Use --to gqa/--to mqa (calibrated merging "
+                "keeps the norm) or --to hybrid --linear gated-deltanet (Qwen3.5 keeps it exactly)"
+            )
+        qkv_bias_, _ = fam.biases(config)
+        if qkv_bias_ and q_bias == "refuse":
+            problems.append(
+                f"{fam.model_type} q_proj has a bias, DeepseekV3's q_proj has none. Pass --q-bias fit to fold it into "
+                "q_proj by least squares on calibration inputs (lossy; needs --method calibrated)"
+            )
+        if qkv_bias_ and q_bias == "fit" and method != "calibrated":
+            problems.append("--q-bias fit needs calibration inputs: use --method calibrated (the default), not svd")
+        problems.append(window_problem(config, "MLA (DeepseekV3)", drop_sliding_window))
+        refuse("cannot convert to MLA", [p for p in problems if p])
+        rope = rope_spec(config)
+        H = config["num_attention_heads"]
+        G = config.get("num_key_value_heads") or H
+        D = head_dim_of(config)
+        Dr = rope_dim if rope_dim is not None else min(D, rope.rotary_dim)
+        check_mla_ranks(num_kv_heads=G, head_dim=D, v_head_dim=D, rope=rope, kv_lora_rank=kv_lora_rank,
+                        rope_dim=Dr, hidden_size=config["hidden_size"])
+        R_out = kv_lora_rank if pad_latent_to is None else pad_latent_to - Dr
+        if R_out < kv_lora_rank:
+            raise KvSurgeonError(
+                f"--pad-latent-to {pad_latent_to} is smaller than the latent it pads: kv_lora_rank {kv_lora_rank} + "
+                f"rope dim {Dr} = {kv_lora_rank + Dr}"
+            )
+        _, theta = rope_frequency_plan(rope, Dr)
+        Dn = min(kv_lora_rank, G * D - Dr)  # nope key dims per head: the latent is read in full when R <= G*D - Dr
+        qkv_bias, o_bias = fam.biases(config)
+        bias = qkv_bias or o_bias
+        rope_parameters = None if rope.rope_type == "default" else {"rope_type": rope.rope_type, "rope_theta": rope.theta, **rope.scaling}
+        new_config = deepseek_config(config, R_out, Dr, Dn, D, theta, rope_interleave=True,
+                                     attention_bias=bias, rope_parameters=rope_parameters)
+
+        def transform(i, attn, x):
+            if method == "svd":  # the weight-only baseline: no activations at all
+                w = convert_layer_to_mla(attn, None, kv_lora_rank, Dr, method, qk_nope_head_dim=Dn, q_bias=q_bias)
+                return write_mla(pad_latent(scale_latent(w, latent_gain(w, None, t.latent_rms)), R_out), i, attention_bias=bias)
+            tw = attention_token_weights(attn, x, mix=t.token_mix)
+            balance = t.kv_balance if t.kv_balance is not None else kv_balance(1 - (kv_lora_rank + Dr) / (2 * G * D))
+            w = convert_layer_to_mla(attn, x, kv_lora_rank, Dr, method, qk_nope_head_dim=Dn, kv_balance=balance,
+                                     norm_ballast=min(t.norm_ballast, kv_lora_rank - 1), token_weights=tw,
+                                     q_bias=q_bias)
+            w = refit_queries(w, attn, x, stride=t.q_refit_stride, ridge=t.q_refit_ridge)
+            w = refit_output(w, attn, x, ridge=t.o_refit_ridge)
+            return write_mla(pad_latent(scale_latent(w, latent_gain(w, x, t.latent_rms)), R_out), i, attention_bias=bias)
+
+        before, after = 2 * G * D, R_out + Dr
+        extra = (" The source's q bias was folded into q_proj by least squares on calibration inputs (--q-bias fit)."
+                 if qkv_bias_ and q_bias == "fit" else "") + (window_note(config) if drop_sliding_window else "")
+        padded = f" (latent {kv_lora_rank} zero-padded to {R_out}, exact)" if R_out > kv_lora_rank else ""
+        return Plan(
+            new_config=new_config,
+            transform=transform,
+            needs_calibration=(method == "calibrated"),
+            copies=dict(UNTIED_LM_HEAD),
+            sequential=t.sequential,
+            summary=(
+                f"GQA {H}/{G} (head_dim {D}) -> DeepSeek MLA: latent rank {kv_lora_rank}{padded} + shared rope key {Dr} "
+                f"= {after} cached values per token per layer instead of {before} ({1 - after / before:.0%} smaller), "
+                f"{method} ({'per-frequency PCA of calibration keys for the rope key, joint PCA of calibration K_nope/V' if method == 'calibrated' else 'weight-only joint SVD of [W_k_nope; W_v]'})."
+                + extra
+            ),
+        )
+
+    return make_plan

@@ -1,0 +1,187 @@
+"""Calibration activations, one decoder layer at a time.
+
+The source model is never built whole: each layer is instantiated from transformers' own modeling
+class, filled with that layer's tensors from the lazy checkpoint, run on the calibration hidden
+states, and dropped. Memory holds one layer plus the (windows x seq_len x hidden) activations.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from kvsurgeon.attention import family_for
+
+from ..io.checkpoint import LazyCheckpoint
+from ..errors import KvSurgeonError
+from ..io.text_data import BUILTIN_DATA, iter_texts, token_windows
+
+# Shipped with the package so calibration works offline with no arguments (PSF-licensed Python docs).
+DEFAULT_CALIB = BUILTIN_DATA / "calibration.jsonl"
+
+
+@dataclass
+class CalibConfig:
+    data: str | None = None  # None: the built-in text
+    tokens: int = 8192
+    seq_len: int = 512
+    text_field: str = "text"
+    split: str = "train"
+    windows_per_text: int | None = None  # at most this many windows' worth of tokens from each text; None: no cap
+    retrieval: float = 0.0  # fraction of windows given long-range retrieval pairs (retrieval_window)
+
+    def source(self) -> str:
+        return self.data or str(DEFAULT_CALIB)
+
+
+def calibration_ids(tokenizer, cfg: CalibConfig) -> torch.Tensor:
+    per_text = cfg.windows_per_text * cfg.seq_len if cfg.windows_per_text else None
+    ids = token_windows(tokenizer, iter_texts(cfg.source(), cfg.text_field, cfg.split), cfg.seq_len, cfg.tokens, per_text=per_text)
+    if not 0.0 <= cfg.retrieval <= 1.0:
+        raise KvSurgeonError(f"--calib-retrieval {cfg.retrieval}: a fraction of windows, between 0 and 1")
+    n = round(cfg.retrieval * ids.shape[0])
+    if n:
+        rng = random.Random(0)
+        for w in range(0, ids.shape[0], max(1, ids.shape[0] // n))[:n]:  # spread over the windows
+            ids[w] = torch.tensor(retrieval_window(tokenizer, ids[w].tolist(), rng))
+    return ids
+
+
+# Phrasing deliberately unlike the passkey eval's ("pass key", "door"), so calibration teaches the
+# mechanism (find an earlier fact, copy it) rather than the benchmark's sentence.
+_ITEMS = ("vault", "archive", "server room", "garden shed", "locker", "studio", "warehouse", "cabin")
+
+
+def retrieval_window(tokenizer, ids: list[int], rng: random.Random, facts: int = 3) -> list[int]:
+    """The window's own text with ``facts`` "access code" sentences at random depths and, at its end,
+    one of them restated in full: the source's attention then reaches back across the window to copy
+    the code, so calibration sees (and weighs) the long-range retrieval its fits must keep."""
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    items = rng.sample(_ITEMS, facts)
+    codes = [str(rng.randint(1000, 99999)) for _ in items]
+    needles = [enc(f" The access code for the {it} is {c}. ") for it, c in zip(items, codes)]
+    k = rng.randrange(facts)
+    tail = enc(f" Reminder: the access code for the {items[k]} is {codes[k]}.")
+    room = len(ids) - len(tail) - sum(map(len, needles))
+    if room < len(ids) // 4:  # window too short for the facts to be far apart: leave it as text
+        return ids
+    cuts = sorted(rng.randrange(int(0.8 * room)) for _ in needles)
+    out, pos = [], 0
+    for c, nd in zip(cuts, needles):
+        out += ids[pos:c] + nd
+        pos = c
+    return out + ids[pos:room] + tail
+
+
+def _classes_for(config_dict: dict, model_type: str, architecture: str):
+    from transformers import AutoConfig
+
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    prefix = architecture.removesuffix("ForCausalLM")
+    cfg = AutoConfig.for_model(**config_dict)
+    cfg._attn_implementation = "sdpa"
+    return cfg, getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RotaryEmbedding")
+
+
+def _modeling_classes(config_dict: dict):
+    fam = family_for(config_dict)
+    return (*_classes_for(config_dict, fam.model_type, fam.architectures[0]), fam)
+
+
+def _decoder_layer(layer_cls, cfg, i: int, state: dict[str, torch.Tensor], dtype, where: str):
+    with torch.device("meta"):  # weights are assigned below: no second copy of the layer
+        layer = layer_cls(cfg, layer_idx=i)
+    missing, unexpected = layer.load_state_dict({k: t.to(dtype) for k, t in state.items()}, strict=False, assign=True)
+    if missing or unexpected:
+        raise KvSurgeonError(f"layer {i} of {where} does not match its config: missing {missing}, unexpected {unexpected}")
+    return layer.eval()
+
+
+def _embedded(ckpt: LazyCheckpoint, ids: torch.Tensor, rope, dtype):
+    """Layer 0's input hidden states for ids (B, T), with RoPE position embeddings for positions 0..T-1."""
+    emb = ckpt.get_tensor("model.embed_tokens.weight")
+    hidden = emb[ids].to(dtype)  # gather first: never a float32 copy of the whole table
+    del emb
+    pos = torch.arange(ids.shape[1])[None]
+    return hidden, tuple(t.to(dtype) for t in rope(hidden, pos)), pos
+
+
+class LayerStream:
+    """Walks the source's decoder layers over calibration ids, yielding each layer's attention input.
+
+    ``for i, x in stream: ...`` gives x = input_layernorm(h_i) of shape (B, T, hidden) in float32;
+    the hidden states then advance through the *source* layer i.
+    """
+
+    def __init__(self, ckpt: LazyCheckpoint, config_dict: dict, ids: torch.Tensor, dtype=torch.float32):
+        self.ckpt = ckpt
+        self.config_dict = config_dict
+        self.cfg, self.layer_cls, rope_cls, self.fam = _modeling_classes(config_dict)
+        self.dtype = dtype
+        self.ids = ids
+        self.hidden, self.position_embeddings, self.position_ids = _embedded(ckpt, ids, rope_cls(config=self.cfg), dtype)
+
+    def layer_module(self, i: int):
+        prefix = self.fam.layer_prefix.format(i=i)
+        state = {k[len(prefix):]: self.ckpt.get_tensor(k) for k in self.ckpt.keys() if k.startswith(prefix)}
+        return _decoder_layer(self.layer_cls, self.cfg, i, state, self.dtype, str(self.ckpt.folder))
+
+    @torch.inference_mode()
+    def attention_input(self, layer) -> torch.Tensor:
+        return layer.input_layernorm(self.hidden)
+
+    @torch.inference_mode()
+    def advance(self, layer) -> None:
+        self.hidden = layer(
+            self.hidden, position_embeddings=self.position_embeddings, position_ids=self.position_ids
+        )
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for i in range(self.config_dict["num_hidden_layers"]):
+            layer = self.layer_module(i)
+            yield i, self.attention_input(layer)
+            self.advance(layer)
+            del layer
+
+
+class ConvertedStream:
+    """Calibration hidden states on the *converted* model's own path (GPTQ-style sequential
+    calibration): layer i is calibrated on what the already-converted layers 0..i-1 produce, so its
+    fits see, and can compensate for, the drift those layers introduced.
+
+    ``attention_input(i)`` gives x = input_layernorm(h_i) (B, T, hidden) in float32, reading only the
+    source's input norm; ``advance(i, tensors)`` runs transformers' own decoder layer of the *target*
+    config, built from the converted layer's tensors (output names), on h_i. Nothing but the norm is
+    read from the source twice.
+    """
+
+    def __init__(self, ckpt: LazyCheckpoint, source_config: dict, target_config: dict, ids: torch.Tensor, dtype=torch.float32):
+        self.ckpt = ckpt
+        self.dtype = dtype
+        self.fam = family_for(source_config)
+        self.src_cfg, self.src_layer_cls, _, _ = _modeling_classes(source_config)
+        arch = (target_config.get("architectures") or [""])[0]
+        self.cfg, self.layer_cls, rope_cls = _classes_for(target_config, target_config["model_type"], arch)
+        self.hidden, self.position_embeddings, self.position_ids = _embedded(ckpt, ids, rope_cls(config=self.cfg), dtype)
+
+    @torch.inference_mode()
+    def attention_input(self, i: int) -> torch.Tensor:
+        with torch.device("meta"):
+            layer = self.src_layer_cls(self.src_cfg, layer_idx=i)
+        prefix = self.fam.layer_prefix.format(i=i) + "input_layernorm."
+        norm = {k[len(prefix):]: self.ckpt.get_tensor(k).to(self.dtype) for k in self.ckpt.keys() if k.startswith(prefix)}
+        layer.input_layernorm.load_state_dict(norm, assign=True)
+        return layer.input_layernorm(self.hidden)
+
+    @torch.inference_mode()
+    def advance(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        """tensors: every tensor of converted layer i under its output name (model.layers.{i}.*)."""
+        prefix = f"model.layers.{i}."
+        state = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+        layer = _decoder_layer(self.layer_cls, self.cfg, i, state, self.dtype, "the converted checkpoint")
+        self.hidden = layer(self.hidden, position_embeddings=self.position_embeddings, position_ids=self.position_ids)

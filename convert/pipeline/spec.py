@@ -1,0 +1,235 @@
+"""One conversion, described as data (``ConversionSpec``) and run end to end (``run_conversion``).
+
+The CLI's ``convert``, the demo, the benchmarks and the uptraining recipes all go through here, so
+a recipe's ``conversion:`` block takes exactly the options ``kvsurgeon convert`` takes.
+"""
+
+from __future__ import annotations
+
+import shlex
+import typing
+from dataclasses import MISSING, InitVar, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from kvsurgeon.attention.kv_cache import dtype_bytes, kv_bytes_at_context, kv_bytes_per_token
+from kvsurgeon.attention.serving import serving_support
+
+from ..pipeline.calibration import CalibConfig
+from ..io.checkpoint import LazyCheckpoint, read_config
+from ..evaluation.measure import measure_conversion, should_measure
+from ..errors import KvSurgeonError
+from ..pipeline.driver import ConvertOptions, ConvertResult, convert_model
+
+TARGETS = ("gqa", "mqa", "mla", "hybrid", "swa")
+
+
+def _opt(default=MISSING, help: str = "", flag: str | None = None, cli_type=None):
+    """A spec field with what the CLI, the recipe schema and the card command derive from it."""
+    return field(default=default, metadata={"help": help, "flag": flag, "cli_type": cli_type})
+
+
+@dataclass
+class ConversionSpec:
+    """Every option of one conversion, declared once. ``kvsurgeon convert``'s flags (``spec_cli_params``),
+    the recipe's ``conversion:`` block (same keys) and the card's reproducing command (``cli_command``)
+    are all derived from these fields; ``tests/test_conversion_spec.py`` round-trips them."""
+
+    to: str = _opt(help="gqa | mqa | mla | hybrid | swa")
+    kv_heads: int | None = _opt(None, "gqa: KV heads to keep (must divide the query heads)")
+    method: str | None = _opt(None, "gqa/mqa: calibrated (default) | mean;  mla: calibrated (default) | svd")
+    kv_lora_rank: int | None = _opt(None, "mla: latent size R (cache = R + rope-dim values/token/layer)")
+    rope_dim: int | None = _opt(None, "mla: decoupled rope key dims Dr (even, <= head_dim; default head_dim)")
+    pad_latent_to: int | None = _opt(
+        None, "mla: zero-pad the cache to this many values/token/layer, exactly (vLLM's MLA kernels take 576)")
+    q_bias: str | None = _opt(
+        None, "mla: a source q_proj bias (Qwen2) has no place in DeepseekV3: refuse (default) | fit (least squares on "
+        "calibration inputs, lossy)")
+    drop_sliding_window: bool = _opt(
+        False, "mla/hybrid: the target class has no per-layer windows; convert a windowed source to full attention "
+        "(the card says so)")
+    keep_attention: float | None = _opt(None, "hybrid: attention layers kept, a count (e.g. 8) or a fraction (e.g. 0.25)")
+    linear_layers: list[int] | str | None = _opt(
+        None, "hybrid: layers made linear: 'auto' (ranked by measured cost), 'even', or a list like 0,3,5", cli_type=str)
+    linear: str | None = _opt(None, "hybrid: mamba2 (default; Llama/Mistral/Qwen2) | gated-deltanet (Qwen3)")
+    transfer_tokens: int = _opt(0, "hybrid: attention-transfer tokens per linear layer (0: init only)")
+    window: int | None = _opt(None, "swa: tokens a windowed layer attends to, itself included (e.g. 512)")
+    keep_global: float | None = _opt(
+        None, "swa: layers kept at full attention, a count (e.g. 8) or a fraction (e.g. 0.25), evenly spaced")
+    global_layers: list[int] | str | None = _opt(
+        None, "swa: the layers kept at full attention: a list like 0,15,29, or with --keep-global K: 'auto' (the K "
+        "layers whose windowing costs retrieval most, measured on calibration text with retrieval facts) or 'even'",
+        cli_type=str)
+    calib_data: str | None = _opt(None, "calibration text: .jsonl/.txt/.parquet or HF dataset id (default: built-in)")
+    calib_tokens: int = _opt(8192, "calibration tokens")
+    calib_seq_len: int = _opt(512, "calibration window length")
+    calib_windows_per_text: int | None = _opt(
+        None, "take at most this many windows from each calibration text (spreads a small budget over more documents)")
+    calib_retrieval: float = _opt(
+        0.0, "fraction of calibration windows given long-range retrieval pairs (facts early, restated at the end), so "
+        "the fits keep in-context retrieval")
+    text_field: str = _opt("text", "text field of calibration rows")
+    calib: InitVar[CalibConfig | None] = None  # Python callers may pass a CalibConfig instead of the calib_* fields
+
+    def __post_init__(self, calib: CalibConfig | None = None) -> None:
+        if calib is not None:
+            self.calib_data, self.calib_tokens, self.calib_seq_len = calib.data, calib.tokens, calib.seq_len
+            self.calib_windows_per_text, self.calib_retrieval, self.text_field = calib.windows_per_text, calib.retrieval, calib.text_field
+        self.linear_layers = _layer_list(self.linear_layers, "--linear-layers")
+        self.global_layers = _layer_list(self.global_layers, "--global-layers")
+        if self.to not in TARGETS:
+            raise KvSurgeonError(f"unknown conversion target {self.to!r}; choose one of {', '.join(TARGETS)}")
+        if self.to == "mqa":
+            if self.kv_heads not in (None, 1):
+                raise KvSurgeonError(f"--to mqa means one KV head; got --kv-heads {self.kv_heads} (use --to gqa)")
+            self.kv_heads = 1
+        if self.to == "gqa" and self.kv_heads is None:
+            raise KvSurgeonError("--to gqa needs --kv-heads N (the number of KV heads to keep)")
+        if self.to == "hybrid" and self.keep_attention is None and self.linear_layers is None:
+            raise KvSurgeonError("--to hybrid needs --keep-attention K|FRACTION or --linear-layers LIST|auto")
+        if self.linear is not None and self.to != "hybrid":
+            raise KvSurgeonError("--linear chooses the linear layer type of a hybrid; it needs --to hybrid")
+        if self.q_bias is not None and self.to != "mla":
+            raise KvSurgeonError("--q-bias decides where an MLA conversion puts the query bias; it needs --to mla")
+        if self.drop_sliding_window and self.to not in ("mla", "hybrid"):
+            raise KvSurgeonError("--drop-sliding-window is for --to mla/hybrid; --to gqa/mqa keeps the source's windows")
+        if self.pad_latent_to is not None and self.to != "mla":
+            raise KvSurgeonError("--pad-latent-to pads an MLA latent; it needs --to mla")
+        self._check_swa()
+        if self.to == "mla" and self.kv_lora_rank is None:
+            raise KvSurgeonError("--to mla needs --kv-lora-rank R (latent size; the cache keeps R + rope-dim values per token)")
+
+    def _check_swa(self) -> None:
+        swa_opts = [f for f in ("window", "keep_global", "global_layers") if getattr(self, f) is not None]
+        if self.to != "swa":
+            if swa_opts:
+                raise KvSurgeonError(f"--{swa_opts[0].replace('_', '-')} is a sliding-window option; it needs --to swa")
+            return
+        if self.window is None:
+            raise KvSurgeonError("--to swa needs --window N (tokens each windowed layer attends to, e.g. 512)")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise KvSurgeonError(f"--window must be a whole number of tokens >= 1, got {self.window!r}")
+        if isinstance(self.global_layers, str):  # auto / even choose --keep-global K layers
+            if self.keep_global is None:
+                raise KvSurgeonError(f"--global-layers {self.global_layers} chooses --keep-global K layers: pass --keep-global "
+                                     "(a count like 8 or a fraction like 0.25)")
+        elif (self.keep_global is None) == (self.global_layers is None):
+            raise KvSurgeonError("--to swa needs --keep-global K|FRACTION (with --global-layers auto|even; even by default) "
+                                 "or --global-layers LIST")
+
+    def calib_config(self) -> CalibConfig:
+        return CalibConfig(data=self.calib_data, tokens=self.calib_tokens, seq_len=self.calib_seq_len, text_field=self.text_field,
+                           windows_per_text=self.calib_windows_per_text, retrieval=self.calib_retrieval)
+
+    def make_plan(self):
+        if self.to in ("gqa", "mqa"):
+            from ..gqa.plan import gqa_plan
+
+            return gqa_plan(self.kv_heads, self.method or "calibrated")
+        if self.to == "mla":
+            from ..mla.plan import mla_plan
+
+            return mla_plan(self.kv_lora_rank, self.rope_dim, self.method or "calibrated", self.pad_latent_to,
+                            q_bias=self.q_bias or "refuse", drop_sliding_window=self.drop_sliding_window)
+        if self.to == "swa":
+            from ..swa.plan import swa_plan
+
+            return swa_plan(self.window, self.keep_global, self.global_layers, calib=self.calib_config())
+        from ..hybrid.plan import hybrid_plan
+
+        return hybrid_plan(
+            keep_attention=self.keep_attention, linear_layers=self.linear_layers,
+            linear=self.linear or "mamba2", transfer_tokens=self.transfer_tokens, calib=self.calib_config(),
+            drop_sliding_window=self.drop_sliding_window,
+        )
+
+
+def _layer_list(value, flag: str):
+    """A layer option as given on the command line: "auto", "even", or "0,3,5" -> [0, 3, 5]."""
+    if not isinstance(value, str) or value in ("auto", "even"):
+        return value
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise KvSurgeonError(f"{flag} {value!r}: use auto, even, or comma-separated layer indices like 0,15,29") from None
+
+
+def spec_flag(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def spec_cli_params() -> list[tuple[str, type, Any, str, str]]:
+    """(name, CLI type, default, flag, help) per ConversionSpec field: what ``kvsurgeon convert`` exposes."""
+    hints = typing.get_type_hints(ConversionSpec)
+    out = []
+    for f in fields(ConversionSpec):
+        tp = f.metadata.get("cli_type") or hints[f.name]
+        out.append((f.name, tp, ... if f.default is MISSING else f.default, spec_flag(f), f.metadata["help"]))
+    return out
+
+
+def cli_command(model: str, spec: ConversionSpec, out: str | Path, extra: list[str] | None = None) -> str:
+    """The ``kvsurgeon convert`` command that reproduces ``spec`` (for model cards and logs): every
+    field that differs from its default, plus the calibration budget whenever calibration runs."""
+    args = ["kvsurgeon", "convert", str(model)]
+    calibrates = (spec.global_layers == "auto") if spec.to == "swa" else (spec.calib_data is not None or spec.method in (None, "calibrated"))
+    for f in fields(ConversionSpec):
+        value = getattr(spec, f.name)
+        if f.name == "kv_heads" and spec.to == "mqa":
+            continue  # implied by --to mqa
+        shown = f.name == "to" or value != f.default or (calibrates and f.name in ("calib_tokens", "calib_seq_len"))
+        if not shown:
+            continue
+        if isinstance(value, bool):
+            args.append(spec_flag(f) if value else "--no-" + spec_flag(f)[2:])
+        else:
+            args += [spec_flag(f), ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    args += ["--out", str(out), *(extra or [])]
+    return shlex.join(args)
+
+
+def run_conversion(
+    model: str,
+    spec: ConversionSpec,
+    opts: ConvertOptions,
+    recipe: str | None = None,
+) -> ConvertResult:
+    """Convert ``model`` into ``opts.out`` and write a model card describing exactly what was done."""
+    opts.calib = spec.calib_config()
+    extra = (["--revision", opts.revision] if opts.revision else []) + (["--dtype", opts.dtype] if opts.dtype else [])
+    command = cli_command(model, spec, opts.out, extra)
+
+    def card(folder: Path, new_config: dict, src: Path, plan) -> None:
+        from ..hub.model_card import CONTEXT_TOKENS, CardInfo, source_license, write_model_card
+
+        fidelity, long_context = [], []
+        src_config = read_config(src)
+        params = LazyCheckpoint(folder).total_bytes() // dtype_bytes(new_config)
+        if should_measure(opts.measure, params):
+            from kvsurgeon.attention.kv_cache import text_config
+
+            m = measure_conversion(folder, src, text_config(new_config).get("max_position_embeddings"), progress=opts.progress)
+            fidelity, long_context = [m.fidelity], [r.as_dict() for r in m.long_context]
+            measured.append(m)
+
+        info = CardInfo(
+            base_model=model,
+            conversion=spec.to,
+            summary=plan.summary,
+            command=command,
+            recipe=recipe,
+            license=source_license(src),
+            kv_bytes_per_token_before=kv_bytes_per_token(src_config),
+            kv_bytes_per_token_after=kv_bytes_per_token(new_config),
+            kv_bytes_at_context_before=kv_bytes_at_context(src_config, CONTEXT_TOKENS),
+            kv_bytes_at_context_after=kv_bytes_at_context(new_config, CONTEXT_TOKENS),
+            fidelity=fidelity,
+            long_context=long_context,
+            serving=[e.describe() for e in serving_support(new_config)],
+        )
+        write_model_card(folder, info)
+
+    measured: list = []
+    res = convert_model(model, spec.make_plan(), opts, card=card)
+    res.measured = measured[0] if measured else None
+    return res

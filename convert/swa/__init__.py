@@ -1,0 +1,1 @@
+"""Attention -> sliding-window layers with measured global layers."""

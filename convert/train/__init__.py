@@ -1,0 +1,1 @@
+"""Uptraining: recipes, the accelerate-driven distillation loop, data streams, kernel choice."""

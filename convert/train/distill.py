@@ -1,0 +1,106 @@
+"""Distillation losses and the packed training stream: tensors in, tensors out."""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..io.text_data import iter_texts
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float = 1.0,
+    kl_weight: float = 1.0,
+    ce_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, kl, ce) for next-token prediction. KL(teacher || student) at temperature T, scaled by
+    T^2 so its gradient size does not depend on T (Hinton et al.); CE on the data's next tokens."""
+    s = student_logits[:, :-1].float()
+    t = teacher_logits[:, :-1].float()
+    T = temperature
+    kl = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="none").sum(-1).mean() * T * T
+    ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1))
+    return kl_weight * kl + ce_weight * ce, kl.detach(), ce.detach()
+
+
+class PackedStream:
+    """Documents joined with EOS, cut into (batch_size, seq_len) batches, deterministic in order.
+
+    Rank-aware: each step takes ``world * batch_size`` consecutive windows of the one global stream and
+    rank r keeps windows [r*batch_size, (r+1)*batch_size), so processes never train on the same
+    window and N processes with batch b see exactly the windows one process with batch N*b sees.
+    ``position`` counts global windows consumed (independent of the world size), so a resumed run skips
+    exactly what the whole job already saw; the data repeats (a new epoch) when it runs out.
+
+    ``retrieval``: the fraction of windows rewritten by ``calibration.retrieval_window``. Which windows,
+    and their facts, follow from the global window index alone, so ranks and resumes agree.
+    """
+
+    def __init__(self, tokenizer, source: str, seq_len: int, batch_size: int, text_field: str = "text", split: str = "train",
+                 rank: int = 0, world: int = 1, retrieval: float = 0.0):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world of {world}")
+        if not 0.0 <= retrieval <= 1.0:
+            raise ValueError(f"retrieval {retrieval}: a fraction of windows, between 0 and 1")
+        self.retrieval = retrieval
+        self.tok = tokenizer
+        self.source, self.text_field, self.split = source, text_field, split
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.rank, self.world = rank, world
+        self.position = 0
+
+    def _windows(self) -> Iterator[list[int]]:
+        while True:
+            buf: list[int] = []
+            produced = False
+            for text in iter_texts(self.source, self.text_field, self.split):
+                buf.extend(self.tok(text, add_special_tokens=False)["input_ids"])
+                if self.tok.eos_token_id is not None:
+                    buf.append(self.tok.eos_token_id)
+                while len(buf) >= self.seq_len:
+                    yield buf[: self.seq_len]
+                    buf = buf[self.seq_len :]
+                    produced = True
+            if not produced:
+                raise ValueError(f"{self.source} holds fewer than {self.seq_len} tokens")
+
+    def _window(self, index: int, ids: list[int]) -> list[int]:
+        if self.retrieval:
+            rng = random.Random(index)
+            if rng.random() < self.retrieval:
+                from ..pipeline.calibration import retrieval_window
+
+                return retrieval_window(self.tok, ids, rng)
+        return ids
+
+    def batches(self, skip_windows: int = 0) -> Iterator[torch.Tensor]:
+        windows = self._windows()
+        for _ in range(skip_windows):
+            next(windows)
+        self.position = skip_windows
+        per_step = self.batch_size * self.world
+        lo = self.rank * self.batch_size
+        while True:
+            first = self.position
+            step = [next(windows) for _ in range(per_step)]
+            self.position += per_step
+            mine = [self._window(first + lo + j, w) for j, w in enumerate(step[lo : lo + self.batch_size])]
+            yield torch.tensor(mine, dtype=torch.long)
+
+
+def window_digests(ids: torch.Tensor) -> torch.Tensor:
+    """One int64 per window from its tokens (blake2b, identical in every process, unlike ``hash``):
+    what the run gathers to count the distinct windows it trained on."""
+    import hashlib
+
+    rows = ids.detach().to("cpu", torch.int64).numpy()
+    return torch.tensor(
+        [int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little", signed=True) for r in rows],
+        dtype=torch.int64,
+    )

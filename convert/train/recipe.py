@@ -1,0 +1,255 @@
+"""Uptraining recipes: YAML -> typed, validated dataclasses (plus ``key=value`` overrides).
+
+One file names everything a run needs: the source, the conversion (same options as
+``kvsurgeon convert``), data, token budget, stages, optimiser, distillation, precision, eval,
+output and push. Unknown keys and bad values fail with the path of the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ..pipeline.spec import ConversionSpec
+from ..errors import KvSurgeonError
+from ..train.estimate import HardwareCfg
+from ..train.kernels import KernelChoice
+
+
+class RecipeError(KvSurgeonError):
+    pass
+
+
+@dataclass
+class DataCfg:
+    train: str = ""  # .jsonl/.txt/.parquet or HF dataset id
+    text_field: str = "text"
+    split: str = "train"
+    streaming: bool = True
+    seq_len: int = 512
+    eval: str | None = None  # held-out data for eval; None skips eval
+    eval_split: str = "validation"
+    eval_tokens: int = 8192
+    # Fraction of training windows given long-range "access code" facts restated at the window's end
+    # (calibration.retrieval_window): the teacher copies the code, so distillation trains retrieval.
+    retrieval: float = 0.0
+
+
+@dataclass
+class StageCfg:
+    name: str = "end_to_end"
+    tokens: int = 0  # this stage's share of the budget
+    trainable: Literal["new", "attention", "all", "lora"] = "attention"
+    lr: float | None = None  # default: optim.lr
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DistillCfg:
+    temperature: float = 1.0
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+
+
+@dataclass
+class Recipe:
+    source: str = ""
+    output: str = ""
+    conversion: ConversionSpec | None = None  # the same keys as `kvsurgeon convert`'s flags; None: student: only
+    student: str | None = None  # an already-converted folder; skips the conversion
+    data: DataCfg = field(default_factory=DataCfg)
+    stages: list[StageCfg] = field(default_factory=lambda: [StageCfg()])
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    distill: DistillCfg = field(default_factory=DistillCfg)
+    batch_size: int = 1
+    grad_accum: int = 1
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    gradient_checkpointing: bool = False
+    # auto: the fused kernels transformers binds on CUDA (FlashAttention-2, mamba_ssm, fla), PyTorch
+    # elsewhere; fused: demand them (error naming what to install); torch: PyTorch paths everywhere
+    kernels: KernelChoice = "auto"
+    hardware: HardwareCfg | None = None  # GPU recipes: the hardware and time they are sized for
+    eval_every: int = 0  # steps; 0: only before and after
+    save_every: int = 50  # steps between resumable checkpoints
+    keep_checkpoints: int = 2
+    seed: int = 0
+    push_to_hub: str | None = None
+    max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still spans the budget
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.data.seq_len
+
+    def stage_steps(self, processes: int = 1) -> list[int]:
+        """Optimiser steps per stage. Stage tokens are the job's global budget: with N processes each
+        step trains on N x tokens_per_step distinct tokens, so there are N times fewer steps."""
+        return [max(1, s.tokens // (self.tokens_per_step * processes)) for s in self.stages]
+
+    def validate(self) -> "Recipe":
+        errs = []
+        if not self.source:
+            errs.append("source: required (Hub id or folder of the model to convert and distil from)")
+        if not self.output:
+            errs.append("output: required (folder for checkpoints, metrics and the final model)")
+        if not self.data.train:
+            errs.append("data.train: required (.jsonl/.txt/.parquet file or HF dataset id)")
+        if self.data.seq_len < 2:
+            errs.append(f"data.seq_len: must be >= 2, got {self.data.seq_len}")
+        if not 0.0 <= self.data.retrieval <= 1.0:
+            errs.append(f"data.retrieval: a fraction of training windows, between 0 and 1, got {self.data.retrieval}")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                errs.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.stages:
+            errs.append("stages: at least one stage is needed")
+        for i, s in enumerate(self.stages):
+            if s.tokens < self.tokens_per_step:
+                errs.append(
+                    f"stages[{i}].tokens: {s.tokens} is less than one optimiser step "
+                    f"({self.tokens_per_step} = batch_size x grad_accum x seq_len)"
+                )
+            if s.lr is not None and s.lr <= 0:
+                errs.append(f"stages[{i}].lr: must be > 0")
+        if self.optim.lr <= 0:
+            errs.append(f"optim.lr: must be > 0, got {self.optim.lr}")
+        if self.distill.temperature <= 0:
+            errs.append(f"distill.temperature: must be > 0, got {self.distill.temperature}")
+        if self.distill.kl_weight < 0 or self.distill.ce_weight < 0 or self.distill.kl_weight + self.distill.ce_weight == 0:
+            errs.append("distill: kl_weight and ce_weight must be >= 0 and not both 0")
+        if self.save_every < 1:
+            errs.append("save_every: must be >= 1")
+        if self.hardware is not None:
+            errs += self.hardware.problems(sum(s.tokens for s in self.stages))
+        if self.conversion is None and not self.student:
+            errs.append("conversion: set to: gqa/mqa/mla/hybrid (and its options), or give student: (an already-converted folder)")
+        if errs:
+            raise RecipeError("invalid recipe:\n  " + "\n  ".join(errs))
+        return self
+
+
+# keys older recipes used -> their replacement (named in the unknown-key error)
+RENAMED = {"attn_implementation": "kernels"}
+
+
+# ---- dict -> dataclass, strictly ---------------------------------------------------------------
+def _build(cls, data: Any, path: str):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path or 'recipe'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = [RENAMED[key]] if key in RENAMED and RENAMED[key] in fields else difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"unknown key {path + key!r}{hint}; valid keys: {', '.join(fields)}")
+        kwargs[key] = _coerce(hints[key], value, path + key)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecipeError(f"{path + missing[0]!r}: required")
+    try:
+        return cls(**kwargs)
+    except RecipeError:
+        raise
+    except KvSurgeonError as e:  # a spec's own validation (e.g. --to mla needs --kv-lora-rank)
+        raise RecipeError(f"{path.rstrip('.') or 'recipe'}: {e}") from e
+
+
+def _coerce(tp, value: Any, path: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, path)
+            except RecipeError as e:
+                errors.append(str(e))
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of the allowed types")
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{path}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise RecipeError(f"{path}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``optim.lr=3e-4``, ``stages.0.tokens=100000``: values parse as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} must look like key=value (e.g. optim.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        node: Any = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(p)]
+            else:
+                node = node.setdefault(p, {})
+        last = parts[-1]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, str]:
+    """Returns the validated recipe and the YAML text actually used (with overrides applied)."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{p} is not valid YAML: {e}") from e
+    data = apply_overrides(data, overrides or [])
+    recipe = _build(Recipe, data, "").validate()
+    return recipe, yaml.safe_dump(data, sort_keys=False)
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    return _build(Recipe, data, "").validate()

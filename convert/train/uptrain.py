@@ -1,0 +1,476 @@
+"""The recipe runner: convert (if needed), distil the student from the frozen source, stage by
+stage, with resumable checkpoints, metrics, a plot, and a stock final checkpoint with a model card.
+
+The same function runs under ``kvsurgeon uptrain`` and ``accelerate launch scripts/uptrain.py``;
+accelerate handles devices, DDP/FSDP and mixed precision, so nothing here is a launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from kvsurgeon.attention.kv_cache import kv_bytes_at_context, kv_bytes_per_token
+
+from ..io.checkpoint import read_config
+from ..train.distill import PackedStream, distill_loss, window_digests
+from ..errors import KvSurgeonError
+from ..train.kernels import Availability, KernelRecorder, attn_implementation, check_fused, report_rows, require_fused, resolve
+from ..train.recipe import Recipe, StageCfg
+from ..io.resolve import resolve_model
+from ..io.writer import atomic_output
+
+# run state next to accelerate's save_state files: plain JSON and safetensors, nothing to unpickle
+PROGRESS_FILE = "progress.json"
+SEEN_FILE = "seen_windows.safetensors"
+
+PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+@dataclass
+class Progress:
+    stage: int = 0
+    stage_step: int = 0  # optimiser steps done in the current stage
+    global_step: int = 0
+    windows: int = 0  # data position: global windows consumed by all processes together
+    tokens: int = 0  # global: summed over processes
+
+    @classmethod
+    def read(cls, ck: Path) -> "Progress":
+        d = json.loads((ck / PROGRESS_FILE).read_text())
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+# ---- pieces ------------------------------------------------------------------------------------
+def new_module_markers(config: dict) -> tuple[str, ...]:
+    """Name fragments of the modules a conversion created (what ``trainable: new`` trains)."""
+    mt = config.get("model_type")
+    if mt == "granitemoehybrid":
+        return (".mamba.",)
+    if mt in ("qwen3_next", "qwen3_5", "qwen3_5_text"):
+        return (".linear_attn.",)
+    return (".self_attn.",)
+
+
+def select_trainable(model, stage: StageCfg, config: dict):
+    """Freeze everything but the stage's trainable set; LoRA wraps the model with peft."""
+    if stage.trainable == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        cfg = LoraConfig(r=stage.lora_r, lora_alpha=stage.lora_alpha, target_modules=stage.lora_targets, lora_dropout=0.0)
+        return get_peft_model(model, cfg)
+    markers = {
+        "all": ("",),
+        "attention": (".self_attn.", ".mamba.", ".linear_attn."),
+        "new": new_module_markers(config),
+    }[stage.trainable]
+    n = 0
+    for name, p in model.named_parameters():
+        on = any(m in f".{name}" for m in markers)
+        p.requires_grad_(on)
+        n += on
+    if n == 0:
+        raise KvSurgeonError(f"stage {stage.name!r}: trainable={stage.trainable!r} selects no parameters in this model")
+    return model
+
+
+def make_scheduler(opt, total: int, warmup: int, schedule: str, min_ratio: float):
+    """The recipe's schedule from transformers' own: cosine and linear decay to ``min_ratio`` of the peak."""
+    from transformers import get_scheduler
+
+    if schedule == "cosine":
+        return get_scheduler("cosine_with_min_lr", opt, warmup, total, scheduler_specific_kwargs={"min_lr_rate": min_ratio})
+    if schedule == "linear":  # warmup-stable-decay with no stable phase is linear decay to a floor
+        kw = {"num_stable_steps": 0, "num_decay_steps": max(1, total - warmup), "decay_type": "linear", "min_lr_ratio": min_ratio}
+        return get_scheduler("warmup_stable_decay", opt, warmup, total, scheduler_specific_kwargs=kw)
+    return get_scheduler("constant_with_warmup", opt, warmup, total)
+
+
+def plot_metrics(metrics_file: Path, png: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(l) for l in metrics_file.read_text().splitlines() if l.strip()]
+    train = [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    if not train:
+        return False
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot([r["tokens"] for r in train], [r["loss"] for r in train], label="loss")
+    ax[0].plot([r["tokens"] for r in train], [r["kl"] for r in train], label="KL(teacher||student)")
+    ax[0].set_xlabel("tokens")
+    ax[0].legend()
+    ax[0].set_title("training")
+    if evals:
+        ax[1].plot([r["tokens"] for r in evals], [r["ppl"] for r in evals], "o-", label="student ppl")
+        ax[1].axhline(evals[0]["reference_ppl"], color="gray", ls="--", label="source ppl")
+        ax[1].set_xlabel("tokens")
+        ax[1].set_yscale("log")
+        ax[1].legend()
+        ax[1].set_title("held-out perplexity")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ---- the runner --------------------------------------------------------------------------------
+def _without_tied(state: dict) -> tuple[dict, set[str]]:
+    """A state dict with each shared tensor once (tied embeddings: lm_head is embed_tokens), and the
+    names left out. safetensors refuses to store two names for one memory."""
+    seen, kept, dropped = set(), {}, set()
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if key in seen:
+            dropped.add(name)
+            continue
+        seen.add(key)
+        kept[name] = t
+    return kept, dropped
+
+
+class Uptrainer:
+    def __init__(self, recipe: Recipe, recipe_text: str = "", progress: bool = True):
+        from accelerate import Accelerator
+
+        self.r = recipe
+        self.recipe_text = recipe_text
+        self.progress = progress
+        self.out = Path(recipe.output)
+        # Several processes on a machine without GPUs (torchrun, `accelerate launch --multi_gpu`) must ask
+        # for CPU explicitly, else accelerate gives every process DistributedType.NO and rank 0.
+        # step_scheduler_with_optimizer=False: accelerate would otherwise step a prepared scheduler
+        # num_processes times per optimiser step (it assumes a sharded epoch length); ours counts steps.
+        multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.acc = Accelerator(mixed_precision=PRECISION[recipe.precision], gradient_accumulation_steps=1,
+                               cpu=multi and not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+        if multi and self.acc.num_processes == 1:
+            raise KvSurgeonError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate set up one; "
+                                 "set ACCELERATE_USE_CPU=1 on a machine without GPUs")
+        # resolved once: auto -> fused on CUDA, torch otherwise (fused without CUDA raises here)
+        self.avail = Availability.detect()
+        self.kernel_mode = resolve(recipe.kernels, self.avail)
+        self.kernels: KernelRecorder | None = None
+        self.kernel_rows: list[dict] = []  # the student's, for the model card
+        self.seen: set[int] = set()  # digests of the windows trained on (main process), for distinct_tokens
+        self.metrics_file = self.out / "metrics.jsonl"
+        self.ckpt_dir = self.out / "checkpoints"
+
+    # -- setup --
+    def student_folder(self) -> Path:
+        if self.r.student:
+            return resolve_model(self.r.student)
+        folder = self.out / "converted"
+        if not (folder / "config.json").is_file():
+            if self.acc.is_main_process:
+                self.convert(folder)
+            self.acc.wait_for_everyone()
+        return folder
+
+    def convert(self, folder: Path) -> None:
+        from ..pipeline.spec import run_conversion
+        from ..pipeline.driver import ConvertOptions
+
+        spec = self.r.conversion
+        run_conversion(self.r.source, spec, ConvertOptions(out=folder, progress=self.progress, measure="off"), recipe=self.recipe_text)
+
+    def load(self, folder: Path, trainable: bool):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation=attn_implementation(self.r.kernels, self.avail)
+        )
+        if trainable and self.r.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train(trainable)
+        if not trainable:
+            model.requires_grad_(False)
+        return model
+
+    # -- checkpoints --
+    def save_checkpoint(self, prog: Progress) -> Path:
+        """Every process calls this: accelerate's save_state gathers an FSDP model collectively and each
+        rank writes its own RNG state. Written to a temporary folder and renamed when complete, so a run
+        killed mid-save leaves the previous checkpoint as the newest."""
+        from safetensors.torch import save_file
+
+        acc = self.acc
+        target = self.ckpt_dir / f"step-{prog.global_step:07d}"
+        tmp = self.ckpt_dir / f".tmp-{target.name}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / PROGRESS_FILE).write_text(json.dumps(asdict(prog)) + "\n")
+            save_file({"digests": torch.tensor(sorted(self.seen), dtype=torch.int64)}, str(tmp / SEEN_FILE))
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+            for old in sorted(self.ckpt_dir.glob("step-*"))[: -self.r.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return target
+
+    def latest_checkpoint(self) -> Path | None:
+        ck = sorted(c for c in self.ckpt_dir.glob("step-*") if (c / PROGRESS_FILE).is_file()) if self.ckpt_dir.is_dir() else []
+        return ck[-1] if ck else None
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume, drop rows a killed run logged after its last checkpoint: they are trained again."""
+        if self.acc.is_main_process and self.metrics_file.exists():
+            rows = [l for l in self.metrics_file.read_text().splitlines() if l.strip()]
+            self.metrics_file.write_text("".join(l + "\n" for l in rows if json.loads(l).get("step", 0) <= step))
+        self.acc.wait_for_everyone()
+
+    def log(self, row: dict) -> None:
+        if self.acc.is_main_process:
+            with open(self.metrics_file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # -- eval --
+    def evaluate(self, student, teacher, folder: Path, prog: Progress, stage: str):
+        if not self.r.data.eval:
+            return None
+        from ..evaluation.perplexity import evaluate
+
+        was = student.training
+        student.eval()
+        with self.acc.autocast():
+            res = evaluate(
+                str(folder), self.r.data.eval, reference=self.r.source, max_tokens=self.r.data.eval_tokens,
+                seq_len=self.r.data.seq_len, split=self.r.data.eval_split, text_field=self.r.data.text_field,
+                progress=False, model=self.acc.unwrap_model(student), reference_model=teacher,
+            )
+        student.train(was)
+        row = {"kind": "eval", "stage": stage, "step": prog.global_step, "tokens": prog.tokens, "ppl": res.ppl,
+               "reference_ppl": res.reference_ppl, "kl": res.kl, "top1_agreement": res.top1_agreement, "eval_tokens": res.tokens}
+        self.log(row)
+        return row
+
+    # -- main loop --
+    def run(self, resume: bool = False) -> Path:
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer
+
+        r, acc = self.r, self.acc
+        if self.out.exists() and not resume and any(self.out.iterdir()) and (self.ckpt_dir.exists() or (self.out / "final").exists()):
+            raise KvSurgeonError(f"{self.out} already holds a run; pass --resume to continue it, or choose another output")
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(r.seed)
+        random.seed(r.seed)
+        folder = self.student_folder()
+        src = resolve_model(r.source)
+        tok = AutoTokenizer.from_pretrained(folder)
+        require_fused(r.kernels, [read_config(folder), read_config(src)], self.avail)
+        teacher = self.load(src, trainable=False)
+        teacher = acc.prepare_model(teacher, evaluation_mode=True)
+        student_base = self.load(folder, trainable=True)
+        config = read_config(folder)
+
+        prog = Progress()
+        ck = self.latest_checkpoint() if resume else None
+        if ck is not None:
+            prog = Progress.read(ck)
+            self.seen = set(load_file(str(ck / SEEN_FILE))["digests"].tolist()) if acc.is_main_process else set()
+            self._truncate_metrics(prog.global_step)
+        elif resume:
+            raise KvSurgeonError(f"--resume: no checkpoint under {self.ckpt_dir}")
+
+        stream = PackedStream(tok, r.data.train, r.data.seq_len, r.batch_size, r.data.text_field, r.data.split,
+                              rank=acc.process_index, world=acc.num_processes, retrieval=r.data.retrieval)
+        batches = stream.batches(skip_windows=prog.windows)
+        steps = r.stage_steps(acc.num_processes)
+        global_tokens = r.tokens_per_step * acc.num_processes  # distinct windows per process, so this is true
+        total = sum(steps) if r.max_steps is None else min(sum(steps), r.max_steps)
+        bar = tqdm(total=total, initial=prog.global_step, desc="uptrain", unit="step", disable=not (self.progress and acc.is_main_process))
+        model = student_base
+        self.kernels = KernelRecorder(self.kernel_mode, [student_base, teacher]).install()
+        try:
+            for si in range(prog.stage, len(r.stages)):
+                stage = r.stages[si]
+                # drop the previous stage's (and the teacher's) registrations: save_state then holds
+                # exactly this stage's student, optimiser and schedule
+                acc.free_memory()
+                model = select_trainable(student_base, stage, config)
+                params = [p for p in model.parameters() if p.requires_grad]
+                opt = torch.optim.AdamW(params, lr=stage.lr or r.optim.lr, betas=tuple(r.optim.betas), weight_decay=r.optim.weight_decay)
+                sched = make_scheduler(opt, steps[si], r.optim.warmup_steps, r.optim.schedule, r.optim.min_lr_ratio)
+                model, opt, sched = acc.prepare(model, opt, sched)
+                if ck is not None and si == prog.stage:
+                    self._restore(ck)
+                if prog.global_step == 0 and ck is None and si == 0:
+                    # after prepare: the student is on the accelerator's device (sharded under FSDP)
+                    self.evaluate(model, teacher, folder, prog, "after conversion")
+                params = [p for p in model.parameters() if p.requires_grad]
+                start = prog.stage_step if si == prog.stage else 0
+                for _ in range(start, steps[si]):
+                    if r.max_steps is not None and prog.global_step >= r.max_steps:
+                        break
+                    t0 = time.time()
+                    if not self.kernel_rows:  # report what training reached, not the eval before it
+                        self.kernels.called.clear()
+                    sums = torch.zeros(3, device=acc.device)
+                    digests = []
+                    for _ in range(r.grad_accum):
+                        ids = next(batches)
+                        digests.append(window_digests(ids))
+                        ids = ids.to(acc.device)
+                        with acc.autocast():
+                            with torch.no_grad():
+                                t_logits = teacher(input_ids=ids).logits
+                            s_logits = model(input_ids=ids).logits
+                        loss, kl, ce = distill_loss(s_logits, t_logits, ids, r.distill.temperature, r.distill.kl_weight, r.distill.ce_weight)
+                        acc.backward(loss / r.grad_accum)
+                        sums += torch.stack([loss.detach(), kl, ce]) / r.grad_accum
+                    if r.optim.grad_clip:
+                        acc.clip_grad_norm_(params, r.optim.grad_clip)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    # the logged loss is the mean over processes (= one process with the global batch);
+                    # the digests of every process's windows count the distinct data actually trained on
+                    loss_v, kl_v, ce_v = acc.reduce(sums, reduction="mean").tolist()
+                    all_digests = acc.gather(torch.cat(digests).to(acc.device)).tolist()
+                    if acc.is_main_process:
+                        self.seen.update(all_digests)
+                    prog.stage_step += 1
+                    prog.global_step += 1
+                    prog.windows = stream.position
+                    prog.tokens += global_tokens
+                    dt = time.time() - t0
+                    tps = global_tokens / dt
+                    self.log({"kind": "train", "stage": stage.name, "step": prog.global_step, "tokens": prog.tokens,
+                              "distinct_tokens": len(self.seen) * r.data.seq_len, "loss": loss_v, "kl": kl_v, "ce": ce_v,
+                              "lr": sched.get_last_lr()[0], "tokens_per_s": tps, "processes": acc.num_processes})
+                    if not self.kernel_rows:
+                        self._log_kernels(student_base, teacher, prog)
+                    bar.update(1)
+                    bar.set_postfix(stage=stage.name, loss=f"{loss_v:.3f}", kl=f"{kl_v:.3f}", tok_s=f"{tps:.0f}")
+                    if prog.global_step % r.save_every == 0:
+                        self.save_checkpoint(prog)
+                    if r.eval_every and prog.global_step % r.eval_every == 0:
+                        self.evaluate(model, teacher, folder, prog, stage.name)
+                else:
+                    # stage complete: fold LoRA into the weights so the next stage starts from a plain model
+                    student_base = self._unwrap_merged(model)
+                    prog.stage, prog.stage_step = si + 1, 0
+                    continue
+                break  # max_steps reached
+        except KeyboardInterrupt:
+            bar.close()
+            if acc.num_processes > 1:
+                # each rank is interrupted at its own point (one inside a gather, one not): a collective
+                # save now could pair mismatched collectives and hang, so keep the last periodic checkpoint
+                last = self.latest_checkpoint()
+                raise KvSurgeonError(f"interrupted: continue with --resume from {last or 'the start (no checkpoint yet)'}") from None
+            path = self.save_checkpoint(prog)
+            raise KvSurgeonError(f"interrupted: checkpoint saved to {path}; continue with --resume") from None
+        finally:
+            self.kernels.remove()
+        bar.close()
+        if prog.stage < len(r.stages):  # stopped by max_steps: leave a checkpoint to resume from
+            self.save_checkpoint(prog)
+            return self.latest_checkpoint()
+        with KernelRecorder(self.kernel_mode, [student_base, teacher]):  # the final eval runs the same paths
+            final = self.finish(student_base, teacher, folder, config, prog)
+        if acc.is_main_process:
+            plot_metrics(self.metrics_file, self.out / "metrics.png")
+        return final
+
+    def _log_kernels(self, student, teacher, prog: Progress) -> None:
+        """After the first step: the kernel each layer type's forward reached, into metrics.jsonl (and
+        later the card); kernels: fused fails here if any layer type ran a PyTorch path."""
+        s_rows, t_rows = self.kernels.report(student), self.kernels.report(teacher)
+        self.kernel_rows = report_rows(s_rows)
+        self.log({"kind": "kernels", "step": prog.global_step, "tokens": prog.tokens, "choice": self.r.kernels,
+                  "resolved": self.kernel_mode, "student": self.kernel_rows, "teacher": report_rows(t_rows)})
+        check_fused(self.r.kernels, s_rows, "student")
+        check_fused(self.r.kernels, t_rows, "teacher")
+
+    def _restore(self, ck: Path) -> None:
+        """accelerate's load_state: weights (safetensors), optimiser, schedule and this rank's RNG, all
+        read with torch.load(weights_only=True)."""
+        # model file names depend on the mode (model.safetensors; pytorch_model_fsdp* under FSDP); the
+        # old hand-written format kept a pickled trainer_state.pt, which is not read any more
+        if (ck / "trainer_state.pt").exists() or not (ck / "scheduler.bin").is_file():
+            raise KvSurgeonError(f"checkpoint {ck} is not an accelerate save_state folder (written by an older kvsurgeon?); "
+                                 "start a new run")
+        try:
+            self.acc.load_state(str(ck))
+        except RuntimeError as e:  # load_state_dict's mismatch report
+            raise KvSurgeonError(f"checkpoint {ck} does not match this recipe's model ({str(e)[:300]}); "
+                                 "resume with the recipe that wrote it") from None
+
+    def _unwrap_merged(self, model):
+        m = self.acc.unwrap_model(model)
+        if hasattr(m, "merge_and_unload"):
+            m = m.merge_and_unload()
+        return m
+
+    def finish(self, student, teacher, folder: Path, config: dict, prog: Progress) -> Path:
+        from ..hub.model_card import CONTEXT_TOKENS, CardInfo, FidelityRow, read_card_info, write_model_card
+        from ..io.writer import copy_extras
+
+        after = self.evaluate(student, teacher, folder, prog, "after uptraining")
+        target = self.out / "final"
+        if self.acc.is_main_process:
+            rows = [json.loads(l) for l in self.metrics_file.read_text().splitlines()] if self.metrics_file.exists() else []
+            evals = [x for x in rows if x.get("kind") == "eval"]
+            fid = []
+            for e, label in ((evals[0] if evals else None, "after conversion"), (after, "after uptraining")):
+                if e:
+                    fid.append(FidelityRow(stage=label, data=str(self.r.data.eval), tokens=e["eval_tokens"], ppl=e["ppl"],
+                                           reference_ppl=e["reference_ppl"], kl=e["kl"], top1_agreement=e["top1_agreement"]))
+            base = read_card_info(folder)
+            src_cfg = read_config(resolve_model(self.r.source))
+            info = CardInfo(
+                base_model=self.r.source,
+                conversion=base.conversion if base else (self.r.conversion.to if self.r.conversion else "none"),
+                summary=(base.summary if base else "") + f" Then uptrained on {prog.tokens:,} tokens of {self.r.data.train} "
+                f"by distillation from the source (stages: {', '.join(s.name for s in self.r.stages)}).",
+                command=base.command if base else None,
+                recipe=self.recipe_text or None,
+                license=base.license if base else None,
+                kv_bytes_per_token_before=kv_bytes_per_token(src_cfg),
+                kv_bytes_per_token_after=kv_bytes_per_token(config),
+                kv_bytes_at_context_before=kv_bytes_at_context(src_cfg, CONTEXT_TOKENS),
+                kv_bytes_at_context_after=kv_bytes_at_context(config, CONTEXT_TOKENS),
+                fidelity=fid,
+                training_kernels=self.kernel_rows,
+            )
+            dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(config.get("dtype")), torch.float32)
+        # every process: under FSDP this gathers the full weights (a collective); DDP/one process: a plain state_dict
+        state = self.acc.get_state_dict(student)
+        if self.acc.is_main_process:
+            with atomic_output(target, overwrite=True) as tmp:
+                self.acc.unwrap_model(student).save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state.items()})
+                copy_extras(folder, tmp)
+                write_model_card(tmp, info)
+        self.acc.wait_for_everyone()
+        if self.r.push_to_hub and self.acc.is_main_process:
+            from ..hub.model_card import refresh_model_card
+            from ..hub.publish import push_folder
+
+            push_folder(target, self.r.push_to_hub, refresh_card=refresh_model_card)
+        return target
+
+
+def uptrain(recipe: Recipe, recipe_text: str = "", resume: bool = False, progress: bool = True) -> Path:
+    return Uptrainer(recipe, recipe_text, progress).run(resume=resume)
