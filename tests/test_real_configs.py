@@ -17,11 +17,11 @@ from kvsurgeon.convert.calibration import CalibConfig
 from kvsurgeon.convert.conversion import ConversionSpec, run_conversion
 from kvsurgeon.convert.errors import KvSurgeonError
 from kvsurgeon.convert.pipeline import ConvertOptions
-from real_configs import HUB_IDS, NAMES, real_config, shrink, tiny_from
+from real_configs import HUB_IDS, LAYERS, NAMES, attn_impl, real_config, shrink, tiny_from
 
 CALIB = CalibConfig(tokens=256, seq_len=32)
 TARGETS = {
-    "gqa-same": dict(to="gqa", kv_heads=2),  # the same KV-head count: an exact copy through the whole pipeline
+    "gqa-same": dict(to="gqa"),  # the source's own KV-head count: an exact copy through the whole pipeline
     "mqa-mean": dict(to="mqa", method="mean"),
     "mqa-calibrated": dict(to="mqa"),
     "mla": dict(to="mla", kv_lora_rank=16),
@@ -34,18 +34,28 @@ EXPECTED["Qwen2.5-7B"]["mla"] = "refused: --q-bias fit"  # accepted with the fla
 EXPECTED["Qwen3-8B"]["mla"] = "refused: RMSNorm"
 EXPECTED["Mistral-7B-v0.1"]["mla"] = "refused: --drop-sliding-window"  # accepted with it: test_preflight.py
 EXPECTED["Mistral-7B-v0.1"]["hybrid"] = "refused: --drop-sliding-window"
+for name, why in (("Mixtral-8x7B", "MoE blocks"), ("Qwen3-30B-A3B", "MoE blocks"), ("gemma-2-2b", "sandwich norms"),
+                  ("gemma-3-1b", "sandwich norms"), ("OLMo-2-1B", "normalises after attention"),
+                  ("granite-3.1-2b", "multipliers"), ("Phi-3-mini-128k", "fused qkv_proj")):
+    EXPECTED[name]["mla"] = EXPECTED[name]["hybrid"] = f"refused: {why}"
+# gemma-3-1b has one KV head already (MQA): --to mqa keeps it, an exact copy whatever the method
+EXPECTED["gemma-3-1b"].update({"mqa-mean": "exact", "mqa-calibrated": "exact"})
+EXPECTED["OLMo-2-1B"]["mqa-calibrated"] = "refused: --method mean"  # q/k norms over the whole projection
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("real")
-    return {n: tiny_from(shrink(real_config(n)), root / n) for n in NAMES}
+    return {n: tiny_from(shrink(real_config(n), layers=LAYERS.get(n, 2)), root / n) for n in NAMES}
 
 
 def _logits(folder, ids):
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    from kvsurgeon.convert.checkpoint import read_config
+
+    impl = attn_impl(read_config(folder))
+    m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=impl).eval()
     with torch.no_grad():
         return m, m(input_ids=ids).logits
 
@@ -55,6 +65,8 @@ def _logits(folder, ids):
 def test_every_target_on_real_configs(sources, tmp_path, name, target):
     src, expected = sources[name], EXPECTED[name][target]
     kw = dict(TARGETS[target])
+    if target == "gqa-same":
+        kw["kv_heads"] = shrink(real_config(name))["num_key_value_heads"]
     if target == "hybrid":
         kw["linear"] = LINEAR.get(name, "mamba2")
     spec = ConversionSpec(calib=CALIB, **kw)
