@@ -95,6 +95,7 @@ class Family:
     # Gemma: configs as shipped give no layer_types / per-type RoPE; transformers' config class derives them
     # (every 2nd, every 6th layer global; rope_local_base_freq for sliding layers), so read them through it
     derived_layers: bool = False
+    input_norm: bool = True  # OLMo-2 normalises after attention: its attention reads the residual stream itself
     # Why calibrated merging cannot fit this family (None: it can). Mean pooling never needs a fit.
     no_calibrated: str | None = None
     # Why neither MLA (DeepseekV3) nor a hybrid class can express this family (None: the targets' own checks decide)
@@ -153,7 +154,7 @@ FAMILIES: dict[str, Family] = {
         Family("gemma3_text", ("Gemma3ForCausalLM",), module="gemma3", has_qk_norm=True, windows="types",
                norm_offset=1.0, embed_scale="sqrt_hidden", score_scale="query_pre_attn_scalar", derived_layers=True,
                no_mla_hybrid=_GEMMA_NOT_MLA.format(name="Gemma-3", extra=", q/k norms and a different RoPE per layer type")),
-        Family("olmo2", ("Olmo2ForCausalLM",), has_qk_norm=True, qk_norm_scope="projection",
+        Family("olmo2", ("Olmo2ForCausalLM",), has_qk_norm=True, qk_norm_scope="projection", input_norm=False,
                no_calibrated=("OLMo-2's q/k norms span the whole projection (every head at once), which calibrated "
                               "merging's per-head key fit cannot keep"),
                no_mla_hybrid=("OLMo-2 normalises after attention and after the MLP (no input norm) and its q/k norms "

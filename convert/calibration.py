@@ -163,7 +163,7 @@ class LayerStream:
 
     @torch.inference_mode()
     def attention_input(self, layer) -> torch.Tensor:
-        return layer.input_layernorm(self.hidden)
+        return layer.input_layernorm(self.hidden) if self.fam.input_norm else self.hidden.clone()
 
     @torch.inference_mode()
     def advance(self, layer) -> None:
@@ -204,6 +204,8 @@ class ConvertedStream:
 
     @torch.inference_mode()
     def attention_input(self, i: int) -> torch.Tensor:
+        if not self.fam.input_norm:
+            return self.hidden.clone()
         with torch.device("meta"):
             layer = self.src_layer_cls(self.src_cfg, layer_idx=i)
         prefix = self.fam.layer_prefix.format(i=i) + "input_layernorm."

@@ -4,7 +4,7 @@ The JSON files are the public configs as shipped (transformers 5 field names: ``
 ``dtype``), at full size, so recipe plans can be checked against the real shapes. ``shrink`` keeps
 every field and changes only sizes: head_dim 16, hidden = heads x 16 (as the sources have it), the KV-head count capped at 2 with the
 query/KV ratio kept, 2 layers (Gemma-3: 6, one full period of its 5 sliding : 1 global pattern), vocab 128,
-windows 8 tokens (so 16+ token inputs exercise them; a "window" at least the context long, as Phi-3-128k's,
+windows 8 tokens (so 16+ token inputs exercise them; a "window" longer than the context, as Phi-3-128k's,
 stays one that never acts), MoE: 4 experts of 32, 2 per token; longrope factor lists cut to the rotary planes.
 
 There is no Hub access where these were written: the files for gemma-2-2b, gemma-3-1b, Phi-3-mini-128k,
@@ -53,7 +53,7 @@ def shrink(config: dict, layers: int = 2, **overrides) -> dict:
              dtype="float32")
     if c.get("pad_token_id") is not None:  # a token id: must fit the shrunk vocabulary
         c["pad_token_id"] = 0
-    if c.get("sliding_window") and c["sliding_window"] < (c.get("max_position_embeddings") or 0):
+    if c.get("sliding_window") and c["sliding_window"] <= (c.get("max_position_embeddings") or 0):
         c["sliding_window"] = TINY_WINDOW
     for key, small in (("num_local_experts", 4), ("num_experts", 4), ("num_experts_per_tok", 2), ("moe_intermediate_size", 32)):
         if key in c:

@@ -122,3 +122,42 @@ def test_the_recipe_check_can_fail():
     spec = ConversionSpec(to="mla", kv_lora_rank=448, rope_dim=64)
     with pytest.raises(KvSurgeonError, match="llama3"):
         spec.make_plan()(real_config("Llama-3.1-8B"), None)
+
+
+# ---- calibration sees what the model sees --------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_calibration_stream_matches_the_model(sources, name):
+    """Calibration walks the source one decoder layer at a time; every layer's attention input must be
+    what the whole transformers model feeds that layer (embedding scale, each layer type's RoPE, windows,
+    eager attention's explicit mask, MoE experts stacked from their stored form)."""
+    from kvsurgeon.convert.calibration import LayerStream
+    from kvsurgeon.convert.checkpoint import LazyCheckpoint, read_config
+
+    src = sources[name]
+    ids = torch.randint(2, 120, (2, 24), generator=torch.Generator().manual_seed(1))  # 24 > the 8-token windows
+    model, _ = _logits(src, ids)
+    seen = {}
+    hooks = [layer.self_attn.register_forward_pre_hook(
+        lambda m, a, kw, i=i: seen.__setitem__(i, kw["hidden_states"].clone()), with_kwargs=True)
+        for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    got = dict(iter(LayerStream(LazyCheckpoint(src), read_config(src), ids)))
+    assert sorted(got) == sorted(seen) and len(got) >= 2
+    for i in seen:
+        torch.testing.assert_close(got[i], seen[i], rtol=1e-4, atol=1e-5, msg=f"{name} layer {i}")
+
+
+def test_readme_source_table_is_what_these_tests_cover():
+    """README's source table is scripts/family_table.py --readme, i.e. EXPECTED above, verbatim."""
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "scripts" / "family_table.py"
+    spec = importlib.util.spec_from_file_location("family_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert mod.readme_table() in readme
+    assert mod.benchmarks_table() in (Path(__file__).parent.parent / "BENCHMARKS.md").read_text()
