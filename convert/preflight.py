@@ -110,8 +110,12 @@ def window_note(config: dict) -> str:
 
 def family_problem(config: dict, target: str, method: str | None = None) -> str | None:
     """A problem text when the source family cannot go to ``target`` ("gqa", "mla", "hybrid") by
-    ``method``, from the family's declared limits (attention/families.py), else None."""
-    fam = family_for(config)
+    ``method``, from the family's declared limits (attention/families.py), else None. An unknown family
+    is left to the target's own check, which names it."""
+    try:
+        fam = family_for(config)
+    except UnsupportedArchitectureError:
+        return None
     if target in ("mla", "hybrid") and fam.no_mla_hybrid:
         return (f"{fam.no_mla_hybrid}. For {fam.model_type} use --to gqa or --to mqa, which keep the source class with "
                 "fewer KV heads")
