@@ -56,6 +56,13 @@ class AttentionWeights:
     q_norm: torch.Tensor | None = None  # (D,) RMSNorm weight applied per head before RoPE (Qwen3)
     k_norm: torch.Tensor | None = None  # (D,)
     norm_eps: float = 1e-6  # eps of q_norm/k_norm
+    # Gemma: norms multiply by (1 + w), stored as w; kept so the weights round-trip bit for bit
+    norm_offset: float = 0.0
+    # "head": q_norm/k_norm (D,) normalise each head (Qwen3, Gemma-3); "projection": they are (H, D)/(G, D)
+    # and normalise the whole projection per token, all heads together (OLMo-2)
+    qk_norm_scope: str = "head"
+    scaling: float | None = None  # score scale; None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5, Granite: attention_multiplier)
+    softcap: float | None = None  # Gemma-2: scores become softcap * tanh(scores / softcap) before the softmax
 
     def __post_init__(self) -> None:
         H, D, hidden = self.q.shape
@@ -67,6 +74,12 @@ class AttentionWeights:
             raise ValueError(f"o has shape {tuple(self.o.shape)}, expected {(hidden, H, Dv)}")
         if H % G:
             raise ValueError(f"{H} query heads cannot share {G} KV heads evenly")
+        if self.qk_norm_scope not in ("head", "projection"):
+            raise ValueError(f"qk_norm_scope must be 'head' or 'projection', got {self.qk_norm_scope!r}")
+
+    @property
+    def score_scale(self) -> float:
+        return self.head_dim ** -0.5 if self.scaling is None else self.scaling
 
     @property
     def num_heads(self) -> int:

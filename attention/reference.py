@@ -3,8 +3,10 @@ transform, refit and test uses.
 
 - ``rope_tables``: inverse frequencies and cos/sin scaling exactly as transformers computes them,
   scaled types (llama3, yarn, linear, ...) through transformers' own rope-init functions.
-- ``head_outputs`` / ``attention_output``: GQA/MHA with biases, per-head q/k RMSNorm, partial and
-  scaled RoPE (the neutral ``AttentionWeights`` form), optionally in a sliding window (``window=``).
+- ``head_outputs`` / ``attention_output``: GQA/MHA with biases, q/k RMSNorm (per head or over the
+  projection, with Gemma's (1 + w)), partial and scaled RoPE, a score scale other than
+  head_dim ** -0.5 and Gemma-2's score soft-capping (the neutral ``AttentionWeights`` form),
+  optionally in a sliding window (``window=``).
 - ``mla_head_outputs`` / ``mla_attention_output``: DeepSeek-V2/V3 MLA (``MlaWeights``), rope frequencies
   from ``mla_rope``.
 
@@ -68,8 +70,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim
     return torch.cat([a * cos - b * sin, b * cos + a * sin, rest], dim=-1)
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.to(F64)
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float = 0.0, dims=(-1,)) -> torch.Tensor:
+    """RMSNorm over ``dims``, multiplied by ``offset + w`` (Gemma: offset 1)."""
+    return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps) * (offset + w.to(F64))
+
+
+def _qk_norm(attn: AttentionWeights, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """q/k norm of z (heads, T, D): per head, or over every head of the projection at once (OLMo-2;
+    w is then (heads, D))."""
+    if attn.qk_norm_scope == "projection":
+        return rms_norm(z, w[:, None], attn.norm_eps, attn.norm_offset, dims=(0, 2))
+    return rms_norm(z, w, attn.norm_eps, attn.norm_offset)
+
+
+def scores(attn: AttentionWeights, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Pre-softmax scores (H, T, T) from RoPE'd queries (H, T, D) and keys (G, T, D): scaled, and
+    soft-capped when the source caps them (Gemma-2)."""
+    s = q @ k[attn.kv_index()].transpose(-1, -2) * attn.score_scale
+    return s if attn.softcap is None else torch.tanh(s / attn.softcap) * attn.softcap
 
 
 def causal_mask(T: int, window: int | None = None) -> torch.Tensor:
@@ -115,9 +133,9 @@ def source_qk(attn: AttentionWeights, x: torch.Tensor, inv_freq: torch.Tensor | 
     if attn.k_bias is not None:
         k = k + attn.k_bias.to(F64)[:, None]
     if attn.q_norm is not None:
-        q = rms_norm(q, attn.q_norm, attn.norm_eps)
+        q = _qk_norm(attn, q, attn.q_norm)
     if attn.k_norm is not None:
-        k = rms_norm(k, attn.k_norm, attn.norm_eps)
+        k = _qk_norm(attn, k, attn.k_norm)
     R = attn.rope.rotary_dim
     return apply_rope(q, cos, sin, R), apply_rope(k, cos, sin, R)
 
@@ -125,7 +143,7 @@ def source_qk(attn: AttentionWeights, x: torch.Tensor, inv_freq: torch.Tensor | 
 def source_probs(attn: AttentionWeights, x: torch.Tensor, window: int | None = None, **rope_kw) -> torch.Tensor:
     """Attention probabilities (H, T, T) of one sequence x (T, hidden); ``window``: sliding window."""
     q, k = source_qk(attn, x, **rope_kw)
-    return causal_softmax(q @ k[attn.kv_index()].transpose(-1, -2) * attn.head_dim ** -0.5, window)
+    return causal_softmax(scores(attn, q, k), window)
 
 
 def head_outputs(attn: AttentionWeights, x: torch.Tensor, *, inv_freq: torch.Tensor | None = None,

@@ -17,11 +17,11 @@ from kvsurgeon.convert.pipeline.calibration import CalibConfig
 from kvsurgeon.convert.pipeline.spec import ConversionSpec, run_conversion
 from kvsurgeon.convert.errors import KvSurgeonError
 from kvsurgeon.convert.pipeline.driver import ConvertOptions
-from real_configs import HUB_IDS, NAMES, real_config, shrink, tiny_from
+from real_configs import HUB_IDS, LAYERS, NAMES, attn_impl, real_config, shrink, tiny_from
 
 CALIB = CalibConfig(tokens=256, seq_len=32)
 TARGETS = {
-    "gqa-same": dict(to="gqa", kv_heads=2),  # the same KV-head count: an exact copy through the whole pipeline
+    "gqa-same": dict(to="gqa"),  # the source's own KV-head count: an exact copy through the whole pipeline
     "mqa-mean": dict(to="mqa", method="mean"),
     "mqa-calibrated": dict(to="mqa"),
     "mla": dict(to="mla", kv_lora_rank=16),
@@ -34,18 +34,28 @@ EXPECTED["Qwen2.5-7B"]["mla"] = "refused: --q-bias fit"  # accepted with the fla
 EXPECTED["Qwen3-8B"]["mla"] = "refused: RMSNorm"
 EXPECTED["Mistral-7B-v0.1"]["mla"] = "refused: --drop-sliding-window"  # accepted with it: test_preflight.py
 EXPECTED["Mistral-7B-v0.1"]["hybrid"] = "refused: --drop-sliding-window"
+for name, why in (("Mixtral-8x7B", "MoE blocks"), ("Qwen3-30B-A3B", "MoE blocks"), ("gemma-2-2b", "sandwich norms"),
+                  ("gemma-3-1b", "sandwich norms"), ("OLMo-2-1B", "normalises after attention"),
+                  ("granite-3.1-2b", "multipliers"), ("Phi-3-mini-128k", "fused qkv_proj")):
+    EXPECTED[name]["mla"] = EXPECTED[name]["hybrid"] = f"refused: {why}"
+# gemma-3-1b has one KV head already (MQA): --to mqa keeps it, an exact copy whatever the method
+EXPECTED["gemma-3-1b"].update({"mqa-mean": "exact", "mqa-calibrated": "exact"})
+EXPECTED["OLMo-2-1B"]["mqa-calibrated"] = "refused: --method mean"  # q/k norms over the whole projection
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("real")
-    return {n: tiny_from(shrink(real_config(n)), root / n) for n in NAMES}
+    return {n: tiny_from(shrink(real_config(n), layers=LAYERS.get(n, 2)), root / n) for n in NAMES}
 
 
 def _logits(folder, ids):
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    from kvsurgeon.convert.io.checkpoint import read_config
+
+    impl = attn_impl(read_config(folder))
+    m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=impl).eval()
     with torch.no_grad():
         return m, m(input_ids=ids).logits
 
@@ -55,6 +65,8 @@ def _logits(folder, ids):
 def test_every_target_on_real_configs(sources, tmp_path, name, target):
     src, expected = sources[name], EXPECTED[name][target]
     kw = dict(TARGETS[target])
+    if target == "gqa-same":
+        kw["kv_heads"] = shrink(real_config(name))["num_key_value_heads"]
     if target == "hybrid":
         kw["linear"] = LINEAR.get(name, "mamba2")
     spec = ConversionSpec(calib=CALIB, **kw)
@@ -110,3 +122,42 @@ def test_the_recipe_check_can_fail():
     spec = ConversionSpec(to="mla", kv_lora_rank=448, rope_dim=64)
     with pytest.raises(KvSurgeonError, match="llama3"):
         spec.make_plan()(real_config("Llama-3.1-8B"), None)
+
+
+# ---- calibration sees what the model sees --------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_calibration_stream_matches_the_model(sources, name):
+    """Calibration walks the source one decoder layer at a time; every layer's attention input must be
+    what the whole transformers model feeds that layer (embedding scale, each layer type's RoPE, windows,
+    eager attention's explicit mask, MoE experts stacked from their stored form)."""
+    from kvsurgeon.convert.pipeline.calibration import LayerStream
+    from kvsurgeon.convert.io.checkpoint import LazyCheckpoint, read_config
+
+    src = sources[name]
+    ids = torch.randint(2, 120, (2, 24), generator=torch.Generator().manual_seed(1))  # 24 > the 8-token windows
+    model, _ = _logits(src, ids)
+    seen = {}
+    hooks = [layer.self_attn.register_forward_pre_hook(
+        lambda m, a, kw, i=i: seen.__setitem__(i, kw["hidden_states"].clone()), with_kwargs=True)
+        for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    got = dict(iter(LayerStream(LazyCheckpoint(src), read_config(src), ids)))
+    assert sorted(got) == sorted(seen) and len(got) >= 2
+    for i in seen:
+        torch.testing.assert_close(got[i], seen[i], rtol=1e-4, atol=1e-5, msg=f"{name} layer {i}")
+
+
+def test_readme_source_table_is_what_these_tests_cover():
+    """README's source table is scripts/family_table.py --readme, i.e. EXPECTED above, verbatim."""
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "scripts" / "family_table.py"
+    spec = importlib.util.spec_from_file_location("family_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert mod.readme_table() in readme
+    assert mod.benchmarks_table() in (Path(__file__).parent.parent / "BENCHMARKS.md").read_text()

@@ -100,3 +100,65 @@ def test_mla_reference_matches_deepseek_v3(rope):
         plain.pop("rope_type")
         w_plain = type(ws[1])(**{**ws[1].__dict__, "info": plain})
         assert float((mla_attention_output(w_plain, x) - y).abs().max() / y.abs().max()) > 1e-3
+
+
+# ---- families beyond Llama: each feature the reference models, against transformers, with a control ----
+def _family_model(name: str, layers: int = 2, **overrides):
+    """A float64 random model of a shrunk real config (tests/real_configs.py), weights widened so
+    norms and heads differ."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from real_configs import attn_impl, real_config, shrink
+
+    cfg = shrink(real_config(name), layers=layers, **overrides)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float64,
+                                             attn_implementation=attn_impl(cfg)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+            elif p.dim() == 1:
+                p.normal_(0, 0.3)
+    return model, cfg
+
+
+# name, layer, overrides, control: the same weights read without one feature (must be far off)
+FAMILY_CASES = {
+    # a soft cap that bites at these score sizes (the shipped 50 needs larger scores than random weights give)
+    "gemma2-softcap": ("gemma-2-2b", 0, dict(attn_logit_softcapping=2.0), dict(softcap=None)),
+    "gemma2-scalar": ("gemma-2-2b", 1, {}, dict(scaling=None)),
+    "gemma3-norm-offset": ("gemma-3-1b", 5, {}, dict(norm_offset=0.0)),
+    "gemma3-local-rope": ("gemma-3-1b", 0, {}, "global-rope"),
+    "olmo2-projection-norm": ("OLMo-2-1B", 1, {}, "per-head-norm"),
+    "granite-multiplier": ("granite-3.1-2b", 1, {}, dict(scaling=None)),
+    "phi3-longrope": ("Phi-3-mini-128k", 1, {}, "unscaled-rope"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAMILY_CASES))
+def test_family_reference_matches_transformers(case):
+    from kvsurgeon.attention import rope_spec, sliding_windows
+
+    name, layer, overrides, control = FAMILY_CASES[case]
+    layers = 6 if name == "gemma-3-1b" else 2
+    model, cfg = _family_model(name, layers, **overrides)
+    ids = torch.randint(2, 128, (2, T), generator=torch.Generator().manual_seed(0))
+    x, y = layer_io(model, ids, layer)
+    attn = read_attention(DictSource(model.state_dict()), cfg, layer)
+    window = sliding_windows(cfg).get(layer)
+    # transformers' eager Gemma-2 attention takes its softmax in float32 even in a float64 model
+    atol = 1e-5 if name == "gemma-2-2b" else ATOL
+    torch.testing.assert_close(attention_output(attn, x, window=window), y, rtol=RTOL, atol=atol)
+    assert y.abs().max() > 1e-2
+    if control == "global-rope":  # layer 0 is a sliding layer: its RoPE is the local one, not the global
+        other = attn.with_(rope=rope_spec(cfg, 5))
+        assert other.rope.theta != attn.rope.theta
+    elif control == "per-head-norm":  # the same weights, norms applied per head
+        other = attn.with_(qk_norm_scope="head", q_norm=attn.q_norm.mean(0), k_norm=attn.k_norm.mean(0))
+    elif control == "unscaled-rope":
+        assert attn.rope.rope_type == "longrope"
+        other = attn.with_(rope=type(attn.rope)(attn.rope.theta, attn.rope.head_dim, attn.rope.rotary_dim))
+    else:
+        other = attn.with_(**control)
+    assert (attention_output(other, x, window=window) - y).abs().max() > 100 * atol

@@ -114,11 +114,13 @@ def mean_pool(attn: AttentionWeights, target: int) -> AttentionWeights:
     """GQA-paper baseline: each new KV head is the mean of a contiguous block of KV heads (weights and
     biases). q/o are unchanged: the query heads of a block already form a contiguous block."""
     _check_attn(attn, target)
+    projection = attn.qk_norm_scope == "projection"  # OLMo-2: k_norm has a weight per KV head and dim
     return attn.with_(
         k=_block_mean(attn.k, target),
         v=_block_mean(attn.v, target),
         k_bias=_block_mean(attn.k_bias, target),
         v_bias=_block_mean(attn.v_bias, target),
+        k_norm=_block_mean(attn.k_norm, target) if projection else attn.k_norm,
     )
 
 
@@ -129,7 +131,8 @@ def expand_to_mha(attn: AttentionWeights) -> AttentionWeights:
     def rep(t):
         return None if t is None else t.repeat_interleave(n, dim=0)
 
-    return attn.with_(k=rep(attn.k), v=rep(attn.v), k_bias=rep(attn.k_bias), v_bias=rep(attn.v_bias))
+    k_norm = rep(attn.k_norm) if attn.qk_norm_scope == "projection" else attn.k_norm
+    return attn.with_(k=rep(attn.k), v=rep(attn.v), k_bias=rep(attn.k_bias), v_bias=rep(attn.v_bias), k_norm=k_norm)
 
 
 def permute_heads(attn: AttentionWeights, kv_order: Sequence[int]) -> AttentionWeights:
@@ -514,6 +517,9 @@ def calibrated_merge(
     Returns weights in the input dtype with ``target`` KV heads.
     """
     _check_attn(attn, target)
+    if attn.qk_norm_scope != "head":
+        raise KvSurgeonError("calibrated merging keeps q/k norms per head; these span the whole projection "
+                             "(OLMo-2): use mean_pool (--method mean)")
     info = {} if info is None else info
     qk_norm = attn.k_norm is not None  # Qwen3: keys merged after their per-head norm (qk_norm_merge)
     for name, val, ok in (
@@ -584,8 +590,10 @@ def calibrated_merge(
 
     y_src = None
     if qk_norm:
-        new_k, k_norm = merge_normed_keys(k, X, [kb for kb, _ in blocks], attn.k_norm, attn.norm_eps, info)
-        out = assemble(q, new_k, new_o).with_(k_norm=k_norm)
+        # merged on the norm's effective multiplier (Gemma-3: 1 + w), stored back in the source's form
+        new_k, k_norm = merge_normed_keys(k, X, [kb for kb, _ in blocks], attn.k_norm.to(F64) + attn.norm_offset,
+                                          attn.norm_eps, info)
+        out = assemble(q, new_k, new_o).with_(k_norm=(k_norm - attn.norm_offset).to(attn.k_norm.dtype))
         info["nope_planes"] = None
     elif nope_planes is None and R:
         y_src = attention_output(attn, x, **rope_kw)

@@ -6,8 +6,9 @@ from kvsurgeon.attention import head_dim_of, write_attention
 
 from ..io.checkpoint import LazyCheckpoint
 from ..errors import KvSurgeonError
-from ..gqa.merge import calibrated_merge, check_kv_heads, expand_to_mha, mean_pool
+from .merge import calibrated_merge, check_kv_heads, expand_to_mha, mean_pool
 from ..pipeline.driver import Plan
+from ..pipeline.preflight import family_problem, refuse
 
 METHODS = ("calibrated", "mean")
 
@@ -26,6 +27,8 @@ def gqa_plan(target: int, method: str = "calibrated", merge: dict | None = None,
         expanding = target == H and G < H
         if not expanding:
             check_kv_heads(H, G, target)
+        if method == "calibrated" and not expanding and target != G:
+            refuse(f"cannot merge KV heads with --method {method}", [family_problem(config, "gqa", method)])
         new_config = {**config, "num_key_value_heads": target, "head_dim": head_dim_of(config)}
 
         def transform(i, attn, x):

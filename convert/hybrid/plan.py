@@ -62,7 +62,7 @@ from ..hybrid.fit import (
     resolve_layer_choice,
 )
 from ..pipeline.driver import Plan
-from ..pipeline.preflight import refuse, window_note, window_problem
+from ..pipeline.preflight import family_problem, refuse, window_note, window_problem
 
 LINEAR_KINDS = ("mamba2", "gated-deltanet")
 RANKING_FILE = "kvsurgeon_layer_ranking.json"
@@ -139,6 +139,7 @@ def hybrid_plan(
     given_ranking = ranking
 
     def make_plan(config: dict, ckpt) -> Plan:
+        refuse("cannot convert to a hybrid", [family_problem(config, "hybrid")])
         target = _target_for(config, linear)
         # before the ranking pass: a refusal must come before any work
         refuse("cannot convert to a hybrid", [window_problem(

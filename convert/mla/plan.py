@@ -9,9 +9,9 @@ from kvsurgeon.attention.mla_layout import UNTIED_LM_HEAD, MlaWeights, deepseek_
 
 from ..io.checkpoint import LazyCheckpoint
 from ..errors import KvSurgeonError
-from ..mla.fit import attention_token_weights, check_mla_ranks, convert_layer_to_mla, refit_output, refit_queries, rope_frequency_plan
+from .fit import attention_token_weights, check_mla_ranks, convert_layer_to_mla, refit_output, refit_queries, rope_frequency_plan
 from ..pipeline.driver import Plan
-from ..pipeline.preflight import refuse, window_note, window_problem
+from ..pipeline.preflight import family_problem, refuse, window_note, window_problem
 
 METHODS = ("calibrated", "svd")
 Q_BIAS = ("refuse", "fit")
@@ -84,6 +84,7 @@ def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "cali
 
     def make_plan(config: dict, ckpt: LazyCheckpoint) -> Plan:
         fam = family_for(config)
+        refuse("cannot convert to MLA", [family_problem(config, "mla")])  # before the per-feature checks: one reason
         problems = []
         if fam.has_qk_norm:
             problems.append(

@@ -8,6 +8,7 @@ states, and dropped. Memory holds one layer plus the (windows x seq_len x hidden
 from __future__ import annotations
 
 import importlib
+import inspect
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,9 @@ from typing import Iterator
 
 import torch
 
-from kvsurgeon.attention import family_for
+from kvsurgeon.attention import FAMILIES, embedding_scale, family_for, sliding_windows
+from kvsurgeon.attention.families import layer_types
+from kvsurgeon.attention.reference import causal_mask
 
 from ..io.checkpoint import LazyCheckpoint
 from ..errors import KvSurgeonError
@@ -81,10 +84,12 @@ def retrieval_window(tokenizer, ids: list[int], rng: random.Random, facts: int =
 def _classes_for(config_dict: dict, model_type: str, architecture: str):
     from transformers import AutoConfig
 
-    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    fam = FAMILIES.get(model_type)
+    mod = (fam.module if fam else None) or model_type  # gemma3_text lives in transformers.models.gemma3
+    module = importlib.import_module(f"transformers.models.{mod}.modeling_{mod}")
     prefix = architecture.removesuffix("ForCausalLM")
     cfg = AutoConfig.for_model(**config_dict)
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = fam.attn_impl if fam else "sdpa"  # eager where sdpa drops a feature (Gemma-2's soft cap)
     return cfg, getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RotaryEmbedding")
 
 
@@ -93,7 +98,9 @@ def _modeling_classes(config_dict: dict):
     return (*_classes_for(config_dict, fam.model_type, fam.architectures[0]), fam)
 
 
-def _decoder_layer(layer_cls, cfg, i: int, state: dict[str, torch.Tensor], dtype, where: str):
+def _decoder_layer(layer_cls, cfg, i: int, state: dict[str, torch.Tensor], dtype, where: str, fam=None):
+    if fam is not None and fam.experts is not None:  # MoE: stored per expert, held stacked by the module
+        state = fam.experts.module_state(state)
     with torch.device("meta"):  # weights are assigned below: no second copy of the layer
         layer = layer_cls(cfg, layer_idx=i)
     missing, unexpected = layer.load_state_dict({k: t.to(dtype) for k, t in state.items()}, strict=False, assign=True)
@@ -102,13 +109,35 @@ def _decoder_layer(layer_cls, cfg, i: int, state: dict[str, torch.Tensor], dtype
     return layer.eval()
 
 
-def _embedded(ckpt: LazyCheckpoint, ids: torch.Tensor, rope, dtype):
-    """Layer 0's input hidden states for ids (B, T), with RoPE position embeddings for positions 0..T-1."""
+def _embedded(ckpt: LazyCheckpoint, ids: torch.Tensor, rope, dtype, config_dict: dict | None = None):
+    """Layer 0's input hidden states for ids (B, T), with RoPE position embeddings for positions 0..T-1
+    (a dict by layer type when the model has a RoPE per layer type, as Gemma-3)."""
     emb = ckpt.get_tensor("model.embed_tokens.weight")
     hidden = emb[ids].to(dtype)  # gather first: never a float32 copy of the whole table
     del emb
+    if config_dict is not None and family_for(config_dict).embed_scale:
+        # as the model does it: the scale rounded to the embedding dtype (Gemma), or a multiplier (Granite)
+        hidden = hidden * torch.tensor(embedding_scale(config_dict), dtype=dtype)
     pos = torch.arange(ids.shape[1])[None]
+    if "layer_type" in inspect.signature(rope.forward).parameters:
+        types = sorted(set(layer_types(config_dict)))
+        return hidden, {t: tuple(x.to(dtype) for x in rope(hidden, pos, t)) for t in types}, pos
     return hidden, tuple(t.to(dtype) for t in rope(hidden, pos)), pos
+
+
+def _layer_kwargs(config_dict: dict, position_embeddings, position_ids, i: int, T: int, dtype, eager: bool) -> dict:
+    """Keyword arguments running decoder layer i as the full model would: its layer type's RoPE, and an
+    explicit causal mask when the layer's window cuts into T tokens or the attention is eager (which,
+    unlike sdpa, applies no causal mask by itself)."""
+    pe = position_embeddings
+    if isinstance(pe, dict):
+        pe = pe[layer_types(config_dict)[i]]
+    kw = dict(position_embeddings=pe, position_ids=position_ids)
+    window = sliding_windows(config_dict).get(i)
+    if eager or (window and window < T):
+        hidden = causal_mask(T, window if window and window < T else None)
+        kw["attention_mask"] = torch.zeros(1, 1, T, T, dtype=dtype).masked_fill(hidden, torch.finfo(dtype).min)
+    return kw
 
 
 class LayerStream:
@@ -124,22 +153,23 @@ class LayerStream:
         self.cfg, self.layer_cls, rope_cls, self.fam = _modeling_classes(config_dict)
         self.dtype = dtype
         self.ids = ids
-        self.hidden, self.position_embeddings, self.position_ids = _embedded(ckpt, ids, rope_cls(config=self.cfg), dtype)
+        self.hidden, self.position_embeddings, self.position_ids = _embedded(
+            ckpt, ids, rope_cls(config=self.cfg), dtype, config_dict)
 
     def layer_module(self, i: int):
         prefix = self.fam.layer_prefix.format(i=i)
         state = {k[len(prefix):]: self.ckpt.get_tensor(k) for k in self.ckpt.keys() if k.startswith(prefix)}
-        return _decoder_layer(self.layer_cls, self.cfg, i, state, self.dtype, str(self.ckpt.folder))
+        return _decoder_layer(self.layer_cls, self.cfg, i, state, self.dtype, str(self.ckpt.folder), self.fam)
 
     @torch.inference_mode()
     def attention_input(self, layer) -> torch.Tensor:
-        return layer.input_layernorm(self.hidden)
+        return layer.input_layernorm(self.hidden) if self.fam.input_norm else self.hidden.clone()
 
     @torch.inference_mode()
     def advance(self, layer) -> None:
-        self.hidden = layer(
-            self.hidden, position_embeddings=self.position_embeddings, position_ids=self.position_ids
-        )
+        kw = _layer_kwargs(self.config_dict, self.position_embeddings, self.position_ids, layer.self_attn.layer_idx,
+                           self.hidden.shape[1], self.dtype, self.fam.attn_impl == "eager")
+        self.hidden = layer(self.hidden, **kw)
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
         for i in range(self.config_dict["num_hidden_layers"]):
@@ -167,10 +197,15 @@ class ConvertedStream:
         self.src_cfg, self.src_layer_cls, _, _ = _modeling_classes(source_config)
         arch = (target_config.get("architectures") or [""])[0]
         self.cfg, self.layer_cls, rope_cls = _classes_for(target_config, target_config["model_type"], arch)
-        self.hidden, self.position_embeddings, self.position_ids = _embedded(ckpt, ids, rope_cls(config=self.cfg), dtype)
+        self.target_config = target_config
+        self.target_fam = FAMILIES.get(target_config["model_type"])
+        self.hidden, self.position_embeddings, self.position_ids = _embedded(
+            ckpt, ids, rope_cls(config=self.cfg), dtype, source_config)
 
     @torch.inference_mode()
     def attention_input(self, i: int) -> torch.Tensor:
+        if not self.fam.input_norm:
+            return self.hidden.clone()
         with torch.device("meta"):
             layer = self.src_layer_cls(self.src_cfg, layer_idx=i)
         prefix = self.fam.layer_prefix.format(i=i) + "input_layernorm."
@@ -183,5 +218,10 @@ class ConvertedStream:
         """tensors: every tensor of converted layer i under its output name (model.layers.{i}.*)."""
         prefix = f"model.layers.{i}."
         state = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
-        layer = _decoder_layer(self.layer_cls, self.cfg, i, state, self.dtype, "the converted checkpoint")
-        self.hidden = layer(self.hidden, position_embeddings=self.position_embeddings, position_ids=self.position_ids)
+        layer = _decoder_layer(self.layer_cls, self.cfg, i, state, self.dtype, "the converted checkpoint", self.target_fam)
+        if self.target_fam is None:  # MLA / hybrid classes: one RoPE, no windows
+            kw = dict(position_embeddings=self.position_embeddings, position_ids=self.position_ids)
+        else:
+            kw = _layer_kwargs(self.target_config, self.position_embeddings, self.position_ids, i, self.hidden.shape[1],
+                               self.dtype, self.target_fam.attn_impl == "eager")
+        self.hidden = layer(self.hidden, **kw)

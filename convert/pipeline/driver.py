@@ -198,7 +198,11 @@ def planned_tensors(config: dict, dtype: torch.dtype) -> tuple[list[TensorSpec],
         model = AutoModelForCausalLM.from_config(cfg)
     tied = set(getattr(model, "_tied_weights_keys", None) or {}) if getattr(cfg, "tie_word_embeddings", False) else set()
     specs = []
-    for name, t in model.state_dict().items():
+    # names and shapes as checkpoints store them: transformers 5 holds MoE experts stacked in memory but
+    # save_pretrained writes one tensor per expert (revert_weight_conversion; shapes only, on meta)
+    from transformers.core_model_loading import revert_weight_conversion
+
+    for name, t in revert_weight_conversion(model, model.state_dict()).items():
         if name in tied:
             continue
         specs.append(TensorSpec(name, tuple(t.shape), dtype if t.is_floating_point() else t.dtype))

@@ -38,6 +38,7 @@ def check_source(config: dict, ckpt) -> None:
     G = config.get("num_key_value_heads") or H
     D, hidden = head_dim_of(config), config["hidden_size"]
     want = {"q_proj": (H * D, hidden), "k_proj": (G * D, hidden), "v_proj": (G * D, hidden), "o_proj": (hidden, H * D)}
+    want["qkv_proj"] = ((H + 2 * G) * D, hidden)  # Phi-3's fused q/k/v
     problems = []
     for i in range(int(config["num_hidden_layers"])):
         for name in fam.attention_tensor_names(i, config):
@@ -105,3 +106,20 @@ def window_note(config: dict) -> str:
     sizes = ", ".join(map(str, sorted(set(windows.values()))))
     return (f" Sliding windows dropped (--drop-sliding-window): the source windowed {len(windows)} layers to "
             f"{sizes} tokens; this model attends to the full context in every attention layer.")
+
+
+def family_problem(config: dict, target: str, method: str | None = None) -> str | None:
+    """A problem text when the source family cannot go to ``target`` ("gqa", "mla", "hybrid") by
+    ``method``, from the family's declared limits (attention/families.py), else None. An unknown family
+    is left to the target's own check, which names it."""
+    try:
+        fam = family_for(config)
+    except UnsupportedArchitectureError:
+        return None
+    if target in ("mla", "hybrid") and fam.no_mla_hybrid:
+        return (f"{fam.no_mla_hybrid}. For {fam.model_type} use --to gqa or --to mqa, which keep the source class with "
+                "fewer KV heads")
+    if target == "gqa" and method == "calibrated" and fam.no_calibrated:
+        return (f"{fam.no_calibrated}. Pass --method mean (mean pooling of the KV heads, no fit) to convert "
+                f"{fam.model_type}")
+    return None
