@@ -50,8 +50,8 @@ from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
 from kvsurgeon.attention.reference import _as_batch, attention_output, head_outputs, rope_tables
 
 from ..errors import KvSurgeonError
-from ..gqa.qk_norm import merge_normed_keys
-from ..linalg import ridge_towards
+from .qk_norm import merge_normed_keys
+from ..linalg import psd_sqrt, ridge_towards, top_eigvecs
 from ..rope_planes import pca_basis, plane_covariance, rotate_keys, rotate_queries, to_planes
 
 F64 = torch.float64
@@ -292,13 +292,6 @@ def _augment(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([w, col], dim=-1)
 
 
-def _psd_sqrt(S: torch.Tensor, rel_eps: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric square root of a PSD matrix and its (regularised) inverse."""
-    lam, V = torch.linalg.eigh(S)
-    lam = lam.clamp_min(rel_eps * lam.max().clamp_min(1e-300))
-    return (V * lam.sqrt()) @ V.T, (V / lam.sqrt()) @ V.T
-
-
 def shared_basis(
     rows: Sequence[torch.Tensor], metrics: Sequence[torch.Tensor], cov: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -310,10 +303,9 @@ def shared_basis(
     moment ``sum_t x x^T``. The solution is a PCA of the stacked whitened activations; ``W`` is
     rescaled so its activations carry the mean energy of the heads it replaces.
     """
-    Ls, Linvs = zip(*(_psd_sqrt(m) for m in metrics))
+    Ls, Linvs = zip(*(psd_sqrt(m, 1e-10) for m in metrics))
     Y = torch.cat([L @ W for L, W in zip(Ls, rows)])  # (r d, in)
-    lam, U = torch.linalg.eigh(Y @ cov @ Y.T)
-    U = U[:, -rank:].flip(-1)  # top components
+    _, U = top_eigvecs(Y @ cov @ Y.T, rank)
     W = U.T @ Y
     energy = torch.einsum("ri,ij,rj->", W, cov, W)
     target = sum(torch.einsum("ri,ij,rj->", Wj, cov, Wj) for Wj in rows) / len(rows)
@@ -628,7 +620,7 @@ def _similarity_order(attn: AttentionWeights, X: torch.Tensor, target: int) -> l
     vals = torch.einsum("ni,gdi->ngd", X, _augment(attn.v, attn.v_bias))
     o = attn.o.to(F64)
     Ls = [
-        _psd_sqrt(sum(o[:, h].T @ o[:, h] for h in range(attn.num_heads) if kv[h] == j))[0]
+        psd_sqrt(sum(o[:, h].T @ o[:, h] for h in range(attn.num_heads) if kv[h] == j), 1e-10)[0]
         for j in range(attn.num_kv_heads)
     ]
     vals = torch.stack([vals[:, j] @ Ls[j] for j in range(attn.num_kv_heads)], 1)

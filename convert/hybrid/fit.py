@@ -43,6 +43,7 @@ from kvsurgeon.attention.hybrid_layout import GdnDims, GdnWeights, Mamba2Dims, M
 from kvsurgeon.attention.neutral import AttentionWeights
 
 from ..errors import KvSurgeonError
+from ..linalg import ridge_solve, ridge_towards, whitened_pca
 from kvsurgeon.attention.reference import attention_output, head_outputs
 
 F64 = torch.float64
@@ -263,30 +264,17 @@ def _diag_fit(n: torch.Tensor, z: torch.Tensor, ridge: float = 1e-6):
     return w, e.pow(2).sum(dim=(0, 2)) / z.pow(2).sum(dim=(0, 2)).clamp_min(1e-300)
 
 
-def _psd_sqrt(S: torch.Tensor, rel_eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched symmetric square root of PSD matrices and its (regularised) inverse."""
-    lam, V = torch.linalg.eigh(S)
-    lam = lam.clamp_min(rel_eps * lam.amax(-1, keepdim=True).clamp_min(1e-300))
-    return (V * lam.sqrt()[..., None, :]) @ V.transpose(-1, -2), (V / lam.sqrt()[..., None, :]) @ V.transpose(-1, -2)
-
-
 def _value_basis(v: torch.Tensor, O: torch.Tensor, keep: int):
     """Per head, the ``keep``-dim value subspace that loses least attention output.
 
-    v: (N, H, D) value activations (KV heads repeated), O: (hidden, H, D). In whitened coordinates
-    u = L v (L = (O_h^T O_h)^1/2) the output error is plain squared error, so the subspace is the top
-    ``keep`` principal components of u. Returns P (H, keep, D) mapping v to the kept coordinates and
-    Oq (hidden, H, keep) reading them (Oq_h P_h = O_h on the kept subspace, exactly O_h when keep = D).
+    v: (N, H, D) value activations (KV heads repeated), O: (hidden, H, D). Under the metric
+    O_h^T O_h the output error is the value error, so this is a whitened PCA per head. Returns P
+    (H, keep, D) mapping v to the kept coordinates and Oq (hidden, H, keep) reading them (Oq_h P_h =
+    O_h on the kept subspace, exactly O_h when keep = D).
     """
     OtO = torch.einsum("ihd,ihe->hde", O, O)
-    L, Linv = _psd_sqrt(OtO)
-    u = torch.einsum("hde,nhe->nhd", L, v)
-    cov = torch.einsum("nhd,nhe->hde", u, u)
-    _, E = torch.linalg.eigh(cov)
-    E = E[..., -keep:].flip(-1)  # (H, D, keep) top components
-    P = E.transpose(1, 2) @ L  # (H, keep, D)
-    Oq = torch.einsum("ihd,hde,hek->ihk", O, Linv, E)
-    return P, Oq
+    P, Q = whitened_pca(torch.einsum("nhd,nhe->hde", v, v), OtO, keep)
+    return P, torch.einsum("ihd,hdk->ihk", O, Q)
 
 
 def mamba2_from_attention(
@@ -418,12 +406,9 @@ def _ridge_refit(Fa: torch.Tensor, Y: torch.Tensor, W0: torch.Tensor, ridges: Se
     n = Fa.shape[0]
     windows = n // group
     hold = max(1, windows // 8) * group if windows > 1 else 0
-    eye = torch.eye(Fa.shape[1], dtype=F64)
 
     def solve(Fm, Ym, r):
-        G = Fm.T @ Fm
-        lam = r * G.diagonal().mean()
-        return torch.linalg.solve(G + lam * eye, Fm.T @ Ym + lam * W0.T).T
+        return ridge_towards(Fm, Ym, W0, r)
 
     best = ridges[len(ridges) // 2]
     if hold and len(ridges) > 1:
@@ -575,14 +560,12 @@ def gdn_from_attention(
     zt = _silu_inverse_t(scale)  # (N, H)
     X = xr.reshape(Nr, hidden).to(F64)
     G = X.T @ X
-    U = torch.linalg.solve(G + 1e-3 * G.diagonal().mean() * torch.eye(hidden, dtype=F64), X.T @ zt).T  # (H, hidden)
+    U = ridge_solve(G, X.T @ zt, 1e-3).T  # (H, hidden)
     gate = F.silu(X @ U.T)  # (N, H)
     feats = (n * gate[..., None]).reshape(Nr, H * D)
     y_att = attention_output(attn, xr).reshape(Nr, hidden) if target is None else _fit_windows(target, init.refit_tokens).reshape(Nr, hidden).to(F64)
     W0 = O.reshape(hidden, H * D)
-    Gf = feats.T @ feats
-    lam_r = init.ridge * Gf.diagonal().mean()
-    Wout = torch.linalg.solve(Gf + lam_r * torch.eye(H * D, dtype=F64), feats.T @ y_att + lam_r * W0.T).T
+    Wout = ridge_towards(feats, y_att, W0, init.ridge)
     err = relative_mse(feats @ Wout.T, y_att)
 
     q_rows = attn.q.to(F64) * (qn * 1)[None, :, None] * a_qk[:, None, None]

@@ -78,7 +78,7 @@ from kvsurgeon.attention.reference import (
 )
 
 from ..errors import KvSurgeonError
-from ..linalg import ridge_towards
+from ..linalg import psd_sqrt, ridge_solve, ridge_towards, spd_solve
 from ..rope_planes import pca_basis, plane_covariance, rotate_keys, rotate_queries
 
 __all__ = [
@@ -216,14 +216,6 @@ def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.reshape(-1, x.shape[-1]).double()
 
 
-def _psd_sqrt(M: torch.Tensor, rel_floor: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M^{1/2}, M^{-1/2}) of a symmetric PSD matrix, eigenvalues floored at rel_floor * max."""
-    M = 0.5 * (M + M.T)
-    ev, V = torch.linalg.eigh(M)
-    ev = ev.clamp_min(rel_floor * ev.max().clamp_min(1e-300))
-    return (V * ev.sqrt()) @ V.T, (V * ev.rsqrt()) @ V.T
-
-
 def _second_moment(X: torch.Tensor | None, hidden: int) -> torch.Tensor:
     if X is None:
         return torch.eye(hidden, dtype=torch.float64)
@@ -344,7 +336,7 @@ def _ballast_direction(X: torch.Tensor, A: torch.Tensor, deficit: torch.Tensor) 
         Pc = torch.eye(hidden, dtype=torch.float64) - Q @ Q.T
         Cd = Pc @ ((X * deficit[:, None]).T @ X / N) @ Pc
         Cx = Pc @ (X.T @ X / N) @ Pc + eps * torch.eye(hidden, dtype=torch.float64)
-        _, Cx_isqrt = _psd_sqrt(Cx)
+        _, Cx_isqrt = psd_sqrt(Cx)
         _, V = torch.linalg.eigh(Cx_isqrt @ Cd @ Cx_isqrt)
         d = Pc @ (Cx_isqrt @ V[:, -1])
     return d / d.norm().clamp_min(1e-300)
@@ -406,7 +398,7 @@ def _plan(
         if X is None:
             raise MlaConversionError("q_bias='fit' needs calibration inputs x")
         Sx_ = X.T @ X / X.shape[0]
-        beta = torch.linalg.solve(Sx_ + 1e-6 * Sx_.diagonal().mean() * torch.eye(hidden, dtype=torch.float64), X.mean(0))
+        beta = ridge_solve(Sx_, X.mean(0), 1e-6)
         q = q + attn.q_bias.double()[..., None] * beta
         info["q_bias_fit_residual"] = float(((X @ beta - 1) ** 2).mean())
 
@@ -465,8 +457,8 @@ def _plan(
         for h in range(H):
             j = int(kv_index[h])
             Mv[j * Dv:(j + 1) * Dv, j * Dv:(j + 1) * Dv] += o[:, h].T @ o[:, h]
-        Sk, Sk_inv = _psd_sqrt(Mk) if Kn else (Mk, Mk)
-        Svm, Sv_inv = _psd_sqrt(Mv)
+        Sk, Sk_inv = psd_sqrt(Mk) if Kn else (Mk, Mk)
+        Svm, Sv_inv = psd_sqrt(Mv)
     else:
         Sk, Sk_inv = torch.eye(Kn, dtype=torch.float64), torch.eye(Kn, dtype=torch.float64)
         Svm, Sv_inv = torch.eye(G * Dv, dtype=torch.float64), torch.eye(G * Dv, dtype=torch.float64)
@@ -606,8 +598,7 @@ def convert_layer_to_mla(
         Z = X @ W.T
         ctw = ct if u is None else ct * u[:, None]
         G_ = ctw.T @ ct
-        lam = 1e-12 * float(G_.diagonal().mean())
-        B = torch.linalg.solve(G_ + lam * torch.eye(R, dtype=torch.float64), ctw.T @ Z).T
+        B = ridge_solve(G_, ctw.T @ Z, 1e-12).T
         B[:, used:] = 0.0
         w[r:used] = (r0 / s)[r:used]
     if X is not None:
@@ -642,7 +633,7 @@ def convert_layer_to_mla(
                 q_out[h, :Kn] = p.Cn[h] @ p.q[h] * scale
             kvb_k[:, :Kn] = Bk
     elif Kn and Dn > 0:  # truncated per-head factorisation of B_k^T Q_h, weighted by the inputs
-        Sx_half, _ = _psd_sqrt(p.Sx)
+        Sx_half, _ = psd_sqrt(p.Sx)
         for h in range(H):
             M = (Bk.T @ p.Cn[h]) @ p.q[h]  # (R, hidden)
             U_, _, _ = torch.linalg.svd(M @ Sx_half, full_matrices=False)
@@ -827,17 +818,14 @@ def _weighted_ridge(K: torch.Tensor, s: torch.Tensor, om: torch.Tensor, q0: torc
         rhs = torch.bmm(Kw.transpose(1, 2), s[..., None])[..., 0].double()
         lam = ridge * Nm.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
         Nm = Nm + lam[:, None, None] * torch.eye(d, dtype=torch.float64)
-        # SPD (ridge > 0): Cholesky, not LU. Batched LU (torch.linalg.solve) on CPU failed here on finite
-        # inputs once a model forward had run in the same process (MKL "DLASWP parameter 6", lu_solve
-        # pivot error; scripts/demo.py), while Cholesky is both the right factorisation and unaffected.
-        return torch.cholesky_solve((rhs + lam[:, None] * q0)[..., None], torch.linalg.cholesky(Nm))[..., 0]
+        return spd_solve(Nm, rhs + lam[:, None] * q0)
     sq = om.double().sqrt()
     A = K.double() * sq[..., None]  # (c, n, d)
     lam = (ridge * A.pow(2).sum((1, 2)) / d).clamp_min(1e-12)  # = ridge x mean diag(A^T A)
     Kmat = torch.bmm(A, A.transpose(1, 2)) + lam[:, None, None] * torch.eye(n, dtype=torch.float64)
     r = s.double() * sq - torch.bmm(A, q0[..., None])[..., 0]
-    y = torch.cholesky_solve(r[..., None], torch.linalg.cholesky(Kmat))
-    return q0 + torch.bmm(A.transpose(1, 2), y)[..., 0]
+    y = spd_solve(Kmat, r)
+    return q0 + torch.bmm(A.transpose(1, 2), y[..., None])[..., 0]
 
 
 def refit_queries(
