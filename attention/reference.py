@@ -16,6 +16,8 @@ One layer, causal, positions 0..T-1, no cache; inputs (B, T, hidden) or one sequ
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from .mla_layout import MlaWeights, interleaved_to_rotate_half
@@ -146,6 +148,18 @@ def source_probs(attn: AttentionWeights, x: torch.Tensor, window: int | None = N
     return causal_softmax(scores(attn, q, k), window)
 
 
+def _values(attn: AttentionWeights, x: torch.Tensor) -> torch.Tensor:
+    """Values (G, T, Dv) of one sequence x (T, hidden), float64."""
+    v = torch.einsum("ti,gdi->gtd", x.to(F64), attn.v.to(F64))
+    return v if attn.v_bias is None else v + attn.v_bias.to(F64)[:, None]
+
+
+def _project(attn: AttentionWeights, z: torch.Tensor) -> torch.Tensor:
+    """o_proj (and its bias) of per-head outputs z (B, T, H, Dv) -> (B, T, hidden)."""
+    y = torch.einsum("bthv,ihv->bti", z, attn.o.to(F64))
+    return y if attn.o_bias is None else y + attn.o_bias.to(F64)
+
+
 def head_outputs(attn: AttentionWeights, x: torch.Tensor, *, inv_freq: torch.Tensor | None = None,
                  attention_scaling: float | None = None, probs: bool = False, window: int | None = None):
     """Per-head causal attention outputs before ``o_proj``, float64, (B, T, H, Dv). With
@@ -156,10 +170,7 @@ def head_outputs(attn: AttentionWeights, x: torch.Tensor, *, inv_freq: torch.Ten
     outs, ps = [], []
     for xb in x:  # one sequence at a time bounds the (H, T, T) score memory
         p = source_probs(attn, xb, window, inv_freq=inv_freq, attention_scaling=attention_scaling)
-        v = torch.einsum("ti,gdi->gtd", xb, attn.v.to(F64))
-        if attn.v_bias is not None:
-            v = v + attn.v_bias.to(F64)[:, None]
-        outs.append((p @ v[kv]).transpose(0, 1))  # (T, H, Dv)
+        outs.append((p @ _values(attn, xb)[kv]).transpose(0, 1))  # (T, H, Dv)
         if probs:
             ps.append(p)
     out = torch.stack(outs)
@@ -168,9 +179,26 @@ def head_outputs(attn: AttentionWeights, x: torch.Tensor, *, inv_freq: torch.Ten
 
 def attention_output(attn: AttentionWeights, x: torch.Tensor, **kw) -> torch.Tensor:
     """The layer's attention output (after ``o_proj``), float64, (B, T, hidden)."""
-    z = head_outputs(attn, x, **kw)
-    y = torch.einsum("bthv,ihv->bti", z, attn.o.to(F64))
-    return y if attn.o_bias is None else y + attn.o_bias.to(F64)
+    return _project(attn, head_outputs(attn, x, **kw))
+
+
+def tail_attention_outputs(attn: AttentionWeights, x: torch.Tensor, tail: int,
+                           windows: Sequence[int | None]) -> list[torch.Tensor]:
+    """The layer's attention output (after ``o_proj``) at the last ``tail`` positions, (B, tail, hidden),
+    once per entry of ``windows`` (None: full attention). Queries, keys and values are computed once
+    and only the tail rows are scored: ranking layers for windowing compares a few rows, not T x T."""
+    x = _as_batch(x).to(F64)
+    inv_freq, attention_scaling = resolve_rope(attn)
+    kv = attn.kv_index()
+    outs: list[list[torch.Tensor]] = [[] for _ in windows]
+    for xb in x:
+        q, k = source_qk(attn, xb, inv_freq, attention_scaling)
+        s = scores(attn, q[:, -tail:], k)  # (H, tail, T)
+        v = _values(attn, xb)[kv]
+        for out, window in zip(outs, windows):
+            p = s.masked_fill(causal_mask(xb.shape[0], window)[-tail:], float("-inf")).softmax(-1)
+            out.append((p @ v).transpose(0, 1))
+    return [_project(attn, torch.stack(o)) for o in outs]
 
 
 # ---------------------------------------------------------------------------------------------

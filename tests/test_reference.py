@@ -10,7 +10,7 @@ import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from kvsurgeon.attention import DictSource, read_attention
-from kvsurgeon.attention.reference import attention_output, mla_attention_output
+from kvsurgeon.attention.reference import attention_output, mla_attention_output, tail_attention_outputs
 from kvsurgeon.convert.mla.fit import convert_layer_to_mla, mla_config, mla_state_dict
 
 from conftest import tiny_model
@@ -61,6 +61,19 @@ def test_attention_reference_takes_bf16_inputs():
     attn = read_attention(DictSource(model.state_dict()), model.config.to_dict(), 0)
     x = torch.randn(1, 16, model.config.hidden_size, dtype=torch.bfloat16)
     torch.testing.assert_close(attention_output(attn, x), attention_output(attn, x.double()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_tail_outputs_equal_the_full_reference_rows(family):
+    """The windowing ranking scores only the last rows; they must be the full reference's rows, windowed
+    or not (and a window must change them, or the comparison would be vacuous)."""
+    model = tiny_model(family, dtype=torch.float64)
+    attn = read_attention(DictSource(model.state_dict()), model.config.to_dict(), 1)
+    x = torch.randn(2, 40, model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    full, local = tail_attention_outputs(attn, x, 6, (None, 8))
+    torch.testing.assert_close(full, attention_output(attn, x)[:, -6:], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(local, attention_output(attn, x, window=8)[:, -6:], rtol=1e-12, atol=1e-12)
+    assert (local - full).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("rope", ["default", "llama3"])

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvsurgeon.attention import family_for, read_attention, sliding_windows
-from kvsurgeon.attention.reference import attention_output
+from kvsurgeon.attention.reference import tail_attention_outputs
 
 from ..pipeline.calibration import CalibConfig, LayerStream, calibration_ids
 
@@ -93,8 +93,7 @@ def rank_windowing(ckpt, config: dict, window: int, calib: CalibConfig, log=None
     costs = {}
     for i, x in LayerStream(ckpt, config, ids):
         attn = read_attention(ckpt, config, i)
-        full = attention_output(attn, x)[:, -TAIL:]
-        local = attention_output(attn, x, window=window)[:, -TAIL:]
+        full, local = tail_attention_outputs(attn, x, TAIL, (None, window))
         costs[i] = float((local - full).pow(2).sum() / full.pow(2).sum().clamp_min(1e-30))
         if log:
             log(f"rank: layer {i} windowed alone: tail rel-error {costs[i]:.4f} ({time.time() - t0:.0f}s)")
