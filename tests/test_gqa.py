@@ -261,7 +261,7 @@ def test_calibrated_merge_with_nothing_dropped_is_exact(kind):
     ids = tokens()
     xs = attention_inputs(model, tokens(4, 32, seed=7))
     for nope in (0, 3, None):
-        new = rebuild(model, [gqa.calibrated_merge(a, x, G, nope_planes=nope) for a, x in zip(read_all(model), xs)])
+        new = rebuild(model, [gqa.calibrated_merge(a, x, G, gqa.MergeOptions(nope_planes=nope)) for a, x in zip(read_all(model), xs)])
         torch.testing.assert_close(logits(new, ids), logits(model, ids), rtol=1e-7, atol=1e-7)
 
 
@@ -275,7 +275,7 @@ def test_rope_rotation_merge_is_exact_on_rank1_blocks(kind):
     xs = attention_inputs(model, tokens(4, 32, seed=7))
     attns = read_all(model)
     for refit in (False, True):
-        new = rebuild(model, [gqa.calibrated_merge(a, x, 1, refit=refit, nope_planes=0) for a, x in zip(attns, xs)])
+        new = rebuild(model, [gqa.calibrated_merge(a, x, 1, gqa.MergeOptions(refit=refit, nope_planes=0)) for a, x in zip(attns, xs)])
         assert new.config.num_key_value_heads == 1
         torch.testing.assert_close(logits(new, ids), logits(model, ids), rtol=1e-7, atol=1e-7)
     mean = rebuild(model, [gqa.mean_pool(a, 1) for a in attns])
@@ -296,7 +296,7 @@ def test_partial_rotary_tail_is_merged_exactly():
         k[j, R:] = torch.randn(D - R, D - R, generator=g, dtype=k.dtype) @ k[0, R:]
     a = a.with_(k=k, rope=rope)
     x = torch.randn(3, 24, HIDDEN, generator=g, dtype=k.dtype)
-    new = gqa.calibrated_merge(a, x, 1, refit=False)
+    new = gqa.calibrated_merge(a, x, 1, gqa.MergeOptions(refit=False))
     x_eval = torch.randn(2, 24, HIDDEN, generator=g, dtype=k.dtype)
     torch.testing.assert_close(ref.attention_output(new, x_eval), ref.attention_output(a, x_eval), rtol=1e-7, atol=1e-9)
 
@@ -353,8 +353,8 @@ def test_calibrated_merge_beats_mean_pooling(kind):
         return kl(ref, logits(rebuild(model, [fn(a, x) for a, x in zip(attns, xs)]), eval_ids))
 
     mean = score(lambda a, x: gqa.mean_pool(a, 1))
-    keys = score(lambda a, x: gqa.calibrated_merge(a, x, 1, values="mean", refit=False))
-    kv = score(lambda a, x: gqa.calibrated_merge(a, x, 1, refit=False))
+    keys = score(lambda a, x: gqa.calibrated_merge(a, x, 1, gqa.MergeOptions(values="mean", refit=False)))
+    kv = score(lambda a, x: gqa.calibrated_merge(a, x, 1, gqa.MergeOptions(refit=False)))
     full = score(lambda a, x: gqa.calibrated_merge(a, x, 1))
     assert mean > 1e-2  # the source is far from its mean-pooled version
     assert keys < mean and kv < 0.5 * keys and full < kv, (mean, keys, kv, full)
@@ -365,7 +365,7 @@ def test_nope_planes_auto_picks_by_calibration_error():
     a = read_all(structured(tiny(std=0.15, seed=2), target=1, noise=0.3, seed=5))[1]
     x = attention_inputs(tiny(std=0.15, seed=2), tokens(8, 64, seed=11))[1]
     info = {}
-    gqa.calibrated_merge(a, x, 1, refit=False, info=info)
+    gqa.calibrated_merge(a, x, 1, gqa.MergeOptions(refit=False), info=info)
     errs = info["nope_errors"]
     assert list(errs) == gqa.nope_candidates(a.rope, 64) and len(errs) > 1
     assert info["nope_planes"] == min(errs, key=errs.get)

@@ -2,6 +2,8 @@
 and clear errors. Tiny random Llama models, float64, built on the fly."""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,14 +22,11 @@ from kvsurgeon.attention.mla_layout import (
 from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
 from kvsurgeon.convert.errors import KvSurgeonError
 from kvsurgeon.convert.mla.fit import (
-    allocate_ranks,
+    MlaFit,
     attention_token_weights,
     check_mla_ranks,
     convert_layer_to_mla,
-    effective_cache,
     fit_latent_scales,
-    mla_config,
-    mla_state_dict,
     rope_frequency_plan,
     refit_output,
     refit_queries,
@@ -35,6 +34,9 @@ from kvsurgeon.convert.mla.fit import (
 )
 from kvsurgeon.attention.reference import apply_rope, attention_output, mla_attention_output, rope_cos_sin
 from kvsurgeon.convert.rope_planes import rotate_keys, rotate_queries
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "experiments"))
+from mla_tools import allocate_ranks, effective_cache, mla_config, mla_state_dict  # noqa: E402
 
 torch.set_num_threads(1)
 DT = torch.float64
@@ -89,11 +91,13 @@ def capture(m, ids):
     return [torch.cat(x) for x in xs]
 
 
-def convert_model(m, ids, R, Dr, **kw):
+def convert_model(m, ids, R, Dr, **fit):
+    """Every layer converted, calibrated on the source's attention inputs; ``fit``: ``MlaFit`` fields."""
     cfg = m.config.to_dict()
     src = DictSource(m.state_dict())
     xs = capture(m, ids)
-    return [convert_layer_to_mla(read_attention(src, cfg, i), xs[i], R, Dr, **kw) for i in range(cfg["num_hidden_layers"])]
+    return [convert_layer_to_mla(read_attention(src, cfg, i), xs[i], R, Dr, fit=MlaFit(**fit))
+            for i in range(cfg["num_hidden_layers"])]
 
 
 def build(m, layers, **cfg_overrides):
@@ -270,7 +274,7 @@ def test_latent_norm_error_measured_against_bound():
                             rope=RopeSpec(10000.0, D, D))
     x = torch.randn(4, 32, hid, generator=g, dtype=DT)
     x = x / x.pow(2).mean(-1, keepdim=True).sqrt()
-    w = convert_layer_to_mla(attn, x, 16, 16, refit=False)
+    w = convert_layer_to_mla(attn, x, 16, 16, fit=MlaFit(refit=False))
     ref = attention_output(attn, x)
     ideal = mla_attention_output(w, x, norm="ideal")
     torch.testing.assert_close(ideal, ref, rtol=1e-9, atol=1e-9)
@@ -292,7 +296,7 @@ def test_biases_exact_and_frequency_plan_matches_transformers():
                             o_bias=torch.randn(hid, generator=g, dtype=DT))
     x = torch.randn(3, 20, hid, generator=g, dtype=DT)
     x = x / x.pow(2).mean(-1, keepdim=True).sqrt()
-    w = convert_layer_to_mla(attn, x, 16, 16, whiten=False)
+    w = convert_layer_to_mla(attn, x, 16, 16, fit=MlaFit(whiten=False))
     assert w.has_bias and w.info["rms_cv"] < 1e-6
     torch.testing.assert_close(mla_attention_output(w, x), attention_output(attn, x), rtol=1e-8, atol=1e-8)
     # the kept frequencies and rope_theta reproduce the source's frequencies in transformers' DeepseekV3
@@ -364,7 +368,7 @@ def test_norm_ballast_and_token_weights_run():
     attn = read_attention(DictSource(m.state_dict()), cfg, 0)
     u = attention_token_weights(attn, xs[0], mix=0.5)
     assert u.shape == (64,) and abs(float(u.mean()) - 1) < 1e-9
-    w = convert_layer_to_mla(attn, xs[0], 24, 16, norm_ballast=2, token_weights=u)
+    w = convert_layer_to_mla(attn, xs[0], 24, 16, fit=MlaFit(norm_ballast=2), token_weights=u)
     assert w.info["norm_ballast"] == 2 and torch.isfinite(w.kv_b).all()
 
 
@@ -447,7 +451,7 @@ def _attn(G=2, D=16, H=4, hid=32, rotary=None, **kw):
 def test_bad_ranks_fail_clearly(R, Dr, rotary, freq, match):
     attn = _attn(rotary=rotary)
     with pytest.raises(KvSurgeonError, match=match):
-        convert_layer_to_mla(attn, torch.randn(10, 32), R, Dr, frequencies=freq)
+        convert_layer_to_mla(attn, torch.randn(10, 32), R, Dr, fit=MlaFit(frequencies=freq))
     with pytest.raises(KvSurgeonError, match=match):
         check_mla_ranks(num_kv_heads=2, head_dim=16, v_head_dim=16, rope=attn.rope, kv_lora_rank=R, rope_dim=Dr, frequencies=freq)
 
@@ -457,7 +461,7 @@ def test_unsupported_sources_fail_clearly():
         convert_layer_to_mla(_attn(q_norm=torch.ones(16), k_norm=torch.ones(16)), torch.randn(10, 32), 16, 16)
     with pytest.raises(KvSurgeonError, match="q_proj has a bias"):
         convert_layer_to_mla(_attn(q_bias=torch.randn(4, 16)), torch.randn(10, 32), 16, 16)
-    w = convert_layer_to_mla(_attn(q_bias=torch.randn(4, 16)), torch.randn(64, 32), 16, 16, q_bias="fit")
+    w = convert_layer_to_mla(_attn(q_bias=torch.randn(4, 16)), torch.randn(64, 32), 16, 16, fit=MlaFit(q_bias="fit"))
     assert "q_bias_fit_residual" in w.info
     with pytest.raises(KvSurgeonError, match="calibration"):
         convert_layer_to_mla(_attn(), None, 16, 16, "calibrated")
@@ -489,7 +493,8 @@ def test_weighted_ridge_matches_the_normal_equations(n):
 def test_ballast_direction_in_token_space_matches_hidden_space():
     """With fewer calibration tokens than hidden dims the norm-ballast direction is found in token
     space; it must be the hidden-space generalised eigenvector (up to sign), duplicate tokens included."""
-    from kvsurgeon.convert.mla.fit import _ballast_direction, _psd_sqrt
+    from kvsurgeon.convert.linalg import psd_sqrt
+    from kvsurgeon.convert.mla.fit import _ballast_direction
 
     g = torch.Generator().manual_seed(0)
     N, hid, r = 40, 64, 10
@@ -502,7 +507,7 @@ def test_ballast_direction_in_token_space_matches_hidden_space():
     Q, _ = torch.linalg.qr(A.T)
     Pc = torch.eye(hid, dtype=DT) - Q @ Q.T
     Cx = Pc @ Sx @ Pc + 1e-6 * Sx.diagonal().mean() * torch.eye(hid, dtype=DT)
-    _, Ci = _psd_sqrt(Cx)
+    _, Ci = psd_sqrt(Cx)
     _, V = torch.linalg.eigh(Ci @ (Pc @ ((X * deficit[:, None]).T @ X / N) @ Pc) @ Ci)
     ref = Pc @ (Ci @ V[:, -1])
     ref = ref / ref.norm()

@@ -5,15 +5,21 @@ reference that departs from transformers would make every fit aim at the wrong f
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from kvsurgeon.attention import DictSource, read_attention
 from kvsurgeon.attention.reference import attention_output, mla_attention_output, tail_attention_outputs
-from kvsurgeon.convert.mla.fit import convert_layer_to_mla, mla_config, mla_state_dict
+from kvsurgeon.convert.mla.fit import convert_layer_to_mla
 
 from conftest import tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "experiments"))
+from mla_tools import mla_config, mla_state_dict  # noqa: E402
 
 T = 64
 # original context 16 < T: the scaled frequencies differ from the unscaled ones at these positions

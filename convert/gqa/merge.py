@@ -32,6 +32,10 @@ Methods:
   3. a ridge least-squares refit of ``o_proj`` so the layer's attention output on the calibration
      tokens moves least.
 
+  ``MergeOptions`` holds the method's options (defaults: what ``--to gqa/mqa`` runs); inside
+  ``calibrated_merge`` each step is one helper: ``_shared_values`` (2), ``_shared_keys`` (1, with
+  ``_least_error_nope_planes`` choosing the pooled planes), ``refit_o`` (3), ``_assemble``.
+
   A query refit adds nothing to step 1 under the score-MSE objective (the best query for a fixed
   shared key is the projection coefficient it already has). Biases are an extra input column of
   ones throughout. Sources with q/k RMSNorm (Qwen3) keep queries and the norms per head and merge
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -466,19 +471,103 @@ def nope_candidates(
     return sorted({0, most, *range(step, most + 1, step)})
 
 
+@dataclass(frozen=True)
+class MergeOptions:
+    """How ``calibrated_merge`` fits the shared heads. The defaults are what ``--to gqa/mqa`` runs;
+    the others exist for ablations (scripts/experiments/gqa_ablation.py) and tests."""
+
+    # The slowest RoPE planes pooled with the non-rotary dims into one query-whitened PCA; None: the
+    # count with the least attention-output error among ``nope_candidates(context)``; 0: RoPE exact.
+    nope_planes: int | None = None
+    context: int | None = None  # the longest sequence to serve well (default: the calibration window)
+    values: str = "pca"  # "pca": shared basis whitened by o-projection energy; "mean": ablation
+    value_tokens: str = "received"  # "received": tokens weighted by the attention they get; "tokens": not
+    key_tokens: str = "attention"  # "attention": key tokens weighted by softmax sensitivity; "uniform": not
+    refit: bool = True  # least-squares refit of o_proj on x (``refit_o``)
+    ridge: float = 0.1  # the o refit's ridge
+    regroup: bool = True  # reorder KV heads so similar heads share a block first (exact)
+
+
+def _check_merge_options(attn: AttentionWeights, target: int, options: MergeOptions) -> None:
+    _check_attn(attn, target)
+    if attn.qk_norm_scope != "head":
+        raise KvSurgeonError("calibrated merging keeps q/k norms per head; these span the whole projection "
+                             "(OLMo-2): use mean_pool (--method mean)")
+    for name, ok in (
+        ("values", ("pca", "mean")),
+        ("value_tokens", ("received", "tokens")),
+        ("key_tokens", ("attention", "uniform")),
+    ):
+        val = getattr(options, name)
+        if val not in ok:
+            raise KvSurgeonError(f"{name} must be one of {ok}, got {val!r}")
+
+
+def _shared_values(v: torch.Tensor, o: torch.Tensor, X: torch.Tensor, blocks: list, recv: torch.Tensor | None,
+                   n_q: int, options: MergeOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 2: one value basis per block (target, Dv, in+1); o's columns (hidden, H, Dv) absorb each
+    head's reconstruction map."""
+    new_v, new_o = [], torch.zeros_like(o)
+    for kb, qb in blocks:
+        if options.values == "mean":
+            vg, og = v[kb].mean(0), o[:, qb]
+        else:
+            if options.value_tokens == "received":
+                wv = recv[:, qb].sum(1)
+                C = (X * (wv / wv.mean())[:, None]).T @ X
+            else:
+                C = X.T @ X
+            vg, og = _merge_values(v[kb], o[:, qb], C, n_q)
+        new_v.append(vg)
+        new_o[:, qb] = og
+    return torch.stack(new_v), new_o
+
+
+def _shared_keys(q: torch.Tensor, k: torch.Tensor, X: torch.Tensor, blocks: list, key_w: torch.Tensor | None,
+                 rotary_dim: int, n_q: int, n_nope: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1: each block's shared key (target, D, in+1) and the queries (H, D, in+1) reading it."""
+    new_q, new_k = torch.zeros_like(q), []
+    for kb, qb in blocks:
+        tw = key_w[:, qb].sum(1) if key_w is not None else None
+        kg, qg = _merge_keys(q[qb], k[kb], X, rotary_dim, n_q, token_w=tw, nope_planes=n_nope)
+        new_k.append(kg)
+        new_q[qb] = qg
+    return new_q, torch.stack(new_k)
+
+
+def _split_bias(t: torch.Tensor, ref_w: torch.Tensor, ref_b: torch.Tensor | None):
+    """Weights and bias from an augmented (..., in+1) tensor; a bias the source lacked is kept only if nonzero."""
+    w, b = t[..., :-1].to(ref_w.dtype), t[..., -1]
+    keep = ref_b is not None or b.abs().max() > 0
+    return w, (b.to(ref_w.dtype if ref_b is None else ref_b.dtype) if keep else None)
+
+
+def _assemble(attn: AttentionWeights, new_q: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
+              new_o: torch.Tensor) -> AttentionWeights:
+    """The merged layer in the source's dtypes."""
+    qw, qbias = _split_bias(new_q, attn.q, attn.q_bias)
+    kw, kbias = _split_bias(new_k, attn.k, attn.k_bias)
+    vw, vbias = _split_bias(new_v, attn.v, attn.v_bias)
+    return attn.with_(q=qw, k=kw, v=vw, o=new_o.to(attn.o.dtype), q_bias=qbias, k_bias=kbias, v_bias=vbias)
+
+
+def _least_error_nope_planes(attn: AttentionWeights, x: torch.Tensor, candidates: list[int], merge_with, y_src: torch.Tensor,
+                             rope_kw: dict, info: dict) -> int:
+    """The candidate count of pooled planes whose merge moves the attention output least (ties: fewer)."""
+    info["nope_errors"] = {}
+    for n in candidates:
+        cand = merge_with(n)
+        info["nope_errors"][n] = float((attention_output(cand, x, **rope_kw) - y_src).pow(2).sum() / y_src.pow(2).sum())
+        del cand  # keep only the errors: holding the best candidate too costs a layer's weights
+    return min(info["nope_errors"], key=lambda n: (info["nope_errors"][n], n))
+
+
 def calibrated_merge(
     attn: AttentionWeights,
     x: torch.Tensor,
     target: int,
+    options: MergeOptions = MergeOptions(),
     *,
-    nope_planes: int | None = None,
-    context: int | None = None,
-    values: str = "pca",
-    value_tokens: str = "received",
-    key_tokens: str = "attention",
-    refit: bool = True,
-    ridge: float = 0.1,
-    regroup: bool = True,
     y: torch.Tensor | None = None,
     inv_freq: torch.Tensor | None = None,
     attention_scaling: float | None = None,
@@ -492,117 +581,60 @@ def calibrated_merge(
     inputs measured better on SmolLM2). The window length is the context the merge is tuned for.
 
     Keys, per RoPE plane: best complex rank-1 fit of each block (commutes with RoPE, exact at any
-    length). The ``nope_planes`` slowest planes, whose rotation over the context is small, are
+    length). ``options.nope_planes`` slowest planes, whose rotation over the context is small, are
     instead pooled with the non-rotary dims into one query-whitened PCA, which may move content
-    between planes (much better at short range, approximate at long range); ``None`` picks the count
-    per layer from ``nope_candidates(context)`` by the attention-output error on ``x``; 0 keeps RoPE
-    exact. context: the longest sequence the converted model must serve well (default: the
-    calibration window length); it caps the pooled planes at those turning <= pi/2 over it. key_tokens: "attention" weighs key tokens by the softmax sensitivity of the source
-    attention (``_attention_stats``), "uniform" does not.
-    values: "pca" (shared basis whitened by each head's o-projection energy) or "mean" (ablation);
-    value_tokens: "received" weighs tokens by the attention they receive, "tokens" does not.
-    refit: least-squares refit of o_proj on x (``refit_o``, ridge ``ridge``) towards ``y``, by default
-    the source layer's own attention output on x. regroup: first reorder KV heads so similar heads
-    share a block (``similarity_groups``; the reorder itself is exact).
+    between planes (much better at short range, approximate at long range); see ``MergeOptions``
+    for the rest. y: the o refit's target, by default the source layer's own attention output on x.
     inv_freq / attention_scaling: RoPE tables for the attention simulation (default: ``rope_tables``).
     info: optional dict filled with what was chosen (``nope_planes``, ``kv_order``, ``nope_errors``).
     Returns weights in the input dtype with ``target`` KV heads.
     """
-    _check_attn(attn, target)
-    if attn.qk_norm_scope != "head":
-        raise KvSurgeonError("calibrated merging keeps q/k norms per head; these span the whole projection "
-                             "(OLMo-2): use mean_pool (--method mean)")
+    _check_merge_options(attn, target, options)
     info = {} if info is None else info
-    qk_norm = attn.k_norm is not None  # Qwen3: keys merged after their per-head norm (qk_norm_merge)
-    for name, val, ok in (
-        ("values", values, ("pca", "mean")),
-        ("value_tokens", value_tokens, ("received", "tokens")),
-        ("key_tokens", key_tokens, ("attention", "uniform")),
-    ):
-        if val not in ok:
-            raise KvSurgeonError(f"{name} must be one of {ok}, got {val!r}")
     rope_kw = dict(inv_freq=inv_freq, attention_scaling=attention_scaling)
     x = _as_batch(x).to(F64)
     B, T, _ = x.shape
     X = torch.cat([x.reshape(-1, x.shape[-1]), x.new_ones(B * T, 1)], 1)  # (N, in+1): bias = input of ones
 
-    H, G = attn.num_heads, attn.num_kv_heads
-    R = attn.rope.rotary_dim
-    r, Hb = G // target, H // target
+    G, R = attn.num_kv_heads, attn.rope.rotary_dim
+    r, Hb = G // target, attn.num_heads // target
     n_q = attn.group_size  # query heads per source KV head
     info["kv_order"] = list(range(G))
-    if regroup and 1 < target < G:
+    if options.regroup and 1 < target < G:
         info["kv_order"] = _similarity_order(attn, X, target)
         attn = permute_heads(attn, info["kv_order"])
-    if key_tokens == "attention" or value_tokens == "received":
+    key_w = recv = None
+    if options.key_tokens == "attention" or options.value_tokens == "received":
         key_w, recv = _attention_stats(attn, x, X, **rope_kw)
+    key_w = key_w if options.key_tokens == "attention" else None
 
     q = _augment(attn.q, attn.q_bias)
     k = _augment(attn.k, attn.k_bias)
-    v = _augment(attn.v, attn.v_bias)
-    o = attn.o.to(F64)
     blocks = [(slice(g * r, (g + 1) * r), slice(g * Hb, (g + 1) * Hb)) for g in range(target)]
+    new_v, new_o = _shared_values(_augment(attn.v, attn.v_bias), attn.o.to(F64), X, blocks, recv, n_q, options)
 
-    # values: one shared basis per block, o columns absorb each head's reconstruction map
-    new_v, new_o = [], torch.zeros_like(o)
-    for kb, qb in blocks:
-        if values == "mean":
-            vg, og = v[kb].mean(0), o[:, qb]
-        else:
-            if value_tokens == "received":
-                wv = recv[:, qb].sum(1)
-                C = (X * (wv / wv.mean())[:, None]).T @ X
-            else:
-                C = X.T @ X
-            vg, og = _merge_values(v[kb], o[:, qb], C, n_q)
-        new_v.append(vg)
-        new_o[:, qb] = og
-    new_v = torch.stack(new_v)
-    C = None  # hidden^2 float64: 134 MB at 8B, not needed past the values
-
-    def merged_keys(n_nope: int):
-        new_q, new_k = torch.zeros_like(q), []
-        for kb, qb in blocks:
-            tw = key_w[:, qb].sum(1) if key_tokens == "attention" else None
-            kg, qg = _merge_keys(q[qb], k[kb], X, R, n_q, token_w=tw, nope_planes=n_nope)
-            new_k.append(kg)
-            new_q[qb] = qg
-        return new_q, torch.stack(new_k)
-
-    def assemble(new_q, new_k, new_o):
-        def split(t, ref_w, ref_b):
-            w, b = t[..., :-1].to(ref_w.dtype), t[..., -1]
-            keep = ref_b is not None or b.abs().max() > 0
-            return w, (b.to(ref_w.dtype if ref_b is None else ref_b.dtype) if keep else None)
-
-        qw, qbias = split(new_q, attn.q, attn.q_bias)
-        kw, kbias = split(new_k, attn.k, attn.k_bias)
-        vw, vbias = split(new_v, attn.v, attn.v_bias)
-        return attn.with_(q=qw, k=kw, v=vw, o=new_o.to(attn.o.dtype), q_bias=qbias, k_bias=kbias, v_bias=vbias)
+    def merge_with(n_nope: int) -> AttentionWeights:
+        return _assemble(attn, *_shared_keys(q, k, X, blocks, key_w, R, n_q, n_nope), new_v, new_o)
 
     y_src = None
-    if qk_norm:
+    if attn.k_norm is not None:  # Qwen3: keys merged after their per-head norm (qk_norm_merge)
         # merged on the norm's effective multiplier (Gemma-3: 1 + w), stored back in the source's form
         new_k, k_norm = merge_normed_keys(k, X, [kb for kb, _ in blocks], attn.k_norm.to(F64) + attn.norm_offset,
                                           attn.norm_eps, info)
-        out = assemble(q, new_k, new_o).with_(k_norm=(k_norm - attn.norm_offset).to(attn.k_norm.dtype))
+        out = _assemble(attn, q, new_k, new_v, new_o).with_(k_norm=(k_norm - attn.norm_offset).to(attn.k_norm.dtype))
         info["nope_planes"] = None
-    elif nope_planes is None and R:
+    elif options.nope_planes is None and R:
         y_src = attention_output(attn, x, **rope_kw)
-        info["nope_errors"] = {}
-        for n in nope_candidates(attn.rope, context or T, inv_freq):
-            cand = assemble(*merged_keys(n), new_o)
-            info["nope_errors"][n] = float((attention_output(cand, x, **rope_kw) - y_src).pow(2).sum() / y_src.pow(2).sum())
-            del cand  # keep only the errors: holding the best candidate too costs a layer's weights
-        info["nope_planes"] = min(info["nope_errors"], key=lambda n: (info["nope_errors"][n], n))
-        out = assemble(*merged_keys(info["nope_planes"]), new_o)  # deterministic: the same merge again
+        candidates = nope_candidates(attn.rope, options.context or T, inv_freq)
+        info["nope_planes"] = _least_error_nope_planes(attn, x, candidates, merge_with, y_src, rope_kw, info)
+        out = merge_with(info["nope_planes"])  # deterministic: the same merge again
     else:
-        info["nope_planes"] = nope_planes or 0
-        out = assemble(*merged_keys(info["nope_planes"]), new_o)
-    if refit:
+        info["nope_planes"] = options.nope_planes or 0
+        out = merge_with(info["nope_planes"])
+    if options.refit:
         if y is None:
             y = y_src if y_src is not None else attention_output(attn, x, **rope_kw)
-        out = refit_o(out, x, y, ridge=ridge, **rope_kw)
+        out = refit_o(out, x, y, ridge=options.ridge, **rope_kw)
     return out
 
 

@@ -6,15 +6,15 @@ from kvsurgeon.attention import head_dim_of, write_attention
 
 from ..io.checkpoint import LazyCheckpoint
 from ..errors import KvSurgeonError
-from .merge import calibrated_merge, check_kv_heads, expand_to_mha, mean_pool
+from .merge import MergeOptions, calibrated_merge, check_kv_heads, expand_to_mha, mean_pool
 from ..pipeline.driver import Plan
 from ..pipeline.preflight import family_problem, refuse
 
 METHODS = ("calibrated", "mean")
 
 
-def gqa_plan(target: int, method: str = "calibrated", merge: dict | None = None, sequential: bool = True):
-    """``merge``: keyword arguments for ``calibrated_merge`` (its documented defaults otherwise; the
+def gqa_plan(target: int, method: str = "calibrated", merge: MergeOptions = MergeOptions(), sequential: bool = True):
+    """``merge``: ``calibrated_merge``'s options (``MergeOptions``: its measured defaults unless the
     ablations in scripts/experiments/ set them here). ``sequential``: calibrate layer i on the hidden
     states of the converted layers 0..i-1 (GPTQ-style), as the ablation behind BENCHMARKS.md did, so
     the o refit also absorbs upstream drift."""
@@ -39,7 +39,7 @@ def gqa_plan(target: int, method: str = "calibrated", merge: dict | None = None,
             elif method == "mean":
                 new = mean_pool(attn, target)
             else:
-                new = calibrated_merge(attn, x, target, **(merge or {}))
+                new = calibrated_merge(attn, x, target, merge)
             return write_attention(new, new_config, i)
 
         what = "expanded (exact repeat)" if expanding else f"{method} merging"

@@ -1,7 +1,9 @@
 """Push a converted checkpoint folder to the Hugging Face Hub.
 
-The folder is checked locally first (config loads without custom code, every weight file is present) so that a
-broken checkpoint never reaches the Hub. Transient Hub failures are retried with exponential backoff; everything
+The folder is checked locally first (``check_publishable_folder``: config loads without custom code, every weight
+file is present) so that a broken checkpoint never reaches the Hub. ``push_folder`` then creates the repository
+and branch if needed (``_ensure_repo``) and uploads in one commit or, for large folders, with the resumable
+uploader. Transient Hub failures are retried with exponential backoff; everything
 else becomes a PublishError that says what to do. The token is handed to huggingface_hub only: it is never logged,
 and error messages are scrubbed of it.
 """
@@ -13,6 +15,7 @@ import json
 import logging
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Literal, TypeVar
 
@@ -38,8 +41,9 @@ class PublishError(KvSurgeonError):
 # ---------------------------------------------------------------------------- local checks
 
 
-def validate_checkpoint(folder: str | Path) -> None:
-    """Raise PublishError unless `folder` holds a loadable config and all of its safetensors weights."""
+def check_publishable_folder(folder: str | Path) -> None:
+    """Raise PublishError unless `folder` holds a config stock transformers parses and every safetensors
+    weight file it names (the files are not loaded)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PublishError(f"{folder} is not a folder: pass the output folder of the conversion.")
@@ -249,71 +253,77 @@ def push_folder(
     upload, e.g. `kvsurgeon.convert.hub.model_card.refresh_model_card` to put the final repo id into README.md.
     """
     from huggingface_hub import HfApi, constants
+
+    folder = _checked_folder(folder, repo_id, refresh_card)
+    resolved_endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+    api = HfApi(endpoint=resolved_endpoint, token=token)
+    total_bytes = sum(p.stat().st_size for p in files_to_upload(folder))
+    uploader = _choose_uploader(total_bytes, large_folder_threshold_bytes)
+    call = partial(_with_retries, retries=retries, backoff_seconds=backoff_seconds, repo_id=repo_id,
+                   endpoint=resolved_endpoint, secrets=_secrets(token))
+    _ensure_repo(api, call, repo_id, private, revision)
+    logger.info("Uploading %s (%d bytes) to %s with %s.", folder, total_bytes, repo_id, uploader)
+    if uploader == "upload_large_folder" and hasattr(api, "upload_large_folder"):
+        sha = _upload_large_folder(api, call, folder, repo_id, private, revision)
+        return f"{resolved_endpoint}/{repo_id}/commit/{sha}"
+    return _upload_folder(api, call, folder, repo_id, revision, commit_message)
+
+
+def _checked_folder(folder: str | Path, repo_id: str, refresh_card: Callable[[Path, str], object] | None) -> Path:
+    """The folder, once it and the repo id pass the local checks, with its card refreshed."""
     from huggingface_hub.utils import validate_repo_id
 
     folder = Path(folder)
-    validate_checkpoint(folder)
+    check_publishable_folder(folder)
     try:
         validate_repo_id(repo_id)
     except ValueError as e:
         raise PublishError(f"invalid repo id {repo_id!r}: use the form 'namespace/name' ({e}).") from e
     if refresh_card is not None:
         refresh_card(folder, repo_id)
+    return folder
 
-    resolved_endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
-    api = HfApi(endpoint=resolved_endpoint, token=token)
-    total_bytes = sum(p.stat().st_size for p in files_to_upload(folder))
-    uploader = _choose_uploader(total_bytes, large_folder_threshold_bytes)
-    retry = dict(
-        retries=retries,
-        backoff_seconds=backoff_seconds,
-        repo_id=repo_id,
-        endpoint=resolved_endpoint,
-        secrets=_secrets(token),
-    )
+
+def _ensure_repo(api, call: Callable, repo_id: str, private: bool, revision: str | None) -> None:
+    """Create the repository and a named branch if they do not exist yet."""
+    from huggingface_hub import constants
 
     # Look before creating: create_repo(exist_ok=True) on a repo we cannot write falls back to a code path that
     # mishandles an explicit endpoint differing from HF_ENDPOINT (huggingface_hub 2.x); the write then fails
     # with a clear 403 instead.
-    exists = _with_retries("look up the repository", lambda: api.repo_exists(repo_id, repo_type="model"), **retry)
+    exists = call("look up the repository", lambda: api.repo_exists(repo_id, repo_type="model"))
     if not exists:
-        _with_retries(
-            "create the repository",
-            lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"),
-            **retry,
-        )
+        call("create the repository", lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
     # A named branch must exist before committing to it; "main" always does and PR refs cannot be created.
     if revision is not None and revision != constants.DEFAULT_REVISION and not revision.startswith("refs/"):
-        _with_retries(
+        call(
             f"create branch {revision!r}",
             lambda: api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True),
-            **retry,
         )
 
-    logger.info("Uploading %s (%d bytes) to %s with %s.", folder, total_bytes, repo_id, uploader)
-    if uploader == "upload_large_folder" and hasattr(api, "upload_large_folder"):
-        # huggingface_hub 1.x: resumable, multi-commit; it returns nothing, so read the head commit back.
-        _with_retries(
-            "upload the folder",
-            lambda: api.upload_large_folder(
-                repo_id=repo_id,
-                folder_path=str(folder),
-                repo_type="model",
-                revision=revision,
-                private=private,
-                ignore_patterns=list(IGNORE_PATTERNS),
-                print_report=False,
-            ),
-            **retry,
-        )
-        info = _with_retries(
-            "read the new commit", lambda: api.repo_info(repo_id, revision=revision, repo_type="model"), **retry
-        )
-        return f"{resolved_endpoint}/{repo_id}/commit/{info.sha}"
 
-    # huggingface_hub >= 2 has no upload_large_folder: its upload_folder is itself resumable and splits large
-    # folders into several commits when hf_xet is installed.
-    commit = _with_retries(
+def _upload_large_folder(api, call: Callable, folder: Path, repo_id: str, private: bool, revision: str | None) -> str:
+    """huggingface_hub 1.x: resumable, multi-commit; it returns nothing, so the head commit is read back."""
+    call(
+        "upload the folder",
+        lambda: api.upload_large_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            revision=revision,
+            private=private,
+            ignore_patterns=list(IGNORE_PATTERNS),
+            print_report=False,
+        ),
+    )
+    info = call("read the new commit", lambda: api.repo_info(repo_id, revision=revision, repo_type="model"))
+    return info.sha
+
+
+def _upload_folder(api, call: Callable, folder: Path, repo_id: str, revision: str | None, commit_message: str | None) -> str:
+    """One upload_folder call. huggingface_hub >= 2 has no upload_large_folder: its upload_folder is itself
+    resumable and splits large folders into several commits when hf_xet is installed."""
+    commit = call(
         "upload the folder",
         lambda: api.upload_folder(
             repo_id=repo_id,
@@ -323,6 +333,5 @@ def push_folder(
             commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
             ignore_patterns=list(IGNORE_PATTERNS),  # a fresh list: upload_folder appends to it
         ),
-        **retry,
     )
     return str(commit.commit_url)

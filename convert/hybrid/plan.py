@@ -12,6 +12,11 @@ the KL increase of the next-token distribution is measured, and attention stays 
 Linear layers are initialised from the attention they replace and calibrated (``convert.hybrid``),
 then optionally trained by attention transfer on the calibration inputs (``--transfer-tokens N``).
 
+Layout: ``hybrid_plan`` checks the target (``_checked_target``), picks the layers (``_layer_choice``,
+``_auto_linear_layers`` with ``rank_layers``), and builds a transform that writes each linear layer
+through ``_HybridLayer`` (initialise, optional attention transfer, a shared ``layer_cache``) and the
+tensors the target stores in another form (``_non_attention_tensors``). The math is in ``fit.py``.
+
 Pipeline contract used here: ``Plan.rename`` returns ``None`` for source tensors the transform has already written in another
 form (the MLP merged into Granite's ``shared_mlp.input_linear``, zero-centred Qwen3.5 norms), and
 ``Plan.files`` holds JSON files for the output folder.
@@ -24,6 +29,7 @@ from tqdm.auto import tqdm
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -136,135 +142,214 @@ def hybrid_plan(
     if linear not in LINEAR_KINDS:
         raise KvSurgeonError(f"unknown --linear {linear!r}; choose one of {', '.join(LINEAR_KINDS)}")
     say = log or (lambda s: None)
-    given_ranking = ranking
+    fit = _LinearFit(transfer_tokens=transfer_tokens, transfer_lr=transfer_lr, transfer_batch_windows=transfer_batch_windows,
+                     mamba_init=mamba_init, gdn_init=gdn_init, layer_cache=layer_cache, say=say)
 
     def make_plan(config: dict, ckpt) -> Plan:
-        refuse("cannot convert to a hybrid", [family_problem(config, "hybrid")])
-        target = _target_for(config, linear)
-        # before the ranking pass: a refusal must come before any work
-        refuse("cannot convert to a hybrid", [window_problem(
-            config, "GraniteMoeHybrid" if target == "granite" else "Qwen3.5", drop_sliding_window)])
+        target = _checked_target(config, linear, drop_sliding_window)
         L = int(config["num_hidden_layers"])
-        mode, keep, layers = resolve_layer_choice(L, keep_attention, linear_layers)
-        if (keep == 0 if mode == "auto" else len(layers) == L):
-            raise KvSurgeonError(
-                f"--to hybrid needs at least one attention layer: with every layer linear, transformers' hybrid cache "
-                f"has no attention layer to count tokens (DynamicCache.get_seq_length raises) and generate() fails; "
-                f"keep at least one (--keep-attention 1)"
-            )
-        build_config = granite_hybrid_config if target == "granite" else qwen35_text_config
-        try:
-            build_config(config, [])  # layout checks (head_dim, activation, ...) before any expensive pass
-        except HybridLayoutError as e:
-            raise KvSurgeonError(str(e)) from None
+        mode, keep, layers = _layer_choice(L, keep_attention, linear_layers)
+        build_config = _layout_checked(config, target)
         files: dict[str, object] = {}
         if mode == "auto":
-            ranking = dict(given_ranking) if given_ranking else rank_layers(
-                ckpt, config, target, calib or CalibConfig(), rank_tokens, kl_stride=rank_kl_stride,
-                mamba_init=mamba_init, gdn_init=gdn_init, log=say,
+            layers, files[RANKING_FILE] = _auto_linear_layers(
+                ckpt, config, target, keep, ranking, say,
+                lambda: rank_layers(ckpt, config, target, calib or CalibConfig(), rank_tokens, kl_stride=rank_kl_stride,
+                                    mamba_init=mamba_init, gdn_init=gdn_init, log=say),
             )
-            order = [r["layer"] for r in ranking["ranking"]]  # most costly to linearise first
-            kept = set(order[:keep])
-            layers = sorted(i for i in range(L) if i not in kept)
-            ranking["kept_attention"] = sorted(kept)
-            ranking["linear_layers"] = layers
-            files[RANKING_FILE] = ranking
-            say(format_ranking(ranking))
-        linear_set = set(layers)
         try:
             new_config = build_config(config, layers)
         except HybridLayoutError as e:
             raise KvSurgeonError(str(e)) from None
         report = {"linear_layers": layers, "mode": mode, "target": new_config["architectures"][0], "layers": {}}
         files[REPORT_FILE] = report
-        eps = float(config.get("rms_norm_eps", 1e-6))
-
-        def linearise(i, attn, x):
-            key = (i, transfer_tokens)
-            if layer_cache is not None and key in layer_cache:
-                sd, info = layer_cache[key]
-                say(f"layer {i}: reused from layer_cache")
-            else:
-                sd, info = _linear_layer(i, attn, x)
-                if layer_cache is not None:
-                    layer_cache[key] = (sd, info)
-            report["layers"][str(i)] = info
-            if target == "granite":
-                return write_mamba2(Mamba2Weights.from_state_dict(sd), new_config, i)
-            return write_gdn(GdnWeights.from_state_dict(sd), new_config, i)
-
-        def _linear_layer(i, attn, x):
-            t0 = time.time()
-            y = attention_output(attn, x).to(torch.float32)
-            init_key = (i, "init")
-            if layer_cache is not None and init_key in layer_cache:
-                w, info = layer_cache[init_key]
-                info = dict(info)
-            else:
-                if target == "granite":
-                    w, info = mamba2_from_attention(attn, x, mamba2_dims(new_config), eps=eps, init=mamba_init, target=y)
-                else:
-                    w, info = gdn_from_attention(attn, x, gdn_dims(new_config), eps=eps, init=gdn_init, target=y)
-                info["init_seconds"] = round(time.time() - t0, 2)
-                if layer_cache is not None:
-                    layer_cache[init_key] = (w, dict(info))
-            module = mamba2_module(new_config, i, w) if target == "granite" else gdn_module(new_config, i, w)
-            if transfer_tokens:
-                T = x.shape[1]
-                steps = max(1, math.ceil(transfer_tokens / (transfer_batch_windows * T)))
-                res = attention_transfer(module, x, y, steps, transfer_lr, batch_windows=transfer_batch_windows)
-                info["transfer"] = {k: v for k, v in res.as_dict().items() if k != "history"}
-                say(
-                    f"layer {i}: init rel-MSE {info['rel_mse_init']:.4f}, attention transfer {res.steps} steps: held-out "
-                    f"{res.val_rel_mse_before:.4f} -> {res.val_rel_mse_after:.4f} ({res.seconds:.0f}s)"
-                )
-            else:
-                say(f"layer {i}: init rel-MSE {info['rel_mse_init']:.4f} ({info['init_seconds']:.0f}s)")
-            sd = {k: v.detach().to(torch.float32).clone() for k, v in module.state_dict().items()}
-            return sd, info
+        layer = _HybridLayer(fit, target, new_config, float(config.get("rms_norm_eps", 1e-6)), report)
+        linear_set = set(layers)
 
         def transform(i, attn, x):
-            p = f"model.layers.{i}."
             if i in linear_set:
                 if x is None:
                     raise KvSurgeonError("internal error: linear layers need calibration inputs")
-                out = linearise(i, attn, x)
+                out = layer.linearise(i, attn, x)
             elif target == "granite":
                 out = granite_attention_tensors(attn, i, bool(new_config["attention_bias"]))
             else:
                 out = qwen35_attention_tensors(attn, i)
-            if target == "granite":
-                g = [ckpt.get_tensor(p + f"mlp.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")]
-                out.update(granite_mlp_tensors(*g, i))
-            else:
-                for n in ("input_layernorm", "post_attention_layernorm"):
-                    out[p + n + ".weight"] = qwen35_norm_tensor(ckpt.get_tensor(p + n + ".weight"))
-                if i == L - 1:
-                    out["model.norm.weight"] = qwen35_norm_tensor(ckpt.get_tensor("model.norm.weight"))
+            out.update(_non_attention_tensors(ckpt, target, i, L))
             return out
 
-        if target == "granite":
-            def rename(name: str):
-                return None if ".mlp." in name else name
-        else:
-            def rename(name: str):
-                if name == "model.norm.weight" or name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
-                    return None
-                return name
-
-        kind = "Mamba2" if target == "granite" else "Gated DeltaNet"
-        how = {"auto": "chosen by measured KL cost (auto)", "even": "evenly interleaved", "list": "as listed"}[mode]
-        summary = (
-            f"{len(layers)} of {L} attention layers replaced by {kind} layers ({how}: {layers}); "
-            f"{L - len(layers)} attention layers and all MLPs kept exactly, as {new_config['architectures'][0]}. "
-            f"Linear layers initialised from the attention they replace (V->x, K->B, Q->C, O->out_proj) and calibrated"
-            + (f", then attention transfer on {transfer_tokens} tokens per layer." if transfer_tokens else ".")
-            + (window_note(config) if drop_sliding_window else "")
-        )
-        return Plan(new_config=new_config, transform=transform, needs_calibration=bool(layers), rename=rename,
-                    summary=summary, files=files)
+        return Plan(new_config=new_config, transform=transform, needs_calibration=bool(layers), rename=_rename_for(target),
+                    summary=_hybrid_summary(config, new_config, target, mode, layers, transfer_tokens, drop_sliding_window),
+                    files=files)
 
     return make_plan
+
+
+def _checked_target(config: dict, linear: str, drop_sliding_window: bool) -> str:
+    """The target ("granite" or "qwen35"), after the family and window refusals."""
+    refuse("cannot convert to a hybrid", [family_problem(config, "hybrid")])
+    target = _target_for(config, linear)
+    # before the ranking pass: a refusal must come before any work
+    refuse("cannot convert to a hybrid", [window_problem(
+        config, "GraniteMoeHybrid" if target == "granite" else "Qwen3.5", drop_sliding_window)])
+    return target
+
+
+def _layout_checked(config: dict, target: str):
+    """The target's config builder, once its layout checks (head_dim, activation, ...) pass on the
+    source, before any expensive pass."""
+    build_config = granite_hybrid_config if target == "granite" else qwen35_text_config
+    try:
+        build_config(config, [])
+    except HybridLayoutError as e:
+        raise KvSurgeonError(str(e)) from None
+    return build_config
+
+
+def _layer_choice(L: int, keep_attention, linear_layers):
+    """``resolve_layer_choice``, refusing a hybrid with no attention layer left."""
+    mode, keep, layers = resolve_layer_choice(L, keep_attention, linear_layers)
+    if (keep == 0 if mode == "auto" else len(layers) == L):
+        raise KvSurgeonError(
+            f"--to hybrid needs at least one attention layer: with every layer linear, transformers' hybrid cache "
+            f"has no attention layer to count tokens (DynamicCache.get_seq_length raises) and generate() fails; "
+            f"keep at least one (--keep-attention 1)"
+        )
+    return mode, keep, layers
+
+
+def _auto_linear_layers(ckpt, config: dict, target: str, keep: int, given_ranking: dict | None, say,
+                        measure: Callable[[], dict]) -> tuple[list[int], dict]:
+    """Linear layers for ``auto``: all but the ``keep`` layers most costly to linearise, from the
+    given ranking or a measured one; returns them and the ranking file's content."""
+    ranking = dict(given_ranking) if given_ranking else measure()
+    order = [r["layer"] for r in ranking["ranking"]]  # most costly to linearise first
+    kept = set(order[:keep])
+    layers = sorted(i for i in range(int(config["num_hidden_layers"])) if i not in kept)
+    ranking["kept_attention"] = sorted(kept)
+    ranking["linear_layers"] = layers
+    say(format_ranking(ranking))
+    return layers, ranking
+
+
+@dataclass
+class _LinearFit:
+    """How linear layers are fitted: initialisation, optional attention transfer, a shared cache."""
+
+    transfer_tokens: int
+    transfer_lr: float
+    transfer_batch_windows: int
+    mamba_init: Mamba2Init | None
+    gdn_init: GdnInit | None
+    layer_cache: dict | None
+    say: Callable[[str], None]
+
+
+@dataclass
+class _HybridLayer:
+    """One plan's linear layers: fitted (or taken from the cache), reported, written."""
+
+    fit: _LinearFit
+    target: str  # "granite" or "qwen35"
+    new_config: dict
+    eps: float
+    report: dict
+
+    def linearise(self, i: int, attn, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Layer i's linear-layer tensors, from the cache when the same layer was fitted before."""
+        cache, key = self.fit.layer_cache, (i, self.fit.transfer_tokens)
+        if cache is not None and key in cache:
+            sd, info = cache[key]
+            self.fit.say(f"layer {i}: reused from layer_cache")
+        else:
+            sd, info = self.fitted_state(i, attn, x)
+            if cache is not None:
+                cache[key] = (sd, info)
+        self.report["layers"][str(i)] = info
+        if self.target == "granite":
+            return write_mamba2(Mamba2Weights.from_state_dict(sd), self.new_config, i)
+        return write_gdn(GdnWeights.from_state_dict(sd), self.new_config, i)
+
+    def initialised(self, i: int, attn, x: torch.Tensor, y: torch.Tensor, t0: float):
+        """The linear layer's weights initialised from the attention, and what the fit measured
+        (``init_seconds``: since t0)."""
+        cache, key = self.fit.layer_cache, (i, "init")
+        if cache is not None and key in cache:
+            w, info = cache[key]
+            return w, dict(info)
+        if self.target == "granite":
+            w, info = mamba2_from_attention(attn, x, mamba2_dims(self.new_config), eps=self.eps, init=self.fit.mamba_init, target=y)
+        else:
+            w, info = gdn_from_attention(attn, x, gdn_dims(self.new_config), eps=self.eps, init=self.fit.gdn_init, target=y)
+        info["init_seconds"] = round(time.time() - t0, 2)
+        if cache is not None:
+            cache[key] = (w, dict(info))
+        return w, info
+
+    def fitted_state(self, i: int, attn, x: torch.Tensor):
+        """The linear layer's float32 state dict: initialised, then trained by attention transfer
+        on x if asked; and its report entry."""
+        t0 = time.time()
+        y = attention_output(attn, x).to(torch.float32)
+        w, info = self.initialised(i, attn, x, y, t0)
+        module = mamba2_module(self.new_config, i, w) if self.target == "granite" else gdn_module(self.new_config, i, w)
+        f = self.fit
+        if f.transfer_tokens:
+            T = x.shape[1]
+            steps = max(1, math.ceil(f.transfer_tokens / (f.transfer_batch_windows * T)))
+            res = attention_transfer(module, x, y, steps, f.transfer_lr, batch_windows=f.transfer_batch_windows)
+            info["transfer"] = {k: v for k, v in res.as_dict().items() if k != "history"}
+            f.say(
+                f"layer {i}: init rel-MSE {info['rel_mse_init']:.4f}, attention transfer {res.steps} steps: held-out "
+                f"{res.val_rel_mse_before:.4f} -> {res.val_rel_mse_after:.4f} ({res.seconds:.0f}s)"
+            )
+        else:
+            f.say(f"layer {i}: init rel-MSE {info['rel_mse_init']:.4f} ({info['init_seconds']:.0f}s)")
+        sd = {k: v.detach().to(torch.float32).clone() for k, v in module.state_dict().items()}
+        return sd, info
+
+
+def _non_attention_tensors(ckpt, target: str, i: int, L: int) -> dict[str, torch.Tensor]:
+    """Layer i's tensors the target stores in another form: Granite's merged MLP, Qwen3.5's
+    zero-centred norms (the final norm with the last layer)."""
+    p = f"model.layers.{i}."
+    out = {}
+    if target == "granite":
+        g = [ckpt.get_tensor(p + f"mlp.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")]
+        out.update(granite_mlp_tensors(*g, i))
+    else:
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            out[p + n + ".weight"] = qwen35_norm_tensor(ckpt.get_tensor(p + n + ".weight"))
+        if i == L - 1:
+            out["model.norm.weight"] = qwen35_norm_tensor(ckpt.get_tensor("model.norm.weight"))
+    return out
+
+
+def _rename_for(target: str):
+    """The plan's rename: drop the source tensors ``_non_attention_tensors`` already wrote."""
+    if target == "granite":
+        def rename(name: str):
+            return None if ".mlp." in name else name
+    else:
+        def rename(name: str):
+            if name == "model.norm.weight" or name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
+                return None
+            return name
+    return rename
+
+
+def _hybrid_summary(config: dict, new_config: dict, target: str, mode: str, layers: list[int], transfer_tokens: int,
+                    drop_sliding_window: bool) -> str:
+    L = int(config["num_hidden_layers"])
+    kind = "Mamba2" if target == "granite" else "Gated DeltaNet"
+    how = {"auto": "chosen by measured KL cost (auto)", "even": "evenly interleaved", "list": "as listed"}[mode]
+    return (
+        f"{len(layers)} of {L} attention layers replaced by {kind} layers ({how}: {layers}); "
+        f"{L - len(layers)} attention layers and all MLPs kept exactly, as {new_config['architectures'][0]}. "
+        f"Linear layers initialised from the attention they replace (V->x, K->B, Q->C, O->out_proj) and calibrated"
+        + (f", then attention transfer on {transfer_tokens} tokens per layer." if transfer_tokens else ".")
+        + (window_note(config) if drop_sliding_window else "")
+    )
 
 
 # ----------------------------------------------------------------------------------------------

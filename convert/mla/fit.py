@@ -50,18 +50,24 @@ adds ``o_h v_bias`` to the output whatever the attention weights (folded into ``
 exact). DeepseekV3's ``q_proj`` has no bias: a query bias is refused unless ``q_bias="fit"``
 (least-squares fold into the weights using calibration inputs, lossy, residual reported).
 Qwen3 q/k norms are refused.
+
+Reading order: the shape checks and RoPE frequency plan; ``rorope_basis``; the latent norm's
+scales (``fit_latent_scales``, ballast directions); ``MlaFit`` (the fit's options) and
+``joint_latent_plan`` (steps 1-2 up to the PCA); ``convert_layer_to_mla`` (steps 2-4, one small
+helper per step); the refits (``attention_token_weights``, ``refit_output``, ``refit_queries``).
+The plan that drives them per layer is ``plan.py``; helpers only experiments and tests use
+(``mla_config``, ``mla_state_dict``, per-layer ranks) are in ``scripts/experiments/mla_tools.py``.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from kvsurgeon.attention.mla_layout import UNTIED_LM_HEAD, MlaWeights, deepseek_config, rotate_half_to_interleaved, write_mla
+from kvsurgeon.attention.mla_layout import MlaWeights, interleaved_to_rotate_half, rotate_half_to_interleaved
 from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
 from kvsurgeon.attention.reference import (
     apply_rope,
@@ -83,16 +89,14 @@ from ..rope_planes import pca_basis, plane_covariance, rotate_keys, rotate_queri
 
 __all__ = [
     "MlaConversionError",
+    "MlaFit",
+    "JointLatentPlan",
     "check_mla_ranks",
     "rope_frequency_plan",
     "rorope_basis",
     "fit_latent_scales",
+    "joint_latent_plan",
     "convert_layer_to_mla",
-    "mla_spectrum",
-    "allocate_ranks",
-    "effective_cache",
-    "mla_config",
-    "mla_state_dict",
     "attention_token_weights",
     "refit_output",
     "refit_queries",
@@ -346,8 +350,27 @@ def _ballast_direction(X: torch.Tensor, A: torch.Tensor, deficit: torch.Tensor) 
 # the conversion
 
 
+@dataclass(frozen=True)
+class MlaFit:
+    """How ``convert_layer_to_mla`` fits one layer. ``mla_plan`` sets the first group from
+    ``MlaTuning``; the switches after it exist for ablations (scripts/experiments/mla_ablation.py)
+    and tests, and every conversion the CLI runs keeps their defaults."""
+
+    qk_nope_head_dim: int | None = None  # None: min(R, |K_nope|), the exact choice
+    kv_balance: float = 1.0  # K/V energy ratio in the joint PCA
+    norm_ballast: int = 0  # latent dims that only steady rms(latent) (attention sinks)
+    q_bias: str = "error"  # "fit": fold a source query bias into q_proj by least squares
+    frequencies: str | int = "high"  # which source RoPE frequencies the shared rope key keeps
+    # ablation switches
+    whiten: bool = True  # metric from the queries reading the keys and o_proj reading the values
+    norm_fit: bool = True  # per-coordinate latent scales that steady rms(latent)
+    refit: bool = True  # kv_b least squares on the normalised latent
+    effective_rank: int | None = None  # use only this many latent dims (per-layer ranks)
+    rope_interleave: bool = True  # rope rows in interleaved pair order (``rope_interleave: true``)
+
+
 @dataclass
-class _Plan:
+class JointLatentPlan:
     """What the joint latent has to carry, before any rank is chosen."""
 
     kept: list[int]
@@ -369,40 +392,100 @@ class _Plan:
     info: dict = field(default_factory=dict)
 
 
-def _plan(
-    attn: AttentionWeights,
-    x: torch.Tensor | None,
-    rope_dim: int,
-    method: str,
-    frequencies: str | int,
-    whiten: bool,
-    kv_balance: float,
-    nope_drop_wavelength: float | None,
-    q_bias: str,
-    token_weights: torch.Tensor | None = None,
-) -> _Plan:
+def _calibration_inputs(attn: AttentionWeights, x: torch.Tensor | None, method: str, q_bias: str) -> torch.Tensor | None:
+    """x flattened to (N, hidden) float64, after checking the method and the source can use it."""
     if method not in ("calibrated", "svd"):
         raise MlaConversionError(f"method must be 'calibrated' or 'svd', got {method!r}")
     _check_supported(attn, q_bias)
     X = _flat(x)
     if method == "calibrated" and X is None:
         raise MlaConversionError("method='calibrated' needs calibration attention inputs x (N, hidden); use method='svd' without them")
-    H, D, hidden = attn.q.shape
-    G, Dv, rd = attn.num_kv_heads, attn.v_head_dim, attn.rope.rotary_dim
-    F = rd // 2
-    kv_index = attn.kv_index()
-    info: dict[str, Any] = {}
+    return X
 
+
+def _fold_q_bias(attn: AttentionWeights, X: torch.Tensor | None, info: dict) -> torch.Tensor:
+    """Query weights (H, D, hidden) float64, a query bias folded in: x . beta ~= 1 on the inputs."""
     q = attn.q.double()
-    if attn.q_bias is not None:  # q_bias == "fit" (checked): x . beta ~= 1 on calibration inputs
+    if attn.q_bias is not None:  # q_bias == "fit" (checked)
         if X is None:
             raise MlaConversionError("q_bias='fit' needs calibration inputs x")
         Sx_ = X.T @ X / X.shape[0]
         beta = ridge_solve(Sx_, X.mean(0), 1e-6)
         q = q + attn.q_bias.double()[..., None] * beta
         info["q_bias_fit_residual"] = float(((X @ beta - 1) ** 2).mean())
+    return q
 
-    kept, theta = rope_frequency_plan(attn.rope, rope_dim, frequencies)
+
+def _nope_index(G: int, D: int, rope_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(component, dim) of every rotated key row that is not the shared rope key: component 0's
+    rope rows stay rotary, everything else becomes a nope key dim, ordered by component, then dim."""
+    is_rope = torch.zeros(G, D, dtype=torch.bool)
+    is_rope[0, rope_rows] = True
+    nope = [(m, d) for m in range(G) for d in range(D) if not is_rope[m, d]]
+    mi = torch.tensor([p[0] for p in nope], dtype=torch.long)
+    di = torch.tensor([p[1] for p in nope], dtype=torch.long)
+    return mi, di
+
+
+def _value_metric(o: torch.Tensor, kv_index: torch.Tensor, G: int, Dv: int) -> torch.Tensor:
+    """(G*Dv, G*Dv) block diagonal: per KV head, the o_proj energy of the query heads reading it."""
+    Mv = torch.zeros(G * Dv, G * Dv, dtype=torch.float64)
+    for h in range(o.shape[1]):
+        j = int(kv_index[h])
+        Mv[j * Dv:(j + 1) * Dv, j * Dv:(j + 1) * Dv] += o[:, h].T @ o[:, h]
+    return Mv
+
+
+def _whitening(attn: AttentionWeights, q: torch.Tensor, X: torch.Tensor, Sx: torch.Tensor, Cn: torch.Tensor,
+               Kn: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Key and value metrics and their inverses: nope keys by the queries reading them (score
+    error), values by o_proj (output error)."""
+    H, D, hidden = attn.q.shape
+    # sum_h Qn_h Sx Qn_h^T = sum_h Cn_h (q_h Sx q_h^T) Cn_h^T: (D, D) per head, with the input
+    # moment applied through X when there are fewer tokens than hidden dims
+    Sq = _head_moments(q, X if X.shape[0] < hidden else None, Sx)
+    Mk = torch.einsum("hkd,hde,hle->kl", Cn, Sq, Cn) / D if Kn else Cn.new_zeros(0, 0)
+    Mv = _value_metric(attn.o.double(), attn.kv_index(), attn.num_kv_heads, attn.v_head_dim)
+    Sk, Sk_inv = psd_sqrt(Mk) if Kn else (Mk, Mk)
+    Svm, Sv_inv = psd_sqrt(Mv)
+    return Sk, Sk_inv, Svm, Sv_inv
+
+
+def _balanced_metric(Sk: torch.Tensor, Sk_inv: torch.Tensor, Svm: torch.Tensor, Sv_inv: torch.Tensor, Wk: torch.Tensor,
+                     Wv: torch.Tensor, Sx_kv: torch.Tensor, kv_balance: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """block_diag(alpha Sk, Sv) and its inverse, alpha making the key energy kv_balance x the value energy."""
+    Kn = Wk.shape[0]
+    ek = float(torch.trace(Sk @ Wk @ Sx_kv @ Wk.T @ Sk)) if Kn else 0.0
+    ev = float(torch.trace(Svm @ Wv @ Sx_kv @ Wv.T @ Svm))
+    alpha = math.sqrt(kv_balance * ev / ek) if ek > 1e-18 * ev else 1.0  # no nope-key energy: nothing to balance
+    return torch.block_diag(alpha * Sk, Svm), torch.block_diag(Sk_inv / alpha, Sv_inv), alpha
+
+
+def _descending_pca(S: torch.Tensor, W: torch.Tensor, Sx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, clamped at 0) and eigenvectors of S W Sx W^T S."""
+    C = S @ W @ Sx @ W.T @ S
+    evals, U = torch.linalg.eigh(0.5 * (C + C.T))
+    return evals.flip(0).clamp_min(0), U.flip(1)
+
+
+def joint_latent_plan(
+    attn: AttentionWeights,
+    x: torch.Tensor | None,
+    rope_dim: int,
+    method: str,
+    fit: MlaFit = MlaFit(),
+    token_weights: torch.Tensor | None = None,
+) -> JointLatentPlan:
+    """RoRoPE and the metric-weighted joint [K_nope; V] covariance the latent keeps the top R of."""
+    X = _calibration_inputs(attn, x, method, fit.q_bias)
+    H, D, hidden = attn.q.shape
+    G, Dv, rd = attn.num_kv_heads, attn.v_head_dim, attn.rope.rotary_dim
+    F = rd // 2
+    kv_index = attn.kv_index()
+    info: dict[str, Any] = {}
+    q = _fold_q_bias(attn, X, info)
+
+    kept, theta = rope_frequency_plan(attn.rope, rope_dim, fit.frequencies)
     calibrated = method == "calibrated"
     A, A_inv = rorope_basis(
         attn.k, q, kv_index, rd, X if calibrated else None, attn.k_bias, None, query_weighted=calibrated
@@ -415,23 +498,8 @@ def _plan(
         kb = rotate_keys(attn.k_bias.double()[..., None], A, rd)[..., 0]  # (G, D)
         k_pe_bias = kb[0, rope_rows]
 
-    inv_freq = rope_tables(attn.rope)[0]
-    nope: list[tuple[int, int]] = []
-    dropped = 0
-    is_rope = torch.zeros(G, D, dtype=torch.bool)
-    is_rope[0, rope_rows] = True
-    for m in range(G):
-        for d in range(D):
-            if is_rope[m, d]:
-                continue
-            if nope_drop_wavelength is not None and d < rd:
-                if 2 * math.pi / float(inv_freq[d % F]) < nope_drop_wavelength:
-                    dropped += 1
-                    continue
-            nope.append((m, d))
-    mi = torch.tensor([p[0] for p in nope], dtype=torch.long)
-    di = torch.tensor([p[1] for p in nope], dtype=torch.long)
-    Wk = kr[mi, di] if nope else kr.new_zeros(0, hidden)
+    mi, di = _nope_index(G, D, rope_rows)
+    Wk = kr[mi, di] if len(mi) else kr.new_zeros(0, hidden)
     # The query rotation is linear in each head's own D rows, the same for every hidden column: rotate
     # the identity once to get its coefficients, never the (H, G, D, hidden) rows themselves.
     eye = torch.eye(D, dtype=torch.float64).expand(H, D, D)
@@ -447,141 +515,96 @@ def _plan(
     if calibrated and token_weights is not None:
         u = token_weights.reshape(-1).double()
         Sx_kv = (X * u[:, None]).T @ X / u.sum()
-    if whiten and calibrated:
-        # sum_h Qn_h Sx Qn_h^T = sum_h Cn_h (q_h Sx q_h^T) Cn_h^T: (D, D) per head, with the input
-        # moment applied through X when there are fewer tokens than hidden dims
-        Sq = _head_moments(q, X if X.shape[0] < hidden else None, Sx)
-        Mk = torch.einsum("hkd,hde,hle->kl", Cn, Sq, Cn) / D if Kn else Wk.new_zeros(0, 0)
-        Mv = torch.zeros(G * Dv, G * Dv, dtype=torch.float64)
-        o = attn.o.double()
-        for h in range(H):
-            j = int(kv_index[h])
-            Mv[j * Dv:(j + 1) * Dv, j * Dv:(j + 1) * Dv] += o[:, h].T @ o[:, h]
-        Sk, Sk_inv = psd_sqrt(Mk) if Kn else (Mk, Mk)
-        Svm, Sv_inv = psd_sqrt(Mv)
+    if fit.whiten and calibrated:
+        Sk, Sk_inv, Svm, Sv_inv = _whitening(attn, q, X, Sx, Cn, Kn)
     else:
         Sk, Sk_inv = torch.eye(Kn, dtype=torch.float64), torch.eye(Kn, dtype=torch.float64)
         Svm, Sv_inv = torch.eye(G * Dv, dtype=torch.float64), torch.eye(G * Dv, dtype=torch.float64)
-    ek = float(torch.trace(Sk @ Wk @ Sx_kv @ Wk.T @ Sk)) if Kn else 0.0
-    ev = float(torch.trace(Svm @ Wv @ Sx_kv @ Wv.T @ Svm))
-    alpha = math.sqrt(kv_balance * ev / ek) if ek > 1e-18 * ev else 1.0  # no nope-key energy: nothing to balance
-    S = torch.block_diag(alpha * Sk, Svm)
-    S_inv = torch.block_diag(Sk_inv / alpha, Sv_inv)
-    W = torch.cat([Wk, Wv])
-    C = S @ W @ Sx_kv @ W.T @ S
-    evals, U = torch.linalg.eigh(0.5 * (C + C.T))
-    evals, U = evals.flip(0).clamp_min(0), U.flip(1)
+    S, S_inv, alpha = _balanced_metric(Sk, Sk_inv, Svm, Sv_inv, Wk, Wv, Sx_kv, fit.kv_balance)
+    evals, U = _descending_pca(S, torch.cat([Wk, Wv]), Sx_kv)
     if attn.rope.rope_type != "default":  # Dr == rotary_dim: the config copies the source's rope_parameters
         info.update(rope_type=attn.rope.rope_type, rope_scaling=dict(attn.rope.scaling))
-    info.update(rope_theta=theta, kept_frequencies=kept, nope_dims=Kn, nope_dropped=dropped, kv_alpha=alpha)
-    return _Plan(kept, theta, rope_rows, kr[0, rope_rows], q_rope, k_pe_bias, Wk, Cn, Wv, S, S_inv, Sx,
-                 evals, U, q, info)
+    info.update(rope_theta=theta, kept_frequencies=kept, nope_dims=Kn, kv_alpha=alpha)
+    return JointLatentPlan(kept, theta, rope_rows, kr[0, rope_rows], q_rope, k_pe_bias, Wk, Cn, Wv, S, S_inv, Sx,
+                           evals, U, q, info)
 
 
-def mla_spectrum(
-    attn: AttentionWeights,
-    x: torch.Tensor | None,
-    rope_dim: int,
-    method: str = "calibrated",
-    *,
-    frequencies: str | int = "high",
-    whiten: bool = True,
-    kv_balance: float = 1.0,
-    nope_drop_wavelength: float | None = None,
-    q_bias: str = "error",
-    token_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Descending eigenvalues of the (balanced, whitened) joint [K_nope; V] covariance the latent
-    keeps the top R of: the input of ``allocate_ranks``."""
-    return _plan(attn, x, rope_dim, method, frequencies, whiten, kv_balance, nope_drop_wavelength, q_bias, token_weights).evals
+@dataclass
+class _LatentNorm:
+    """The latent down-projection and kv_a_layernorm: ``c = A x``, normalised ``w * c / rms(c)``."""
+
+    A: torch.Tensor  # (R, hidden) scaled rows: K/V dims, then ballast dims, then zero rows
+    s: torch.Tensor  # (R,) per-coordinate scales (c = diag(s) y)
+    w: torch.Tensor  # (R,) the norm weight
+    r0: float
+    used: int  # latent dims carrying K/V or ballast
 
 
-def convert_layer_to_mla(
-    attn: AttentionWeights,
-    x: torch.Tensor | None,
-    kv_lora_rank: int,
-    rope_dim: int,
-    method: str = "calibrated",
-    *,
-    frequencies: str | int = "high",
-    qk_nope_head_dim: int | None = None,
-    whiten: bool = True,
-    kv_balance: float = 1.0,
-    norm_fit: bool = True,
-    refit: bool = True,
-    nope_drop_wavelength: float | None = None,
-    effective_rank: int | None = None,
-    norm_ballast: int = 0,
-    token_weights: torch.Tensor | None = None,
-    q_bias: str = "error",
-    rope_interleave: bool = True,
-    dtype: torch.dtype | None = None,
-) -> MlaWeights:
-    """One layer -> DeepSeek MLA with latent rank ``kv_lora_rank`` (R) and shared rope dim ``rope_dim`` (Dr).
-
-    x: (N, hidden) or (B, T, hidden) calibration attention inputs (the post-input-norm hidden
-    states). ``method="svd"`` needs none (weight-only basis); if given, x is then only used for the
-    latent-norm scales and the kv_b refit (set ``norm_fit=False, refit=False`` for a pure baseline).
-    effective_rank: use only this many latent dims (the rest are zero rows; per-layer ranks).
-    norm_ballast: of the R latent dims, this many carry no K/V at first but only input directions
-    chosen to keep rms(latent) constant (tokens whose K/V latent is small, e.g. attention sinks);
-    the kv_b refit may still use them.
-    token_weights: (N,) importance of each calibration token for the joint PCA and the kv_b refit,
-    e.g. ``attention_token_weights`` (how much attention each token receives).
-    Measurements land in ``MlaWeights.info`` (``rope_theta`` is what the config must use).
-    """
-    H, D, hidden = attn.q.shape
-    G, Dv = attn.num_kv_heads, attn.v_head_dim
-    R = kv_lora_rank
-    check_mla_ranks(num_kv_heads=G, head_dim=D, v_head_dim=Dv, rope=attn.rope, kv_lora_rank=R, rope_dim=rope_dim,
-                    hidden_size=hidden, frequencies=frequencies)
+def _latent_dims(R: int, effective_rank: int | None, norm_ballast: int) -> int:
+    """Latent dims that carry K/V: the effective rank less the ballast dims."""
     r = R if effective_rank is None else int(effective_rank)
     if not 1 <= r <= R:
         raise MlaConversionError(f"effective_rank must be in 1..kv_lora_rank={R}, got {effective_rank}")
     if norm_ballast < 0 or norm_ballast >= r:
         raise MlaConversionError(f"norm_ballast must be in 0..{r - 1} (it takes latent dims from K/V), got {norm_ballast}")
-    r -= norm_ballast
-    p = _plan(attn, x, rope_dim, method, frequencies, whiten, kv_balance, nope_drop_wavelength, q_bias, token_weights)
-    X = _flat(x)
-    u = None if token_weights is None or X is None else token_weights.reshape(-1).double()
-    info = dict(p.info)
-    Kn = p.Wk.shape[0]
-    W = torch.cat([p.Wk, p.Wv])
-    r = min(r, W.shape[0])  # dropped nope dims can leave fewer than R dims to carry
+    return r - norm_ballast
 
-    # latent basis: y = U_r^T S W x ; Z ~= S^-1 U_r y
+
+def _latent_basis(p: JointLatentPlan, W: torch.Tensor, r: int, R: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A0 (R, hidden), B0 (|W|, R) of the top r PCA dims: y = U_r^T S W x ; Z ~= S^-1 U_r y (other dims zero)."""
+    hidden = W.shape[1]
     Ur = p.U[:, :r]
     A0 = torch.zeros(R, hidden, dtype=torch.float64)
     A0[:r] = Ur.T @ p.S @ W
     B0 = torch.zeros(W.shape[0], R, dtype=torch.float64)
     B0[:, :r] = p.S_inv @ Ur
-    total = float(p.evals.sum())
-    info["energy_kept"] = float(p.evals[:r].sum()) / total if total > 0 else 1.0
-    info["effective_rank"] = r
+    return A0, B0
 
-    # the latent RMSNorm: c = diag(s) y, w = r0 / s, rms(c) ~ 1
+
+def _steadying_scales(X: torch.Tensor, A0: torch.Tensor, Y: torch.Tensor, r: int,
+                      norm_ballast: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Scales s (R,) steadying rms(diag(s) y) for the latent Y = X A0^T, adding up to
+    ``norm_ballast`` ballast rows to A0 (in place) after the r K/V rows. Returns s, the latent and
+    the dims in use."""
+    R = A0.shape[0]
+    s = torch.ones(R, dtype=torch.float64)
+    s[:r] = fit_latent_scales(Y[:, :r]).sqrt()
+    used = r
+    for _ in range(min(norm_ballast, R - r)):  # extra latent rows that only steady rms(c) (kv_b columns start at zero)
+        f = (Y[:, :used] * s[:used]).pow(2).sum(-1)
+        deficit = (1 - f / f.mean()).clamp_min(0)
+        A0[used] = _ballast_direction(X, A0[:used], deficit)
+        Y = X @ A0.T
+        used += 1
+        s[:used] = fit_latent_scales(Y[:, :used]).sqrt()
+    return s, Y, used
+
+
+def _norm_gain(Y: torch.Tensor, s: torch.Tensor, r: int, used: int, info: dict) -> tuple[torch.Tensor, float]:
+    """s rescaled so the mean rms**2 over the used dims is 1, and the least-squares gain r0 with
+    ``c * r0 / rms(c) ~= c`` over the K/V dims."""
+    c = Y * s
+    s = s / c[:, :used].pow(2).mean(-1).mean().sqrt()
+    c = Y * s
+    rho = latent_rms(c)
+    csq = c[:, :r].pow(2).sum(-1)
+    r0 = float((csq / rho).sum() / (csq / rho.pow(2)).sum())
+    info["rms_cv"] = _cv(rho)
+    return s, r0
+
+
+def _fit_latent_norm(X: torch.Tensor | None, A0: torch.Tensor, r: int, norm_ballast: int, norm_fit: bool,
+                     info: dict) -> _LatentNorm:
+    """The latent RMSNorm: c = diag(s) y, w = r0 / s, rms(c) ~ 1."""
+    R = A0.shape[0]
     s = torch.ones(R, dtype=torch.float64)
     used = r  # latent dims carrying K/V (plus ballast dims, which only steady the norm)
     if X is not None:
         Y = X @ A0.T
         info["rms_cv_unscaled"] = _cv(latent_rms(Y[:, :r] / Y[:, :r].pow(2).mean().sqrt()))
         if norm_fit:
-            s[:r] = fit_latent_scales(Y[:, :r]).sqrt()
-            nb = min(norm_ballast, R - r)
-            for b in range(nb):  # extra latent rows that only steady rms(c) (kv_b columns start at zero)
-                f = (Y[:, :used] * s[:used]).pow(2).sum(-1)
-                deficit = (1 - f / f.mean()).clamp_min(0)
-                A0[used] = _ballast_direction(X, A0[:used], deficit)
-                Y = X @ A0.T
-                used += 1
-                s[:used] = fit_latent_scales(Y[:, :used]).sqrt()
-        c = Y * s
-        s = s / c[:, :used].pow(2).mean(-1).mean().sqrt()  # mean rms**2 over the used dims = 1
-        c = Y * s
-        rho = latent_rms(c)
-        csq = c[:, :r].pow(2).sum(-1)
-        r0 = float((csq / rho).sum() / (csq / rho.pow(2)).sum())  # least-squares: c * r0 / rho ~= c
-        info["rms_cv"] = _cv(rho)
+            s, Y, used = _steadying_scales(X, A0, Y, r, norm_ballast)
+        s, r0 = _norm_gain(Y, s, r, used, info)
         info["norm_ballast"] = used - r
     else:  # isotropic unit-rms inputs: E ||A0 x||^2 = ||A0||_F^2
         s = s * math.sqrt(R / float(A0[:r].pow(2).sum()))
@@ -589,39 +612,45 @@ def convert_layer_to_mla(
     s[used:] = 1.0
     w = r0 / s
     w[r:] = 0.0  # ballast and unused rows feed nothing (the refit below may use the ballast rows)
-    A = s[:, None] * A0
     info["norm_r0"] = r0
-    B = B0.clone()
-    if X is not None and refit:
-        c = X @ A.T
-        ct = torch.where(torch.arange(R) < used, r0 / s, torch.zeros(R, dtype=torch.float64)) * c / latent_rms(c)[:, None]
-        Z = X @ W.T
-        ctw = ct if u is None else ct * u[:, None]
-        G_ = ctw.T @ ct
-        B = ridge_solve(G_, ctw.T @ Z, 1e-12).T
-        B[:, used:] = 0.0
-        w[r:used] = (r0 / s)[r:used]
-    if X is not None:
-        c = X @ A.T
-        ct = w * c / latent_rms(c)[:, None]
-        Z = X @ W.T
-        err = Z - ct @ B.T
-        if Kn:
-            info["k_nope_rel_err"] = float(err[:, :Kn].pow(2).sum() / Z[:, :Kn].pow(2).sum().clamp_min(1e-300))
-        info["v_rel_err"] = float(err[:, Kn:].pow(2).sum() / Z[:, Kn:].pow(2).sum().clamp_min(1e-300))
-    Bk, Bv = B[:Kn], B[Kn:]
+    return _LatentNorm(A=s[:, None] * A0, s=s, w=w, r0=r0, used=used)
 
-    # assembly
+
+def _refit_kv_b(X: torch.Tensor, W: torch.Tensor, n: _LatentNorm, u: torch.Tensor | None) -> torch.Tensor:
+    """kv_b (|W|, R) by (token-weighted) least squares on the actually normalised latent, ballast
+    dims included, unused dims zero."""
+    R = n.A.shape[0]
+    c = X @ n.A.T
+    ct = torch.where(torch.arange(R) < n.used, n.r0 / n.s, torch.zeros(R, dtype=torch.float64)) * c / latent_rms(c)[:, None]
+    Z = X @ W.T
+    ctw = ct if u is None else ct * u[:, None]
+    G_ = ctw.T @ ct
+    B = ridge_solve(G_, ctw.T @ Z, 1e-12).T
+    B[:, n.used:] = 0.0
+    return B
+
+
+def _kv_errors(X: torch.Tensor, n: _LatentNorm, W: torch.Tensor, B: torch.Tensor, Kn: int) -> dict:
+    """Relative squared errors of the nope keys and the values through the normalised latent."""
+    c = X @ n.A.T
+    ct = n.w * c / latent_rms(c)[:, None]
+    Z = X @ W.T
+    err = Z - ct @ B.T
+    out = {}
+    if Kn:
+        out["k_nope_rel_err"] = float(err[:, :Kn].pow(2).sum() / Z[:, :Kn].pow(2).sum().clamp_min(1e-300))
+    out["v_rel_err"] = float(err[:, Kn:].pow(2).sum() / Z[:, Kn:].pow(2).sum().clamp_min(1e-300))
+    return out
+
+
+def _nope_queries(p: JointLatentPlan, Bk: torch.Tensor, R: int, Dn: int, Dq: int, scale: float,
+                  out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (H, Dq, hidden) in ``out_dtype`` with its nope rows filled (scaled), and kv_b's key part
+    (H, Dn, R). Float64 math one head at a time: at 8B a float64 (H, Dq, hidden) q is ~0.5 GB."""
+    H, D, hidden = p.q.shape
+    Kn = Bk.shape[0]
     exact_dn = min(R, Kn)
-    Dn = exact_dn if qk_nope_head_dim is None else int(qk_nope_head_dim)
-    if Dn < 0:
-        raise MlaConversionError(f"qk_nope_head_dim must be >= 0, got {Dn}")
-    Dr = rope_dim
-    # q = [q_nope | q_rope] * scale, filled in place in the output dtype, one head at a time (float64
-    # math per head): at 8B a float64 (H, Dn + Dr, hidden) q is ~0.5 GB, plus its cast copy.
-    out_dtype = dtype or attn.q.dtype
-    scale = math.sqrt((Dn + Dr) / D)
-    q_out = torch.zeros(H, Dn + Dr, hidden, dtype=out_dtype)
+    q_out = torch.zeros(H, Dq, hidden, dtype=out_dtype)
     kvb_k = torch.zeros(H, Dn, R, dtype=torch.float64)
     if Kn and Dn >= exact_dn:
         if R <= Kn:  # k_nope = the latent itself; B_k absorbed into the queries
@@ -640,123 +669,103 @@ def convert_layer_to_mla(
             Ud = U_[:, :Dn]
             kvb_k[h] = Ud.T
             q_out[h, :Dn] = Ud.T @ M * scale
-    kv_index = attn.kv_index()
-    kvb_v = Bv.reshape(G, Dv, R)[kv_index]
-    kv_b = torch.cat([kvb_k, kvb_v], dim=1)
+    return q_out, kvb_k
 
+
+def _rope_part(p: JointLatentPlan, interleave: bool):
+    """q_rope, k_pe and k_pe's bias, permuted to interleaved pair order if asked."""
     q_rope, k_pe, k_pe_bias = p.q_rope, p.k_pe, p.k_pe_bias
-    if rope_interleave:
+    if interleave:
         q_rope = rotate_half_to_interleaved(q_rope, dim=1)
         k_pe = rotate_half_to_interleaved(k_pe, dim=0)
         k_pe_bias = None if k_pe_bias is None else rotate_half_to_interleaved(k_pe_bias, dim=0)
-    q_out[:, Dn:] = q_rope * scale
-    kv_a = torch.cat([A, k_pe])
+    return q_rope, k_pe, k_pe_bias
+
+
+def _mla_biases(attn: AttentionWeights, k_pe_bias: torch.Tensor | None, R: int, Dr: int):
+    """kv_a and o_proj biases: the rope key bias; the value bias folded into o_proj (exact). Both
+    or neither, since DeepseekV3 has one flag."""
+    hidden = attn.hidden_size
     kv_a_bias = None if k_pe_bias is None else torch.cat([torch.zeros(R, dtype=torch.float64), k_pe_bias])
     o_bias = None if attn.o_bias is None else attn.o_bias.double().clone()
     if attn.v_bias is not None:
-        fold = torch.einsum("xhd,hd->x", attn.o.double(), attn.v_bias.double()[kv_index])
+        fold = torch.einsum("xhd,hd->x", attn.o.double(), attn.v_bias.double()[attn.kv_index()])
         o_bias = fold if o_bias is None else o_bias + fold
     if kv_a_bias is not None and o_bias is None:
         o_bias = torch.zeros(hidden, dtype=torch.float64)
     if o_bias is not None and kv_a_bias is None:
         kv_a_bias = torch.zeros(R + Dr, dtype=torch.float64)
+    return kv_a_bias, o_bias
+
+
+def convert_layer_to_mla(
+    attn: AttentionWeights,
+    x: torch.Tensor | None,
+    kv_lora_rank: int,
+    rope_dim: int,
+    method: str = "calibrated",
+    fit: MlaFit = MlaFit(),
+    *,
+    token_weights: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> MlaWeights:
+    """One layer -> DeepSeek MLA with latent rank ``kv_lora_rank`` (R) and shared rope dim ``rope_dim`` (Dr).
+
+    x: (N, hidden) or (B, T, hidden) calibration attention inputs (the post-input-norm hidden
+    states). ``method="svd"`` needs none (weight-only basis); if given, x is then only used for the
+    latent-norm scales and the kv_b refit (``MlaFit(norm_fit=False, refit=False)`` for a pure baseline).
+    fit: the fit's options (``MlaFit``). token_weights: (N,) importance of each calibration token
+    for the joint PCA and the kv_b refit, e.g. ``attention_token_weights``.
+    Measurements land in ``MlaWeights.info`` (``rope_theta`` is what the config must use).
+    """
+    H, D, hidden = attn.q.shape
+    G, Dv = attn.num_kv_heads, attn.v_head_dim
+    R, Dr = kv_lora_rank, rope_dim
+    check_mla_ranks(num_kv_heads=G, head_dim=D, v_head_dim=Dv, rope=attn.rope, kv_lora_rank=R, rope_dim=rope_dim,
+                    hidden_size=hidden, frequencies=fit.frequencies)
+    r = _latent_dims(R, fit.effective_rank, fit.norm_ballast)
+    p = joint_latent_plan(attn, x, rope_dim, method, fit, token_weights)
+    X = _flat(x)
+    u = None if token_weights is None or X is None else token_weights.reshape(-1).double()
+    info = dict(p.info)
+    Kn = p.Wk.shape[0]
+    W = torch.cat([p.Wk, p.Wv])  # R <= |W| (check_mla_ranks)
+
+    A0, B0 = _latent_basis(p, W, r, R)
+    total = float(p.evals.sum())
+    info["energy_kept"] = float(p.evals[:r].sum()) / total if total > 0 else 1.0
+    info["effective_rank"] = r
+    norm = _fit_latent_norm(X, A0, r, fit.norm_ballast, fit.norm_fit, info)
+    B = B0.clone()
+    if X is not None and fit.refit:
+        B = _refit_kv_b(X, W, norm, u)
+        norm.w[r:norm.used] = (norm.r0 / norm.s)[r:norm.used]
+    if X is not None:
+        info.update(_kv_errors(X, norm, W, B, Kn))
+    Bk, Bv = B[:Kn], B[Kn:]
+
+    # assembly: q = [q_nope | q_rope] * scale, kv_b = [k_nope_b | v_b]
+    Dn = min(R, Kn) if fit.qk_nope_head_dim is None else int(fit.qk_nope_head_dim)
+    if Dn < 0:
+        raise MlaConversionError(f"qk_nope_head_dim must be >= 0, got {Dn}")
+    out_dtype = dtype or attn.q.dtype
+    scale = math.sqrt((Dn + Dr) / D)
+    q_out, kvb_k = _nope_queries(p, Bk, R, Dn, Dn + Dr, scale, out_dtype)
+    kvb_v = Bv.reshape(G, Dv, R)[attn.kv_index()]
+    kv_b = torch.cat([kvb_k, kvb_v], dim=1)
+    q_rope, k_pe, k_pe_bias = _rope_part(p, fit.rope_interleave)
+    q_out[:, Dn:] = q_rope * scale
+    kv_a = torch.cat([norm.A, k_pe])
+    kv_a_bias, o_bias = _mla_biases(attn, k_pe_bias, R, Dr)
     info.update(qk_nope_head_dim=Dn, v_head_dim=Dv, kv_lora_rank=R, qk_rope_head_dim=Dr, method=method,
-                rope_interleave=rope_interleave)
-    out = MlaWeights(q=q_out, kv_a=kv_a, kv_a_norm=w, kv_b=kv_b, o=attn.o.to(out_dtype, copy=True), kv_a_bias=kv_a_bias,
-                     o_bias=o_bias, rope_interleaved=rope_interleave, info=info)
+                rope_interleave=fit.rope_interleave)
+    out = MlaWeights(q=q_out, kv_a=kv_a, kv_a_norm=norm.w, kv_b=kv_b, o=attn.o.to(out_dtype, copy=True),
+                     kv_a_bias=kv_a_bias, o_bias=o_bias, rope_interleaved=fit.rope_interleave, info=info)
     return out.to(out_dtype)
 
 
 def _cv(v: torch.Tensor) -> float:
     return float(v.std() / v.mean().clamp_min(1e-300))
-
-
-# ---------------------------------------------------------------------------------------------
-# per-layer ranks
-
-
-def allocate_ranks(
-    spectra: Sequence[torch.Tensor],
-    total_rank: int,
-    *,
-    min_rank: int = 1,
-    max_rank: int | None = None,
-    weights: Sequence[float] | None = None,
-) -> list[int]:
-    """Per-layer latent ranks summing to ``total_rank``: greedily give the next dim to the layer whose
-    next eigenvalue, as a fraction of that layer's total energy (x ``weights[l]``), is largest.
-
-    The config has one ``kv_lora_rank``: layers get ``max(ranks)`` rows with the unused ones zero
-    (``convert_layer_to_mla(..., kv_lora_rank=max(ranks), effective_rank=ranks[l])``), so transformers
-    still caches ``max(ranks) + Dr`` values per token per layer; see ``effective_cache``.
-    """
-    L = len(spectra)
-    caps = [len(s) if max_rank is None else min(len(s), max_rank) for s in spectra]
-    if min_rank * L > total_rank or sum(caps) < total_rank:
-        raise MlaConversionError(f"cannot split a total rank of {total_rank} over {L} layers with ranks in [{min_rank}, caps {caps}]")
-    fr = [(s.double().clamp_min(0) / s.double().clamp_min(0).sum().clamp_min(1e-300)) * (1.0 if weights is None else weights[i])
-          for i, s in enumerate(spectra)]
-    ranks = [min_rank] * L
-    heap = [(-float(fr[i][ranks[i]]), i) for i in range(L) if ranks[i] < caps[i]]
-    heapq.heapify(heap)
-    for _ in range(total_rank - min_rank * L):
-        _, i = heapq.heappop(heap)
-        ranks[i] += 1
-        if ranks[i] < caps[i]:
-            heapq.heappush(heap, (-float(fr[i][ranks[i]]), i))
-    return ranks
-
-
-def effective_cache(ranks: Sequence[int], rope_dim: int) -> dict:
-    """Cache per token: what transformers stores (every layer holds max(ranks) + Dr) and what the
-    ranks actually use."""
-    R = max(ranks)
-    return {
-        "kv_lora_rank": R,
-        "stored_values_per_token_per_layer": R + rope_dim,
-        "stored_values_per_token": len(ranks) * (R + rope_dim),
-        "effective_values_per_token": sum(ranks) + len(ranks) * rope_dim,
-        "effective_mean_per_layer": sum(ranks) / len(ranks) + rope_dim,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# config
-
-
-def mla_config(source_config: Mapping[str, Any], layers: Sequence[MlaWeights], rope: RopeSpec | None = None) -> dict:
-    """The DeepseekV3 config for converted layers (dims, rope_theta and bias flag taken from them)."""
-    w0 = layers[0]
-    dims = (w0.kv_lora_rank, w0.qk_rope_head_dim, w0.qk_nope_head_dim, w0.v_head_dim, w0.rope_interleaved)
-    for i, w in enumerate(layers):
-        d = (w.kv_lora_rank, w.qk_rope_head_dim, w.qk_nope_head_dim, w.v_head_dim, w.rope_interleaved)
-        if d != dims:
-            raise MlaConversionError(f"layer {i} has MLA dims {d}, layer 0 has {dims}: one config needs equal dims")
-        if w.info.get("rope_theta") != w0.info.get("rope_theta"):
-            raise MlaConversionError("layers were converted with different rope frequency plans")
-    rope_parameters = None
-    if rope is not None and rope.rope_type != "default":
-        rope_parameters = {"rope_type": rope.rope_type, "rope_theta": rope.theta, **rope.scaling}
-    return deepseek_config(
-        source_config, dims[0], dims[1], dims[2], dims[3], w0.info.get("rope_theta"),
-        rope_interleave=dims[4], attention_bias=any(w.has_bias for w in layers), rope_parameters=rope_parameters,
-    )
-
-
-def mla_state_dict(
-    source: Mapping[str, torch.Tensor], layers: Sequence[MlaWeights], attention_bias: bool | None = None
-) -> dict[str, torch.Tensor]:
-    """A full DeepseekV3 state dict: every source tensor outside ``.self_attn.`` (embeddings, norms,
-    dense MLP, lm_head: DeepseekV3 uses Llama's names) copied, each layer's attention written by
-    ``write_mla``."""
-    if attention_bias is None:
-        attention_bias = any(w.has_bias for w in layers)
-    out = {k: v for k, v in source.items() if ".self_attn." not in k and not k.endswith("rotary_emb.inv_freq")}
-    for new, name in UNTIED_LM_HEAD.items():  # the config is always untied (vLLM ignores tying)
-        out.setdefault(new, source[name])
-    for i, w in enumerate(layers):
-        out.update(write_mla(w, i, attention_bias))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -828,6 +837,87 @@ def _weighted_ridge(K: torch.Tensor, s: torch.Tensor, om: torch.Tensor, q0: torc
     return q0 + torch.bmm(A.transpose(1, 2), y[..., None])[..., 0]
 
 
+def _query_rows(w: MlaWeights, h: int) -> torch.Tensor:
+    """Head h's query rows (Dq, hidden) float64, the rope part in rotate-half order."""
+    m = w.q[h].double()
+    Dn = w.qk_nope_head_dim
+    return torch.cat([m[:Dn], interleaved_to_rotate_half(m[Dn:], 0)]) if w.rope_interleaved else m
+
+
+def _converted_keys(w: MlaWeights, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The converted layer's keys on one sequence xb (T, hidden): nope keys (H, T, Dn) float32
+    through kv_a_layernorm and kv_b, and the shared rope key (T, Dr) in rotate-half order, unrotated."""
+    R, Dn = w.kv_lora_rank, w.qk_nope_head_dim
+    ckv = xb @ w.kv_a.double().T
+    if w.kv_a_bias is not None:
+        ckv = ckv + w.kv_a_bias.double()
+    c = w.kv_a_norm.double() * ckv[:, :R] / latent_rms(ckv[:, :R])[:, None]
+    k_nope = torch.einsum("hdr,tr->htd", w.kv_b.double()[:, :Dn], c).float()  # float32 products below
+    k_pe = ckv[:, R:]
+    if w.rope_interleaved:
+        k_pe = interleaved_to_rotate_half(k_pe, -1)
+    return k_nope, k_pe
+
+
+def _source_scores(attn: AttentionWeights, xb: torch.Tensor, ts: torch.Tensor, rope: tuple, uniform: float):
+    """The source's scores S (H, t, T) of the sampled queries ts (zero past each query) and the
+    per-key weights ``(1 - uniform) p + uniform / (t + 1)`` of the refit."""
+    T = xb.shape[0]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    q, k = source_qk(attn, xb, *rope)
+    S = (q @ k[attn.kv_index()].transpose(-1, -2)) * attn.head_dim ** -0.5  # (H, T, T)
+    P = causal_softmax(S)[:, ts]  # (H, t, T)
+    S = S[:, ts].masked_fill(~causal[ts], 0.0)
+    Om = (1 - uniform) * P + uniform * causal[ts].double() / (ts[:, None] + 1).double()
+    return S, Om
+
+
+def _relative_rope_keys(k_pe: torch.Tensor, ts: torch.Tensor, rope: tuple) -> torch.Tensor:
+    """(t, T, Dr) float32: the rope key as seen from each sampled query t, rotated by (s - t); cos/sin
+    scaling (yarn) reaches the score through both query and key."""
+    inv_new, rope_scale = rope
+    T, Dr = k_pe.shape
+    rel = torch.arange(T, dtype=torch.float64)[None, :] - ts[:, None].double()  # (t, T)
+    cos, sin = rope_cos_sin(inv_new, rel, rope_scale ** 2)
+    return apply_rope(k_pe[None].expand(len(ts), -1, -1), cos, sin, Dr).float()
+
+
+def _target_queries(k_nope: torch.Tensor, k_rel: torch.Tensor, S: torch.Tensor, Om: torch.Tensor, q0: torch.Tensor,
+                    ts: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(H, t, Dq) per head and sampled position: the query whose row-centred scores against the
+    converted keys best match the source's, weighted by Om, with a ridge towards the current q0."""
+    H = k_nope.shape[0]
+    scale_new = (k_nope.shape[-1] + k_rel.shape[-1]) ** -0.5
+    out = torch.zeros(H, len(ts), q0.shape[-1], dtype=torch.float64)
+    # Query positions in chunks that share a causal key range: keys past the last position of a
+    # chunk carry zero weight, so they are left out rather than multiplied by zeros.
+    for chunk in torch.arange(len(ts)).split(8):
+        tk = int(ts[chunk[-1]]) + 1
+        kr_c = k_rel[chunk, :tk]
+        for h in range(H):
+            Kt = torch.cat([k_nope[h, :tk][None].expand(len(chunk), -1, -1), kr_c], -1) * scale_new
+            om = Om[h, chunk, :tk].float()
+            wsum = om.sum(-1, keepdim=True)
+            Kc = Kt - torch.bmm(om[:, None], Kt) / wsum[..., None]  # row-centred keys (c, tk, Dq)
+            Sh = S[h, chunk, :tk].float()
+            Sc = Sh - (om * Sh).sum(-1, keepdim=True) / wsum
+            out[h, chunk] = _weighted_ridge(Kc, Sc, om, q0[h, chunk], ridge)
+    return out
+
+
+def _regress_query_rows(w: MlaWeights, Xs: torch.Tensor, qs: torch.Tensor, reg: float) -> torch.Tensor:
+    """q_proj (H, Dq, hidden) in w's dtype: per head, ridge regression (reg) of the target queries
+    qs (H, N, Dq) on the inputs Xs (N, hidden) towards the current rows, one head at a time."""
+    Dn = w.qk_nope_head_dim
+    q_new = torch.empty_like(w.q)
+    for h in range(w.num_heads):
+        Mh = ridge_towards(Xs, qs[h], _query_rows(w, h), reg)  # (Dq, hidden)
+        if w.rope_interleaved:
+            Mh[Dn:] = rotate_half_to_interleaved(Mh[Dn:], 0)
+        q_new[h] = Mh
+    return q_new
+
+
 def refit_queries(
     w: MlaWeights,
     attn: AttentionWeights,
@@ -846,72 +936,23 @@ def refit_queries(
     and row-centred (softmax ignores a per-row constant), with a ridge ``ridge`` towards the current
     query; then ``q_proj`` rows = ridge regression (``reg``) of q* on the inputs. The cache is unchanged.
     """
-    from kvsurgeon.attention.mla_layout import interleaved_to_rotate_half
-
     if x.dim() != 3:
         raise MlaConversionError("refit_queries needs x shaped (batch, seq, hidden)")
     x = x.double()
     Bn, T, hidden = x.shape
-    H, Dn, Dr, R = w.num_heads, w.qk_nope_head_dim, w.qk_rope_head_dim, w.kv_lora_rank
-    Dq = Dn + Dr
-    scale_new = Dq ** -0.5
-
-    def current(h: int) -> torch.Tensor:  # head h's query rows (Dq, hidden), rope part in rotate-half order
-        m = w.q[h].double()
-        return torch.cat([m[:Dn], interleaved_to_rotate_half(m[Dn:], 0)]) if w.rope_interleaved else m
-
-    inv_new, rope_scale = rope_tables(mla_rope(w))  # the written config's rope, scaled types included
-    inv_src, scale_src = resolve_rope(attn)
-    idx = attn.kv_index()
+    H, Dq = w.num_heads, w.qk_nope_head_dim + w.qk_rope_head_dim
+    new_rope = rope_tables(mla_rope(w))  # the written config's rope, scaled types included
+    src_rope = resolve_rope(attn)
     ts = torch.arange(0, T, stride)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
     qstar = torch.zeros(H, Bn, len(ts), Dq, dtype=torch.float64)
     for b in range(Bn):
         xb = x[b]
-        q, k = source_qk(attn, xb, inv_src, scale_src)  # source scores
-        S = (q @ k[idx].transpose(-1, -2)) * attn.head_dim ** -0.5  # (H, T, T)
-        P = causal_softmax(S)[:, ts]  # (H, t, T)
-        S = S[:, ts].masked_fill(~causal[ts], 0.0)
-        Om = (1 - uniform) * P + uniform * causal[ts].double() / (ts[:, None] + 1).double()
-        # converted keys
-        ckv = xb @ w.kv_a.double().T
-        if w.kv_a_bias is not None:
-            ckv = ckv + w.kv_a_bias.double()
-        c = w.kv_a_norm.double() * ckv[:, :R] / latent_rms(ckv[:, :R])[:, None]
-        k_nope = torch.einsum("hdr,tr->htd", w.kv_b.double()[:, :Dn], c).float()  # (H, T, Dn), float32 products below
-        k_pe = ckv[:, R:]
-        if w.rope_interleaved:
-            k_pe = interleaved_to_rotate_half(k_pe, -1)
-        # rope part seen from query t: the key rotated by (s - t); cos/sin scaling (yarn) reaches the
-        # score through both query and key
-        rel = torch.arange(T, dtype=torch.float64)[None, :] - ts[:, None].double()  # (t, T)
-        cos, sin = rope_cos_sin(inv_new, rel, rope_scale ** 2)
-        k_rel = apply_rope(k_pe[None].expand(len(ts), -1, -1), cos, sin, Dr)  # (t, T, Dr)
-        q0 = torch.stack([xb[ts] @ current(h).T for h in range(H)])  # (H, t, Dq) current queries
-        k_rel = k_rel.float()
-        # Query positions in chunks that share a causal key range: keys past the last position of a
-        # chunk carry zero weight, so they are left out rather than multiplied by zeros.
-        for chunk in torch.arange(len(ts)).split(8):
-            tk = int(ts[chunk[-1]]) + 1
-            kr_c = k_rel[chunk, :tk]
-            for h in range(H):
-                Kt = torch.cat([k_nope[h, :tk][None].expand(len(chunk), -1, -1), kr_c], -1) * scale_new
-                om = Om[h, chunk, :tk].float()
-                wsum = om.sum(-1, keepdim=True)
-                Kc = Kt - torch.bmm(om[:, None], Kt) / wsum[..., None]  # row-centred keys (c, tk, Dq)
-                Sh = S[h, chunk, :tk].float()
-                Sc = Sh - (om * Sh).sum(-1, keepdim=True) / wsum
-                qstar[h, b, chunk] = _weighted_ridge(Kc, Sc, om, q0[h, chunk], ridge)
-    # q_proj rows per head: ridge regression (reg) of q* on the sampled inputs, towards the current
-    # rows; one head at a time, straight into the output dtype
-    Xs = x[:, ts].reshape(-1, hidden)
-    qs = qstar.reshape(H, -1, Dq)
-    q_new = torch.empty_like(w.q)
-    for h in range(H):
-        Mh = ridge_towards(Xs, qs[h], current(h), reg)  # (Dq, hidden)
-        if w.rope_interleaved:
-            Mh[Dn:] = rotate_half_to_interleaved(Mh[Dn:], 0)
-        q_new[h] = Mh
+        S, Om = _source_scores(attn, xb, ts, src_rope, uniform)
+        k_nope, k_pe = _converted_keys(w, xb)
+        k_rel = _relative_rope_keys(k_pe, ts, new_rope)
+        q0 = torch.stack([xb[ts] @ _query_rows(w, h).T for h in range(H)])  # (H, t, Dq) current queries
+        qstar[:, b] = _target_queries(k_nope, k_rel, S, Om, q0, ts, ridge)
+    q_new = _regress_query_rows(w, x[:, ts].reshape(-1, hidden), qstar.reshape(H, -1, Dq), reg)
     info = dict(w.info, q_refit=True)
     return MlaWeights(q=q_new, kv_a=w.kv_a, kv_a_norm=w.kv_a_norm, kv_b=w.kv_b, o=w.o, kv_a_bias=w.kv_a_bias,
                       o_bias=w.o_bias, rope_interleaved=w.rope_interleaved, info=info)

@@ -1,4 +1,9 @@
-"""GQA/MHA -> DeepSeek MLA: a stock ``DeepseekV3ForCausalLM`` whose cache holds only the latent."""
+"""GQA/MHA -> DeepSeek MLA: a stock ``DeepseekV3ForCausalLM`` whose cache holds only the latent.
+
+The plan side of ``--to mla``: ``mla_plan`` refuses unsupported sources (``_mla_problems``), sizes
+the latent (``_MlaShape``), writes the DeepseekV3 config, and builds the per-layer transform (the
+svd baseline or the calibrated fit with its q/o refits, ``MlaTuning``'s measured constants), whose
+latent is scaled (``latent_gain``) and padded before ``write_mla``. The math is in ``fit.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +14,15 @@ from kvsurgeon.attention.mla_layout import UNTIED_LM_HEAD, MlaWeights, deepseek_
 
 from ..io.checkpoint import LazyCheckpoint
 from ..errors import KvSurgeonError
-from .fit import attention_token_weights, check_mla_ranks, convert_layer_to_mla, refit_output, refit_queries, rope_frequency_plan
+from .fit import (
+    MlaFit,
+    attention_token_weights,
+    check_mla_ranks,
+    convert_layer_to_mla,
+    refit_output,
+    refit_queries,
+    rope_frequency_plan,
+)
 from ..pipeline.driver import Plan
 from ..pipeline.preflight import family_problem, refuse, window_note, window_problem
 
@@ -67,6 +80,124 @@ def kv_balance(cache_reduction: float) -> float:
     return 8.0 ** t
 
 
+@dataclass(frozen=True)
+class _MlaShape:
+    """The written MLA dims for one source config."""
+
+    H: int  # query heads
+    G: int  # source KV heads
+    D: int  # source head dim
+    Dr: int  # shared rope key dims
+    R: int  # fitted latent rank (kv_lora_rank)
+    R_out: int  # written latent rank (R zero-padded to --pad-latent-to)
+    Dn: int  # nope key dims per head: the latent is read in full when R <= G*D - Dr
+
+    @property
+    def cache_before(self) -> int:
+        return 2 * self.G * self.D
+
+    @property
+    def cache_after(self) -> int:
+        return self.R_out + self.Dr
+
+
+def _mla_problems(config: dict, fam, method: str, q_bias: str, drop_sliding_window: bool) -> list[str]:
+    """Why this source (of family ``fam``) cannot become DeepseekV3 with these options (empty: it can)."""
+    problems = []
+    if fam.has_qk_norm:
+        problems.append(
+            f"{fam.model_type} applies an RMSNorm to each head's queries and keys, which has no place in DeepSeek "
+            "MLA (the latent mixes heads before any norm could act). Use --to gqa/--to mqa (calibrated merging "
+            "keeps the norm) or --to hybrid --linear gated-deltanet (Qwen3.5 keeps it exactly)"
+        )
+    qkv_bias, _ = fam.biases(config)
+    if qkv_bias and q_bias == "refuse":
+        problems.append(
+            f"{fam.model_type} q_proj has a bias, DeepseekV3's q_proj has none. Pass --q-bias fit to fold it into "
+            "q_proj by least squares on calibration inputs (lossy; needs --method calibrated)"
+        )
+    if qkv_bias and q_bias == "fit" and method != "calibrated":
+        problems.append("--q-bias fit needs calibration inputs: use --method calibrated (the default), not svd")
+    problems.append(window_problem(config, "MLA (DeepseekV3)", drop_sliding_window))
+    return [p for p in problems if p]
+
+
+def _mla_shape(config: dict, kv_lora_rank: int, rope_dim: int | None, pad_latent_to: int | None) -> _MlaShape:
+    """The MLA dims, checked against the source (``check_mla_ranks``) and the padding."""
+    rope = rope_spec(config)
+    H = config["num_attention_heads"]
+    G = config.get("num_key_value_heads") or H
+    D = head_dim_of(config)
+    Dr = rope_dim if rope_dim is not None else min(D, rope.rotary_dim)
+    check_mla_ranks(num_kv_heads=G, head_dim=D, v_head_dim=D, rope=rope, kv_lora_rank=kv_lora_rank,
+                    rope_dim=Dr, hidden_size=config["hidden_size"])
+    R_out = kv_lora_rank if pad_latent_to is None else pad_latent_to - Dr
+    if R_out < kv_lora_rank:
+        raise KvSurgeonError(
+            f"--pad-latent-to {pad_latent_to} is smaller than the latent it pads: kv_lora_rank {kv_lora_rank} + "
+            f"rope dim {Dr} = {kv_lora_rank + Dr}"
+        )
+    return _MlaShape(H=H, G=G, D=D, Dr=Dr, R=kv_lora_rank, R_out=R_out, Dn=min(kv_lora_rank, G * D - Dr))
+
+
+def _mla_config(config: dict, shape: _MlaShape, bias: bool) -> dict:
+    """The DeepseekV3 config: rope_theta reproducing the kept frequencies, scaled rope copied."""
+    rope = rope_spec(config)
+    _, theta = rope_frequency_plan(rope, shape.Dr)
+    rope_parameters = None if rope.rope_type == "default" else {"rope_type": rope.rope_type, "rope_theta": rope.theta, **rope.scaling}
+    return deepseek_config(config, shape.R_out, shape.Dr, shape.Dn, shape.D, theta, rope_interleave=True,
+                           attention_bias=bias, rope_parameters=rope_parameters)
+
+
+def _svd_layer(shape: _MlaShape, q_bias: str, t: MlaTuning):
+    """The weight-only baseline's per-layer transform: no activations at all."""
+
+    def transform(i, attn, x):
+        w = convert_layer_to_mla(attn, None, shape.R, shape.Dr, "svd", MlaFit(qk_nope_head_dim=shape.Dn, q_bias=q_bias))
+        return w, None
+
+    return transform
+
+
+def _calibrated_layer(shape: _MlaShape, q_bias: str, t: MlaTuning):
+    """The calibrated per-layer transform: token-weighted joint PCA with norm ballast, then the q and
+    o refits against the source layer."""
+    balance = t.kv_balance if t.kv_balance is not None else kv_balance(1 - (shape.R + shape.Dr) / (2 * shape.G * shape.D))
+    fit = MlaFit(qk_nope_head_dim=shape.Dn, kv_balance=balance, norm_ballast=min(t.norm_ballast, shape.R - 1), q_bias=q_bias)
+
+    def transform(i, attn, x):
+        tw = attention_token_weights(attn, x, mix=t.token_mix)
+        w = convert_layer_to_mla(attn, x, shape.R, shape.Dr, "calibrated", fit, token_weights=tw)
+        w = refit_queries(w, attn, x, stride=t.q_refit_stride, ridge=t.q_refit_ridge)
+        w = refit_output(w, attn, x, ridge=t.o_refit_ridge)
+        return w, x
+
+    return transform
+
+
+def _written(fit_layer, shape: _MlaShape, t: MlaTuning, bias: bool):
+    """Per-layer transform writing the fitted layer: latent scaled to ``t.latent_rms``, padded to R_out."""
+
+    def transform(i, attn, x):
+        w, x_used = fit_layer(i, attn, x)
+        return write_mla(pad_latent(scale_latent(w, latent_gain(w, x_used, t.latent_rms)), shape.R_out), i, attention_bias=bias)
+
+    return transform
+
+
+def _summary(shape: _MlaShape, method: str, extra: str) -> str:
+    before, after = shape.cache_before, shape.cache_after
+    padded = f" (latent {shape.R} zero-padded to {shape.R_out}, exact)" if shape.R_out > shape.R else ""
+    how = ("per-frequency PCA of calibration keys for the rope key, joint PCA of calibration K_nope/V"
+           if method == "calibrated" else "weight-only joint SVD of [W_k_nope; W_v]")
+    return (
+        f"GQA {shape.H}/{shape.G} (head_dim {shape.D}) -> DeepSeek MLA: latent rank {shape.R}{padded} + shared rope key {shape.Dr} "
+        f"= {after} cached values per token per layer instead of {before} ({1 - after / before:.0%} smaller), "
+        f"{method} ({how})."
+        + extra
+    )
+
+
 def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "calibrated", pad_latent_to: int | None = None,
              q_bias: str = "refuse", drop_sliding_window: bool = False, tuning: MlaTuning = MlaTuning()):
     """``tuning``: the calibrated method's measured constants (``MlaTuning``).
@@ -85,73 +216,20 @@ def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "cali
     def make_plan(config: dict, ckpt: LazyCheckpoint) -> Plan:
         fam = family_for(config)
         refuse("cannot convert to MLA", [family_problem(config, "mla")])  # before the per-feature checks: one reason
-        problems = []
-        if fam.has_qk_norm:
-            problems.append(
-                f"{fam.model_type} applies an RMSNorm to each head's queries and keys, which has no place in DeepSeek "
-                "MLA (the latent mixes heads before any norm could act). Use --to gqa/--to mqa (calibrated merging "
-                "keeps the norm) or --to hybrid --linear gated-deltanet (Qwen3.5 keeps it exactly)"
-            )
-        qkv_bias_, _ = fam.biases(config)
-        if qkv_bias_ and q_bias == "refuse":
-            problems.append(
-                f"{fam.model_type} q_proj has a bias, DeepseekV3's q_proj has none. Pass --q-bias fit to fold it into "
-                "q_proj by least squares on calibration inputs (lossy; needs --method calibrated)"
-            )
-        if qkv_bias_ and q_bias == "fit" and method != "calibrated":
-            problems.append("--q-bias fit needs calibration inputs: use --method calibrated (the default), not svd")
-        problems.append(window_problem(config, "MLA (DeepseekV3)", drop_sliding_window))
-        refuse("cannot convert to MLA", [p for p in problems if p])
-        rope = rope_spec(config)
-        H = config["num_attention_heads"]
-        G = config.get("num_key_value_heads") or H
-        D = head_dim_of(config)
-        Dr = rope_dim if rope_dim is not None else min(D, rope.rotary_dim)
-        check_mla_ranks(num_kv_heads=G, head_dim=D, v_head_dim=D, rope=rope, kv_lora_rank=kv_lora_rank,
-                        rope_dim=Dr, hidden_size=config["hidden_size"])
-        R_out = kv_lora_rank if pad_latent_to is None else pad_latent_to - Dr
-        if R_out < kv_lora_rank:
-            raise KvSurgeonError(
-                f"--pad-latent-to {pad_latent_to} is smaller than the latent it pads: kv_lora_rank {kv_lora_rank} + "
-                f"rope dim {Dr} = {kv_lora_rank + Dr}"
-            )
-        _, theta = rope_frequency_plan(rope, Dr)
-        Dn = min(kv_lora_rank, G * D - Dr)  # nope key dims per head: the latent is read in full when R <= G*D - Dr
+        refuse("cannot convert to MLA", _mla_problems(config, fam, method, q_bias, drop_sliding_window))
+        shape = _mla_shape(config, kv_lora_rank, rope_dim, pad_latent_to)
         qkv_bias, o_bias = fam.biases(config)
         bias = qkv_bias or o_bias
-        rope_parameters = None if rope.rope_type == "default" else {"rope_type": rope.rope_type, "rope_theta": rope.theta, **rope.scaling}
-        new_config = deepseek_config(config, R_out, Dr, Dn, D, theta, rope_interleave=True,
-                                     attention_bias=bias, rope_parameters=rope_parameters)
-
-        def transform(i, attn, x):
-            if method == "svd":  # the weight-only baseline: no activations at all
-                w = convert_layer_to_mla(attn, None, kv_lora_rank, Dr, method, qk_nope_head_dim=Dn, q_bias=q_bias)
-                return write_mla(pad_latent(scale_latent(w, latent_gain(w, None, t.latent_rms)), R_out), i, attention_bias=bias)
-            tw = attention_token_weights(attn, x, mix=t.token_mix)
-            balance = t.kv_balance if t.kv_balance is not None else kv_balance(1 - (kv_lora_rank + Dr) / (2 * G * D))
-            w = convert_layer_to_mla(attn, x, kv_lora_rank, Dr, method, qk_nope_head_dim=Dn, kv_balance=balance,
-                                     norm_ballast=min(t.norm_ballast, kv_lora_rank - 1), token_weights=tw,
-                                     q_bias=q_bias)
-            w = refit_queries(w, attn, x, stride=t.q_refit_stride, ridge=t.q_refit_ridge)
-            w = refit_output(w, attn, x, ridge=t.o_refit_ridge)
-            return write_mla(pad_latent(scale_latent(w, latent_gain(w, x, t.latent_rms)), R_out), i, attention_bias=bias)
-
-        before, after = 2 * G * D, R_out + Dr
+        fit_layer = (_svd_layer if method == "svd" else _calibrated_layer)(shape, q_bias, t)
         extra = (" The source's q bias was folded into q_proj by least squares on calibration inputs (--q-bias fit)."
-                 if qkv_bias_ and q_bias == "fit" else "") + (window_note(config) if drop_sliding_window else "")
-        padded = f" (latent {kv_lora_rank} zero-padded to {R_out}, exact)" if R_out > kv_lora_rank else ""
+                 if qkv_bias and q_bias == "fit" else "") + (window_note(config) if drop_sliding_window else "")
         return Plan(
-            new_config=new_config,
-            transform=transform,
+            new_config=_mla_config(config, shape, bias),
+            transform=_written(fit_layer, shape, t, bias),
             needs_calibration=(method == "calibrated"),
             copies=dict(UNTIED_LM_HEAD),
             sequential=t.sequential,
-            summary=(
-                f"GQA {H}/{G} (head_dim {D}) -> DeepSeek MLA: latent rank {kv_lora_rank}{padded} + shared rope key {Dr} "
-                f"= {after} cached values per token per layer instead of {before} ({1 - after / before:.0%} smaller), "
-                f"{method} ({'per-frequency PCA of calibration keys for the rope key, joint PCA of calibration K_nope/V' if method == 'calibrated' else 'weight-only joint SVD of [W_k_nope; W_v]'})."
-                + extra
-            ),
+            summary=_summary(shape, method, extra),
         )
 
     return make_plan

@@ -5,7 +5,10 @@ optionally run calibration through it, transform its attention, write -> stream 
 tensors -> new config, tokenizer, generation config, model card -> validate -> atomic rename.
 
 A converter supplies a ``Plan``: the new config and a function from one layer's neutral
-attention (plus calibration inputs) to the tensors that replace it.
+attention (plus calibration inputs) to the tensors that replace it. ``convert_model`` runs the
+steps in order (``_calibration_stream``, ``_copy_outside_layers``, ``_convert_layer`` per layer,
+``_finish_folder``); ``check_output_loads`` is the last one: stock transformers loads the output
+(and, below 2 GB, runs it once).
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ def source_dtype(config: dict) -> str:
 def convert_model(
     model: str, make_plan: Callable[[dict, LazyCheckpoint], Plan], opts: ConvertOptions, card: Callable[[Path, dict, Path, Plan], None] | None = None
 ) -> ConvertResult:
+    """Resolve ``model``, plan its conversion, and write the output folder (atomically)."""
     t0 = time.time()
     src = resolve_model(model, revision=opts.revision, allow_pickle=opts.allow_pickle)
     config = read_config(src)
@@ -98,25 +102,14 @@ def convert_model(
 
     def rename(name: str) -> str | None:  # the family's legacy buffers have no place in any output
         return None if fam.is_legacy(name) else plan_rename(name)
-    out_dtype_name = opts.dtype or source_dtype(config)
-    if out_dtype_name not in DTYPES:
-        raise KvSurgeonError(f"unsupported dtype {out_dtype_name!r}; choose one of {', '.join(DTYPES)}")
-    out_dtype = DTYPES[out_dtype_name]
+
+    out_dtype_name, out_dtype = _output_dtype(opts, config)
     n_layers = config["num_hidden_layers"]
-
-    stream = None
-    if plan.needs_calibration:
-        from ..evaluation.perplexity import load_tokenizer
-
-        ids = calibration_ids(load_tokenizer(src), opts.calib)
-        stream = ConvertedStream(ckpt, config, plan.new_config, ids) if plan.sequential else LayerStream(ckpt, config, ids)
-
+    stream = _calibration_stream(plan, opts, src, ckpt, config)
     layer_names = {i: [k for k in ckpt.keys() if k.startswith(fam.layer_prefix.format(i=i))] for i in range(n_layers)}
     in_layers = {k for names in layer_names.values() for k in names}
 
-    new_config = dict(plan.new_config)
-    new_config["dtype"] = out_dtype_name
-    new_config.pop("torch_dtype", None)
+    new_config = _output_config(plan, out_dtype_name)
     specs, tied = planned_tensors(new_config, out_dtype)
     attn_all = {n for i in range(n_layers) for n in fam.attention_tensor_names(i, config)}
     check_coverage(ckpt, config, rename, attn_all, {s.name for s in specs}, tied)
@@ -124,58 +117,110 @@ def convert_model(
     with atomic_output(opts.out, overwrite=opts.overwrite, protect=[src]) as tmp:
         writer = PlannedShardWriter(tmp, specs, parse_size(opts.max_shard_size), metadata={"converted_by": "kvsurgeon"})
         try:
-            for name in ckpt.keys():
-                new_name = rename(name)
-                if name not in in_layers and new_name is not None and new_name not in tied:
-                    writer.write(new_name, ckpt.get_tensor(name))
-            for new_name, name in plan.copies.items():
-                if new_name not in ckpt and new_name not in tied:
-                    writer.write(new_name, ckpt.get_tensor(name))
-            bar = tqdm(range(n_layers), desc="convert", unit="layer", disable=not opts.progress)
-            for i in bar:
-                attn = read_attention(ckpt, config, i)
+            _copy_outside_layers(writer, ckpt, rename, in_layers, tied, plan.copies)
+            for i in tqdm(range(n_layers), desc="convert", unit="layer", disable=not opts.progress):
                 attn_names = set(fam.attention_tensor_names(i, config))
-                x = None
-                if isinstance(stream, ConvertedStream):
-                    x = stream.attention_input(i)
-                elif stream is not None:
-                    layer = stream.layer_module(i)
-                    x = stream.attention_input(layer)  # (windows, seq_len, hidden), positions from 0
-                    # advance and free the float32 layer before the transform's own float64 work:
-                    # on an 8B layer that is ~0.9 GB less at the peak
-                    stream.advance(layer)
-                    del layer
-                converted = plan.transform(i, attn.to(torch.float32), x)
-                for name, t in converted.items():
-                    writer.write(name, t)
-                sequential = isinstance(stream, ConvertedStream)
-                for name in layer_names[i]:
-                    new_name = rename(name)
-                    if name not in attn_names and new_name is not None:
-                        t = ckpt.get_tensor(name)
-                        writer.write(new_name, t)
-                        if sequential:  # the converted layer is rebuilt from these; otherwise free each at once
-                            converted[new_name] = t
-                        del t
-                if sequential:
-                    stream.advance(i, converted)
-                del converted
-                release_memory()
+                others = [n for n in layer_names[i] if n not in attn_names]
+                _convert_layer(i, writer, ckpt, config, plan, stream, rename, others)
             writer.finish()
         except ValueError as e:  # a tensor that does not fit the target config
             raise KvSurgeonError(f"internal error: the conversion produced a checkpoint its config cannot load: {e}") from e
         finally:
             writer.close()
             ckpt.close()
-        write_json(tmp / "config.json", new_config)
-        for fname, obj in plan.files.items():
-            write_json(tmp / fname, obj)
-        copy_extras(src, tmp)
-        if card is not None:
-            card(tmp, new_config, src, plan)
-        if opts.validate:
-            validate_checkpoint(tmp)
+        _finish_folder(tmp, src, new_config, plan, card, opts.validate)
     return ConvertResult(Path(opts.out), src, time.time() - t0, n_layers, writer.total_bytes, new_config)
+
+
+def _output_dtype(opts: ConvertOptions, config: dict) -> tuple[str, torch.dtype]:
+    """The output dtype's name and torch dtype: ``opts.dtype``, else the source's."""
+    name = opts.dtype or source_dtype(config)
+    if name not in DTYPES:
+        raise KvSurgeonError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return name, DTYPES[name]
+
+
+def _calibration_stream(plan: Plan, opts: ConvertOptions, src: Path, ckpt: LazyCheckpoint, config: dict):
+    """The per-layer calibration inputs, if the plan needs any: through the converted layers
+    (``ConvertedStream``, sequential plans) or the source's (``LayerStream``)."""
+    if not plan.needs_calibration:
+        return None
+    from ..evaluation.perplexity import load_tokenizer
+
+    ids = calibration_ids(load_tokenizer(src), opts.calib)
+    return ConvertedStream(ckpt, config, plan.new_config, ids) if plan.sequential else LayerStream(ckpt, config, ids)
+
+
+def _output_config(plan: Plan, dtype_name: str) -> dict:
+    new_config = dict(plan.new_config)
+    new_config["dtype"] = dtype_name
+    new_config.pop("torch_dtype", None)
+    return new_config
+
+
+def _copy_outside_layers(writer: PlannedShardWriter, ckpt: LazyCheckpoint, rename, in_layers: set[str], tied: set[str],
+                         copies: dict) -> None:
+    """Stream every tensor outside the decoder layers (renamed; tied ones are not stored), then the
+    plan's extra copies the source lacks."""
+    for name in ckpt.keys():
+        new_name = rename(name)
+        if name not in in_layers and new_name is not None and new_name not in tied:
+            writer.write(new_name, ckpt.get_tensor(name))
+    for new_name, name in copies.items():
+        if new_name not in ckpt and new_name not in tied:
+            writer.write(new_name, ckpt.get_tensor(name))
+
+
+def _attention_inputs(stream, i: int) -> torch.Tensor | None:
+    """Layer i's calibration attention inputs (windows, seq_len, hidden), positions from 0, or None."""
+    if isinstance(stream, ConvertedStream):
+        return stream.attention_input(i)
+    if stream is None:
+        return None
+    layer = stream.layer_module(i)
+    x = stream.attention_input(layer)
+    # advance and free the float32 layer before the transform's own float64 work:
+    # on an 8B layer that is ~0.9 GB less at the peak
+    stream.advance(layer)
+    del layer
+    return x
+
+
+def _convert_layer(i: int, writer: PlannedShardWriter, ckpt: LazyCheckpoint, config: dict, plan: Plan, stream, rename,
+                   others: list[str]) -> None:
+    """Layer i: its attention transformed and written, its other tensors (``others``) copied; a
+    sequential stream then runs the converted layer to feed the next one."""
+    attn = read_attention(ckpt, config, i)
+    x = _attention_inputs(stream, i)
+    converted = plan.transform(i, attn.to(torch.float32), x)
+    for name, t in converted.items():
+        writer.write(name, t)
+    sequential = isinstance(stream, ConvertedStream)
+    for name in others:
+        new_name = rename(name)
+        if new_name is not None:
+            t = ckpt.get_tensor(name)
+            writer.write(new_name, t)
+            if sequential:  # the converted layer is rebuilt from these; otherwise free each at once
+                converted[new_name] = t
+            del t
+    if sequential:
+        stream.advance(i, converted)
+    del converted
+    release_memory()
+
+
+def _finish_folder(tmp: Path, src: Path, new_config: dict, plan: Plan, card, validate: bool) -> None:
+    """Config, the plan's extra files, the source's tokenizer and extras, the card; then the check
+    that stock transformers loads and runs it."""
+    write_json(tmp / "config.json", new_config)
+    for fname, obj in plan.files.items():
+        write_json(tmp / fname, obj)
+    copy_extras(src, tmp)
+    if card is not None:
+        card(tmp, new_config, src, plan)
+    if validate:
+        check_output_loads(tmp)
 
 
 def release_memory() -> None:
@@ -209,7 +254,7 @@ def planned_tensors(config: dict, dtype: torch.dtype) -> tuple[list[TensorSpec],
     return specs, tied
 
 
-def validate_checkpoint(folder: Path, full_load_below: int = 2 * 2**30) -> None:
+def check_output_loads(folder: Path, full_load_below: int = 2 * 2**30) -> None:
     """Stock transformers must load the output. Names and shapes were enforced while writing; here
     the config is parsed and, for models small enough, loaded for real and run once."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -3,6 +3,10 @@ stage, with resumable checkpoints, metrics, a plot, and a stock final checkpoint
 
 The same function runs under ``kvsurgeon uptrain`` and ``accelerate launch scripts/uptrain.py``;
 accelerate handles devices, DDP/FSDP and mixed precision, so nothing here is a launcher.
+
+``Uptrainer.run`` loads teacher and student, finds the resume point (``_resume_point``) and runs
+the stages (``_train_stages`` -> ``_train_stage`` per stage -> ``_optimiser_step`` and
+``_after_step`` per step: logging, checkpoints, evals), sharing its state through ``_Run``.
 """
 
 from __future__ import annotations
@@ -266,7 +270,6 @@ class Uptrainer:
 
     # -- main loop --
     def run(self, resume: bool = False) -> Path:
-        from safetensors.torch import load_file
         from transformers import AutoTokenizer
 
         r, acc = self.r, self.acc
@@ -282,106 +285,21 @@ class Uptrainer:
         teacher = self.load(src, trainable=False)
         teacher = acc.prepare_model(teacher, evaluation_mode=True)
         student_base = self.load(folder, trainable=True)
-        config = read_config(folder)
-
-        prog = Progress()
-        ck = self.latest_checkpoint() if resume else None
-        if ck is not None:
-            prog = Progress.read(ck)
-            self.seen = set(load_file(str(ck / SEEN_FILE))["digests"].tolist()) if acc.is_main_process else set()
-            self._truncate_metrics(prog.global_step)
-        elif resume:
-            raise KvSurgeonError(f"--resume: no checkpoint under {self.ckpt_dir}")
-
+        prog, ck = self._resume_point(resume)
         stream = PackedStream(tok, r.data.train, r.data.seq_len, r.batch_size, r.data.text_field, r.data.split,
                               rank=acc.process_index, world=acc.num_processes, retrieval=r.data.retrieval)
-        batches = stream.batches(skip_windows=prog.windows)
         steps = r.stage_steps(acc.num_processes)
-        global_tokens = r.tokens_per_step * acc.num_processes  # distinct windows per process, so this is true
         total = sum(steps) if r.max_steps is None else min(sum(steps), r.max_steps)
         bar = tqdm(total=total, initial=prog.global_step, desc="uptrain", unit="step", disable=not (self.progress and acc.is_main_process))
-        model = student_base
+        run = _Run(teacher=teacher, folder=folder, config=read_config(folder), stream=stream,
+                   batches=stream.batches(skip_windows=prog.windows), steps=steps, bar=bar, prog=prog, ck=ck,
+                   global_tokens=r.tokens_per_step * acc.num_processes)  # distinct windows per process, so this is true
         self.kernels = KernelRecorder(self.kernel_mode, [student_base, teacher]).install()
         try:
-            for si in range(prog.stage, len(r.stages)):
-                stage = r.stages[si]
-                # drop the previous stage's (and the teacher's) registrations: save_state then holds
-                # exactly this stage's student, optimiser and schedule
-                acc.free_memory()
-                model = select_trainable(student_base, stage, config)
-                params = [p for p in model.parameters() if p.requires_grad]
-                opt = torch.optim.AdamW(params, lr=stage.lr or r.optim.lr, betas=tuple(r.optim.betas), weight_decay=r.optim.weight_decay)
-                sched = make_scheduler(opt, steps[si], r.optim.warmup_steps, r.optim.schedule, r.optim.min_lr_ratio)
-                model, opt, sched = acc.prepare(model, opt, sched)
-                if ck is not None and si == prog.stage:
-                    self._restore(ck)
-                if prog.global_step == 0 and ck is None and si == 0:
-                    # after prepare: the student is on the accelerator's device (sharded under FSDP)
-                    self.evaluate(model, teacher, folder, prog, "after conversion")
-                params = [p for p in model.parameters() if p.requires_grad]
-                start = prog.stage_step if si == prog.stage else 0
-                for _ in range(start, steps[si]):
-                    if r.max_steps is not None and prog.global_step >= r.max_steps:
-                        break
-                    t0 = time.time()
-                    if not self.kernel_rows:  # report what training reached, not the eval before it
-                        self.kernels.called.clear()
-                    sums = torch.zeros(3, device=acc.device)
-                    digests = []
-                    for _ in range(r.grad_accum):
-                        ids = next(batches)
-                        digests.append(window_digests(ids))
-                        ids = ids.to(acc.device)
-                        with acc.autocast():
-                            with torch.no_grad():
-                                t_logits = teacher(input_ids=ids).logits
-                            s_logits = model(input_ids=ids).logits
-                        loss, kl, ce = distill_loss(s_logits, t_logits, ids, r.distill.temperature, r.distill.kl_weight, r.distill.ce_weight)
-                        acc.backward(loss / r.grad_accum)
-                        sums += torch.stack([loss.detach(), kl, ce]) / r.grad_accum
-                    if r.optim.grad_clip:
-                        acc.clip_grad_norm_(params, r.optim.grad_clip)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                    # the logged loss is the mean over processes (= one process with the global batch);
-                    # the digests of every process's windows count the distinct data actually trained on
-                    loss_v, kl_v, ce_v = acc.reduce(sums, reduction="mean").tolist()
-                    all_digests = acc.gather(torch.cat(digests).to(acc.device)).tolist()
-                    if acc.is_main_process:
-                        self.seen.update(all_digests)
-                    prog.stage_step += 1
-                    prog.global_step += 1
-                    prog.windows = stream.position
-                    prog.tokens += global_tokens
-                    dt = time.time() - t0
-                    tps = global_tokens / dt
-                    self.log({"kind": "train", "stage": stage.name, "step": prog.global_step, "tokens": prog.tokens,
-                              "distinct_tokens": len(self.seen) * r.data.seq_len, "loss": loss_v, "kl": kl_v, "ce": ce_v,
-                              "lr": sched.get_last_lr()[0], "tokens_per_s": tps, "processes": acc.num_processes})
-                    if not self.kernel_rows:
-                        self._log_kernels(student_base, teacher, prog)
-                    bar.update(1)
-                    bar.set_postfix(stage=stage.name, loss=f"{loss_v:.3f}", kl=f"{kl_v:.3f}", tok_s=f"{tps:.0f}")
-                    if prog.global_step % r.save_every == 0:
-                        self.save_checkpoint(prog)
-                    if r.eval_every and prog.global_step % r.eval_every == 0:
-                        self.evaluate(model, teacher, folder, prog, stage.name)
-                else:
-                    # stage complete: fold LoRA into the weights so the next stage starts from a plain model
-                    student_base = self._unwrap_merged(model)
-                    prog.stage, prog.stage_step = si + 1, 0
-                    continue
-                break  # max_steps reached
+            student_base = self._train_stages(run, student_base)
         except KeyboardInterrupt:
             bar.close()
-            if acc.num_processes > 1:
-                # each rank is interrupted at its own point (one inside a gather, one not): a collective
-                # save now could pair mismatched collectives and hang, so keep the last periodic checkpoint
-                last = self.latest_checkpoint()
-                raise KvSurgeonError(f"interrupted: continue with --resume from {last or 'the start (no checkpoint yet)'}") from None
-            path = self.save_checkpoint(prog)
-            raise KvSurgeonError(f"interrupted: checkpoint saved to {path}; continue with --resume") from None
+            self._interrupted(prog)
         finally:
             self.kernels.remove()
         bar.close()
@@ -389,10 +307,128 @@ class Uptrainer:
             self.save_checkpoint(prog)
             return self.latest_checkpoint()
         with KernelRecorder(self.kernel_mode, [student_base, teacher]):  # the final eval runs the same paths
-            final = self.finish(student_base, teacher, folder, config, prog)
+            final = self.finish(student_base, teacher, folder, run.config, prog)
         if acc.is_main_process:
             plot_metrics(self.metrics_file, self.out / "metrics.png")
         return final
+
+    def _resume_point(self, resume: bool) -> tuple[Progress, Path | None]:
+        """Progress and the checkpoint to continue from (a fresh start: none)."""
+        from safetensors.torch import load_file
+
+        ck = self.latest_checkpoint() if resume else None
+        if ck is None:
+            if resume:
+                raise KvSurgeonError(f"--resume: no checkpoint under {self.ckpt_dir}")
+            return Progress(), None
+        prog = Progress.read(ck)
+        self.seen = set(load_file(str(ck / SEEN_FILE))["digests"].tolist()) if self.acc.is_main_process else set()
+        self._truncate_metrics(prog.global_step)
+        return prog, ck
+
+    def _interrupted(self, prog: Progress) -> None:
+        """Ctrl-C: save a checkpoint (one process) and say how to resume."""
+        if self.acc.num_processes > 1:
+            # each rank is interrupted at its own point (one inside a gather, one not): a collective
+            # save now could pair mismatched collectives and hang, so keep the last periodic checkpoint
+            last = self.latest_checkpoint()
+            raise KvSurgeonError(f"interrupted: continue with --resume from {last or 'the start (no checkpoint yet)'}") from None
+        path = self.save_checkpoint(prog)
+        raise KvSurgeonError(f"interrupted: checkpoint saved to {path}; continue with --resume") from None
+
+    def _train_stages(self, run: "_Run", student_base):
+        """Every remaining stage from the progress point; returns the student (LoRA merged after each
+        completed stage). Stops early at ``max_steps``."""
+        prog = run.prog
+        for si in range(prog.stage, len(self.r.stages)):
+            model, done = self._train_stage(run, si, student_base)
+            if not done:
+                break  # max_steps reached
+            # stage complete: fold LoRA into the weights so the next stage starts from a plain model
+            student_base = self._unwrap_merged(model)
+            prog.stage, prog.stage_step = si + 1, 0
+        return student_base
+
+    def _train_stage(self, run: "_Run", si: int, student_base):
+        """Stage si: its trainable set, optimiser and schedule, then its steps. Returns the prepared
+        model and whether the stage ran to its end."""
+        r, acc, prog = self.r, self.acc, run.prog
+        stage = r.stages[si]
+        # drop the previous stage's (and the teacher's) registrations: save_state then holds
+        # exactly this stage's student, optimiser and schedule
+        acc.free_memory()
+        model = select_trainable(student_base, stage, run.config)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=stage.lr or r.optim.lr, betas=tuple(r.optim.betas), weight_decay=r.optim.weight_decay)
+        sched = make_scheduler(opt, run.steps[si], r.optim.warmup_steps, r.optim.schedule, r.optim.min_lr_ratio)
+        model, opt, sched = acc.prepare(model, opt, sched)
+        if run.ck is not None and si == prog.stage:
+            self._restore(run.ck)
+        if prog.global_step == 0 and run.ck is None and si == 0:
+            # after prepare: the student is on the accelerator's device (sharded under FSDP)
+            self.evaluate(model, run.teacher, run.folder, prog, "after conversion")
+        params = [p for p in model.parameters() if p.requires_grad]
+        start = prog.stage_step if si == prog.stage else 0
+        for _ in range(start, run.steps[si]):
+            if r.max_steps is not None and prog.global_step >= r.max_steps:
+                return model, False
+            t0 = time.time()
+            if not self.kernel_rows:  # report what training reached, not the eval before it
+                self.kernels.called.clear()
+            losses = self._optimiser_step(run, model, opt, sched, params)
+            self._after_step(run, stage, model, student_base, sched, losses, time.time() - t0)
+        return model, True
+
+    def _optimiser_step(self, run: "_Run", model, opt, sched, params) -> list[float]:
+        """One optimiser step over ``grad_accum`` batches of distillation; returns the (loss, kl, ce)
+        means over processes and counts the windows every process trained on."""
+        r, acc = self.r, self.acc
+        sums = torch.zeros(3, device=acc.device)
+        digests = []
+        for _ in range(r.grad_accum):
+            ids = next(run.batches)
+            digests.append(window_digests(ids))
+            ids = ids.to(acc.device)
+            with acc.autocast():
+                with torch.no_grad():
+                    t_logits = run.teacher(input_ids=ids).logits
+                s_logits = model(input_ids=ids).logits
+            loss, kl, ce = distill_loss(s_logits, t_logits, ids, r.distill.temperature, r.distill.kl_weight, r.distill.ce_weight)
+            acc.backward(loss / r.grad_accum)
+            sums += torch.stack([loss.detach(), kl, ce]) / r.grad_accum
+        if r.optim.grad_clip:
+            acc.clip_grad_norm_(params, r.optim.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        # the logged loss is the mean over processes (= one process with the global batch);
+        # the digests of every process's windows count the distinct data actually trained on
+        losses = acc.reduce(sums, reduction="mean").tolist()
+        all_digests = acc.gather(torch.cat(digests).to(acc.device)).tolist()
+        if acc.is_main_process:
+            self.seen.update(all_digests)
+        return losses
+
+    def _after_step(self, run: "_Run", stage: StageCfg, model, student_base, sched, losses: list[float], dt: float) -> None:
+        """Advance the progress, log the step (and the kernels once), checkpoint and evaluate on cadence."""
+        r, acc, prog = self.r, self.acc, run.prog
+        loss_v, kl_v, ce_v = losses
+        prog.stage_step += 1
+        prog.global_step += 1
+        prog.windows = run.stream.position
+        prog.tokens += run.global_tokens
+        tps = run.global_tokens / dt
+        self.log({"kind": "train", "stage": stage.name, "step": prog.global_step, "tokens": prog.tokens,
+                  "distinct_tokens": len(self.seen) * r.data.seq_len, "loss": loss_v, "kl": kl_v, "ce": ce_v,
+                  "lr": sched.get_last_lr()[0], "tokens_per_s": tps, "processes": acc.num_processes})
+        if not self.kernel_rows:
+            self._log_kernels(student_base, run.teacher, prog)
+        run.bar.update(1)
+        run.bar.set_postfix(stage=stage.name, loss=f"{loss_v:.3f}", kl=f"{kl_v:.3f}", tok_s=f"{tps:.0f}")
+        if prog.global_step % r.save_every == 0:
+            self.save_checkpoint(prog)
+        if r.eval_every and prog.global_step % r.eval_every == 0:
+            self.evaluate(model, run.teacher, run.folder, prog, stage.name)
 
     def _log_kernels(self, student, teacher, prog: Progress) -> None:
         """After the first step: the kernel each layer type's forward reached, into metrics.jsonl (and
@@ -474,3 +510,19 @@ class Uptrainer:
 
 def uptrain(recipe: Recipe, recipe_text: str = "", resume: bool = False, progress: bool = True) -> Path:
     return Uptrainer(recipe, recipe_text, progress).run(resume=resume)
+
+
+@dataclass
+class _Run:
+    """What one ``Uptrainer.run`` shares between its stages and steps."""
+
+    teacher: object
+    folder: Path
+    config: dict
+    stream: PackedStream
+    batches: object  # iterator of (batch, seq_len) token windows
+    steps: list[int]  # optimiser steps per stage
+    bar: object  # tqdm
+    prog: "Progress"
+    ck: Path | None  # the checkpoint resumed from
+    global_tokens: int  # tokens per optimiser step over all processes

@@ -213,7 +213,7 @@ def parse_variant(spec: str, T: int):
 def merge_method(T: int, path: str, **kw):
     """convert() callback: calibrated_merge with kw; the seq-ec path passes the source-path target."""
     def run(attn, x, y, info):
-        return gqa.calibrated_merge(attn, x, T, y=y if path == "seq-ec" else None, info=info, **kw)
+        return gqa.calibrated_merge(attn, x, T, gqa.MergeOptions(**kw), y=y if path == "seq-ec" else None, info=info)
     return run
 
 

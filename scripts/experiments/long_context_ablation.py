@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvsurgeon.convert.gqa.plan as to_gqa  # noqa: E402
+from kvsurgeon.convert.gqa.merge import MergeOptions  # noqa: E402
 from bench_common import ROOT, SOURCE, TRAIN  # noqa: E402
 from kvsurgeon.convert.cli import app, spec_from_argv  # noqa: E402
 from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model  # noqa: E402
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> None:
         if job != "mqa":
             raise SystemExit("merge.KEY=VALUE applies to the mqa job only")
         spec = spec_from_argv([SOURCE, *BASE[job], *flags, "--out", str(out)])
-        convert_model(SOURCE, to_gqa.gqa_plan(1, spec.method or "calibrated", merge=merge_kw),
+        convert_model(SOURCE, to_gqa.gqa_plan(1, spec.method or "calibrated", merge=MergeOptions(**merge_kw)),
                       ConvertOptions(out=out, overwrite=True, calib=spec.calib_config(), measure="off"))
     elif not (out / "config.json").is_file():
         app(["convert", SOURCE, *BASE[job], *flags, "--out", str(out), "--overwrite", "--measure", "off"], standalone_mode=False)

@@ -9,7 +9,7 @@ inputs captured on pydocs-train (forward pre-hooks on self_attn, inputs of the *
 written into a stock DeepseekV3ForCausalLM (strict state dict) and evaluated on pydocs-valid:
 perplexity and mean per-token KL(source || converted).
 
-A run is ``Dr:R:method[:key=value,...]`` with options passed to convert_layer_to_mla, e.g.
+A run is ``Dr:R:method[:key=value,...]`` with ``MlaFit`` fields for convert_layer_to_mla, e.g.
 ``64:128:calibrated:frequencies=spread,kv_balance=2``. Tune on train only: ``--eval-split train``
 evaluates on train windows disjoint from the calibration windows.
 """
@@ -104,7 +104,7 @@ def evaluate(model, ids: torch.Tensor, ref_lp: list[torch.Tensor]) -> tuple[floa
 def build_mla_model(source_model, layers):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    from kvsurgeon.convert.mla.fit import mla_config, mla_state_dict
+    from mla_tools import mla_config, mla_state_dict  # this folder
 
     cfg = mla_config(source_model.config.to_dict(), layers)
     cfg.pop("architectures", None)
@@ -132,7 +132,7 @@ def convert_sequential(model, attns, calib: torch.Tensor, xs_src, rope_dim, kv_l
     source layer applied to those inputs; "correct": it matches the source model's post-attention
     residual stream, also undoing drift from earlier layers."""
     from kvsurgeon.attention.reference import attention_output, mla_attention_output
-    from kvsurgeon.convert.mla.fit import attention_token_weights, convert_layer_to_mla, refit_output, refit_queries
+    from kvsurgeon.convert.mla.fit import MlaFit, attention_token_weights, convert_layer_to_mla, refit_output, refit_queries
 
     h = model.model.embed_tokens(calib).double()
     h_src = h.clone()
@@ -140,10 +140,8 @@ def convert_sequential(model, attns, calib: torch.Tensor, xs_src, rope_dim, kv_l
     for i, layer in enumerate(model.model.layers):
         ln, post, mlp = (copy.deepcopy(mod).double() for mod in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp))
         x = ln(h)
-        o = dict(opts)
-        if tw_mix is not None:
-            o["token_weights"] = attention_token_weights(attns[i], x, power=tw_power, mix=tw_mix)
-        w = convert_layer_to_mla(attns[i], x, kv_lora_rank, rope_dim, method, **o)
+        tw = None if tw_mix is None else attention_token_weights(attns[i], x, power=tw_power, mix=tw_mix)
+        w = convert_layer_to_mla(attns[i], x, kv_lora_rank, rope_dim, method, MlaFit(**opts), token_weights=tw)
         if qrefit is not None:
             w = refit_queries(w, attns[i], x, ridge=qrefit, stride=qstride)
         x_src = ln(h_src)
@@ -197,7 +195,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     from kvsurgeon.attention.families import DictSource, read_attention
-    from kvsurgeon.convert.mla.fit import attention_token_weights, convert_layer_to_mla, refit_output, refit_queries
+    from kvsurgeon.convert.mla.fit import MlaFit, attention_token_weights, convert_layer_to_mla, refit_output, refit_queries
 
     t0 = time.time()
     model, tok = load_source()
@@ -240,9 +238,8 @@ def main() -> None:
         for i in range(L if not sequential else 0):
             attn = read_attention(src, cfg, i)
             x = None if pure else xs[i]
-            if tw_mix is not None:
-                opts["token_weights"] = attention_token_weights(attn, xs[i], power=tw_power, mix=tw_mix)
-            w = convert_layer_to_mla(attn, x, run["kv_lora_rank"], run["rope_dim"], run["method"], **opts)
+            tw = None if tw_mix is None else attention_token_weights(attn, xs[i], power=tw_power, mix=tw_mix)
+            w = convert_layer_to_mla(attn, x, run["kv_lora_rank"], run["rope_dim"], run["method"], MlaFit(**opts), token_weights=tw)
             if qrefit is not None:
                 w = refit_queries(w, attn, xs[i], ridge=qrefit, stride=qstride)
             if orefit is not None:
