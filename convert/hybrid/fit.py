@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -747,24 +747,6 @@ class TransferResult:
         return asdict(self)
 
 
-def _update_scales(params: list[torch.nn.Parameter], floor: float) -> list[torch.Tensor]:
-    """Per-row step scales for a relative learning rate: a 2-D+ weight moves each row in proportion to
-    the row's RMS at the start (rows that start at zero use ``floor`` x the tensor's mean row RMS);
-    1-D parameters (biases, decays, norms) move each element in proportion to its own size."""
-    scales = []
-    for p in params:
-        d = p.detach()
-        if d.dim() < 2:  # per element: |p| (floored at a tenth of the tensor's RMS); all-zero tensors: 1
-            r = d.pow(2).mean().sqrt()
-            scales.append(d.abs().clamp_min(floor * r) if r > 0 else torch.ones((), dtype=d.dtype))
-            continue
-        rows = d.reshape(d.shape[0], -1).pow(2).mean(-1).sqrt()
-        ref = rows.mean().clamp_min(1e-12)
-        s = rows.clamp_min(floor * ref)
-        scales.append(s.reshape(-1, *([1] * (d.dim() - 1))))
-    return scales
-
-
 def attention_transfer(
     linear_layer_module: torch.nn.Module,
     x: torch.Tensor,
@@ -777,8 +759,6 @@ def attention_transfer(
     val_windows: int | None = None,
     warmup: int | None = None,
     grad_clip: float = 1.0,
-    row_floor: float = 0.1,
-    relative: bool = False,
     seed: int = 0,
     log_every: int = 10,
     params: Callable[[torch.nn.Module], list] | None = None,
@@ -788,71 +768,29 @@ def attention_transfer(
     attention output ``target_y`` (relative MSE), LoLCATs / RADLADS stage 1.
 
     x, target_y: (N, T, hidden) windows (positions from 0); the last ``val_windows`` (default 1/8,
-    at least 1 when N > 1) are held out and reported. Adam (betas 0.9, 0.98); with ``relative`` each
-    row of a weight matrix instead moves by about ``lr`` x its initial RMS per step (measured on
-    SmolLM2: plain Adam at 3e-4 trains faster, so it is the default); 1-D parameters use ``lr_1d``
-    (default ``lr``). Linear warmup then cosine decay to 10%, gradient-norm clipping. ``params(module)`` selects the trainable parameters (default: all).
-    Runs in the module's dtype; no file I/O (an uptraining runner can reuse it as is).
+    at least 1 when N > 1) are held out and reported. ``torch.optim.Adam`` (betas 0.9, 0.98, eps
+    1e-8, no weight decay) at ``lr``, 1-D parameters at ``lr_1d`` (default ``lr``); transformers'
+    ``cosine_with_min_lr`` schedule: linear warmup from 0 over ``warmup`` steps (default
+    steps // 10 - 1, none below 20 steps), then cosine decay to 10%; gradient-norm clipping.
+    ``params(module)`` selects the trainable parameters (default: all). Runs in the module's dtype;
+    no file I/O (an uptraining runner can reuse it as is).
     """
     t0 = time.time()
     x, target_y = _batch(x), _batch(target_y)
-    N = x.shape[0]
-    if val_windows is None:
-        val_windows = max(1, N // 8) if N > 1 else 0
-    train_idx = torch.arange(N - val_windows)
-    val_x, val_y = x[N - val_windows :], target_y[N - val_windows :]
-    if len(train_idx) == 0:
-        raise KvSurgeonError("attention transfer needs at least one training window")
-    dtype = next(linear_layer_module.parameters()).dtype
+    train_idx, val_windows = _split_windows(x.shape[0], val_windows)
+    val_x, val_y = x[len(train_idx) :], target_y[len(train_idx) :]
 
     def val_err() -> float:
-        if val_windows == 0:
-            return float("nan")
-        return relative_mse(linear_layer_output(linear_layer_module, val_x), val_y)
+        return relative_mse(linear_layer_output(linear_layer_module, val_x), val_y) if val_windows else float("nan")
 
     before = val_err()
     initial = {k: v.detach().clone() for k, v in linear_layer_module.state_dict().items()}
     trainable = params(linear_layer_module) if params else [p for p in linear_layer_module.parameters() if p.requires_grad]
-    scales = _update_scales(trainable, row_floor) if relative else [torch.ones(()) for _ in trainable]
-    lr_1d = lr if lr_1d is None else lr_1d
-    m1 = [torch.zeros_like(p) for p in trainable]
-    m2 = [torch.zeros_like(p) for p in trainable]
-    b1, b2, adam_eps = 0.9, 0.98, 1e-8
-    warmup = max(1, steps // 10) if warmup is None else warmup
-
-    def lr_at(s: int) -> float:
-        return min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
-
-    g = torch.Generator().manual_seed(seed)
-    linear_layer_module.train()
-    denom = target_y[train_idx].to(torch.float64).pow(2).mean().clamp_min(1e-30).to(dtype)
-    history = []
-    order, pos, tokens = train_idx[torch.randperm(len(train_idx), generator=g)], 0, 0
-    for step in range(steps):
-        if pos + batch_windows > len(order):
-            order, pos = train_idx[torch.randperm(len(train_idx), generator=g)], 0
-        idx = order[pos : pos + batch_windows]
-        pos += batch_windows
-        xb, yb = x[idx].to(dtype), target_y[idx].to(dtype)
-        loss = (linear_layer_module(xb) - yb).pow(2).mean() / denom
-        for p in trainable:
-            p.grad = None
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-        f = lr_at(step)
-        with torch.no_grad():
-            for p, s, a, v in zip(trainable, scales, m1, m2):
-                if p.grad is None:
-                    continue
-                a.mul_(b1).add_(p.grad, alpha=1 - b1)
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                upd = (a / (1 - b1 ** (step + 1))) / ((v / (1 - b2 ** (step + 1))).sqrt() + adam_eps)
-                p.sub_(upd * s * (f * (lr if p.dim() >= 2 else lr_1d)))
-        tokens += xb.shape[0] * xb.shape[1]
-        if step % log_every == 0 or step == steps - 1:
-            history.append((step, round(float(loss.detach()), 5)))
-    linear_layer_module.eval()
+    if warmup is None:  # full rate from step steps // 10 - 1 on, as the earlier (step + 1) / W ramp; none below 20 steps
+        warmup = max(1, steps // 10) - 1
+    opt, sched = _transfer_optimizer(trainable, steps, lr, lr if lr_1d is None else lr_1d, warmup)
+    batches = _window_batches(train_idx, batch_windows, seed)
+    tokens, history = _train_steps(linear_layer_module, trainable, opt, sched, x, target_y, train_idx, batches, steps, grad_clip, log_every)
     after = val_err()
     restored = False
     if restore_if_worse and val_windows and after > before:
@@ -865,3 +803,62 @@ def attention_transfer(
         val_rel_mse_before=before, val_rel_mse_after=after, train_rel_mse_after=train_err,
         seconds=time.time() - t0, restored=restored, history=history,
     )
+
+
+def _split_windows(n: int, val_windows: int | None) -> tuple[torch.Tensor, int]:
+    """Training window indices (the first ones) and the count held out at the end (default 1/8, at
+    least 1 when there are two windows or more)."""
+    if val_windows is None:
+        val_windows = max(1, n // 8) if n > 1 else 0
+    if n - val_windows <= 0:
+        raise KvSurgeonError("attention transfer needs at least one training window")
+    return torch.arange(n - val_windows), val_windows
+
+
+def _transfer_optimizer(trainable: list, steps: int, lr: float, lr_1d: float, warmup: int):
+    """``torch.optim.Adam`` over two groups (weight matrices at ``lr``, 1-D parameters at ``lr_1d``) and
+    transformers' warmup-then-cosine schedule down to 10% of each group's rate."""
+    from transformers import get_scheduler
+
+    groups = [{"params": [p for p in trainable if p.dim() >= 2], "lr": lr},
+              {"params": [p for p in trainable if p.dim() < 2], "lr": lr_1d}]
+    opt = torch.optim.Adam([g for g in groups if g["params"]], betas=(0.9, 0.98), eps=1e-8)
+    sched = get_scheduler("cosine_with_min_lr", opt, num_warmup_steps=warmup, num_training_steps=max(1, steps),
+                          scheduler_specific_kwargs={"min_lr_rate": 0.1})
+    return opt, sched
+
+
+def _window_batches(train_idx: torch.Tensor, batch_windows: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless batches of ``batch_windows`` training windows: a seeded shuffle, reshuffled when the
+    next batch would not fit (the windows left over are skipped)."""
+    g = torch.Generator().manual_seed(seed)
+    order, pos = train_idx[torch.randperm(len(train_idx), generator=g)], 0
+    while True:
+        if pos + batch_windows > len(order):
+            order, pos = train_idx[torch.randperm(len(train_idx), generator=g)], 0
+        yield order[pos : pos + batch_windows]
+        pos += batch_windows
+
+
+def _train_steps(module, trainable, opt, sched, x, target_y, train_idx, batches, steps: int, grad_clip: float, log_every: int):
+    """``steps`` optimiser steps on the relative MSE of module(x) to target_y (the MSE over the training
+    windows' mean square). Returns (tokens processed, [(step, loss)] every ``log_every`` steps and last)."""
+    dtype = next(module.parameters()).dtype
+    denom = target_y[train_idx].to(torch.float64).pow(2).mean().clamp_min(1e-30).to(dtype)
+    history, tokens = [], 0
+    module.train()
+    for step in range(steps):
+        idx = next(batches)
+        xb, yb = x[idx].to(dtype), target_y[idx].to(dtype)
+        loss = (module(xb) - yb).pow(2).mean() / denom
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+        opt.step()
+        sched.step()
+        tokens += xb.shape[0] * xb.shape[1]
+        if step % log_every == 0 or step == steps - 1:
+            history.append((step, round(float(loss.detach()), 5)))
+    module.eval()
+    return tokens, history
