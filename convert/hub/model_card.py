@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub import ModelCard, ModelCardData
 
 from ..errors import KvSurgeonError
 
@@ -27,7 +28,7 @@ CONTEXT_TOKENS = 32768  # the KV section reports the cache size at this context 
 _CARD_VERSION = 1
 _MARKER = "kvsurgeon-card:"
 _EMBED_RE = re.compile(r"<!--\s*" + re.escape(_MARKER) + r"\s*(\{.*?\})\s*-->", re.DOTALL)
-_FRONT_MATTER_RE = re.compile(r"\A\ufeff?---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", re.DOTALL)
+_FRONT_MATTER_RE = re.compile(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", re.DOTALL)
 # The Hub only accepts model ids in `base_model`; a local path there would make the card invalid.
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -99,25 +100,18 @@ def _is_hub_id(name: str) -> bool:
     return bool(_HUB_ID_RE.match(name)) and not name.startswith((".", "/", "~"))
 
 
-def _tags(info: CardInfo) -> list[str]:
-    tags: list[str] = []
-    for tag in ["kvsurgeon", info.conversion, *info.extra_tags]:
-        if tag and tag not in tags:
-            tags.append(tag)
-    return tags
-
-
-def _front_matter(info: CardInfo) -> str:
-    meta: dict[str, Any] = {}
-    if _is_hub_id(info.base_model):
-        meta["base_model"] = info.base_model
-        meta["base_model_relation"] = "finetune"
-    meta["library_name"] = "transformers"
-    meta["pipeline_tag"] = "text-generation"
-    if info.license:
-        meta["license"] = info.license
-    meta["tags"] = _tags(info)
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+def _card_data(info: CardInfo) -> ModelCardData:
+    """The card's YAML front matter, as the Hub defines it (``huggingface_hub.ModelCardData``; fields
+    left None are not written). ``base_model`` only when it is a Hub id: the Hub rejects a local path."""
+    hub = _is_hub_id(info.base_model)
+    return ModelCardData(
+        base_model=info.base_model if hub else None,
+        base_model_relation="finetune" if hub else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=info.license or None,
+        tags=[t for t in ("kvsurgeon", info.conversion, *info.extra_tags) if t],  # repeats dropped, order kept
+    )
 
 
 def _fence(text: str, lang: str) -> str:
@@ -209,8 +203,9 @@ def _embed(info: CardInfo) -> str:
     return f"<!-- {_MARKER} {payload} -->\n"
 
 
-def render_model_card(info: CardInfo, repo_id: str | None = None) -> str:
-    """README.md text for a converted checkpoint; `repo_id` fills the loading snippet when known."""
+def model_card(info: CardInfo, repo_id: str | None = None) -> ModelCard:
+    """The model card (``huggingface_hub.ModelCard``) of a converted checkpoint: front matter from
+    ``_card_data``, body rendered here; `repo_id` fills the loading snippet when known."""
     kind = info.conversion.upper()
     title = repo_id.split("/")[-1] if repo_id else f"{Path(info.base_model).name or info.base_model} ({kind})"
     if _is_hub_id(info.base_model):
@@ -218,7 +213,6 @@ def render_model_card(info: CardInfo, repo_id: str | None = None) -> str:
     else:
         source = f"`{info.base_model}`"
     parts = [
-        _front_matter(info),
         f"\n# {title}\n",
         f"\n{source} with its attention converted to **{kind}** by kvsurgeon to shrink the KV cache. "
         "It is saved as a stock transformers model class: no custom code is needed.\n",
@@ -248,7 +242,12 @@ def render_model_card(info: CardInfo, repo_id: str | None = None) -> str:
         "\n",
         _embed(info),
     ]
-    return "".join(parts)
+    return ModelCard(f"---\n{_card_data(info).to_yaml()}\n---\n" + "".join(parts))
+
+
+def render_model_card(info: CardInfo, repo_id: str | None = None) -> str:
+    """README.md text for a converted checkpoint (``model_card`` as text)."""
+    return str(model_card(info, repo_id=repo_id))
 
 
 # ---------------------------------------------------------------------------- files
@@ -257,7 +256,7 @@ def render_model_card(info: CardInfo, repo_id: str | None = None) -> str:
 def write_model_card(folder: str | Path, info: CardInfo, repo_id: str | None = None) -> Path:
     """Write README.md into `folder` and return its path."""
     path = Path(folder) / CARD_FILENAME
-    path.write_text(render_model_card(info, repo_id=repo_id), encoding="utf-8")
+    model_card(info, repo_id=repo_id).save(path)
     return path
 
 
@@ -291,14 +290,13 @@ def refresh_model_card(folder: str | Path, repo_id: str) -> bool:
 
 
 def _front_matter_of(text: str) -> dict[str, Any] | None:
-    match = _FRONT_MATTER_RE.match(text)
-    if not match:
-        return None
+    text = text.lstrip("\ufeff")
+    if not _FRONT_MATTER_RE.match(text):
+        return None  # no metadata block (checked first: ModelCard would log a warning for it)
     try:
-        meta = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
+        return ModelCard(text, ignore_metadata_errors=True).data.to_dict()
+    except (ValueError, yaml.YAMLError):
         return None  # a broken source card should not stop a conversion; we just don't know the license
-    return meta if isinstance(meta, dict) else None
 
 
 def _source_folder(config_or_folder: Any) -> Path | None:

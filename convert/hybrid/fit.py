@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -299,87 +299,36 @@ def mamba2_from_attention(
     (float32) and measurements.
     """
     init = init or Mamba2Init()
+    _check_mamba2_layout(attn, dims)
     H, D, hidden = attn.q.shape
-    if (dims.n_heads, dims.head_dim, dims.n_groups, dims.d_state, dims.hidden) != (H, D, H, D, hidden):
-        raise KvSurgeonError(
-            f"Mamba2 layout {dims} does not match the attention (H={H}, D={D}, hidden={hidden}): need n_heads = "
-            f"n_groups = H and d_head = d_state = D"
-        )
-    if attn.q_norm is not None or attn.k_norm is not None:
-        raise KvSurgeonError("Mamba2 init from attention with q/k norms (Qwen3) is not supported; use gated-deltanet")
     x = _batch(x)
     dt0 = math.log(2.0)  # softplus(DT0_BIAS)
-    O = attn.o.to(F64)
     keep = D - 1 if init.denominator else D  # one value dim per head gives way to the denominator channel
     K = F.silu(torch.tensor(init.denominator_preact)).item()
 
+    # 1. per-head value basis, feature maps and decays, on the fit tokens
     xf = _fit_windows(x, init.fit_tokens)
-    Bf, T = xf.shape[:2]
-    Nf = Bf * T
+    Nf = xf.shape[0] * xf.shape[1]
     q, k, v = _projections(attn, xf, F64)
-    P, Oq = _value_basis(v.reshape(Nf, H, D), O, keep)  # values in whitened, ranked coordinates
-    vq = torch.einsum("hkd,bthd->bthk", P, v)
-    a_v = init.v_rms / _rms(vq)
-    Xf = F.silu(vq * a_v[:, None])
-    if keep < D:
-        Xf = torch.cat([Xf, torch.full((*Xf.shape[:-1], 1), K, dtype=F64)], -1)
-    Xf = Xf.float()
+    P, Oq, a_v = _mamba2_values(attn, v, keep, init)  # values in whitened, ranked coordinates
+    Xf = _mamba2_x(P, v, a_v, torch.full((H,), K, dtype=F64)).float()
     zq = torch.einsum("hkd,nhd->nhk", P, head_outputs(attn, xf).reshape(Nf, H, D))  # target, whitened: error = squared error
-    temp = D**-0.25
-    best_err = torch.full((H,), float("inf"), dtype=F64)
-    best = torch.zeros(H, 4, dtype=F64)  # (a, b, decay, denominator on)
-    qf, kf = q.float(), k.float()
-    for a_mult, shift in init.feature_maps:
-        Cf, Bm = F.silu(qf * (a_mult * temp) + shift), F.silu(kf * (a_mult * temp) + shift)
-        S0 = torch.einsum("bthn,bshn->bhts", Cf, Bm) * dt0
-        for lam in init.decays:
-            y = torch.einsum("bhts,bshd->bthd", S0 * _decay_mask(T, torch.tensor([lam]), torch.float32), Xf).to(F64)
-            modes = [0.0]
-            if init.denominator and shift >= 1:  # the sum of weights must stay positive
-                modes.append(1.0)
-            for den in modes:
-                yy = y if den else torch.cat([y[..., :keep], torch.zeros_like(y[..., keep:])], -1)
-                n = _group_norm(yy, 1.0, float(yy.pow(2).mean()) / init.eps_margin)[..., :keep].reshape(Nf, H, keep)
-                _, err = _diag_fit(n, zq)
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best[better] = torch.tensor([a_mult * temp, shift, lam, den], dtype=F64)
-        del S0
-    a_qk, shift, decays, den_on = best[:, 0], best[:, 1], best[:, 2], best[:, 3]
+    best_err, a_qk, shift, decays, den_on = _mamba2_grid(q, k, Xf, zq, keep, dt0, init)
 
-    # per-head outputs on the refit tokens with the chosen maps, the real gate and eps
+    # 2. per-head outputs on the refit tokens with the chosen maps, the real gate and eps
     xr = _fit_windows(x, init.refit_tokens)
-    Br = xr.shape[0]
-    Nr = Br * xr.shape[1]
-    qr, kr, vr = _projections(attn, xr, F64)
-    Cr = F.silu(qr * a_qk[:, None] + shift[:, None]).float()
-    Brr = F.silu(kr * a_qk[:, None] + shift[:, None]).float()
-    Xr = F.silu(torch.einsum("hkd,bthd->bthk", P, vr) * a_v[:, None])
-    if keep < D:
-        Xr = torch.cat([Xr, (K * den_on).expand(*Xr.shape[:-2], H)[..., None]], -1)
-    y = torch.cat([_mamba2_heads(Cr[i : i + 4], Brr[i : i + 4], Xr[i : i + 4].float(), decays, dt0) for i in range(0, Br, 4)]).to(F64)
-    ms = float(y.pow(2).mean())
-    c = max(1.0, math.sqrt(init.eps_margin * eps / max(ms, 1e-300)))
-    gate_bias = _silu_inverse(c)
-    n = _group_norm(y, F.silu(torch.tensor(gate_bias, dtype=F64)).item(), eps).reshape(Nr, H, D)
+    Nr = xr.shape[0] * xr.shape[1]
+    n, gate_bias, gate_eps_share = _mamba2_normed_heads(attn, xr, P, a_v, a_qk, shift, decays, K * den_on, dt0, eps, init)
+
+    # 3. norm weights, then out_proj (and its bias) by least squares
     zr = torch.einsum("hkd,nhd->nhk", P, head_outputs(attn, xr).reshape(Nr, H, D))
-    w, _ = _diag_fit(n[..., :keep], zr)
-    norm_w = torch.ones(H, D, dtype=F64)
-    norm_w[:, :keep] = w
-    Wq = Oq.reshape(hidden, H, keep)
-    Wout = torch.zeros(hidden, H, D, dtype=F64)
-    Wout[:, :, :keep] = Wq
-    Wout = Wout.reshape(hidden, H * D)
-    feats = (n * norm_w[None]).reshape(Nr, H * D)
+    norm_w, Wout, feats = _mamba2_norm_and_readout(n, zr, Oq)
     y_att = attention_output(attn, xr).reshape(Nr, hidden) if target is None else _fit_windows(target, init.refit_tokens).reshape(Nr, hidden).to(F64)
     bias = attn.o_bias.to(F64) if attn.o_bias is not None else torch.zeros(hidden, dtype=F64)
     err_diag = relative_mse(feats @ Wout.T + bias, y_att)
     ridge = None
     if init.refit_out:
-        Fa = torch.cat([feats, feats.new_ones(Nr, 1)], 1)
-        W0 = torch.cat([Wout, bias[:, None]], 1)
-        Wa, ridge = _ridge_refit(Fa, y_att, W0, init.ridges, group=xr.shape[1])
-        Wout, bias = Wa[:, :-1], Wa[:, -1]
+        Wout, bias, ridge = _refit_out_with_bias(feats, y_att, Wout, bias, init.ridges, group=xr.shape[1])
     err = relative_mse(feats @ Wout.T + bias, y_att)
 
     weights = _mamba2_weights(attn, dims, P, a_qk, shift, a_v, decays, den_on, gate_bias, norm_w.reshape(-1), Wout, bias, init)
@@ -390,7 +339,7 @@ def mamba2_from_attention(
         "denominator": [int(d) for d in den_on],
         "head_rel_err_fit": [round(float(e), 4) for e in best_err],
         "gate_bias": round(gate_bias, 3),
-        "gate_eps_share": float(eps / (ms * c * c + eps)),
+        "gate_eps_share": gate_eps_share,
         "rel_mse_init_diag": err_diag,
         "rel_mse_init": err,
         "out_ridge": ridge,
@@ -398,6 +347,111 @@ def mamba2_from_attention(
         "refit_tokens": int(Nr),
     }
     return weights, info
+
+
+def _check_mamba2_layout(attn: AttentionWeights, dims: Mamba2Dims) -> None:
+    H, D, hidden = attn.q.shape
+    if (dims.n_heads, dims.head_dim, dims.n_groups, dims.d_state, dims.hidden) != (H, D, H, D, hidden):
+        raise KvSurgeonError(
+            f"Mamba2 layout {dims} does not match the attention (H={H}, D={D}, hidden={hidden}): need n_heads = "
+            f"n_groups = H and d_head = d_state = D"
+        )
+    if attn.q_norm is not None or attn.k_norm is not None:
+        raise KvSurgeonError("Mamba2 init from attention with q/k norms (Qwen3) is not supported; use gated-deltanet")
+
+
+def _mamba2_values(attn: AttentionWeights, v: torch.Tensor, keep: int, init: Mamba2Init):
+    """From the value activations v (B, T, H, D): the per-head value basis P (H, keep, D), its read-out
+    Oq (hidden, H, keep) (``_value_basis``) and the per-head value scale a_v (H,) that puts the value
+    coordinates at RMS ``init.v_rms``."""
+    B, T, H, D = v.shape
+    P, Oq = _value_basis(v.reshape(B * T, H, D), attn.o.to(F64), keep)
+    a_v = init.v_rms / _rms(torch.einsum("hkd,bthd->bthk", P, v))
+    return P, Oq, a_v
+
+
+def _mamba2_x(P: torch.Tensor, v: torch.Tensor, a_v: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """The x input of the Mamba2 heads (B, T, H, D): silu of the scaled value coordinates and, when P
+    keeps fewer than D dims, the denominator channel holding ``den`` (H,) (silu(preact), or 0 on heads
+    that do not use it)."""
+    X = F.silu(torch.einsum("hkd,bthd->bthk", P, v) * a_v[:, None])
+    if P.shape[1] < P.shape[2]:
+        X = torch.cat([X, den.expand(*X.shape[:-2], P.shape[0])[..., None]], -1)
+    return X
+
+
+def _mamba2_grid(q: torch.Tensor, k: torch.Tensor, X: torch.Tensor, z: torch.Tensor, keep: int, dt0: float, init: Mamba2Init):
+    """Per head, the feature map silu(a q + b) (``init.feature_maps``), decay (``init.decays``) and
+    denominator channel (on/off) whose normalised output best predicts z (N, H, keep), the attention
+    output in whitened value coordinates, up to per-channel weights (``_diag_fit``).
+
+    q, k (B, T, H, D) float64; X (B, T, H, D) float32 from ``_mamba2_x``. Returns (error per head, a,
+    b, decay, denominator on), each (H,)."""
+    Bsz, T, H, D = q.shape
+    N = Bsz * T
+    temp = D**-0.25
+    best_err = torch.full((H,), float("inf"), dtype=F64)
+    best = torch.zeros(H, 4, dtype=F64)  # (a, b, decay, denominator on)
+    qf, kf = q.float(), k.float()
+    for a_mult, shift in init.feature_maps:
+        Cf, Bm = F.silu(qf * (a_mult * temp) + shift), F.silu(kf * (a_mult * temp) + shift)
+        S0 = torch.einsum("bthn,bshn->bhts", Cf, Bm) * dt0
+        for lam in init.decays:
+            y = torch.einsum("bhts,bshd->bthd", S0 * _decay_mask(T, torch.tensor([lam]), torch.float32), X).to(F64)
+            modes = [0.0]
+            if init.denominator and shift >= 1:  # the sum of weights must stay positive
+                modes.append(1.0)
+            for den in modes:
+                yy = y if den else torch.cat([y[..., :keep], torch.zeros_like(y[..., keep:])], -1)
+                n = _group_norm(yy, 1.0, float(yy.pow(2).mean()) / init.eps_margin)[..., :keep].reshape(N, H, keep)
+                _, err = _diag_fit(n, z)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best[better] = torch.tensor([a_mult * temp, shift, lam, den], dtype=F64)
+        del S0
+    return best_err, best[:, 0], best[:, 1], best[:, 2], best[:, 3]
+
+
+def _mamba2_normed_heads(attn, xr, P, a_v, a_qk, shift, decays, den, dt0: float, eps: float, init: Mamba2Init):
+    """The Mamba2 heads' gated, group-normalised outputs on xr (B, T, hidden) with the chosen per-head
+    maps: (N, H, D), the gate bias g and the share of eps in the norm. g is the smallest with
+    silu(g)^2 mean(y^2) >= ``init.eps_margin`` eps, so the constant gate stays neutral."""
+    H, D, _ = attn.q.shape
+    Br = xr.shape[0]
+    qr, kr, vr = _projections(attn, xr, F64)
+    Cr = F.silu(qr * a_qk[:, None] + shift[:, None]).float()
+    Brr = F.silu(kr * a_qk[:, None] + shift[:, None]).float()
+    Xr = _mamba2_x(P, vr, a_v, den)
+    y = torch.cat([_mamba2_heads(Cr[i : i + 4], Brr[i : i + 4], Xr[i : i + 4].float(), decays, dt0) for i in range(0, Br, 4)]).to(F64)
+    ms = float(y.pow(2).mean())
+    c = max(1.0, math.sqrt(init.eps_margin * eps / max(ms, 1e-300)))
+    gate_bias = _silu_inverse(c)
+    n = _group_norm(y, F.silu(torch.tensor(gate_bias, dtype=F64)).item(), eps).reshape(-1, H, D)
+    return n, gate_bias, float(eps / (ms * c * c + eps))
+
+
+def _mamba2_norm_and_readout(n: torch.Tensor, z: torch.Tensor, Oq: torch.Tensor):
+    """Norm weights (H, D) fitted per channel so the normalised heads n (N, H, D) match z (N, H, keep),
+    the attention output in whitened value coordinates (the denominator channel's weight stays 1);
+    out_proj (hidden, H D) reading the kept coordinates through Oq (0 on the denominator channel);
+    and the weighted features (N, H D) out_proj reads."""
+    N, H, D = n.shape
+    hidden, _, keep = Oq.shape
+    w, _ = _diag_fit(n[..., :keep], z)
+    norm_w = torch.ones(H, D, dtype=F64)
+    norm_w[:, :keep] = w
+    Wout = torch.zeros(hidden, H, D, dtype=F64)
+    Wout[:, :, :keep] = Oq.reshape(hidden, H, keep)
+    return norm_w, Wout.reshape(hidden, H * D), (n * norm_w[None]).reshape(N, H * D)
+
+
+def _refit_out_with_bias(feats, y, Wout, bias, ridges: Sequence[float], group: int):
+    """out_proj and its bias refitted together (``_ridge_refit`` on the features plus a constant column),
+    towards (Wout, bias). Returns (Wout, bias, ridge)."""
+    Fa = torch.cat([feats, feats.new_ones(feats.shape[0], 1)], 1)
+    W0 = torch.cat([Wout, bias[:, None]], 1)
+    Wa, ridge = _ridge_refit(Fa, y, W0, ridges, group=group)
+    return Wa[:, :-1], Wa[:, -1], ridge
 
 
 def _ridge_refit(Fa: torch.Tensor, Y: torch.Tensor, W0: torch.Tensor, ridges: Sequence[float], group: int):
@@ -510,64 +564,108 @@ def gdn_from_attention(
     ``in_proj_z`` is fitted by least squares so ``silu(z)`` predicts each head's attention output
     RMS per token, which also restores the magnitude the per-head RMSNorm removes.
     """
-    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule
-
     init = init or GdnInit()
+    _check_gdn_layout(attn, dims)
+    H, D, hidden = attn.q.shape
+    x = _batch(x)
+    OtO = torch.einsum("ihd,ihe->hde", attn.o.to(F64), attn.o.to(F64))
+
+    # 1. per-head q/k scale and decay, on the fit tokens
+    err_fit, a_qk, decays = _gdn_grid(attn, _fit_windows(x, init.fit_tokens), OtO, eps, init)
+
+    # 2. the output gate, then out_proj, on the refit tokens
+    xr = _fit_windows(x, init.refit_tokens)
+    Nr = xr.shape[0] * xr.shape[1]
+    n = _gdn_normed_heads(attn, xr, a_qk, decays, eps, init.v_scale).reshape(Nr, H, D)
+    zr = head_outputs(attn, xr).reshape(Nr, H, D)
+    U, gate, scale = _gdn_gate(n, zr, OtO, xr.reshape(Nr, hidden).to(F64))
+    feats = (n * gate[..., None]).reshape(Nr, H * D)
+    y_att = attention_output(attn, xr).reshape(Nr, hidden) if target is None else _fit_windows(target, init.refit_tokens).reshape(Nr, hidden).to(F64)
+    Wout = ridge_towards(feats, y_att, attn.o.to(F64).reshape(hidden, H * D), init.ridge)
+    err = relative_mse(feats @ Wout.T, y_att)
+
+    weights = _gdn_weights(attn, dims, a_qk, decays, U, Wout, init)
+    info = {
+        "decay": [round(float(d), 4) for d in decays],
+        "qk_scale": [round(float(s), 3) for s in a_qk],
+        "head_rel_err_fit": [round(float(e), 4) for e in err_fit],
+        "gate_r2": float(1 - ((gate - scale).pow(2).sum() / (scale - scale.mean(0)).pow(2).sum().clamp_min(1e-300))),
+        "rel_mse_init": err,
+        "refit_tokens": int(Nr),
+    }
+    return weights, info
+
+
+def _check_gdn_layout(attn: AttentionWeights, dims: GdnDims) -> None:
     H, D, hidden = attn.q.shape
     if (dims.n_k_heads, dims.n_v_heads, dims.dk, dims.dv, dims.hidden) != (H, H, D, D, hidden):
         raise KvSurgeonError(f"Gated DeltaNet layout {dims} does not match the attention (H={H}, D={D})")
-    x = _batch(x)
-    kv = attn.kv_index()
+    if attn.q_bias is not None or attn.k_bias is not None or attn.v_bias is not None or attn.o_bias is not None:
+        raise KvSurgeonError("Gated DeltaNet init: attention biases have no place in the layout")
+
+
+def _qk_norm_weights(attn: AttentionWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """The q and k RMSNorm weights (D,) float64 (ones without norms)."""
+    D = attn.q.shape[1]
     qn = attn.q_norm.to(F64) if attn.q_norm is not None else torch.ones(D, dtype=F64)
     kn = attn.k_norm.to(F64) if attn.k_norm is not None else torch.ones(D, dtype=F64)
-    O = attn.o.to(F64)
+    return qn, kn
 
-    def run(xw, a_qk, decays, dtype=torch.float32):
-        q, k, v = _projections(attn, xw, F64)
-        # fold the norm weights (the norm's 1/rms is replaced by the DeltaNet's l2norm)
-        q = F.silu(q * qn * a_qk[:, None]).to(dtype)
-        k = F.silu(k * kn * a_qk[:, None]).to(dtype)
-        v = F.silu(v * init.v_scale).to(dtype)
-        Bsz, T = q.shape[:2]
-        g = torch.log(decays.to(torch.float32)).expand(Bsz, T, H).contiguous()
-        beta = torch.full((Bsz, T, H), 0.5)
-        o, _ = torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
-        o = o.to(F64)
-        return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps)  # (B, T, H, D)
 
-    xf = _fit_windows(x, init.fit_tokens)
+def _gdn_normed_heads(attn, xw, a_qk, decays, eps: float, v_scale: float, dtype=torch.float32) -> torch.Tensor:
+    """The Gated DeltaNet heads (transformers' own chunked rule) on xw (B, T, hidden) with per-head
+    q/k scale a_qk and decay, each head's output RMS-normalised: (B, T, H, D) float64."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule
+
+    H = attn.q.shape[0]
+    qn, kn = _qk_norm_weights(attn)
+    q, k, v = _projections(attn, xw, F64)
+    # fold the norm weights (the norm's 1/rms is replaced by the DeltaNet's l2norm)
+    q = F.silu(q * qn * a_qk[:, None]).to(dtype)
+    k = F.silu(k * kn * a_qk[:, None]).to(dtype)
+    v = F.silu(v * v_scale).to(dtype)
+    Bsz, T = q.shape[:2]
+    g = torch.log(decays.to(torch.float32)).expand(Bsz, T, H).contiguous()
+    beta = torch.full((Bsz, T, H), 0.5)
+    o, _ = torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
+    o = o.to(F64)
+    return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _gdn_grid(attn: AttentionWeights, xf: torch.Tensor, OtO: torch.Tensor, eps: float, init: GdnInit):
+    """Per head, the q/k scale (``init.qk_scales``) and decay (``init.decays``) whose normalised output,
+    times the best per-token scalar (what the gate can supply), is closest to the head's attention
+    output under the metric O_h^T O_h. Returns (relative error, scale, decay), each (H,)."""
+    H, D, _ = attn.q.shape
     Nf = xf.shape[0] * xf.shape[1]
     z_att = head_outputs(attn, xf).reshape(Nf, H, D)
-    OtO = torch.einsum("ihd,ihe->hde", O, O)
     best = (torch.full((H,), float("inf"), dtype=F64), torch.zeros(H, dtype=F64), torch.zeros(H, dtype=F64))
     for s in init.qk_scales:
         for lam in init.decays:
-            n = run(xf, torch.full((H,), s, dtype=F64), torch.full((H,), lam)).reshape(Nf, H, D)
+            n = _gdn_normed_heads(attn, xf, torch.full((H,), s, dtype=F64), torch.full((H,), lam), eps, init.v_scale).reshape(Nf, H, D)
             # the gate carries a per-token scale: fit it as the best per-token, per-head scalar
             scale = (_quad_tok(n, OtO, z_att) / _quad_tok(n, OtO, n).clamp_min(1e-30)).clamp_min(0)
             e = z_att - scale[..., None] * n
             err = _quad(e, OtO, e) / _quad(z_att, OtO, z_att).clamp_min(1e-300)
             better = err < best[0]
             best = (torch.where(better, err, best[0]), torch.where(better, torch.full_like(best[1], s), best[1]), torch.where(better, torch.full_like(best[2], lam), best[2]))
-    err_fit, a_qk, decays = best
+    return best
 
-    xr = _fit_windows(x, init.refit_tokens)
-    Nr = xr.shape[0] * xr.shape[1]
-    n = run(xr, a_qk, decays).reshape(Nr, H, D)
-    zr = head_outputs(attn, xr).reshape(Nr, H, D)
-    # per-token per-head target scale -> gate: silu(z_h) ~ scale_h, z_h = u_h . x (least squares)
-    scale = (_quad_tok(n, OtO, zr) / _quad_tok(n, OtO, n).clamp_min(1e-30)).clamp_min(1e-4)
+
+def _gdn_gate(n: torch.Tensor, z: torch.Tensor, OtO: torch.Tensor, X: torch.Tensor):
+    """The output gate: the per-token, per-head scale (N, H) taking the normalised heads n (N, H, D) to
+    the attention heads z, and ``in_proj_z`` rows U (H, hidden) with silu(X U^T) ~ that scale (least
+    squares on z = silu^-1(scale)). X: (N, hidden). Returns (U, gate silu(X U^T), scale)."""
+    scale = (_quad_tok(n, OtO, z) / _quad_tok(n, OtO, n).clamp_min(1e-30)).clamp_min(1e-4)
     zt = _silu_inverse_t(scale)  # (N, H)
-    X = xr.reshape(Nr, hidden).to(F64)
-    G = X.T @ X
-    U = ridge_solve(G, X.T @ zt, 1e-3).T  # (H, hidden)
-    gate = F.silu(X @ U.T)  # (N, H)
-    feats = (n * gate[..., None]).reshape(Nr, H * D)
-    y_att = attention_output(attn, xr).reshape(Nr, hidden) if target is None else _fit_windows(target, init.refit_tokens).reshape(Nr, hidden).to(F64)
-    W0 = O.reshape(hidden, H * D)
-    Wout = ridge_towards(feats, y_att, W0, init.ridge)
-    err = relative_mse(feats @ Wout.T, y_att)
+    U = ridge_solve(X.T @ X, X.T @ zt, 1e-3).T  # (H, hidden)
+    return U, F.silu(X @ U.T), scale
 
+
+def _gdn_weights(attn: AttentionWeights, dims: GdnDims, a_qk, decays, U, Wout, init: GdnInit) -> GdnWeights:
+    H, D, hidden = attn.q.shape
+    kv = attn.kv_index()
+    qn, kn = _qk_norm_weights(attn)
     q_rows = attn.q.to(F64) * (qn * 1)[None, :, None] * a_qk[:, None, None]
     k_rows = attn.k.to(F64)[kv] * kn[None, :, None] * a_qk[:, None, None]
     v_rows = attn.v.to(F64)[kv] * init.v_scale
@@ -576,7 +674,7 @@ def gdn_from_attention(
     dt0 = F.softplus(torch.tensor(DT0_BIAS, dtype=F64))
     A_log = torch.log(-torch.log(decays.clamp(1e-6, 1 - 1e-6)) / dt0)
     f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
-    weights = GdnWeights(
+    return GdnWeights(
         in_proj_qkv=f32(torch.cat([q_rows.reshape(H * D, hidden), k_rows.reshape(H * D, hidden), v_rows.reshape(H * D, hidden)])),
         in_proj_z=f32(U.repeat_interleave(D, dim=0)),
         in_proj_b=f32(torch.zeros(H, hidden, dtype=F64)),
@@ -587,17 +685,6 @@ def gdn_from_attention(
         norm=f32(torch.ones(D, dtype=F64)),
         out_proj=f32(Wout),
     )
-    if attn.q_bias is not None or attn.k_bias is not None or attn.v_bias is not None or attn.o_bias is not None:
-        raise KvSurgeonError("Gated DeltaNet init: attention biases have no place in the layout")
-    info = {
-        "decay": [round(float(d), 4) for d in decays],
-        "qk_scale": [round(float(s), 3) for s in a_qk],
-        "head_rel_err_fit": [round(float(e), 4) for e in err_fit],
-        "gate_r2": float(1 - ((gate - scale).pow(2).sum() / (scale - scale.mean(0)).pow(2).sum().clamp_min(1e-300))),
-        "rel_mse_init": err,
-        "refit_tokens": int(Nr),
-    }
-    return weights, info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -660,24 +747,6 @@ class TransferResult:
         return asdict(self)
 
 
-def _update_scales(params: list[torch.nn.Parameter], floor: float) -> list[torch.Tensor]:
-    """Per-row step scales for a relative learning rate: a 2-D+ weight moves each row in proportion to
-    the row's RMS at the start (rows that start at zero use ``floor`` x the tensor's mean row RMS);
-    1-D parameters (biases, decays, norms) move each element in proportion to its own size."""
-    scales = []
-    for p in params:
-        d = p.detach()
-        if d.dim() < 2:  # per element: |p| (floored at a tenth of the tensor's RMS); all-zero tensors: 1
-            r = d.pow(2).mean().sqrt()
-            scales.append(d.abs().clamp_min(floor * r) if r > 0 else torch.ones((), dtype=d.dtype))
-            continue
-        rows = d.reshape(d.shape[0], -1).pow(2).mean(-1).sqrt()
-        ref = rows.mean().clamp_min(1e-12)
-        s = rows.clamp_min(floor * ref)
-        scales.append(s.reshape(-1, *([1] * (d.dim() - 1))))
-    return scales
-
-
 def attention_transfer(
     linear_layer_module: torch.nn.Module,
     x: torch.Tensor,
@@ -690,8 +759,6 @@ def attention_transfer(
     val_windows: int | None = None,
     warmup: int | None = None,
     grad_clip: float = 1.0,
-    row_floor: float = 0.1,
-    relative: bool = False,
     seed: int = 0,
     log_every: int = 10,
     params: Callable[[torch.nn.Module], list] | None = None,
@@ -701,71 +768,29 @@ def attention_transfer(
     attention output ``target_y`` (relative MSE), LoLCATs / RADLADS stage 1.
 
     x, target_y: (N, T, hidden) windows (positions from 0); the last ``val_windows`` (default 1/8,
-    at least 1 when N > 1) are held out and reported. Adam (betas 0.9, 0.98); with ``relative`` each
-    row of a weight matrix instead moves by about ``lr`` x its initial RMS per step (measured on
-    SmolLM2: plain Adam at 3e-4 trains faster, so it is the default); 1-D parameters use ``lr_1d``
-    (default ``lr``). Linear warmup then cosine decay to 10%, gradient-norm clipping. ``params(module)`` selects the trainable parameters (default: all).
-    Runs in the module's dtype; no file I/O (an uptraining runner can reuse it as is).
+    at least 1 when N > 1) are held out and reported. ``torch.optim.Adam`` (betas 0.9, 0.98, eps
+    1e-8, no weight decay) at ``lr``, 1-D parameters at ``lr_1d`` (default ``lr``); transformers'
+    ``cosine_with_min_lr`` schedule: linear warmup from 0 over ``warmup`` steps (default
+    steps // 10 - 1, none below 20 steps), then cosine decay to 10%; gradient-norm clipping.
+    ``params(module)`` selects the trainable parameters (default: all). Runs in the module's dtype;
+    no file I/O (an uptraining runner can reuse it as is).
     """
     t0 = time.time()
     x, target_y = _batch(x), _batch(target_y)
-    N = x.shape[0]
-    if val_windows is None:
-        val_windows = max(1, N // 8) if N > 1 else 0
-    train_idx = torch.arange(N - val_windows)
-    val_x, val_y = x[N - val_windows :], target_y[N - val_windows :]
-    if len(train_idx) == 0:
-        raise KvSurgeonError("attention transfer needs at least one training window")
-    dtype = next(linear_layer_module.parameters()).dtype
+    train_idx, val_windows = _split_windows(x.shape[0], val_windows)
+    val_x, val_y = x[len(train_idx) :], target_y[len(train_idx) :]
 
     def val_err() -> float:
-        if val_windows == 0:
-            return float("nan")
-        return relative_mse(linear_layer_output(linear_layer_module, val_x), val_y)
+        return relative_mse(linear_layer_output(linear_layer_module, val_x), val_y) if val_windows else float("nan")
 
     before = val_err()
     initial = {k: v.detach().clone() for k, v in linear_layer_module.state_dict().items()}
     trainable = params(linear_layer_module) if params else [p for p in linear_layer_module.parameters() if p.requires_grad]
-    scales = _update_scales(trainable, row_floor) if relative else [torch.ones(()) for _ in trainable]
-    lr_1d = lr if lr_1d is None else lr_1d
-    m1 = [torch.zeros_like(p) for p in trainable]
-    m2 = [torch.zeros_like(p) for p in trainable]
-    b1, b2, adam_eps = 0.9, 0.98, 1e-8
-    warmup = max(1, steps // 10) if warmup is None else warmup
-
-    def lr_at(s: int) -> float:
-        return min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
-
-    g = torch.Generator().manual_seed(seed)
-    linear_layer_module.train()
-    denom = target_y[train_idx].to(torch.float64).pow(2).mean().clamp_min(1e-30).to(dtype)
-    history = []
-    order, pos, tokens = train_idx[torch.randperm(len(train_idx), generator=g)], 0, 0
-    for step in range(steps):
-        if pos + batch_windows > len(order):
-            order, pos = train_idx[torch.randperm(len(train_idx), generator=g)], 0
-        idx = order[pos : pos + batch_windows]
-        pos += batch_windows
-        xb, yb = x[idx].to(dtype), target_y[idx].to(dtype)
-        loss = (linear_layer_module(xb) - yb).pow(2).mean() / denom
-        for p in trainable:
-            p.grad = None
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-        f = lr_at(step)
-        with torch.no_grad():
-            for p, s, a, v in zip(trainable, scales, m1, m2):
-                if p.grad is None:
-                    continue
-                a.mul_(b1).add_(p.grad, alpha=1 - b1)
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                upd = (a / (1 - b1 ** (step + 1))) / ((v / (1 - b2 ** (step + 1))).sqrt() + adam_eps)
-                p.sub_(upd * s * (f * (lr if p.dim() >= 2 else lr_1d)))
-        tokens += xb.shape[0] * xb.shape[1]
-        if step % log_every == 0 or step == steps - 1:
-            history.append((step, round(float(loss.detach()), 5)))
-    linear_layer_module.eval()
+    if warmup is None:  # full rate from step steps // 10 - 1 on, as the earlier (step + 1) / W ramp; none below 20 steps
+        warmup = max(1, steps // 10) - 1
+    opt, sched = _transfer_optimizer(trainable, steps, lr, lr if lr_1d is None else lr_1d, warmup)
+    batches = _window_batches(train_idx, batch_windows, seed)
+    tokens, history = _train_steps(linear_layer_module, trainable, opt, sched, x, target_y, train_idx, batches, steps, grad_clip, log_every)
     after = val_err()
     restored = False
     if restore_if_worse and val_windows and after > before:
@@ -778,3 +803,62 @@ def attention_transfer(
         val_rel_mse_before=before, val_rel_mse_after=after, train_rel_mse_after=train_err,
         seconds=time.time() - t0, restored=restored, history=history,
     )
+
+
+def _split_windows(n: int, val_windows: int | None) -> tuple[torch.Tensor, int]:
+    """Training window indices (the first ones) and the count held out at the end (default 1/8, at
+    least 1 when there are two windows or more)."""
+    if val_windows is None:
+        val_windows = max(1, n // 8) if n > 1 else 0
+    if n - val_windows <= 0:
+        raise KvSurgeonError("attention transfer needs at least one training window")
+    return torch.arange(n - val_windows), val_windows
+
+
+def _transfer_optimizer(trainable: list, steps: int, lr: float, lr_1d: float, warmup: int):
+    """``torch.optim.Adam`` over two groups (weight matrices at ``lr``, 1-D parameters at ``lr_1d``) and
+    transformers' warmup-then-cosine schedule down to 10% of each group's rate."""
+    from transformers import get_scheduler
+
+    groups = [{"params": [p for p in trainable if p.dim() >= 2], "lr": lr},
+              {"params": [p for p in trainable if p.dim() < 2], "lr": lr_1d}]
+    opt = torch.optim.Adam([g for g in groups if g["params"]], betas=(0.9, 0.98), eps=1e-8)
+    sched = get_scheduler("cosine_with_min_lr", opt, num_warmup_steps=warmup, num_training_steps=max(1, steps),
+                          scheduler_specific_kwargs={"min_lr_rate": 0.1})
+    return opt, sched
+
+
+def _window_batches(train_idx: torch.Tensor, batch_windows: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless batches of ``batch_windows`` training windows: a seeded shuffle, reshuffled when the
+    next batch would not fit (the windows left over are skipped)."""
+    g = torch.Generator().manual_seed(seed)
+    order, pos = train_idx[torch.randperm(len(train_idx), generator=g)], 0
+    while True:
+        if pos + batch_windows > len(order):
+            order, pos = train_idx[torch.randperm(len(train_idx), generator=g)], 0
+        yield order[pos : pos + batch_windows]
+        pos += batch_windows
+
+
+def _train_steps(module, trainable, opt, sched, x, target_y, train_idx, batches, steps: int, grad_clip: float, log_every: int):
+    """``steps`` optimiser steps on the relative MSE of module(x) to target_y (the MSE over the training
+    windows' mean square). Returns (tokens processed, [(step, loss)] every ``log_every`` steps and last)."""
+    dtype = next(module.parameters()).dtype
+    denom = target_y[train_idx].to(torch.float64).pow(2).mean().clamp_min(1e-30).to(dtype)
+    history, tokens = [], 0
+    module.train()
+    for step in range(steps):
+        idx = next(batches)
+        xb, yb = x[idx].to(dtype), target_y[idx].to(dtype)
+        loss = (module(xb) - yb).pow(2).mean() / denom
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+        opt.step()
+        sched.step()
+        tokens += xb.shape[0] * xb.shape[1]
+        if step % log_every == 0 or step == steps - 1:
+            history.append((step, round(float(loss.detach()), 5)))
+    module.eval()
+    return tokens, history

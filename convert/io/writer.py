@@ -18,29 +18,24 @@ from typing import Iterator
 
 from ..errors import KvSurgeonError
 
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
 
 class OutputError(KvSurgeonError):
     pass
 
 
 def parse_size(size: str | int) -> int:
-    """'5GB' / '500MiB' / 1000 -> bytes."""
+    """'5GB' / '500MiB' / 1000 -> bytes, read by transformers' ``convert_file_size_to_int`` (the parser
+    ``save_pretrained(max_shard_size=...)`` uses), case-insensitively: units are bytes, so '2gb' is 2e9
+    and never transformers' lower-case-b bits. A bare number is a byte count."""
     if isinstance(size, int):
         return size
-    s = size.strip().upper().replace(" ", "")
-    for unit in sorted(_UNITS, key=len, reverse=True):
-        if s.endswith(unit):
-            num = s[: -len(unit)]
-            try:
-                return int(float(num) * _UNITS[unit])
-            except ValueError:
-                break
+    from transformers.utils.hub import convert_file_size_to_int
+
+    s = str(size).strip().replace(" ", "")
     try:
-        return int(s)
+        return int(s) if s.isdigit() else convert_file_size_to_int(s.upper())
     except ValueError:
-        raise OutputError(f"cannot read size {size!r}: use e.g. 5GB, 500MB or 2GiB") from None
+        raise OutputError(f"cannot read size {size!r}: use a whole number and a unit, e.g. 5GB, 500MB or 2GiB") from None
 
 
 def _disk_full(e: OSError, where: Path) -> OutputError:

@@ -1,13 +1,13 @@
 """Calibration activations, one decoder layer at a time.
 
-The source model is never built whole: each layer is instantiated from transformers' own modeling
-class, filled with that layer's tensors from the lazy checkpoint, run on the calibration hidden
-states, and dropped. Memory holds one layer plus the (windows x seq_len x hidden) activations.
+The source model is never built with weights: transformers builds the whole model from its config
+on the meta device (no memory), and each decoder layer is taken from it, filled with that layer's
+tensors from the lazy checkpoint, run on the calibration hidden states, and dropped. Memory holds one layer plus the (windows x seq_len x hidden) activations.
 """
 
 from __future__ import annotations
 
-import importlib
+import copy
 import inspect
 import random
 from dataclasses import dataclass
@@ -81,28 +81,37 @@ def retrieval_window(tokenizer, ids: list[int], rng: random.Random, facts: int =
     return out + ids[pos:room] + tail
 
 
-def _classes_for(config_dict: dict, model_type: str, architecture: str):
-    from transformers import AutoConfig
+class _Skeleton:
+    """The whole transformers model for a config, built by ``AutoModelForCausalLM.from_config`` on the
+    meta device: no weights and no memory, but the library's own choice of decoder-layer and RoPE
+    modules for every layer. Calibration materialises one layer at a time from it."""
 
-    fam = FAMILIES.get(model_type)
-    mod = (fam.module if fam else None) or model_type  # gemma3_text lives in transformers.models.gemma3
-    module = importlib.import_module(f"transformers.models.{mod}.modeling_{mod}")
-    prefix = architecture.removesuffix("ForCausalLM")
-    cfg = AutoConfig.for_model(**config_dict)
-    cfg._attn_implementation = fam.attn_impl if fam else "sdpa"  # eager where sdpa drops a feature (Gemma-2's soft cap)
-    return cfg, getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RotaryEmbedding")
+    def __init__(self, config_dict: dict):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        fam = FAMILIES.get(config_dict["model_type"])
+        self.cfg = AutoConfig.for_model(**config_dict)
+        attn = fam.attn_impl if fam else "sdpa"  # eager where sdpa drops a feature (Gemma-2's soft cap)
+        with torch.device("meta"):
+            self.decoder = AutoModelForCausalLM.from_config(self.cfg, attn_implementation=attn).get_decoder()
+
+    def rope(self):
+        """The model's rotary embedding, built for real (its inverse frequencies computed on the CPU)."""
+        return type(self.decoder.rotary_emb)(config=self.cfg)
+
+    def meta_layer(self, i: int) -> torch.nn.Module:
+        """Decoder layer i, still on the meta device (a copy: the skeleton never holds weights)."""
+        return copy.deepcopy(self.decoder.layers[i])
+
+    def layer(self, i: int, state: dict[str, torch.Tensor], dtype, where: str, fam=None) -> torch.nn.Module:
+        """Decoder layer i with ``state`` (its tensors, names relative to the layer) as its weights."""
+        return _materialise(self.meta_layer(i), i, state, dtype, where, fam)
 
 
-def _modeling_classes(config_dict: dict):
-    fam = family_for(config_dict)
-    return (*_classes_for(config_dict, fam.model_type, fam.architectures[0]), fam)
-
-
-def _decoder_layer(layer_cls, cfg, i: int, state: dict[str, torch.Tensor], dtype, where: str, fam=None):
+def _materialise(layer: torch.nn.Module, i: int, state: dict[str, torch.Tensor], dtype, where: str, fam=None):
+    """Assign ``state`` to a meta-device decoder layer: the tensors become its weights, with no second copy."""
     if fam is not None and fam.experts is not None:  # MoE: stored per expert, held stacked by the module
         state = fam.experts.module_state(state)
-    with torch.device("meta"):  # weights are assigned below: no second copy of the layer
-        layer = layer_cls(cfg, layer_idx=i)
     missing, unexpected = layer.load_state_dict({k: t.to(dtype) for k, t in state.items()}, strict=False, assign=True)
     if missing or unexpected:
         raise KvSurgeonError(f"layer {i} of {where} does not match its config: missing {missing}, unexpected {unexpected}")
@@ -150,16 +159,17 @@ class LayerStream:
     def __init__(self, ckpt: LazyCheckpoint, config_dict: dict, ids: torch.Tensor, dtype=torch.float32):
         self.ckpt = ckpt
         self.config_dict = config_dict
-        self.cfg, self.layer_cls, rope_cls, self.fam = _modeling_classes(config_dict)
+        self.fam = family_for(config_dict)
+        self.skeleton = _Skeleton(config_dict)
         self.dtype = dtype
         self.ids = ids
         self.hidden, self.position_embeddings, self.position_ids = _embedded(
-            ckpt, ids, rope_cls(config=self.cfg), dtype, config_dict)
+            ckpt, ids, self.skeleton.rope(), dtype, config_dict)
 
     def layer_module(self, i: int):
         prefix = self.fam.layer_prefix.format(i=i)
         state = {k[len(prefix):]: self.ckpt.get_tensor(k) for k in self.ckpt.keys() if k.startswith(prefix)}
-        return _decoder_layer(self.layer_cls, self.cfg, i, state, self.dtype, str(self.ckpt.folder), self.fam)
+        return self.skeleton.layer(i, state, self.dtype, str(self.ckpt.folder), self.fam)
 
     @torch.inference_mode()
     def attention_input(self, layer) -> torch.Tensor:
@@ -194,20 +204,18 @@ class ConvertedStream:
         self.ckpt = ckpt
         self.dtype = dtype
         self.fam = family_for(source_config)
-        self.src_cfg, self.src_layer_cls, _, _ = _modeling_classes(source_config)
-        arch = (target_config.get("architectures") or [""])[0]
-        self.cfg, self.layer_cls, rope_cls = _classes_for(target_config, target_config["model_type"], arch)
+        self.source = _Skeleton(source_config)
+        self.target = _Skeleton(target_config)
         self.target_config = target_config
         self.target_fam = FAMILIES.get(target_config["model_type"])
         self.hidden, self.position_embeddings, self.position_ids = _embedded(
-            ckpt, ids, rope_cls(config=self.cfg), dtype, source_config)
+            ckpt, ids, self.target.rope(), dtype, source_config)
 
     @torch.inference_mode()
     def attention_input(self, i: int) -> torch.Tensor:
         if not self.fam.input_norm:
             return self.hidden.clone()
-        with torch.device("meta"):
-            layer = self.src_layer_cls(self.src_cfg, layer_idx=i)
+        layer = self.source.meta_layer(i)
         prefix = self.fam.layer_prefix.format(i=i) + "input_layernorm."
         norm = {k[len(prefix):]: self.ckpt.get_tensor(k).to(self.dtype) for k in self.ckpt.keys() if k.startswith(prefix)}
         layer.input_layernorm.load_state_dict(norm, assign=True)
@@ -218,7 +226,7 @@ class ConvertedStream:
         """tensors: every tensor of converted layer i under its output name (model.layers.{i}.*)."""
         prefix = f"model.layers.{i}."
         state = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
-        layer = _decoder_layer(self.layer_cls, self.cfg, i, state, self.dtype, "the converted checkpoint", self.target_fam)
+        layer = self.target.layer(i, state, self.dtype, "the converted checkpoint", self.target_fam)
         if self.target_fam is None:  # MLA / hybrid classes: one RoPE, no windows
             kw = dict(position_embeddings=self.position_embeddings, position_ids=self.position_ids)
         else:
