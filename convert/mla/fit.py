@@ -49,7 +49,10 @@ it, exact); of rope dims it becomes the rope rows of ``kv_a_proj_with_mqa.bias``
 adds ``o_h v_bias`` to the output whatever the attention weights (folded into ``o_proj.bias``,
 exact). DeepseekV3's ``q_proj`` has no bias: a query bias is refused unless ``q_bias="fit"``
 (least-squares fold into the weights using calibration inputs, lossy, residual reported).
-Qwen3 q/k norms are refused.
+Per-head q/k RMSNorm (Qwen3): DeepSeek MLA has no per-head norm, so ``linearize_qk_norm`` replaces
+it by least-squares linear maps fitted on calibration inputs (``--qk-norm fit``, lossy; exact only
+where every head's pre-norm rms is constant over the inputs); the refits then target the real,
+normed source. Without the flag it is refused.
 
 Reading order: the shape checks and RoPE frequency plan; ``rorope_basis``; the latent norm's
 scales (``fit_latent_scales``, ballast directions); ``MlaFit`` (the fit's options) and
@@ -77,6 +80,7 @@ from kvsurgeon.attention.reference import (
     mla_head_outputs,
     mla_rope,
     resolve_rope,
+    rms_norm,
     rope_cos_sin,
     rope_tables,
     source_probs,
@@ -100,6 +104,7 @@ __all__ = [
     "attention_token_weights",
     "refit_output",
     "refit_queries",
+    "linearize_qk_norm",
 ]
 
 
@@ -201,8 +206,9 @@ def rope_frequency_plan(rope: RopeSpec, rope_dim: int, frequencies: str | int = 
 def _check_supported(attn: AttentionWeights, q_bias: str) -> None:
     if attn.q_norm is not None or attn.k_norm is not None:
         raise MlaConversionError(
-            "sources with per-head q/k RMSNorm (Qwen3) are not supported for MLA yet: the norm on each "
-            "KV head's key does not survive mixing heads into one latent. Convert to GQA or hybrid instead."
+            "the source applies a per-head q/k RMSNorm (Qwen3), which does not survive mixing heads into one "
+            "latent. Pass --qk-norm fit (Python: linearize_qk_norm first) to replace it by least-squares linear "
+            "fits on calibration inputs (lossy), or convert to GQA or hybrid instead."
         )
     if attn.q_bias is not None and q_bias != "fit":
         raise MlaConversionError(
@@ -956,3 +962,54 @@ def refit_queries(
     info = dict(w.info, q_refit=True)
     return MlaWeights(q=q_new, kv_a=w.kv_a, kv_a_norm=w.kv_a_norm, kv_b=w.kv_b, o=w.o, kv_a_bias=w.kv_a_bias,
                       o_bias=w.o_bias, rope_interleaved=w.rope_interleaved, info=info)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-head q/k RMSNorm (Qwen3): fitted away before the conversion
+
+
+def _normed_fit(Wh: torch.Tensor, bias: torch.Tensor | None, norm_w: torch.Tensor, attn: AttentionWeights,
+                X: torch.Tensor, u: torch.Tensor | None, ridge: float) -> tuple[torch.Tensor, float, float]:
+    """Per head, the linear rows M (heads, D, hidden) minimising sum_t u_t |n(W x_t + b) - M x_t|^2, n
+    the head's RMSNorm; the ridge pulls towards W * w / mean rms (exact where the rms is constant).
+    Returns M, the relative squared error and the coefficient of variation of the pre-norm rms."""
+    Z = torch.einsum("ni,hdi->hnd", X, Wh.double())
+    if bias is not None:
+        Z = Z + bias.double()[:, None]
+    target = rms_norm(Z, norm_w, attn.norm_eps, attn.norm_offset)
+    rms = (Z.pow(2).mean(-1) + attn.norm_eps).sqrt()  # (heads, N)
+    su = None if u is None else u.sqrt()[:, None]
+    Xw = X if su is None else X * su
+    M = torch.empty_like(Wh, dtype=torch.float64)
+    for h in range(Wh.shape[0]):
+        W0 = Wh[h].double() * (attn.norm_offset + norm_w.double())[:, None] / rms[h].mean()
+        M[h] = ridge_towards(Xw, target[h] if su is None else target[h] * su, W0, ridge)
+    err = target - torch.einsum("ni,hdi->hnd", X, M)
+    if u is not None:
+        err, target = err * u.sqrt()[None, :, None], target * u.sqrt()[None, :, None]
+    return M, float(err.pow(2).sum() / target.pow(2).sum().clamp_min(1e-300)), float((rms.std(1) / rms.mean(1)).mean())
+
+
+def linearize_qk_norm(attn: AttentionWeights, x: torch.Tensor, token_weights: torch.Tensor | None = None,
+                      ridge: float = 1e-6) -> tuple[AttentionWeights, dict]:
+    """The layer with its per-head q/k RMSNorm replaced by linear q/k rows fitted on calibration inputs
+    x ((N, hidden) or (B, T, hidden)): ``k_g(x) = RMSNorm(W_k,g x) * w_k`` is a nonlinear function of x
+    (the norm removes each token's scale), so ``K'_g = argmin sum_t u_t |k_g(x_t) - K' x_t|^2`` (ridge
+    towards ``W_k,g * w_k / mean rms``), the same, unweighted, for each query head; ``token_weights``
+    u (N,) weight the keys (e.g. by the attention they receive). Biases go into the
+    fitted targets and are dropped. Exact when every head's pre-norm rms is constant over the inputs.
+    Returns the un-normed layer and the fit's relative squared errors (``info``)."""
+    if attn.qk_norm_scope != "head":
+        raise MlaConversionError("only per-head q/k norms (Qwen3) can be fitted away; OLMo-2's span the whole projection")
+    X = _flat(x)
+    u = None if token_weights is None else token_weights.reshape(-1).double()
+    info = {}
+    q, k = attn.q.double(), attn.k.double()
+    if attn.q_norm is not None:
+        q, info["q_norm_fit_rel_err"], info["q_rms_cv"] = _normed_fit(attn.q, attn.q_bias, attn.q_norm, attn, X, None, ridge)
+    if attn.k_norm is not None:
+        k, info["k_norm_fit_rel_err"], info["k_rms_cv"] = _normed_fit(attn.k, attn.k_bias, attn.k_norm, attn, X, u, ridge)
+    lin = attn.with_(q=q.to(attn.q.dtype), k=k.to(attn.k.dtype), q_norm=None, k_norm=None,
+                     q_bias=None if attn.q_norm is not None else attn.q_bias,
+                     k_bias=None if attn.k_norm is not None else attn.k_bias)
+    return lin, info

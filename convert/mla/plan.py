@@ -19,6 +19,7 @@ from .fit import (
     attention_token_weights,
     check_mla_ranks,
     convert_layer_to_mla,
+    linearize_qk_norm,
     refit_output,
     refit_queries,
     rope_frequency_plan,
@@ -28,6 +29,7 @@ from ..pipeline.preflight import family_problem, refuse, window_note, window_pro
 
 METHODS = ("calibrated", "svd")
 Q_BIAS = ("refuse", "fit")
+QK_NORM = ("refuse", "fit")
 
 
 
@@ -101,15 +103,18 @@ class _MlaShape:
         return self.R_out + self.Dr
 
 
-def _mla_problems(config: dict, fam, method: str, q_bias: str, drop_sliding_window: bool) -> list[str]:
+def _mla_problems(config: dict, fam, method: str, q_bias: str, qk_norm: str, drop_sliding_window: bool) -> list[str]:
     """Why this source (of family ``fam``) cannot become DeepseekV3 with these options (empty: it can)."""
     problems = []
-    if fam.has_qk_norm:
+    if fam.has_qk_norm and qk_norm == "refuse":
         problems.append(
             f"{fam.model_type} applies an RMSNorm to each head's queries and keys, which has no place in DeepSeek "
-            "MLA (the latent mixes heads before any norm could act). Use --to gqa/--to mqa (calibrated merging "
-            "keeps the norm) or --to hybrid --linear gated-deltanet (Qwen3.5 keeps it exactly)"
+            "MLA (the latent mixes heads before any norm could act). Pass --qk-norm fit to replace it by "
+            "least-squares linear fits on calibration inputs (lossy: BENCHMARKS.md measures it), or use --to gqa/--to "
+            "mqa (calibrated merging keeps the norm) or --to hybrid --linear gated-deltanet (Qwen3.5 keeps it exactly)"
         )
+    if fam.has_qk_norm and qk_norm == "fit" and method != "calibrated":
+        problems.append("--qk-norm fit needs calibration inputs: use --method calibrated (the default), not svd")
     qkv_bias, _ = fam.biases(config)
     if qkv_bias and q_bias == "refuse":
         problems.append(
@@ -161,13 +166,17 @@ def _svd_layer(shape: _MlaShape, q_bias: str, t: MlaTuning):
 
 def _calibrated_layer(shape: _MlaShape, q_bias: str, t: MlaTuning):
     """The calibrated per-layer transform: token-weighted joint PCA with norm ballast, then the q and
-    o refits against the source layer."""
+    o refits against the source layer. A per-head q/k norm (``--qk-norm fit``, refused otherwise) is
+    first replaced by linear fits (``linearize_qk_norm``); the PCA works on those, while the token
+    weights and both refits target the real, normed source."""
     balance = t.kv_balance if t.kv_balance is not None else kv_balance(1 - (shape.R + shape.Dr) / (2 * shape.G * shape.D))
     fit = MlaFit(qk_nope_head_dim=shape.Dn, kv_balance=balance, norm_ballast=min(t.norm_ballast, shape.R - 1), q_bias=q_bias)
 
     def transform(i, attn, x):
         tw = attention_token_weights(attn, x, mix=t.token_mix)
-        w = convert_layer_to_mla(attn, x, shape.R, shape.Dr, "calibrated", fit, token_weights=tw)
+        lin, norm_info = (attn, {}) if attn.k_norm is None and attn.q_norm is None else linearize_qk_norm(attn, x, tw)
+        w = convert_layer_to_mla(lin, x, shape.R, shape.Dr, "calibrated", fit, token_weights=tw)
+        w.info.update(norm_info)
         w = refit_queries(w, attn, x, stride=t.q_refit_stride, ridge=t.q_refit_ridge)
         w = refit_output(w, attn, x, ridge=t.o_refit_ridge)
         return w, x
@@ -199,10 +208,13 @@ def _summary(shape: _MlaShape, method: str, extra: str) -> str:
 
 
 def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "calibrated", pad_latent_to: int | None = None,
-             q_bias: str = "refuse", drop_sliding_window: bool = False, tuning: MlaTuning = MlaTuning()):
+             q_bias: str = "refuse", drop_sliding_window: bool = False, tuning: MlaTuning = MlaTuning(),
+             qk_norm: str = "refuse"):
     """``tuning``: the calibrated method's measured constants (``MlaTuning``).
     ``q_bias``: "refuse" or "fit" (``--q-bias fit``: fold a source query bias into q_proj by least
-    squares on calibration inputs; DeepseekV3's q_proj has no bias). ``drop_sliding_window``: convert a
+    squares on calibration inputs; DeepseekV3's q_proj has no bias). ``qk_norm``: "refuse" or "fit"
+    (``--qk-norm fit``: replace a per-head q/k RMSNorm by least-squares linear q/k rows fitted on
+    calibration inputs, ``linearize_qk_norm``; lossy). ``drop_sliding_window``: convert a
     windowed source to full attention (DeepseekV3 has no windows) and say so in the card.
     ``pad_latent_to``: write the cache as this many values per token per layer (kv_lora_rank +
     rope dim), zero-padding the fitted latent exactly (``pad_latent``): for engines that take only
@@ -212,17 +224,22 @@ def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "cali
         raise KvSurgeonError(f"unknown --method {method!r} for --to mla; choose one of {', '.join(METHODS)}")
     if q_bias not in Q_BIAS:
         raise KvSurgeonError(f"unknown --q-bias {q_bias!r}; choose one of {', '.join(Q_BIAS)}")
+    if qk_norm not in QK_NORM:
+        raise KvSurgeonError(f"unknown --qk-norm {qk_norm!r}; choose one of {', '.join(QK_NORM)}")
 
     def make_plan(config: dict, ckpt: LazyCheckpoint) -> Plan:
         fam = family_for(config)
         refuse("cannot convert to MLA", [family_problem(config, "mla")])  # before the per-feature checks: one reason
-        refuse("cannot convert to MLA", _mla_problems(config, fam, method, q_bias, drop_sliding_window))
+        refuse("cannot convert to MLA", _mla_problems(config, fam, method, q_bias, qk_norm, drop_sliding_window))
         shape = _mla_shape(config, kv_lora_rank, rope_dim, pad_latent_to)
         qkv_bias, o_bias = fam.biases(config)
         bias = qkv_bias or o_bias
         fit_layer = (_svd_layer if method == "svd" else _calibrated_layer)(shape, q_bias, t)
         extra = (" The source's q bias was folded into q_proj by least squares on calibration inputs (--q-bias fit)."
-                 if qkv_bias and q_bias == "fit" else "") + (window_note(config) if drop_sliding_window else "")
+                 if qkv_bias and q_bias == "fit" else "") + (
+            " The source's per-head q/k RMSNorm has no place in DeepSeek MLA: it was replaced by least-squares linear "
+            "q/k projections fitted on calibration inputs (--qk-norm fit, lossy)." if fam.has_qk_norm else ""
+        ) + (window_note(config) if drop_sliding_window else "")
         return Plan(
             new_config=_mla_config(config, shape, bias),
             transform=_written(fit_layer, shape, t, bias),

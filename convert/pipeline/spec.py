@@ -45,6 +45,9 @@ class ConversionSpec:
     q_bias: str | None = _opt(
         None, "mla: a source q_proj bias (Qwen2) has no place in DeepseekV3: refuse (default) | fit (least squares on "
         "calibration inputs, lossy)")
+    qk_norm: str | None = _opt(
+        None, "mla: a source's per-head q/k RMSNorm (Qwen3) has no place in DeepseekV3: refuse (default) | fit "
+        "(replaced by least-squares linear q/k projections on calibration inputs, lossy)")
     drop_sliding_window: bool = _opt(
         False, "mla/hybrid: the target class has no per-layer windows; convert a windowed source to full attention "
         "(the card says so)")
@@ -91,6 +94,8 @@ class ConversionSpec:
             raise KvSurgeonError("--linear chooses the linear layer type of a hybrid; it needs --to hybrid")
         if self.q_bias is not None and self.to != "mla":
             raise KvSurgeonError("--q-bias decides where an MLA conversion puts the query bias; it needs --to mla")
+        if self.qk_norm is not None and self.to != "mla":
+            raise KvSurgeonError("--qk-norm decides what an MLA conversion does with a per-head q/k norm; it needs --to mla")
         if self.drop_sliding_window and self.to not in ("mla", "hybrid"):
             raise KvSurgeonError("--drop-sliding-window is for --to mla/hybrid; --to gqa/mqa keeps the source's windows")
         if self.pad_latent_to is not None and self.to != "mla":
@@ -130,7 +135,8 @@ class ConversionSpec:
             from ..mla.plan import mla_plan
 
             return mla_plan(self.kv_lora_rank, self.rope_dim, self.method or "calibrated", self.pad_latent_to,
-                            q_bias=self.q_bias or "refuse", drop_sliding_window=self.drop_sliding_window)
+                            q_bias=self.q_bias or "refuse", drop_sliding_window=self.drop_sliding_window,
+                            qk_norm=self.qk_norm or "refuse")
         if self.to == "swa":
             from ..swa.plan import swa_plan
 
