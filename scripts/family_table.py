@@ -16,6 +16,8 @@ WORDS = {"exact": "exact (logits equal)", "runs": "lossy: loads + generates"}
 
 
 def cell(v: str) -> str:
+    if v.startswith("runs with "):
+        return f"lossy with `{v.removeprefix('runs with ')}`: loads + generates (refused without it)"
     return WORDS.get(v) or v.replace("refused: ", "refused (error names `") + "`)"
 
 
@@ -29,6 +31,8 @@ def benchmarks_table() -> str:
 def readme_table() -> str:
     """One row per tested config: its model_type and, per target, converts / refused (and why)."""
     def short(v: str) -> str:
+        if v.startswith("runs with "):
+            return "yes, with " + v.removeprefix("runs with ")
         return {"exact": "yes (exact copy)", "runs": "yes"}.get(v) or "no: " + v.removeprefix("refused: ")
 
     rows = ["| model_type (tested config) | `--to gqa/mqa --method mean` | `--to gqa/mqa` (calibrated) | `--to mla` | `--to hybrid` |",

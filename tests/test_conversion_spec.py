@@ -17,7 +17,7 @@ from kvsurgeon.convert.train.recipe import RecipeError, recipe_from_dict
 SPECS = [
     ConversionSpec(to="mqa"),
     ConversionSpec(to="gqa", kv_heads=2, method="mean"),
-    ConversionSpec(to="mla", kv_lora_rank=128, rope_dim=64, pad_latent_to=576, q_bias="fit", drop_sliding_window=True,
+    ConversionSpec(to="mla", kv_lora_rank=128, rope_dim=64, pad_latent_to=576, q_bias="fit", qk_norm="fit", drop_sliding_window=True,
                    calib_data="calib.jsonl", calib_tokens=4096, calib_seq_len=1024, calib_windows_per_text=2,
                    calib_retrieval=0.5, text_field="body"),
     ConversionSpec(to="hybrid", keep_attention=0.5, linear_layers="auto", linear="gated-deltanet", transfer_tokens=8192),
@@ -62,7 +62,7 @@ def test_card_command_keeps_every_non_default_option():
     """The drift this design removes: windows-per-text, the text field and the revision used to be dropped."""
     spec = SPECS[2]
     command = cli_command("m", spec, "o", ["--revision", "abc"])
-    for flag in ("--calib-windows-per-text 2", "--calib-retrieval 0.5", "--text-field body", "--q-bias fit",
+    for flag in ("--calib-windows-per-text 2", "--calib-retrieval 0.5", "--text-field body", "--q-bias fit", "--qk-norm fit",
                  "--drop-sliding-window", "--pad-latent-to 576", "--revision abc"):
         assert flag in command, flag
 

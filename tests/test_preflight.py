@@ -64,10 +64,13 @@ def test_qwen2_to_mla_is_refused_up_front_with_a_cli_flag_named(tmp_path):
     assert torch.isfinite(logits(out, IDS)).all()
 
 
-def test_qwen3_to_mla_refused_naming_the_alternatives(tmp_path):
+def test_qwen3_to_mla_refused_naming_the_flag_and_the_alternatives(tmp_path):
     src = tiny_from(shrink(real_config("Qwen3-8B")), tmp_path / "src")
     msg = refused(tmp_path, src, "--to", "mla", "--kv-lora-rank", "16")
-    assert "RMSNorm" in msg and "--to gqa" in msg
+    assert "RMSNorm" in msg and "--qk-norm fit" in msg and "--to gqa" in msg
+    # the fit needs calibration: refused with svd, still before anything is written
+    msg = refused(tmp_path, src, "--to", "mla", "--kv-lora-rank", "16", "--qk-norm", "fit", "--method", "svd")
+    assert "--qk-norm fit needs calibration" in msg
 
 
 def test_every_problem_in_one_error(tmp_path):

@@ -3,8 +3,9 @@
 and every shipped recipe's plan built against its source's stored config.
 
 EXPECTED is the family x target table BENCHMARKS.md quotes: "exact" (logits equal the source's),
-"runs" (loads and generates; the lossy steps are measured elsewhere), or "refused: <text the
-error must contain>" (nothing written)."""
+"runs" (loads and generates; the lossy steps are measured elsewhere), "runs with --flag value"
+(refused without the flag, naming it, nothing written; loads and generates with it), or "refused:
+<text the error must contain>" (nothing written)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ TARGETS = {
 LINEAR = {"Qwen3-8B": "gated-deltanet"}
 RUNS = {"gqa-same": "exact", "mqa-mean": "runs", "mqa-calibrated": "runs", "mla": "runs", "hybrid": "runs"}
 EXPECTED = {name: dict(RUNS) for name in NAMES}
-EXPECTED["Qwen2.5-7B"]["mla"] = "refused: --q-bias fit"  # accepted with the flag: test_preflight.py
-EXPECTED["Qwen3-8B"]["mla"] = "refused: RMSNorm"
+EXPECTED["Qwen2.5-7B"]["mla"] = "runs with --q-bias fit"
+EXPECTED["Qwen3-8B"]["mla"] = "runs with --qk-norm fit"  # measured: scripts/experiments/qk_norm_mla.py
 EXPECTED["Mistral-7B-v0.1"]["mla"] = "refused: --drop-sliding-window"  # accepted with it: test_preflight.py
 EXPECTED["Mistral-7B-v0.1"]["hybrid"] = "refused: --drop-sliding-window"
 for name, why in (("Mixtral-8x7B", "MoE blocks"), ("Qwen3-30B-A3B", "MoE blocks"), ("gemma-2-2b", "sandwich norms"),
@@ -69,9 +70,16 @@ def test_every_target_on_real_configs(sources, tmp_path, name, target):
         kw["kv_heads"] = shrink(real_config(name))["num_key_value_heads"]
     if target == "hybrid":
         kw["linear"] = LINEAR.get(name, "mamba2")
-    spec = ConversionSpec(calib=CALIB, **kw)
     out = tmp_path / "out"
     opts = ConvertOptions(out=out, progress=False, measure="off")
+    flag = expected.removeprefix("runs with ")
+    if flag != expected:  # refused without the flag, the error naming it; converted with it
+        with pytest.raises(KvSurgeonError, match=flag.replace("-", r"\-")):
+            run_conversion(str(src), ConversionSpec(calib=CALIB, **kw), opts)
+        assert not out.exists()
+        name_, value = flag.split()
+        kw[name_.removeprefix("--").replace("-", "_")] = value
+    spec = ConversionSpec(calib=CALIB, **kw)
     if expected.startswith("refused: "):
         with pytest.raises(KvSurgeonError, match=expected.removeprefix("refused: ").replace("-", r"\-")):
             run_conversion(str(src), spec, opts)

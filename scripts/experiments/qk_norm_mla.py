@@ -181,6 +181,7 @@ def main() -> None:
         if q_bias == "fit":  # the fold x . beta ~= 1 needs a near-constant input direction: without the offset
             xz, hz = activations(16, 64, hidden, seed=0, offset=False), activations(4, 64, hidden, seed=1, offset=False)
             rows.append((f"{name} (--q-bias fit), zero-mean inputs", "layer", layer_row(cfg, attn, xz, hz, q_bias)))
+            rows.append((f"control: {control}, zero-mean inputs", "layer", layer_row(cfg, ctrl, xz, hz, q_bias)))
         for label, kw in ((f"{name} ({'--qk-norm fit' if 'qk_norm' in flag else '--q-bias fit'})", {}),
                           (f"control: {control}", {"drop_qk_norm": True} if "norm" in control else {"q_bias_zero": True})):
             s = realistic(tiny_from(cfg, work / f"{name}-{len(rows)}"), **kw)
