@@ -358,7 +358,13 @@ def test_calibrated_merge_beats_mean_pooling(kind):
     full = score(lambda a, x: gqa.calibrated_merge(a, x, 1))
     assert mean > 1e-2  # the source is far from its mean-pooled version
     assert keys < mean and kv < 0.5 * keys and full < kv, (mean, keys, kv, full)
-    assert full < 0.2 * mean, (mean, full)
+    # KL to the source, pinned: measured 2026-12-01 (float64, one thread; deterministic)
+    #   llama: mean 1.283, keys 1.173, keys+values 0.198, + o refit 0.186
+    #   qwen2: mean 1.100, keys 0.981, keys+values 0.0434, + o refit 0.0427
+    # Bounds: measured x 1.05 (each piece), not only "below 0.2 x mean pooling".
+    pinned = {"llama": (1.173, 0.198, 0.186), "qwen2": (0.981, 0.0434, 0.0427)}[kind]
+    for got, want in zip((keys, kv, full), pinned):
+        assert got < want * 1.05, (kind, keys, kv, full)
 
 
 def test_nope_planes_auto_picks_by_calibration_error():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -64,7 +65,7 @@ def test_identical_heads_merge_exactly(tmp_path):
 
 
 def test_calibrated_beats_mean_pooling_on_qwen3(tmp_path):
-    """Measured numbers (printed; BENCHMARKS.md quotes them): held-out attention-output relative
+    """Measured numbers (printed; BENCHMARKS.md quotes them; pinned below): held-out attention-output relative
     error against the source layer, mean pooling vs calibrated, for heads with a shared component."""
     x = activations(16, 64, 128, seed=0)
     held_out = activations(4, 64, 128, seed=1)
@@ -75,7 +76,10 @@ def test_calibrated_beats_mean_pooling_on_qwen3(tmp_path):
         mean = rel_err(gqa.mean_pool(a, 1), a, held_out)
         print(f"qwen3 2->1 KV heads, shared={shared}: mean pooling {mean:.4f}, calibrated {cal:.4f}, "
               f"normalized-key fit error {info['normed_key_rel_err']:.4f}, k_norm scale {info['k_norm_scale']:.3f}")
-        assert cal < 0.7 * mean
+        # measured 2026-12-01 (float64; deterministic): mean pooling 0.7219 / 0.2818, calibrated 0.3182 / 0.1209
+        # at shared 0.0 / 0.5. Bound: calibrated within x 1.05 of its measured error, not only below 0.7 x mean.
+        assert mean == pytest.approx({0.0: 0.7219, 0.5: 0.2818}[shared], abs=2e-3)  # the baseline itself unchanged
+        assert cal < {0.0: 0.3182, 0.5: 0.1209}[shared] * 1.05, (shared, mean, cal)
 
 
 def test_qwen3_to_mqa_calibrated_end_to_end(tmp_path):
