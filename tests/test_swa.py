@@ -162,3 +162,31 @@ def test_auto_global_layers_follow_the_measured_windowing_cost(tmp_path, text_fi
 def test_auto_needs_a_count():
     with pytest.raises(KvSurgeonError, match="--global-layers auto chooses --keep-global K layers"):
         ConversionSpec(to="swa", window=16, global_layers="auto")
+
+
+def test_swa_composes_with_kv_head_pooling_in_either_order(tmp_path):
+    """GQA/MQA pooling and windows are independent in Ministral (num_key_value_heads, layer_types):
+    mqa -> swa and swa -> mqa give the same tensors and config, the windows act on the pooled model, and
+    an all-global swa of the MQA output is the MQA model exactly. MLA and hybrid outputs have no
+    per-layer windows in their stock classes, so swa refuses them (named in the error)."""
+    src = save_tiny(tmp_path / "src", num_hidden_layers=4)
+    mqa = tmp_path / "mqa"
+    run_conversion(str(src), ConversionSpec(to="mqa", method="mean"), ConvertOptions(out=mqa, progress=False, measure="off"))
+    a = convert(mqa, tmp_path / "mqa-swa", window=W, global_layers=[0, 2])
+    b = tmp_path / "swa-mqa"
+    run_conversion(str(convert(src, tmp_path / "swa", window=W, global_layers=[0, 2])), ConversionSpec(to="mqa", method="mean"),
+                   ConvertOptions(out=b, progress=False, measure="off"))
+    ids = prompt()
+    la, lb, lm = logits(a, ids), logits(b, ids), logits(mqa, ids)
+    torch.testing.assert_close(la, lb, rtol=0, atol=0)
+    cfg = json.loads((a / "config.json").read_text())
+    assert cfg["num_key_value_heads"] == 1 and cfg["layer_types"] == ["full_attention", "sliding_attention"] * 2
+    assert (la - lm).abs().max() > 1e-3  # the windows act at T = 6 windows
+    full = convert(mqa, tmp_path / "mqa-allglobal", window=W, global_layers=[0, 1, 2, 3])
+    torch.testing.assert_close(logits(full, ids), lm, rtol=1e-5, atol=1e-5)
+    mla = tmp_path / "mla"
+    run_conversion(str(src), ConversionSpec(to="mla", kv_lora_rank=16, rope_dim=8, method="svd"),
+                   ConvertOptions(out=mla, progress=False, measure="off"))
+    with pytest.raises(ValueError, match="model_type='deepseek_v3'.*kvsurgeon can convert"):
+        convert(mla, tmp_path / "mla-swa", window=W, global_layers=[0, 2])
+    assert not (tmp_path / "mla-swa").exists()
