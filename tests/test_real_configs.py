@@ -33,8 +33,8 @@ RUNS = {"gqa-same": "exact", "mqa-mean": "runs", "mqa-calibrated": "runs", "mla"
 EXPECTED = {name: dict(RUNS) for name in NAMES}
 EXPECTED["Qwen2.5-7B"]["mla"] = "runs with --q-bias fit"
 EXPECTED["Qwen3-8B"]["mla"] = "runs with --qk-norm fit"  # measured: scripts/experiments/qk_norm_mla.py
-EXPECTED["Mistral-7B-v0.1"]["mla"] = "refused: --drop-sliding-window"  # accepted with it: test_preflight.py
-EXPECTED["Mistral-7B-v0.1"]["hybrid"] = "refused: --drop-sliding-window"
+EXPECTED["Mistral-7B-v0.1"]["mla"] = "runs with --drop-sliding-window"  # the card says the windows were dropped
+EXPECTED["Mistral-7B-v0.1"]["hybrid"] = "runs with --drop-sliding-window"
 for name, why in (("Mixtral-8x7B", "MoE blocks"), ("Qwen3-30B-A3B", "MoE blocks"), ("gemma-2-2b", "sandwich norms"),
                   ("gemma-3-1b", "sandwich norms"), ("OLMo-2-1B", "normalises after attention"),
                   ("granite-3.1-2b", "multipliers"), ("Phi-3-mini-128k", "fused qkv_proj")):
@@ -77,8 +77,8 @@ def test_every_target_on_real_configs(sources, tmp_path, name, target):
         with pytest.raises(KvSurgeonError, match=flag.replace("-", r"\-")):
             run_conversion(str(src), ConversionSpec(calib=CALIB, **kw), opts)
         assert not out.exists()
-        name_, value = flag.split()
-        kw[name_.removeprefix("--").replace("-", "_")] = value
+        name_, *value = flag.split()  # "--q-bias fit", or a switch: "--drop-sliding-window"
+        kw[name_.removeprefix("--").replace("-", "_")] = value[0] if value else True
     spec = ConversionSpec(calib=CALIB, **kw)
     if expected.startswith("refused: "):
         with pytest.raises(KvSurgeonError, match=expected.removeprefix("refused: ").replace("-", r"\-")):
