@@ -78,3 +78,14 @@ def test_bad_options_fail_the_same_way_everywhere():
         recipe_from_dict({"source": "s", "output": "o", "conversion": {"to": "mqa", "calib_token": 5}, **BASE})
     with pytest.raises(KvSurgeonError, match="--linear-layers 'x,y'"):
         ConversionSpec(to="hybrid", linear_layers="x,y")
+
+
+def test_retrieval_calibration_defaults_per_target():
+    """Hybrids calibrate with retrieval pairs in half the windows unless told otherwise (measured: passkey
+    90/50/30% -> 100/100/100% at 1K/2K/4K for 50% Mamba2 on SmolLM2, BENCHMARKS.md); the other targets keep
+    0 until measured; an explicit value, 0 included, wins."""
+    assert ConversionSpec(to="hybrid", keep_attention=0.5).calib_config().retrieval == 0.5
+    assert ConversionSpec(to="hybrid", keep_attention=0.5, calib_retrieval=0.0).calib_config().retrieval == 0.0
+    assert ConversionSpec(to="mqa").calib_config().retrieval == 0.0
+    assert ConversionSpec(to="mqa", calib_retrieval=0.25).calib_config().retrieval == 0.25
+    assert "--calib-retrieval" not in cli_command("src", ConversionSpec(to="hybrid", keep_attention=0.5), "out")
