@@ -28,15 +28,18 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-    "vocab_size": 128256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "hidden_act": "silu",
-    "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}, "tie_word_embeddings": False,
+    "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+    # Llama-3.1-8B's shipped rope: llama3 scaling, so the MLA jobs keep every rotary dim (Dr = 128)
+    "rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "tie_word_embeddings": False,
     "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16", "attention_bias": False, "mlp_bias": False,
 }
 JOBS = {
     "mqa-mean": ["--to", "mqa", "--method", "mean"],
     "mqa-calibrated": ["--to", "mqa", "--method", "calibrated", "--calib-tokens", "512", "--calib-seq-len", "256"],
-    "mla-svd": ["--to", "mla", "--method", "svd", "--kv-lora-rank", "448", "--rope-dim", "64"],
-    "mla-calibrated": ["--to", "mla", "--method", "calibrated", "--kv-lora-rank", "448", "--rope-dim", "64",
+    "mla-svd": ["--to", "mla", "--method", "svd", "--kv-lora-rank", "448", "--rope-dim", "128"],
+    "mla-calibrated": ["--to", "mla", "--method", "calibrated", "--kv-lora-rank", "448", "--rope-dim", "128",
                        "--calib-tokens", "512", "--calib-seq-len", "256"],
 }
 
