@@ -83,7 +83,6 @@ class Family:
         "model.layers.{i}.self_attn.rotary_emb.inv_freq",
         "model.rotary_emb.inv_freq",
     )
-    module: str | None = None  # transformers.models.<module> when it is not model_type (gemma3_text: gemma3)
     fused_qkv: bool = False  # Phi-3: q, k, v rows stacked in one qkv_proj (split on read, stacked on write)
     qk_norm_scope: str = "head"  # "projection": OLMo-2's q/k norms span every head of the projection
     norm_offset: float = 0.0  # Gemma: every RMSNorm multiplies by (1 + w)
@@ -151,7 +150,7 @@ FAMILIES: dict[str, Family] = {
         Family("gemma2", ("Gemma2ForCausalLM",), windows="types", norm_offset=1.0, embed_scale="sqrt_hidden",
                score_scale="query_pre_attn_scalar", softcap="attn_logit_softcapping", attn_impl="eager", derived_layers=True,
                no_mla_hybrid=_GEMMA_NOT_MLA.format(name="Gemma-2", extra=", and soft-caps attention and final logits")),
-        Family("gemma3_text", ("Gemma3ForCausalLM",), module="gemma3", has_qk_norm=True, windows="types",
+        Family("gemma3_text", ("Gemma3ForCausalLM",), has_qk_norm=True, windows="types",
                norm_offset=1.0, embed_scale="sqrt_hidden", score_scale="query_pre_attn_scalar", derived_layers=True,
                no_mla_hybrid=_GEMMA_NOT_MLA.format(name="Gemma-3", extra=", q/k norms and a different RoPE per layer type")),
         Family("olmo2", ("Olmo2ForCausalLM",), has_qk_norm=True, qk_norm_scope="projection", input_norm=False,
