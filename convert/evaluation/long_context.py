@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import KvSurgeonError
-from ..evaluation.perplexity import token_nll
+from .perplexity import token_nll
 from ..io.text_data import iter_texts
 
 TASKS = ("passkey", "multikey", "long-ppl")
@@ -286,7 +286,7 @@ def _by_length(rows: list[dict], lengths) -> dict[str, float]:
 
 
 def long_ppl_windows(tokenizer, opts: LongContextOptions) -> torch.Tensor:
-    from ..evaluation.perplexity import DEFAULT_EVAL_DATA
+    from .perplexity import DEFAULT_EVAL_DATA
     from ..io.text_data import token_windows
 
     data = opts.data or str(DEFAULT_EVAL_DATA)
@@ -331,7 +331,7 @@ def evaluate_long_context(model_name: str, opts: LongContextOptions, reference: 
     """Load (or take) the model and optional reference, check lengths, and measure both on identical prompts."""
     from pathlib import Path
 
-    from ..evaluation.perplexity import load_model, load_tokenizer
+    from .perplexity import load_model, load_tokenizer
     from ..io.resolve import resolve_model
 
     path = Path(model_name) if model is not None and Path(model_name).is_dir() else resolve_model(model_name)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..evaluation.long_context import LongContextOptions, LongContextResult
+from .long_context import LongContextOptions, LongContextResult
 
 MODES = ("auto", "on", "off")
 AUTO_CPU_PARAMS = 500_000_000
@@ -53,8 +53,8 @@ def long_options(max_positions: int | None) -> LongContextOptions | None:
 
 
 def measure_conversion(folder: Path, source: Path, max_positions: int | None, progress: bool = True) -> Measured:
-    from ..evaluation.perplexity import DEFAULT_EVAL_DATA, evaluate, load_model
-    from ..evaluation.long_context import evaluate_long_context
+    from .perplexity import DEFAULT_EVAL_DATA, evaluate, load_model
+    from .long_context import evaluate_long_context
     from ..hub.model_card import FidelityRow
 
     model, _ = load_model(str(folder))

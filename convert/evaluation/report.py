@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..evaluation.long_context import LongContextResult
+from .long_context import LongContextResult
 
 
 def _pct(x: float | None) -> str:

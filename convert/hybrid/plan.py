@@ -55,7 +55,7 @@ from kvsurgeon.attention.hybrid_layout import (
 from ..pipeline.calibration import CalibConfig, LayerStream, calibration_ids
 from ..errors import KvSurgeonError
 from kvsurgeon.attention.reference import attention_output
-from ..hybrid.fit import (
+from .fit import (
     GdnInit,
     Mamba2Init,
     attention_transfer,

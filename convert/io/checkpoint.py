@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 from ..errors import KvSurgeonError
-from ..io.safetensors_io import SafetensorsFormatError, TensorInfo, read_header, read_tensor
+from .safetensors_io import SafetensorsFormatError, TensorInfo, read_header, read_tensor
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"

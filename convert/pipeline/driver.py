@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 
 from kvsurgeon.attention import AttentionWeights, family_for, read_attention
 
-from ..pipeline.calibration import CalibConfig, ConvertedStream, LayerStream, calibration_ids
+from .calibration import CalibConfig, ConvertedStream, LayerStream, calibration_ids
 from ..io.checkpoint import LazyCheckpoint, read_config
 from ..errors import KvSurgeonError
-from ..pipeline.preflight import check_coverage, check_source
+from .preflight import check_coverage, check_source
 from ..io.resolve import resolve_model
 from ..io.safetensors_io import PlannedShardWriter, TensorSpec
 from ..io.writer import atomic_output, copy_extras, parse_size, write_json

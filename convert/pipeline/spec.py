@@ -15,11 +15,11 @@ from typing import Any
 from kvsurgeon.attention.kv_cache import dtype_bytes, kv_bytes_at_context, kv_bytes_per_token
 from kvsurgeon.attention.serving import serving_support
 
-from ..pipeline.calibration import CalibConfig
+from .calibration import CalibConfig
 from ..io.checkpoint import LazyCheckpoint, read_config
 from ..evaluation.measure import measure_conversion, should_measure
 from ..errors import KvSurgeonError
-from ..pipeline.driver import ConvertOptions, ConvertResult, convert_model
+from .driver import ConvertOptions, ConvertResult, convert_model
 
 TARGETS = ("gqa", "mqa", "mla", "hybrid", "swa")
 

@@ -19,8 +19,8 @@ import yaml
 
 from ..pipeline.spec import ConversionSpec
 from ..errors import KvSurgeonError
-from ..train.estimate import HardwareCfg
-from ..train.kernels import KernelChoice
+from .estimate import HardwareCfg
+from .kernels import KernelChoice
 
 
 class RecipeError(KvSurgeonError):

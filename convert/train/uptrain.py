@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 from kvsurgeon.attention.kv_cache import kv_bytes_at_context, kv_bytes_per_token
 
 from ..io.checkpoint import read_config
-from ..train.distill import PackedStream, distill_loss, window_digests
+from .distill import PackedStream, distill_loss, window_digests
 from ..errors import KvSurgeonError
-from ..train.kernels import Availability, KernelRecorder, attn_implementation, check_fused, report_rows, require_fused, resolve
-from ..train.recipe import Recipe, StageCfg
+from .kernels import Availability, KernelRecorder, attn_implementation, check_fused, report_rows, require_fused, resolve
+from .recipe import Recipe, StageCfg
 from ..io.resolve import resolve_model
 from ..io.writer import atomic_output
 
