@@ -61,6 +61,16 @@ def write_tiny_tokenizer(folder: Path, vocab_size: int) -> None:
     fast.save_pretrained(folder)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module whose float comparisons were measured that way (and the machine is
+    shared); the setting is restored for the other modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_ckpt(tmp_path) -> Path:
     return save_tiny(tmp_path / "tiny")

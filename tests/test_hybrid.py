@@ -43,12 +43,7 @@ from conftest import save_tiny, tiny_config, tiny_model, write_tiny_tokenizer
 GRANITE_TINY = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # the machine is shared; restore the setting for other test modules
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _convert(src, out, make_plan, text_file=None, tokens=256, seq_len=64):

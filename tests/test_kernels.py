@@ -47,12 +47,7 @@ GRAD_TOL = 6e-2  # the gradients of the studied layer's parameters
 REF_TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- choice logic ------------------------------------------------------------------------------

@@ -20,12 +20,7 @@ from kvsurgeon.convert.pipeline.driver import ConvertOptions
 from conftest import save_tiny, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(R=24, Dr=16, seed=0):
