@@ -81,10 +81,12 @@ def test_bad_options_fail_the_same_way_everywhere():
 
 
 def test_retrieval_calibration_defaults_per_target():
-    """Hybrids calibrate with retrieval pairs in half the windows unless told otherwise (measured: passkey
-    90/50/30% -> 100/100/100% at 1K/2K/4K for 50% Mamba2 on SmolLM2, BENCHMARKS.md); the other targets keep
-    0 until measured; an explicit value, 0 included, wins."""
+    """Hybrids and MLA calibrate with retrieval pairs in half the windows unless told otherwise (measured:
+    passkey 90/50/30% -> 100/100/100% at 1K/2K/4K for 50% Mamba2 on SmolLM2, MLA -50% 90/60% -> 100/70% at
+    1K/2K, BENCHMARKS.md); GQA/MQA keep 0 (a trade there); an explicit value, 0 included, wins."""
     assert ConversionSpec(to="hybrid", keep_attention=0.5).calib_config().retrieval == 0.5
+    assert ConversionSpec(to="mla", kv_lora_rank=64).calib_config().retrieval == 0.5
+    assert ConversionSpec(to="mla", kv_lora_rank=64, calib_retrieval=0.0).calib_config().retrieval == 0.0
     assert ConversionSpec(to="hybrid", keep_attention=0.5, calib_retrieval=0.0).calib_config().retrieval == 0.0
     assert ConversionSpec(to="mqa").calib_config().retrieval == 0.0
     assert ConversionSpec(to="mqa", calib_retrieval=0.25).calib_config().retrieval == 0.25

@@ -70,8 +70,8 @@ class ConversionSpec:
         None, "take at most this many windows from each calibration text (spreads a small budget over more documents)")
     calib_retrieval: float | None = _opt(
         None, "fraction of calibration windows given long-range retrieval pairs (facts early, restated at the end), so "
-        "the fits keep in-context retrieval (default: 0.5 for hybrid, measured to keep passkey retrieval at 1K-4K at "
-        "no short-window cost; 0 for the others until measured)")
+        "the fits keep in-context retrieval (default: 0.5 for hybrid and mla, measured to keep or raise passkey "
+        "retrieval at 1K-4K; 0 for gqa/mqa, where it trades 512-token ppl for retrieval: BENCHMARKS.md)")
     text_field: str = _opt("text", "text field of calibration rows")
     calib: InitVar[CalibConfig | None] = None  # Python callers may pass a CalibConfig instead of the calib_* fields
 
@@ -128,10 +128,12 @@ class ConversionSpec:
                            windows_per_text=self.calib_windows_per_text, retrieval=self.retrieval_fraction())
 
     def retrieval_fraction(self) -> float:
-        """--calib-retrieval, or the measured default for the target (BENCHMARKS.md, hybrids at long context)."""
+        """--calib-retrieval, or the measured default for the target (BENCHMARKS.md, retrieval pairs in
+        calibration): hybrid 50% 30% -> 100% passkey at 4K and MLA -50% 60% -> 70% at 2K, at no 512-token
+        cost; calibrated MQA gains 1K retrieval (0% -> 60%) but loses 4% of 512-token ppl, so it stays opt-in."""
         if self.calib_retrieval is not None:
             return self.calib_retrieval
-        return 0.5 if self.to == "hybrid" else 0.0
+        return 0.5 if self.to in ("hybrid", "mla") else 0.0
 
     def make_plan(self):
         if self.to in ("gqa", "mqa"):
