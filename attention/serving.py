@@ -94,6 +94,9 @@ def vllm_support(config: Mapping[str, Any]) -> EngineSupport:
                   "== num_hidden_layers, and then serves every layer at full attention")
     if arch in VLLM_TRANSFORMERS_BACKEND:
         notes.append("through vLLM's Transformers backend (no native class; per-layer sliding windows honoured)")
+    if _mixed_windows(c):  # vLLM budgets a windowed layer at window + one step (measured: BENCHMARKS.md)
+        notes.append(f"for the smaller cache pass --max-num-batched-tokens near the window ({int(c['sliding_window'])}): "
+                     "vLLM reserves a windowed layer's window plus one scheduling step per request")
     if D not in VLLM_CPU_HEAD_SIZES:
         notes.append(f"not on CPU: head_dim {D} is not in {'/'.join(map(str, VLLM_CPU_HEAD_SIZES))}")
     if arch == "GraniteMoeHybridForCausalLM":

@@ -89,7 +89,8 @@ def test_cli_swa_card_and_kv_cache(tmp_path):
     assert "--window 16" in info.command and "--global-layers 1,3" in info.command and "--calib" not in info.command
     # half the layers stop at 16 tokens: at 32K the cache is just over half the source's
     assert info.kv_bytes_at_context_after / info.kv_bytes_at_context_before == pytest.approx((32768 + 16) / 65536)
-    assert any(line.startswith("vLLM: yes") for line in info.serving)
+    (vllm,) = [line for line in info.serving if line.startswith("vLLM: yes")]
+    assert "--max-num-batched-tokens near the window (16)" in vllm  # without it vLLM keeps window + 4K per layer
 
 
 def test_source_windows_are_kept(tmp_path):
