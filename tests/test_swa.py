@@ -160,6 +160,48 @@ def test_auto_global_layers_follow_the_measured_windowing_cost(tmp_path, text_fi
     assert "--global-layers auto" in card and "measured windowing cost" in card
 
 
+def test_search_prunes_end_to_end_and_records_what_it_measured(tmp_path, text_file):
+    """--global-layers search: from the ranking's top 2K (here all 4 layers) window one layer at a time,
+    the one whose loss raises the tail KL least. Planted: layer 2's values are zero, so windowing it
+    changes nothing: it must go first, at KL exactly 0. Each step drops its minimal trial, and the final
+    set's recorded KL is recomputed here from the written checkpoint (static layer_types) against the
+    source, so the in-place layer switching the search uses is shown to compute the written model."""
+    from safetensors.torch import load_file, save_file
+
+    from kvsurgeon.convert.swa.search import SEARCH_WINDOWS, tail_logprobs
+    from kvsurgeon.convert.swa.plan import TAIL
+
+    src = save_tiny(tmp_path / "src", num_hidden_layers=4, max_position_embeddings=512, max_shard_size="10GB")
+    shard = next(src.glob("*.safetensors"))
+    sd = load_file(shard)
+    sd["model.layers.2.self_attn.v_proj.weight"].zero_()
+    save_file(sd, shard, metadata={"format": "pt"})
+    out = convert(src, tmp_path / "out", window=16, keep_global=2, global_layers="search",
+                  calib_data=str(text_file), calib_tokens=512)
+    found = json.loads((out / "kvsurgeon_window_ranking.json").read_text())["search"]
+    steps = found["steps"]
+    assert steps[0]["layers"] == [0, 1, 2, 3] and steps[0]["kl"] < 1e-12  # all global is the source
+    assert steps[1]["windowed"] == 2 and steps[1]["kl"] < 1e-12
+    for st in steps[1:]:
+        assert st["kl"] == min(st["trials"].values()) and str(st["windowed"]) in st["trials"]
+    assert len(found["layers"]) == 2 and 2 not in found["layers"] and steps[-1]["kl"] > 1e-6
+    cfg = json.loads((out / "config.json").read_text())
+    assert [i for i, t in enumerate(cfg["layer_types"]) if t == "full_attention"] == found["layers"]
+
+    from transformers import AutoModelForCausalLM
+    from kvsurgeon.convert.pipeline.calibration import CalibConfig
+    from kvsurgeon.convert.swa.plan import retrieval_ids
+    from kvsurgeon.convert.io.checkpoint import LazyCheckpoint
+
+    ids = retrieval_ids(LazyCheckpoint(src), cfg, 16, CalibConfig(str(text_file), 512))[:SEARCH_WINDOWS]
+    target = tail_logprobs(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), ids, TAIL)
+    lp = tail_logprobs(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval(), ids, TAIL)
+    kl = float((target.exp() * (target - lp)).sum(-1).mean())
+    assert kl == pytest.approx(steps[-1]["kl"], rel=1e-4)
+    card = (out / "README.md").read_text()
+    assert "--global-layers search" in card and "end-to-end search" in card
+
+
 def test_auto_needs_a_count():
     with pytest.raises(KvSurgeonError, match="--global-layers auto chooses --keep-global K layers"):
         ConversionSpec(to="swa", window=16, global_layers="auto")

@@ -61,7 +61,10 @@ class ConversionSpec:
         None, "swa: layers kept at full attention, a count (e.g. 8) or a fraction (e.g. 0.25), evenly spaced")
     global_layers: list[int] | str | None = _opt(
         None, "swa: the layers kept at full attention: a list like 0,15,29, or with --keep-global K: 'auto' (the K "
-        "layers whose windowing costs retrieval most, measured on calibration text with retrieval facts) or 'even'",
+        "layers whose windowing alone costs retrieval most, measured on calibration text with retrieval facts), "
+        "'search' (auto's ranking, then an end-to-end search from its top 2K down to K: loads the whole model, "
+        "~(2K)^2/2 forwards of 2 x 2,048 tokens; SmolLM2 K=8: ~18 min on 2 cores; passkey at 1K-4K 50/10/10% -> "
+        "80/80/70%) or 'even'",
         cli_type=str)
     calib_data: str | None = _opt(None, "calibration text: .jsonl/.txt/.parquet or HF dataset id (default: built-in)")
     calib_tokens: int = _opt(8192, "calibration tokens")
@@ -115,12 +118,12 @@ class ConversionSpec:
             raise KvSurgeonError("--to swa needs --window N (tokens each windowed layer attends to, e.g. 512)")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise KvSurgeonError(f"--window must be a whole number of tokens >= 1, got {self.window!r}")
-        if isinstance(self.global_layers, str):  # auto / even choose --keep-global K layers
+        if isinstance(self.global_layers, str):  # auto / search / even choose --keep-global K layers
             if self.keep_global is None:
                 raise KvSurgeonError(f"--global-layers {self.global_layers} chooses --keep-global K layers: pass --keep-global "
                                      "(a count like 8 or a fraction like 0.25)")
         elif (self.keep_global is None) == (self.global_layers is None):
-            raise KvSurgeonError("--to swa needs --keep-global K|FRACTION (with --global-layers auto|even; even by default) "
+            raise KvSurgeonError("--to swa needs --keep-global K|FRACTION (with --global-layers auto|search|even; even by default) "
                                  "or --global-layers LIST")
 
     def calib_config(self) -> CalibConfig:
@@ -160,13 +163,14 @@ class ConversionSpec:
 
 
 def _layer_list(value, flag: str):
-    """A layer option as given on the command line: "auto", "even", or "0,3,5" -> [0, 3, 5]."""
-    if not isinstance(value, str) or value in ("auto", "even"):
+    """A layer option as given on the command line: "auto", "even", "search" (swa), or "0,3,5" -> [0, 3, 5]."""
+    if not isinstance(value, str) or value in ("auto", "even") or (value == "search" and flag == "--global-layers"):
         return value
     try:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise KvSurgeonError(f"{flag} {value!r}: use auto, even, or comma-separated layer indices like 0,15,29") from None
+        words = "auto, even, search" if flag == "--global-layers" else "auto, even"
+        raise KvSurgeonError(f"{flag} {value!r}: use {words}, or comma-separated layer indices like 0,15,29") from None
 
 
 def spec_flag(f) -> str:
@@ -187,7 +191,7 @@ def cli_command(model: str, spec: ConversionSpec, out: str | Path, extra: list[s
     """The ``kvsurgeon convert`` command that reproduces ``spec`` (for model cards and logs): every
     field that differs from its default, plus the calibration budget whenever calibration runs."""
     args = ["kvsurgeon", "convert", str(model)]
-    calibrates = (spec.global_layers == "auto") if spec.to == "swa" else (spec.calib_data is not None or spec.method in (None, "calibrated"))
+    calibrates = (spec.global_layers in ("auto", "search")) if spec.to == "swa" else (spec.calib_data is not None or spec.method in (None, "calibrated"))
     for f in fields(ConversionSpec):
         value = getattr(spec, f.name)
         if f.name == "kv_heads" and spec.to == "mqa":

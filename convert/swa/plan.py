@@ -44,7 +44,8 @@ def global_layer_choice(num_layers: int, keep_global: float | int | None, global
                         ranking: dict | None = None) -> list[int]:
     """The layers kept at full attention: an explicit list, or ``keep_global`` (count or fraction)
     spread evenly (the same spacing as ``--to hybrid``'s kept attention layers), or with
-    ``global_layers="auto"`` the ``keep_global`` layers ranked first by ``ranking`` (``rank_windowing``)."""
+    ``global_layers="auto"`` the ``keep_global`` layers ranked first by ``ranking`` (``rank_windowing``),
+    with ``"search"`` the ones ``search.prune_global_layers`` kept (``ranking["search"]``)."""
     if global_layers is not None and not isinstance(global_layers, str):
         layers = list(global_layers)
         bad = [i for i in layers if not 0 <= i < num_layers]
@@ -65,12 +66,42 @@ def global_layer_choice(num_layers: int, keep_global: float | int | None, global
         if ranking is None:
             raise ValueError("global_layers='auto' needs the measured ranking")
         return sorted(r["layer"] for r in ranking["ranking"][:keep])
+    if global_layers == "search":
+        if ranking is None or "search" not in ranking:
+            raise ValueError("global_layers='search' needs the search result")
+        return list(ranking["search"]["layers"])
     linear = set(even_linear_layers(num_layers, keep))
     return [i for i in range(num_layers) if i not in linear]
 
 
 RANKING_FILE = "kvsurgeon_window_ranking.json"
 TAIL = 32  # positions scored at the end of each retrieval window: the restated fact and its copy
+
+
+def retrieval_ids(ckpt, config: dict, window: int, calib: CalibConfig) -> torch.Tensor:
+    """Calibration windows (up to 2,048 tokens, 4x the window) that each end by restating a fact stated
+    far earlier: what both the ranking and the search score layers on."""
+    from ..evaluation.perplexity import load_tokenizer
+
+    ctx = int(config.get("max_position_embeddings") or 2048)
+    seq = min(4 * window, ctx, 2048)
+    if seq <= window + TAIL:
+        raise KvSurgeonError(f"--global-layers auto/search score layers on windows longer than --window {window}; the "
+                             f"model's context ({ctx}) leaves no room: pass --global-layers LIST or --global-layers even")
+    cfg = CalibConfig(calib.data, max(calib.tokens, 2 * seq), seq, calib.text_field, calib.split, retrieval=1.0)
+    return calibration_ids(load_tokenizer(ckpt.folder), cfg)
+
+
+def search_global_layers(ckpt, config: dict, window: int, keep: int, ranking: dict, calib: CalibConfig, log=None) -> dict:
+    """``--global-layers search``: prune from the ranking's top ``2 * keep`` layers (those the source
+    does not window itself) to ``keep``, end to end (``search.prune_global_layers``)."""
+    from .search import SEARCH_WINDOWS, prune_global_layers, switchable_model
+
+    own = sliding_windows(config)
+    free = [r["layer"] for r in ranking["ranking"] if r["layer"] not in own]
+    model = switchable_model(ckpt.folder, swa_config(config, window, []))
+    ids = retrieval_ids(ckpt, config, window, calib)[:SEARCH_WINDOWS]
+    return prune_global_layers(model, ids, free[: 2 * keep], keep, TAIL, set(free), log=log)
 
 
 @torch.inference_mode()
@@ -80,16 +111,8 @@ def rank_windowing(ckpt, config: dict, window: int, calib: CalibConfig, log=None
     error of the layer's attention output with a ``window`` vs full attention at the last ``TAIL``
     positions, on the source's own hidden states. Layers that copy from far back (retrieval heads,
     cf. DuoAttention) score high and are the ones to keep global. One streaming pass, one layer in memory."""
-    from ..evaluation.perplexity import load_tokenizer
-
     t0 = time.time()
-    ctx = int(config.get("max_position_embeddings") or 2048)
-    seq = min(4 * window, ctx, 2048)
-    if seq <= window + TAIL:
-        raise KvSurgeonError(f"--global-layers auto scores layers on windows longer than --window {window}; the model's "
-                             f"context ({ctx}) leaves no room: pass --global-layers LIST or --global-layers even")
-    cfg = CalibConfig(calib.data, max(calib.tokens, 2 * seq), seq, calib.text_field, calib.split, retrieval=1.0)
-    ids = calibration_ids(load_tokenizer(ckpt.folder), cfg)
+    ids = retrieval_ids(ckpt, config, window, calib)
     costs = {}
     for i, x in LayerStream(ckpt, config, ids):
         attn = read_attention(ckpt, config, i)
@@ -98,6 +121,7 @@ def rank_windowing(ckpt, config: dict, window: int, calib: CalibConfig, log=None
         if log:
             log(f"rank: layer {i} windowed alone: tail rel-error {costs[i]:.4f} ({time.time() - t0:.0f}s)")
     order = sorted(costs, key=lambda i: -costs[i])
+    seq = ids.shape[1]
     return {
         "metric": f"relative error of the layer's attention output at the last {TAIL} positions of retrieval windows, "
                   f"window {window} vs full attention",
@@ -164,12 +188,16 @@ def swa_plan(window: int, keep_global: float | int | None = None, global_layers:
 
     def make_plan(config: dict, ckpt) -> Plan:
         L = int(config["num_hidden_layers"])
-        global_layer_choice(L, keep_global, global_layers, {"ranking": [{"layer": i} for i in range(L)]})  # input checks
+        global_layer_choice(L, keep_global, global_layers, {"ranking": [{"layer": i} for i in range(L)], "search": {"layers": []}})  # input checks
         refuse("cannot convert to sliding-window layers", swa_problems(config, window, []))
         files = {}
         ranking = None
-        if global_layers == "auto":
+        if global_layers in ("auto", "search"):
             ranking = rank_windowing(ckpt, config, window, calib or CalibConfig(), log=tqdm.write)
+            if global_layers == "search":
+                keep = _keep_count(keep_global, L, flag="--keep-global")
+                ranking["search"] = search_global_layers(ckpt, config, window, keep, ranking, calib or CalibConfig(),
+                                                         log=tqdm.write)
             files[RANKING_FILE] = ranking
         globals_ = global_layer_choice(L, keep_global, global_layers, ranking)
         refuse("cannot convert to sliding-window layers", swa_problems(config, window, globals_))
@@ -185,7 +213,10 @@ def swa_plan(window: int, keep_global: float | int | None = None, global_layers:
                    f"{', '.join(map(str, globals_))}; weights unchanged, written as {cls}.")
         if not windowed:
             summary = f"every layer kept at full attention: the source's function, written as {cls}."
-        if ranking is not None:
+        if ranking is not None and "search" in ranking:
+            summary += (f" Global layers chosen by an end-to-end search on retrieval windows, from the measured "
+                        f"per-layer windowing costs ({RANKING_FILE}).")
+        elif ranking is not None:
             summary += f" Global layers chosen by measured windowing cost at retrieval ({RANKING_FILE})."
         return Plan(new_config=new_config, transform=transform, summary=summary, files=files)
 
