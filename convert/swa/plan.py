@@ -184,7 +184,8 @@ def swa_plan(window: int, keep_global: float | int | None = None, global_layers:
              calib: CalibConfig | None = None):
     """A ``make_plan(config, ckpt) -> Plan`` for ``--to swa``: ``window`` tokens per windowed layer (the
     token itself included), full attention on the ``global_layers`` / ``keep_global`` layers
-    (``global_layers="auto"``: ranked by ``rank_windowing`` on ``calib`` text)."""
+    (``global_layers="auto"``: ranked by ``rank_windowing`` on ``calib`` text; ``"search"``: then pruned end
+    to end by ``search_global_layers``, which loads the whole source)."""
 
     def make_plan(config: dict, ckpt) -> Plan:
         L = int(config["num_hidden_layers"])
