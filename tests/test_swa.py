@@ -136,17 +136,23 @@ def test_bad_options_are_named(kw, match):
         ConversionSpec(to="mqa", window=8)
 
 
-def test_auto_global_layers_follow_the_measured_windowing_cost(tmp_path, text_file):
-    """--global-layers auto keeps the layers whose windowing costs most at the end of retrieval windows.
-    Planted: layer 2's values are zero, so windowing it changes nothing (cost 0): it must rank last and
-    never be kept. The ranking file's cost for the top layer is recomputed here from the reference."""
+def tiny_with_dead_layer_2(folder):
+    """A 4-layer tiny Llama whose layer 2 has zero values: windowing that layer changes nothing."""
     from safetensors.torch import load_file, save_file
 
-    src = save_tiny(tmp_path / "src", num_hidden_layers=4, max_position_embeddings=512, max_shard_size="10GB")
+    src = save_tiny(folder, num_hidden_layers=4, max_position_embeddings=512, max_shard_size="10GB")
     shard = next(src.glob("*.safetensors"))
     sd = load_file(shard)
     sd["model.layers.2.self_attn.v_proj.weight"].zero_()
     save_file(sd, shard, metadata={"format": "pt"})
+    return src
+
+
+def test_auto_global_layers_follow_the_measured_windowing_cost(tmp_path, text_file):
+    """--global-layers auto keeps the layers whose windowing costs most at the end of retrieval windows.
+    Planted: layer 2's values are zero, so windowing it changes nothing (cost 0): it must rank last and
+    never be kept. The ranking file's cost for the top layer is recomputed here from the reference."""
+    src = tiny_with_dead_layer_2(tmp_path / "src")
     out = convert(src, tmp_path / "out", window=16, keep_global=2, global_layers="auto",
                   calib_data=str(text_file), calib_tokens=512)
     ranking = json.loads((out / "kvsurgeon_window_ranking.json").read_text())
@@ -166,16 +172,10 @@ def test_search_prunes_end_to_end_and_records_what_it_measured(tmp_path, text_fi
     changes nothing: it must go first, at KL exactly 0. Each step drops its minimal trial, and the final
     set's recorded KL is recomputed here from the written checkpoint (static layer_types) against the
     source, so the in-place layer switching the search uses is shown to compute the written model."""
-    from safetensors.torch import load_file, save_file
-
     from kvsurgeon.convert.swa.search import SEARCH_WINDOWS, tail_logprobs
     from kvsurgeon.convert.swa.plan import TAIL
 
-    src = save_tiny(tmp_path / "src", num_hidden_layers=4, max_position_embeddings=512, max_shard_size="10GB")
-    shard = next(src.glob("*.safetensors"))
-    sd = load_file(shard)
-    sd["model.layers.2.self_attn.v_proj.weight"].zero_()
-    save_file(sd, shard, metadata={"format": "pt"})
+    src = tiny_with_dead_layer_2(tmp_path / "src")
     out = convert(src, tmp_path / "out", window=16, keep_global=2, global_layers="search",
                   calib_data=str(text_file), calib_tokens=512)
     found = json.loads((out / "kvsurgeon_window_ranking.json").read_text())["search"]

@@ -92,27 +92,26 @@ def retrieval_ids(ckpt, config: dict, window: int, calib: CalibConfig) -> torch.
     return calibration_ids(load_tokenizer(ckpt.folder), cfg)
 
 
-def search_global_layers(ckpt, config: dict, window: int, keep: int, ranking: dict, calib: CalibConfig, log=None) -> dict:
+def search_global_layers(ckpt, config: dict, window: int, keep: int, ranking: dict, ids: torch.Tensor, log=None) -> dict:
     """``--global-layers search``: prune from the ranking's top ``2 * keep`` layers (those the source
-    does not window itself) to ``keep``, end to end (``search.prune_global_layers``)."""
+    does not window itself) to ``keep``, end to end (``search.prune_global_layers``), on the first
+    ``SEARCH_WINDOWS`` of the ranking's retrieval windows ``ids``."""
     from .search import SEARCH_WINDOWS, prune_global_layers, switchable_model
 
     own = sliding_windows(config)
     free = [r["layer"] for r in ranking["ranking"] if r["layer"] not in own]
     model = switchable_model(ckpt.folder, swa_config(config, window, []))
-    ids = retrieval_ids(ckpt, config, window, calib)[:SEARCH_WINDOWS]
-    return prune_global_layers(model, ids, free[: 2 * keep], keep, TAIL, set(free), log=log)
+    return prune_global_layers(model, ids[:SEARCH_WINDOWS], free[: 2 * keep], keep, TAIL, set(free), log=log)
 
 
 @torch.inference_mode()
-def rank_windowing(ckpt, config: dict, window: int, calib: CalibConfig, log=None) -> dict:
-    """Cost of windowing each layer alone, where retrieval happens: on calibration windows whose end
-    restates a fact stated far earlier (``calibration.retrieval_window``, every window), the relative
+def rank_windowing(ckpt, config: dict, window: int, ids: torch.Tensor, log=None) -> dict:
+    """Cost of windowing each layer alone, where retrieval happens: on calibration windows ``ids`` whose
+    end restates a fact stated far earlier (``retrieval_ids``), the relative
     error of the layer's attention output with a ``window`` vs full attention at the last ``TAIL``
     positions, on the source's own hidden states. Layers that copy from far back (retrieval heads,
     cf. DuoAttention) score high and are the ones to keep global. One streaming pass, one layer in memory."""
     t0 = time.time()
-    ids = retrieval_ids(ckpt, config, window, calib)
     costs = {}
     for i, x in LayerStream(ckpt, config, ids):
         attn = read_attention(ckpt, config, i)
@@ -194,11 +193,11 @@ def swa_plan(window: int, keep_global: float | int | None = None, global_layers:
         files = {}
         ranking = None
         if global_layers in ("auto", "search"):
-            ranking = rank_windowing(ckpt, config, window, calib or CalibConfig(), log=tqdm.write)
+            ids = retrieval_ids(ckpt, config, window, calib or CalibConfig())
+            ranking = rank_windowing(ckpt, config, window, ids, log=tqdm.write)
             if global_layers == "search":
                 keep = _keep_count(keep_global, L, flag="--keep-global")
-                ranking["search"] = search_global_layers(ckpt, config, window, keep, ranking, calib or CalibConfig(),
-                                                         log=tqdm.write)
+                ranking["search"] = search_global_layers(ckpt, config, window, keep, ranking, ids, log=tqdm.write)
             files[RANKING_FILE] = ranking
         globals_ = global_layer_choice(L, keep_global, global_layers, ranking)
         refuse("cannot convert to sliding-window layers", swa_problems(config, window, globals_))

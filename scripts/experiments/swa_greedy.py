@@ -31,20 +31,6 @@ import torch  # noqa: E402
 from bench_common import SOURCE, TRAIN  # noqa: E402
 
 
-def set_globals(model, globals_: set[int]) -> None:
-    """Switch each layer between full and windowed attention in place (the mask is chosen per forward
-    from ``config.layer_types``; the attention module's own ``sliding_window`` feeds flash kernels)."""
-    for i, layer in enumerate(model.model.layers):
-        full = i in globals_
-        model.config.layer_types[i] = "full_attention" if full else "sliding_attention"
-        layer.self_attn.sliding_window = None if full else model.config.sliding_window
-
-
-@torch.inference_mode()
-def tail_logprobs(model, ids: torch.Tensor, tail: int) -> torch.Tensor:
-    return torch.cat([model(ids[w:w + 1]).logits[0, -tail:].float().log_softmax(-1) for w in range(ids.shape[0])])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("auto_folder", help="an --global-layers auto swa conversion (its ranking file and config)")
@@ -61,6 +47,7 @@ def main() -> None:
     from kvsurgeon.convert.evaluation.perplexity import load_tokenizer
     from kvsurgeon.convert.io.resolve import resolve_model
     from kvsurgeon.convert.pipeline.calibration import CalibConfig, calibration_ids
+    from kvsurgeon.convert.swa.search import set_global_layers, tail_logprobs
 
     folder = Path(args.auto_folder)
     ranking = json.loads((folder / "kvsurgeon_window_ranking.json").read_text())["ranking"]
@@ -76,7 +63,7 @@ def main() -> None:
     model.config.layer_types = list(model.config.layer_types)
 
     def score(globals_: set[int]) -> float:
-        set_globals(model, globals_)
+        set_global_layers(model, globals_)
         lp = tail_logprobs(model, ids, args.tail)
         return float((target.exp() * (target - lp)).sum(-1).mean())
 
