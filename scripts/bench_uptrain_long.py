@@ -11,6 +11,9 @@ run: passkey and multikey at 1K/2K, ppl by position at 4K, and 512-window ppl on
 the second domain.
 
     python scripts/bench_uptrain_long.py --student mqa=runs/bench-long-base/mqa --tokens 100000
+
+A curriculum: one stage per length, ``--seq-len 2048,4096 --tokens 98304,98304`` (the data continues
+from stage to stage; each stage has its own optimiser and schedule).
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--student", metavar="NAME=FOLDER", help="reuse a conversion (e.g. mqa=runs/bench-long-base/mqa)")
     ap.add_argument("--convert", metavar="NAME=ARGS", help="or convert now, e.g. 'mqa=--to mqa'")
-    ap.add_argument("--tokens", type=int, default=100_000)
-    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--tokens", default="100000", help="training tokens; one per stage, or one total split evenly")
+    ap.add_argument("--seq-len", default="2048", help="window length; several (2048,4096) make one stage each")
     ap.add_argument("--retrieval", type=float, default=0.5, help="fraction of training windows with retrieval facts")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--trainable", default="attention", choices=["attention", "all", "new"])
@@ -56,6 +59,12 @@ def main() -> None:
     args = ap.parse_args()
     if bool(args.student) == bool(args.convert):
         ap.error("pass exactly one of --student NAME=FOLDER or --convert NAME=ARGS")
+    lengths = [int(x) for x in args.seq_len.split(",")]
+    budget = [int(x) for x in args.tokens.split(",")]
+    if len(budget) == 1:
+        budget = [budget[0] // len(lengths)] * len(lengths)
+    if len(budget) != len(lengths):
+        ap.error(f"--tokens gives {len(budget)} budgets for {len(lengths)} --seq-len stages; give one, or one per stage")
 
     import torch
 
@@ -79,8 +88,9 @@ def main() -> None:
     run = out / f"{name}-uptrained"
     recipe = recipe_from_dict({
         "source": SOURCE, "output": str(run), "student": str(student),
-        "data": {"train": str(train), "seq_len": args.seq_len, "retrieval": args.retrieval, "eval": None},
-        "stages": [{"name": "attention", "tokens": args.tokens, "trainable": args.trainable}],
+        "data": {"train": str(train), "seq_len": lengths[0], "retrieval": args.retrieval, "eval": None},
+        "stages": [{"name": f"attention-{n}" if len(lengths) > 1 else "attention", "tokens": t, "trainable": args.trainable,
+                    "seq_len": n} for n, t in zip(lengths, budget)],
         "optim": {"lr": args.lr, "warmup_steps": 5, "schedule": "cosine"},
         "precision": "bf16", "save_every": 10,
     })
@@ -107,7 +117,8 @@ def main() -> None:
                 row[f"{dom}_ppl512_ratio"] = s.ppl / s.reference_ppl
         rows.append(row)
         print(markdown(results), flush=True)
-    summary = {"student": str(student), "tokens": trained[-1]["tokens"], "seq_len": args.seq_len, "retrieval": args.retrieval,
+    summary = {"student": str(student), "tokens": trained[-1]["tokens"], "seq_len": lengths, "stage_tokens": budget,
+               "retrieval": args.retrieval,
                "lr": args.lr, "trainable": args.trainable, "train_seconds": train_secs,
                "tokens_per_s": sorted(m["tokens_per_s"] for m in trained)[len(trained) // 2], "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")

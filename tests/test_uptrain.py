@@ -77,6 +77,30 @@ def test_resume_is_exact(tmp_path, text_file, tie):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-6)
 
 
+def test_curriculum_stages_train_at_their_lengths_continue_the_data_and_resume_exactly(tmp_path, text_file):
+    # 4 steps of 32-token windows, then 3 of 64 (stages[1].seq_len); interrupted inside the second stage
+    kw = dict(stages=[{"name": "short", "tokens": 32 * 2 * 4, "trainable": "attention"},
+                      {"name": "long", "tokens": 64 * 2 * 3, "trainable": "attention", "seq_len": 64}])
+    uptrain(recipe_from_dict(base_recipe(tmp_path, text_file, output=str(tmp_path / "full"), **kw)), progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["seq_len"] for r in train] == [32] * 4 + [64] * 3
+    want = [64 * (i + 1) for i in range(4)] + [256 + 128 * (i + 1) for i in range(3)]
+    assert [r["tokens"] for r in train] == want
+    # every window new: the long stage continues the stream instead of restarting the file
+    assert [r["distinct_tokens"] for r in train] == want
+
+    part = base_recipe(tmp_path, text_file, output=str(tmp_path / "part"), max_steps=5, **kw)
+    uptrain(recipe_from_dict(part), progress=False)
+    part["max_steps"] = None
+    uptrain(recipe_from_dict(part), resume=True, progress=False)
+    got = [json.loads(l) for l in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    got = [r for r in got if r["kind"] == "train"]
+    assert [r["distinct_tokens"] for r in got] == want
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in got]), torch.tensor([r["loss"] for r in train]),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_lora_stage_merges_to_the_same_function(tmp_path, text_file):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -123,6 +147,7 @@ def test_overrides_parse(tmp_path, text_file):
         ({"precision": "fp8"}, "precision: 'fp8' is not one of"),
         ({"stages": [{"name": "x", "tokens": 10, "trainable": "attention"}]}, "less than one optimiser step"),
         ({"stages": [{"name": "x", "tokens": 4096, "trainable": "everything"}]}, "trainable: 'everything'"),
+        ({"stages": [{"name": "x", "tokens": 4096, "seq_len": 1}]}, "stages\\[0\\].seq_len: must be >= 2"),
         ({"source": ""}, "source: required"),
         ({"data": {"train": ""}}, "data.train: required"),
     ],

@@ -153,6 +153,36 @@ def test_retrieval_windows_follow_the_global_index_across_ranks_and_resumes(tmp_
     torch.testing.assert_close(take(0, 1, 1, n - 3, skip=3), mixed[3:], rtol=0, atol=0)
 
 
+def test_a_curriculum_stream_cuts_the_same_tokens_and_replays_on_skip(tmp_path):
+    """Windows of a length that changes with the global index (stages with their own seq_len) are cut
+    one after another from the same token stream; skipping replays those cuts, on any rank split."""
+    from transformers import AutoTokenizer
+
+    from kvsurgeon.convert.train.recipe import recipe_from_dict
+    from kvsurgeon.convert.train.uptrain import stage_lengths
+
+    write_tiny_tokenizer(tmp_path, 128)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    text = write_text(tmp_path / "t.jsonl")
+    r = recipe_from_dict({"source": "s", "student": "s", "output": "o", "data": {"train": str(text), "seq_len": 8},
+                          "stages": [{"tokens": 8 * 2 * 3}, {"tokens": 16 * 2 * 2, "seq_len": 16}], "batch_size": 1})
+    # 2 processes x batch 1: 3 steps of 8-token windows, then 2 of 16 (6 and 4 global windows)
+    lengths = stage_lengths(r, r.stage_steps(2), 2)
+    assert [lengths(i) for i in range(12)] == [8] * 6 + [16] * 6
+
+    def take(rank, world, bs, steps, skip=0, seq=lengths):
+        it = PackedStream(tok, str(text), seq, bs, rank=rank, world=world).batches(skip_windows=skip)
+        return [next(it) for _ in range(steps)]
+
+    one = take(0, 1, 2, 5)
+    assert [b.shape for b in one] == [(2, 8)] * 3 + [(2, 16)] * 2
+    plain = torch.cat([b.reshape(-1) for b in take(0, 1, 1, 14, seq=8)])  # 6 x 8 + 4 x 16 tokens
+    torch.testing.assert_close(torch.cat([b.reshape(-1) for b in one]), plain, rtol=0, atol=0)
+    for b, a, c in zip(one, take(0, 2, 1, 5), take(1, 2, 1, 5)):
+        torch.testing.assert_close(b, torch.cat([a, c]), rtol=0, atol=0)
+    torch.testing.assert_close(take(1, 2, 1, 1, skip=8)[0], one[4][1:], rtol=0, atol=0)
+
+
 def test_two_ranks_train_on_disjoint_windows_and_count_globally(runs):
     one, two = rows(runs / "one"), rows(runs / "two")
     assert len(two) == STEPS and all(r["processes"] == 2 for r in two)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +40,14 @@ class PackedStream:
 
     ``retrieval``: the fraction of windows rewritten by ``calibration.retrieval_window``. Which windows,
     and their facts, follow from the global window index alone, so ranks and resumes agree.
+
+    ``seq_len`` is a length, or a function of the global window index (a curriculum: short windows,
+    then long ones). Windows are cut one after another from the same token stream, so a stage with
+    longer windows continues where the previous stage stopped, and skipping replays the same cuts.
     """
 
-    def __init__(self, tokenizer, source: str, seq_len: int, batch_size: int, text_field: str = "text", split: str = "train",
-                 rank: int = 0, world: int = 1, retrieval: float = 0.0):
+    def __init__(self, tokenizer, source: str, seq_len: int | Callable[[int], int], batch_size: int, text_field: str = "text",
+                 split: str = "train", rank: int = 0, world: int = 1, retrieval: float = 0.0):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world of {world}")
         if not 0.0 <= retrieval <= 1.0:
@@ -51,24 +55,29 @@ class PackedStream:
         self.retrieval = retrieval
         self.tok = tokenizer
         self.source, self.text_field, self.split = source, text_field, split
-        self.seq_len, self.batch_size = seq_len, batch_size
+        self.seq_len_at = seq_len if callable(seq_len) else (lambda _index: seq_len)
+        self.batch_size = batch_size
         self.rank, self.world = rank, world
         self.position = 0
 
     def _windows(self) -> Iterator[list[int]]:
+        index = 0
         while True:
             buf: list[int] = []
             produced = False
+            n = self.seq_len_at(index)
             for text in iter_texts(self.source, self.text_field, self.split):
                 buf.extend(self.tok(text, add_special_tokens=False)["input_ids"])
                 if self.tok.eos_token_id is not None:
                     buf.append(self.tok.eos_token_id)
-                while len(buf) >= self.seq_len:
-                    yield buf[: self.seq_len]
-                    buf = buf[self.seq_len :]
+                while len(buf) >= n:
+                    yield buf[:n]
+                    buf = buf[n:]
                     produced = True
+                    index += 1
+                    n = self.seq_len_at(index)
             if not produced:
-                raise ValueError(f"{self.source} holds fewer than {self.seq_len} tokens")
+                raise ValueError(f"{self.source} holds fewer than {n} tokens")
 
     def _window(self, index: int, ids: list[int]) -> list[int]:
         if self.retrieval:

@@ -48,6 +48,9 @@ class StageCfg:
     tokens: int = 0  # this stage's share of the budget
     trainable: Literal["new", "attention", "all", "lora"] = "attention"
     lr: float | None = None  # default: optim.lr
+    # default: data.seq_len. Stages with rising lengths are a curriculum: retrieval over 2K, then 4K;
+    # the data continues where the previous stage stopped.
+    seq_len: int | None = None
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -96,14 +99,17 @@ class Recipe:
     push_to_hub: str | None = None
     max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still spans the budget
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.data.seq_len
+    def stage_seq_len(self, stage: StageCfg) -> int:
+        return stage.seq_len or self.data.seq_len
+
+    def tokens_per_step(self, stage: StageCfg) -> int:
+        """Tokens one process trains on per optimiser step of ``stage``."""
+        return self.batch_size * self.grad_accum * self.stage_seq_len(stage)
 
     def stage_steps(self, processes: int = 1) -> list[int]:
         """Optimiser steps per stage. Stage tokens are the job's global budget: with N processes each
         step trains on N x tokens_per_step distinct tokens, so there are N times fewer steps."""
-        return [max(1, s.tokens // (self.tokens_per_step * processes)) for s in self.stages]
+        return [max(1, s.tokens // (self.tokens_per_step(s) * processes)) for s in self.stages]
 
     def validate(self) -> "Recipe":
         errs = []
@@ -123,10 +129,12 @@ class Recipe:
         if not self.stages:
             errs.append("stages: at least one stage is needed")
         for i, s in enumerate(self.stages):
-            if s.tokens < self.tokens_per_step:
+            if s.seq_len is not None and s.seq_len < 2:
+                errs.append(f"stages[{i}].seq_len: must be >= 2 (or unset for data.seq_len), got {s.seq_len}")
+            elif s.tokens < self.tokens_per_step(s):
                 errs.append(
                     f"stages[{i}].tokens: {s.tokens} is less than one optimiser step "
-                    f"({self.tokens_per_step} = batch_size x grad_accum x seq_len)"
+                    f"({self.tokens_per_step(s)} = batch_size x grad_accum x seq_len)"
                 )
             if s.lr is not None and s.lr <= 0:
                 errs.append(f"stages[{i}].lr: must be > 0")

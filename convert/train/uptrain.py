@@ -132,6 +132,25 @@ def plot_metrics(metrics_file: Path, png: Path) -> bool:
     return True
 
 
+def stage_lengths(recipe: Recipe, steps: list[int], processes: int):
+    """The window length at each global window index: stage by stage, ``steps[i]`` optimiser steps of
+    ``batch_size x grad_accum x processes`` windows each (the last stage's length beyond the end)."""
+    per_step = recipe.batch_size * recipe.grad_accum * processes
+    ends, total = [], 0
+    for n in steps:
+        total += n * per_step
+        ends.append(total)
+    lengths = [recipe.stage_seq_len(s) for s in recipe.stages]
+
+    def seq_len_at(index: int) -> int:
+        for end, n in zip(ends, lengths):
+            if index < end:
+                return n
+        return lengths[-1]
+
+    return seq_len_at
+
+
 # ---- the runner --------------------------------------------------------------------------------
 def _without_tied(state: dict) -> tuple[dict, set[str]]:
     """A state dict with each shared tensor once (tied embeddings: lm_head is embed_tokens), and the
@@ -170,7 +189,7 @@ class Uptrainer:
         self.kernel_mode = resolve(recipe.kernels, self.avail)
         self.kernels: KernelRecorder | None = None
         self.kernel_rows: list[dict] = []  # the student's, for the model card
-        self.seen: set[int] = set()  # digests of the windows trained on (main process), for distinct_tokens
+        self.seen: dict[int, int] = {}  # digest -> length of the windows trained on (main process), for distinct_tokens
         self.metrics_file = self.out / "metrics.jsonl"
         self.ckpt_dir = self.out / "checkpoints"
 
@@ -223,7 +242,9 @@ class Uptrainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / PROGRESS_FILE).write_text(json.dumps(asdict(prog)) + "\n")
-            save_file({"digests": torch.tensor(sorted(self.seen), dtype=torch.int64)}, str(tmp / SEEN_FILE))
+            digests = sorted(self.seen)
+            save_file({"digests": torch.tensor(digests, dtype=torch.int64),
+                       "lengths": torch.tensor([self.seen[d] for d in digests], dtype=torch.int64)}, str(tmp / SEEN_FILE))
             if target.exists():
                 shutil.rmtree(target)
             tmp.rename(target)
@@ -286,14 +307,13 @@ class Uptrainer:
         teacher = acc.prepare_model(teacher, evaluation_mode=True)
         student_base = self.load(folder, trainable=True)
         prog, ck = self._resume_point(resume)
-        stream = PackedStream(tok, r.data.train, r.data.seq_len, r.batch_size, r.data.text_field, r.data.split,
-                              rank=acc.process_index, world=acc.num_processes, retrieval=r.data.retrieval)
         steps = r.stage_steps(acc.num_processes)
+        stream = PackedStream(tok, r.data.train, stage_lengths(r, steps, acc.num_processes), r.batch_size, r.data.text_field,
+                              r.data.split, rank=acc.process_index, world=acc.num_processes, retrieval=r.data.retrieval)
         total = sum(steps) if r.max_steps is None else min(sum(steps), r.max_steps)
         bar = tqdm(total=total, initial=prog.global_step, desc="uptrain", unit="step", disable=not (self.progress and acc.is_main_process))
         run = _Run(teacher=teacher, folder=folder, config=read_config(folder), stream=stream,
-                   batches=stream.batches(skip_windows=prog.windows), steps=steps, bar=bar, prog=prog, ck=ck,
-                   global_tokens=r.tokens_per_step * acc.num_processes)  # distinct windows per process, so this is true
+                   batches=stream.batches(skip_windows=prog.windows), steps=steps, bar=bar, prog=prog, ck=ck)
         self.kernels = KernelRecorder(self.kernel_mode, [student_base, teacher]).install()
         try:
             student_base = self._train_stages(run, student_base)
@@ -322,7 +342,10 @@ class Uptrainer:
                 raise KvSurgeonError(f"--resume: no checkpoint under {self.ckpt_dir}")
             return Progress(), None
         prog = Progress.read(ck)
-        self.seen = set(load_file(str(ck / SEEN_FILE))["digests"].tolist()) if self.acc.is_main_process else set()
+        if self.acc.is_main_process:
+            seen = load_file(str(ck / SEEN_FILE))
+            lengths = seen["lengths"].tolist() if "lengths" in seen else [self.r.data.seq_len] * seen["digests"].numel()
+            self.seen = dict(zip(seen["digests"].tolist(), lengths))
         self._truncate_metrics(prog.global_step)
         return prog, ck
 
@@ -406,7 +429,7 @@ class Uptrainer:
         losses = acc.reduce(sums, reduction="mean").tolist()
         all_digests = acc.gather(torch.cat(digests).to(acc.device)).tolist()
         if acc.is_main_process:
-            self.seen.update(all_digests)
+            self.seen.update(dict.fromkeys(all_digests, ids.shape[1]))
         return losses
 
     def _after_step(self, run: "_Run", stage: StageCfg, model, student_base, sched, losses: list[float], dt: float) -> None:
@@ -416,11 +439,12 @@ class Uptrainer:
         prog.stage_step += 1
         prog.global_step += 1
         prog.windows = run.stream.position
-        prog.tokens += run.global_tokens
-        tps = run.global_tokens / dt
+        step_tokens = r.tokens_per_step(stage) * acc.num_processes  # distinct windows per process, so this is true
+        prog.tokens += step_tokens
+        tps = step_tokens / dt
         self.log({"kind": "train", "stage": stage.name, "step": prog.global_step, "tokens": prog.tokens,
-                  "distinct_tokens": len(self.seen) * r.data.seq_len, "loss": loss_v, "kl": kl_v, "ce": ce_v,
-                  "lr": sched.get_last_lr()[0], "tokens_per_s": tps, "processes": acc.num_processes})
+                  "seq_len": r.stage_seq_len(stage), "distinct_tokens": sum(self.seen.values()), "loss": loss_v,
+                  "kl": kl_v, "ce": ce_v, "lr": sched.get_last_lr()[0], "tokens_per_s": tps, "processes": acc.num_processes})
         if not self.kernel_rows:
             self._log_kernels(student_base, run.teacher, prog)
         run.bar.update(1)
@@ -525,4 +549,3 @@ class _Run:
     bar: object  # tqdm
     prog: "Progress"
     ck: Path | None  # the checkpoint resumed from
-    global_tokens: int  # tokens per optimiser step over all processes
