@@ -22,11 +22,18 @@ def psd_sqrt(S: torch.Tensor, floor: float = 1e-8) -> tuple[torch.Tensor, torch.
 
 
 def spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``A^-1 B`` for symmetric positive definite ``A`` (batched); ``B`` is (..., n) or (..., n, k)."""
+    """``A^-1 B`` for symmetric positive definite ``A`` (batched); ``B`` is (..., n) or (..., n, k).
+    A singular ``A`` (statistics of a layer that outputs nothing, e.g. zero values) gets the
+    minimum-norm least-squares solution instead of an error."""
     vec = B.dim() == A.dim() - 1
     Bm = B[..., None] if vec else B
     L, info = torch.linalg.cholesky_ex(A)
-    X = torch.linalg.solve(A, Bm) if bool((info != 0).any()) else torch.cholesky_solve(Bm, L)
+    if bool((info != 0).any()):
+        X, info = torch.linalg.solve_ex(A, Bm)
+        if bool((info != 0).any()):
+            X = torch.linalg.pinv(A, hermitian=True) @ Bm
+    else:
+        X = torch.cholesky_solve(Bm, L)
     return X[..., 0] if vec else X
 
 

@@ -45,6 +45,19 @@ def save_tiny(folder: Path, model_type: str = "llama", max_shard_size: str = "40
     return Path(folder)
 
 
+def tiny_with_dead_layer_2(folder: Path, **overrides) -> Path:
+    """A 4-layer tiny model (Llama unless model_type says) whose layer 2 has zero values: windowing (or
+    linearising) that layer changes nothing."""
+    from safetensors.torch import load_file, save_file
+
+    src = save_tiny(folder, num_hidden_layers=4, max_position_embeddings=512, max_shard_size="10GB", **overrides)
+    shard = next(src.glob("*.safetensors"))
+    sd = load_file(shard)
+    sd["model.layers.2.self_attn.v_proj.weight"].zero_()
+    save_file(sd, shard, metadata={"format": "pt"})
+    return src
+
+
 def write_tiny_tokenizer(folder: Path, vocab_size: int) -> None:
     """A byte-level BPE tokenizer with no merges: real tokenizers-library files, vocab < vocab_size."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders

@@ -35,9 +35,9 @@ from kvsurgeon.convert.hybrid.fit import (
     resolve_layer_choice,
 )
 from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model
-from kvsurgeon.convert.hybrid.plan import RANKING_FILE, REPORT_FILE, hybrid_plan
+from kvsurgeon.convert.hybrid.plan import RANKING_FILE, REPORT_FILE, SEARCH_FILE, hybrid_plan
 
-from conftest import save_tiny, tiny_config, tiny_model, write_tiny_tokenizer
+from conftest import save_tiny, tiny_config, tiny_model, tiny_with_dead_layer_2, write_tiny_tokenizer
 
 # GraniteMoeHybrid (and vLLM) need head_dim == hidden / heads: 4 heads x 16 = 64
 GRANITE_TINY = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -326,6 +326,46 @@ def _ranked(tmp_path, name, text_file, plant=None):
     plan = hybrid_plan(keep_attention=1, linear_layers="auto", calib=CalibConfig(data=str(text_file), tokens=256, seq_len=64), rank_tokens=128, log=None)
     res = _convert(tmp_path / name, tmp_path / f"{name}-out", plan, text_file)
     return res, json.loads((res.out / RANKING_FILE).read_text())
+
+
+@pytest.mark.parametrize("source,linear", [("llama", "mamba2"), ("qwen3", "gated-deltanet")])
+def test_search_scores_whole_sets_and_the_written_model_is_what_it_scored(tmp_path, text_file, source, linear):
+    """--linear-layers search: every layer's linear replacement is fitted, sets are scored whole in the
+    source with attention switched in place. Planted: layer 2's values are zero, so its linear
+    replacement (initialised from V) outputs zero too and linearising it costs exactly nothing: it must
+    score 0 alone and be linear. Each greedy step takes its cheapest trial. The written checkpoint
+    (the stock hybrid class) must reproduce the final set's recorded score against the source, so the
+    switched model the search scored is the model that ships."""
+    from kvsurgeon.convert.hybrid.search import SEARCH_WINDOWS, kl_parts, scored_positions
+    from kvsurgeon.convert.pipeline.calibration import calibration_ids
+    from kvsurgeon.convert.pipeline.spec import ConversionSpec, run_conversion
+    from transformers import AutoTokenizer
+
+    src = tiny_with_dead_layer_2(tmp_path / "src", model_type=source, **(GRANITE_TINY if linear == "mamba2" else {}))
+    spec = ConversionSpec(to="hybrid", keep_attention=1, linear_layers="search", linear=linear, calib_data=str(text_file),
+                          calib_tokens=512, calib_seq_len=64)
+    res = run_conversion(str(src), spec, ConvertOptions(out=tmp_path / "out", progress=False, measure="off"))
+    trace = json.loads((res.out / SEARCH_FILE).read_text())
+    alone = {r["layer"]: r for r in trace["alone"]}
+    assert set(alone) == {0, 1, 2, 3} and alone[2]["score"] < 1e-9 < min(alone[i]["score"] for i in (0, 1, 3))
+    assert trace["start_attention"] == sorted(sorted(alone, key=lambda i: -alone[i]["score"])[:2])
+    assert trace["steps"][0]["attention"] == trace["start_attention"]
+    step = trace["steps"][1]
+    assert step["linearised"] == int(min(step["trials"], key=lambda c: step["trials"][c]["score"]))  # JSON keys: str
+    assert len(trace["attention_layers"]) == 1 and 2 in trace["linear_layers"]
+    kind = "attention" if linear == "mamba2" else "full_attention"
+    assert [i for i, t in enumerate(res.config["layer_types"]) if t == kind] == trace["attention_layers"]
+
+    tok = AutoTokenizer.from_pretrained(src)
+    ids = calibration_ids(tok, CalibConfig(str(text_file), SEARCH_WINDOWS * 512, 512, retrieval=1.0))[:SEARCH_WINDOWS]
+    positions, n_body = scored_positions(512)
+    with torch.no_grad():
+        want, got = (torch.stack([_load(f)(ids[w:w + 1]).logits[0, positions].log_softmax(-1) for w in range(ids.shape[0])])
+                     for f in (src, res.out))
+    body, tail = kl_parts(want, got, n_body)
+    assert body + tail == pytest.approx(trace["steps"][-1]["score"], rel=1e-4)
+    card = (res.out / "README.md").read_text()
+    assert "--linear-layers search" in card and "end-to-end search" in card
 
 
 def test_auto_layer_choice_saves_ranking(tmp_path, text_file):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import save_tiny, tiny_model
+from conftest import save_tiny, tiny_model, tiny_with_dead_layer_2
 from kvsurgeon.attention import DictSource, read_attention, sliding_windows
 from kvsurgeon.attention.reference import attention_output
 from kvsurgeon.convert.cli import app
@@ -134,18 +134,6 @@ def test_bad_options_are_named(kw, match):
         ConversionSpec(to="swa", **kw)
     with pytest.raises(KvSurgeonError, match="--window is a sliding-window option; it needs --to swa"):
         ConversionSpec(to="mqa", window=8)
-
-
-def tiny_with_dead_layer_2(folder):
-    """A 4-layer tiny Llama whose layer 2 has zero values: windowing that layer changes nothing."""
-    from safetensors.torch import load_file, save_file
-
-    src = save_tiny(folder, num_hidden_layers=4, max_position_embeddings=512, max_shard_size="10GB")
-    shard = next(src.glob("*.safetensors"))
-    sd = load_file(shard)
-    sd["model.layers.2.self_attn.v_proj.weight"].zero_()
-    save_file(sd, shard, metadata={"format": "pt"})
-    return src
 
 
 def test_auto_global_layers_follow_the_measured_windowing_cost(tmp_path, text_file):

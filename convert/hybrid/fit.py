@@ -125,6 +125,7 @@ def resolve_layer_choice(
 
     * explicit list -> ("list", None, sorted layers)
     * "auto"        -> ("auto", attention layers to keep, None)  (keep defaults to half)
+    * "search"      -> ("search", attention layers to keep, None)  (likewise)
     * "even" / None with keep_attention -> ("even", None, evenly interleaved linear layers)
 
     ``keep_attention``: an int is a count of attention layers kept; a float below 1 is a fraction of
@@ -132,12 +133,12 @@ def resolve_layer_choice(
     """
     if isinstance(linear_layers, str):
         mode = linear_layers.strip().lower()
-        if mode not in ("auto", "even"):
+        if mode not in ("auto", "even", "search"):
             try:
                 linear_layers = [int(s) for s in mode.replace(" ", "").split(",") if s != ""]
             except ValueError:
                 raise KvSurgeonError(
-                    f"--linear-layers {linear_layers!r}: give a comma-separated list of layer indices, 'auto' or 'even'"
+                    f"--linear-layers {linear_layers!r}: give a comma-separated list of layer indices, 'auto', 'search' or 'even'"
                 ) from None
             mode = "list"
     elif linear_layers is None:
@@ -165,8 +166,8 @@ def resolve_layer_choice(
             )
         return "list", None, sorted(layers)
     keep = _keep_count(0.5 if keep_attention is None else keep_attention, num_layers)
-    if mode == "auto":
-        return "auto", keep, None
+    if mode in ("auto", "search"):
+        return mode, keep, None
     return "even", None, even_linear_layers(num_layers, keep)
 
 

@@ -7,7 +7,10 @@ Kept attention layers and every MLP are bit-exact copies (a hybrid with no linea
 the source's logits exactly). Which layers: an explicit list, evenly interleaved
 (``--keep-attention K|FRACTION``), or ``auto``: each layer is linearised alone on calibration text,
 the KL increase of the next-token distribution is measured, and attention stays where it costs most
-(ranking printed and saved as ``kvsurgeon_layer_ranking.json`` in the output folder).
+(ranking printed and saved as ``kvsurgeon_layer_ranking.json`` in the output folder), or ``search``:
+every layer's linear replacement is fitted, then sets of them are scored whole, on the language
+modelling and the retrieval of long calibration windows (``search.py``; trace saved as
+``kvsurgeon_layer_search.json``).
 
 Linear layers are initialised from the attention they replace and calibrated (``convert.hybrid``),
 then optionally trained by attention transfer on the calibration inputs (``--transfer-tokens N``).
@@ -72,6 +75,7 @@ from ..pipeline.preflight import family_problem, refuse, window_note, window_pro
 
 LINEAR_KINDS = ("mamba2", "gated-deltanet")
 RANKING_FILE = "kvsurgeon_layer_ranking.json"
+SEARCH_FILE = "kvsurgeon_layer_search.json"
 REPORT_FILE = "kvsurgeon_hybrid.json"
 GRANITE_SOURCES = ("llama", "mistral", "qwen2")
 QWEN35_SOURCES = ("qwen3",)
@@ -151,7 +155,10 @@ def hybrid_plan(
         mode, keep, layers = _layer_choice(L, keep_attention, linear_layers)
         build_config = _layout_checked(config, target)
         files: dict[str, object] = {}
-        if mode == "auto":
+        if mode == "search":
+            layers, files[SEARCH_FILE] = _searched_linear_layers(ckpt, config, target, keep, calib or CalibConfig(), fit, say,
+                                                               progress=log is not None)
+        elif mode == "auto":
             layers, files[RANKING_FILE] = _auto_linear_layers(
                 ckpt, config, target, keep, ranking, say,
                 lambda: rank_layers(ckpt, config, target, calib or CalibConfig(), rank_tokens, kl_stride=rank_kl_stride,
@@ -209,7 +216,7 @@ def _layout_checked(config: dict, target: str):
 def _layer_choice(L: int, keep_attention, linear_layers):
     """``resolve_layer_choice``, refusing a hybrid with no attention layer left."""
     mode, keep, layers = resolve_layer_choice(L, keep_attention, linear_layers)
-    if (keep == 0 if mode == "auto" else len(layers) == L):
+    if (keep == 0 if mode in ("auto", "search") else len(layers) == L):
         raise KvSurgeonError(
             f"--to hybrid needs at least one attention layer: with every layer linear, transformers' hybrid cache "
             f"has no attention layer to count tokens (DynamicCache.get_seq_length raises) and generate() fails; "
@@ -230,6 +237,41 @@ def _auto_linear_layers(ckpt, config: dict, target: str, keep: int, given_rankin
     ranking["linear_layers"] = layers
     say(format_ranking(ranking))
     return layers, ranking
+
+
+def _searched_linear_layers(ckpt, config: dict, target: str, keep: int, calib: CalibConfig, fit: "_LinearFit",
+                            say, progress: bool) -> tuple[list[int], dict]:
+    """Linear layers for ``search``: every layer's linear replacement is fitted once on the calibration
+    inputs (into the fit's layer cache, so the pipeline writes the same weights), then
+    ``search.search_linear_layers`` chooses end to end; returns the linear layers and the trace."""
+    from ..evaluation.perplexity import load_tokenizer
+    from .search import SEARCH_SEQ_LEN, SEARCH_WINDOWS, search_linear_layers, switchable_model
+
+    L = int(config["num_hidden_layers"])
+    all_linear = (granite_hybrid_config if target == "granite" else qwen35_text_config)(config, list(range(L)))
+    if fit.layer_cache is None:
+        fit.layer_cache = {}
+    fitter = _HybridLayer(fit, target, all_linear, float(config.get("rms_norm_eps", 1e-6)), {"layers": {}})
+    tok = load_tokenizer(ckpt.folder)
+    modules = {}
+    for i, x in LayerStream(ckpt, config, calibration_ids(tok, calib)):
+        attn = read_attention(ckpt, config, i).to(torch.float32)
+        key = (i, fit.transfer_tokens)
+        if key not in fit.layer_cache:
+            fit.layer_cache[key] = fitter.fitted_state(i, attn, x)
+        modules[i] = _linear_module(target, all_linear, i, fit.layer_cache[key][0])
+    seq = min(SEARCH_SEQ_LEN, int(config.get("max_position_embeddings") or SEARCH_SEQ_LEN))
+    ids = calibration_ids(tok, CalibConfig(calib.data, SEARCH_WINDOWS * seq, seq, calib.text_field, calib.split, retrieval=1.0))
+    trace = search_linear_layers(switchable_model(ckpt.folder, modules), ids[:SEARCH_WINDOWS], list(range(L)), keep, log=say,
+                                 progress=progress)
+    say(f"search: attention kept on layers {trace['attention_layers']}; linear: {trace['linear_layers']}")
+    return trace["linear_layers"], trace
+
+
+def _linear_module(target: str, config: dict, i: int, state: dict) -> torch.nn.Module:
+    module = mamba2_module(config, i) if target == "granite" else gdn_module(config, i)
+    module.load_state_dict(state, strict=True)
+    return module
 
 
 @dataclass
@@ -342,7 +384,9 @@ def _hybrid_summary(config: dict, new_config: dict, target: str, mode: str, laye
                     drop_sliding_window: bool) -> str:
     L = int(config["num_hidden_layers"])
     kind = "Mamba2" if target == "granite" else "Gated DeltaNet"
-    how = {"auto": "chosen by measured KL cost (auto)", "even": "evenly interleaved", "list": "as listed"}[mode]
+    how = {"auto": "chosen by measured KL cost (auto)", "even": "evenly interleaved", "list": "as listed",
+           "search": "chosen by an end-to-end search scoring whole sets on the language modelling and retrieval of long "
+                     "calibration windows (search)"}[mode]
     return (
         f"{len(layers)} of {L} attention layers replaced by {kind} layers ({how}: {layers}); "
         f"{L - len(layers)} attention layers and all MLPs kept exactly, as {new_config['architectures'][0]}. "

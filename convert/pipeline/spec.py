@@ -53,7 +53,10 @@ class ConversionSpec:
         "(the card says so)")
     keep_attention: float | None = _opt(None, "hybrid: attention layers kept, a count (e.g. 8) or a fraction (e.g. 0.25)")
     linear_layers: list[int] | str | None = _opt(
-        None, "hybrid: layers made linear: 'auto' (ranked by measured cost), 'even', or a list like 0,3,5", cli_type=str)
+        None, "hybrid: layers made linear: 'auto' (ranked by each layer's measured KL cost alone), 'search' (every layer's "
+        "linear replacement fitted, then whole sets scored on the language modelling and retrieval of 2 windows of 2,048 "
+        "calibration tokens; loads the whole model; SmolLM2 at 25%: 130 forwards, ~25 min on 2 cores), "
+        "'even', or a list like 0,3,5", cli_type=str)
     linear: str | None = _opt(None, "hybrid: mamba2 (default; Llama/Mistral/Qwen2) | gated-deltanet (Qwen3)")
     transfer_tokens: int = _opt(0, "hybrid: attention-transfer tokens per linear layer (0: init only)")
     window: int | None = _opt(None, "swa: tokens a windowed layer attends to, itself included (e.g. 512)")
@@ -163,14 +166,13 @@ class ConversionSpec:
 
 
 def _layer_list(value, flag: str):
-    """A layer option as given on the command line: "auto", "even", "search" (swa), or "0,3,5" -> [0, 3, 5]."""
-    if not isinstance(value, str) or value in ("auto", "even") or (value == "search" and flag == "--global-layers"):
+    """A layer option as given on the command line: "auto", "even", "search", or "0,3,5" -> [0, 3, 5]."""
+    if not isinstance(value, str) or value in ("auto", "even", "search"):
         return value
     try:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        words = "auto, even, search" if flag == "--global-layers" else "auto, even"
-        raise KvSurgeonError(f"{flag} {value!r}: use {words}, or comma-separated layer indices like 0,15,29") from None
+        raise KvSurgeonError(f"{flag} {value!r}: use auto, even, search, or comma-separated layer indices like 0,15,29") from None
 
 
 def spec_flag(f) -> str:
