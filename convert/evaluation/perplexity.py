@@ -35,11 +35,16 @@ def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     return float(nll.double().sum()), nll.numel()
 
 
+def kl_per_position(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(ref || model) at each position, from log-probabilities over the last (vocabulary) dim."""
+    return (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
+
+
 def kl_top1_sums(logits: torch.Tensor, ref_logits: torch.Tensor) -> tuple[float, int]:
     """Summed KL(ref || model) over predicting positions, and how many top-1 tokens agree."""
     lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     lr = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
-    kl = (lr.exp() * (lr - lp)).sum(-1)
+    kl = kl_per_position(lr, lp)
     agree = (lp.argmax(-1) == lr.argmax(-1)).sum()
     return float(kl.double().sum()), int(agree)
 

@@ -431,7 +431,7 @@ def rank_layers(
     relative output error. One streaming pass: the clean hidden states and one perturbed copy per
     layer already visited advance through each source layer in turn (L (L + 1) / 2 layer forwards,
     one layer in memory)."""
-    from ..evaluation.perplexity import load_tokenizer
+    from ..evaluation.perplexity import kl_per_position, load_tokenizer
 
     t0 = time.time()
     say = log or (lambda s: None)
@@ -475,7 +475,7 @@ def rank_layers(
         total = 0.0
         for b in range(ids.shape[0]):
             lp = torch.log_softmax(logits(h[b, pos]), -1)
-            total += float((ref[b].exp() * (ref[b] - lp)).sum(-1).double().sum())
+            total += float(kl_per_position(ref[b], lp).double().sum())
         kls[i] = total / (ids.shape[0] * len(pos))
     ranking = sorted(range(L), key=lambda i: -kls[i])
     return {

@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..evaluation.perplexity import kl_per_position
+
 TAIL = 32  # scored positions at the end of each retrieval window: the restated fact
 BODY_STRIDE = 4  # every 4th position of the window for the language-modelling KL
 SEARCH_WINDOWS = 2
@@ -81,7 +83,7 @@ def scored_logprobs(model, ids: torch.Tensor, positions: torch.Tensor) -> torch.
 
 def kl_parts(target: torch.Tensor, got: torch.Tensor, n_body: int) -> tuple[float, float]:
     """Mean KL(target || got) per position over the body positions and over the tail positions."""
-    kl = (target.exp() * (target - got)).sum(-1)
+    kl = kl_per_position(target, got)
     return float(kl[:, :n_body].mean()), float(kl[:, n_body:].mean())
 
 

@@ -17,6 +17,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from ..evaluation.perplexity import kl_per_position
+
 SEARCH_WINDOWS = 2  # retrieval windows scored per candidate set: ~(2K)^2 forwards of these in all
 
 
@@ -58,7 +60,7 @@ def prune_global_layers(model, ids: torch.Tensor, start: list[int], keep: int, t
     def kl(layers: set[int]) -> float:
         set_global_layers(model, layers)
         lp = tail_logprobs(model, ids, tail)
-        return float((target.exp() * (target - lp)).sum(-1).mean())
+        return float(kl_per_position(target, lp).mean())
 
     chosen = set(start)
     steps = [{"layers": sorted(chosen), "kl": kl(chosen)}]
