@@ -55,7 +55,7 @@ class ConversionSpec:
     linear_layers: list[int] | str | None = _opt(
         None, "hybrid: layers made linear: 'auto' (ranked by each layer's measured KL cost alone), 'search' (every layer's "
         "linear replacement fitted, then whole sets scored on the language modelling and retrieval of 2 windows of 2,048 "
-        "calibration tokens; loads the whole model; SmolLM2 at 25%: 130 forwards, ~25 min on 2 cores), "
+        "calibration tokens; loads the whole model; SmolLM2 at 25%: 131 forwards, 44 min on 2 cores), "
         "'even', or a list like 0,3,5", cli_type=str)
     linear: str | None = _opt(None, "hybrid: mamba2 (default; Llama/Mistral/Qwen2) | gated-deltanet (Qwen3)")
     transfer_tokens: int = _opt(0, "hybrid: attention-transfer tokens per linear layer (0: init only)")
