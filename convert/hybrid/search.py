@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..evaluation.perplexity import kl_per_position
+from ..greedy import Step, greedy_trials, prune_greedily
 
 TAIL = 32  # scored positions at the end of each retrieval window: the restated fact
 BODY_STRIDE = 4  # every 4th position of the window for the language-modelling KL
@@ -105,7 +106,7 @@ def search_linear_layers(model, ids: torch.Tensor, candidates: list[int], keep: 
 
     L = len(model.model.layers)
     start = 2 * keep
-    bar = tqdm(total=len(candidates) + sum(range(keep + 1, min(start, len(candidates)) + 1)) + 1,
+    bar = tqdm(total=len(candidates) + greedy_trials(min(start, len(candidates)), keep) + 1,
                desc="search attention layers", unit="forward", disable=not progress)
     alone = {}
     for c in candidates:
@@ -118,17 +119,19 @@ def search_linear_layers(model, ids: torch.Tensor, candidates: list[int], keep: 
     linear = set(candidates) - attention
     steps = [{"attention": sorted(attention | fixed), **score(linear)}]
     bar.update(1)
-    while len(attention) > keep:
-        trials = {}
-        for c in sorted(attention):
-            trials[c] = score(linear | {c})
-            bar.update(1)
-        pick = min(trials, key=lambda c: trials[c]["score"])
-        attention.discard(pick)
-        linear.add(pick)
-        steps.append({"linearised": pick, "attention": sorted(attention | fixed), **trials[pick], "trials": trials})
-        say(f"search: linearise layer {pick}: score {trials[pick]['score']:.4f} (body {trials[pick]['kl_body']:.4f}, "
-            f"tail {trials[pick]['kl_tail']:.4f}), {len(attention)} attention layers left ({time.time() - t0:.0f}s)")
+
+    def logged(step: Step[dict]) -> None:
+        r = step.result
+        steps.append({"linearised": step.dropped, "attention": sorted(step.kept | fixed), **r, "trials": step.trials})
+        say(f"search: linearise layer {step.dropped}: score {r['score']:.4f} (body {r['kl_body']:.4f}, "
+            f"tail {r['kl_tail']:.4f}), {len(step.kept)} attention layers left ({time.time() - t0:.0f}s)")
+
+    # a candidate dropped from attention is linearised: the cost of keeping ``kept`` is the rest linear
+    pruned = prune_greedily(attention, keep, lambda kept: score(set(candidates) - kept),
+                            value=lambda r: r["score"], on_trial=lambda: bar.update(1), on_step=logged)
+    if pruned:
+        attention = set(pruned[-1].kept)
+    linear = set(candidates) - attention
     bar.close()
     set_linear_layers(model, set())
     return {

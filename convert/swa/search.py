@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..evaluation.perplexity import kl_per_position
+from ..greedy import Step, greedy_trials, prune_greedily
 
 SEARCH_WINDOWS = 2  # retrieval windows scored per candidate set: ~(2K)^2 forwards of these in all
 
@@ -57,24 +58,22 @@ def prune_global_layers(model, ids: torch.Tensor, start: list[int], keep: int, t
     set_global_layers(model, reference_layers)
     target = tail_logprobs(model, ids, tail)
 
-    def kl(layers: set[int]) -> float:
+    def kl(layers: frozenset[int]) -> float:
         set_global_layers(model, layers)
         lp = tail_logprobs(model, ids, tail)
         return float(kl_per_position(target, lp).mean())
 
-    chosen = set(start)
-    steps = [{"layers": sorted(chosen), "kl": kl(chosen)}]
-    bar = tqdm(total=sum(range(keep + 1, len(chosen) + 1)), desc="search global layers", unit="forward")
-    while len(chosen) > keep:
-        trials = {}
-        for c in sorted(chosen):
-            trials[c] = kl(chosen - {c})
-            bar.update(1)
-        drop = min(trials, key=trials.get)
-        chosen.discard(drop)
-        steps.append({"windowed": drop, "layers": sorted(chosen), "kl": trials[drop], "trials": trials})
+    steps = [{"layers": sorted(start), "kl": kl(frozenset(start))}]
+    bar = tqdm(total=greedy_trials(len(start), keep), desc="search global layers", unit="forward")
+
+    def logged(step: Step[float]) -> None:
+        steps.append({"windowed": step.dropped, "layers": sorted(step.kept), "kl": step.result, "trials": step.trials})
         if log:
-            log(f"search: window layer {drop}, tail KL {trials[drop]:.4f}, {len(chosen)} global ({time.time() - t0:.0f}s)")
+            log(f"search: window layer {step.dropped}, tail KL {step.result:.4f}, {len(step.kept)} global "
+                f"({time.time() - t0:.0f}s)")
+
+    pruned = prune_greedily(set(start), keep, kl, on_trial=lambda: bar.update(1), on_step=logged)
+    chosen = pruned[-1].kept if pruned else frozenset(start)
     bar.close()
     set_global_layers(model, reference_layers)
     return {"metric": f"KL(source || model) at the last {tail} positions of {ids.shape[0]} retrieval windows of "

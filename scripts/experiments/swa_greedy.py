@@ -44,7 +44,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from kvsurgeon.convert.evaluation.perplexity import load_tokenizer
+    from kvsurgeon.convert.evaluation.perplexity import kl_per_position, load_tokenizer
+    from kvsurgeon.convert.greedy import prune_greedily
     from kvsurgeon.convert.io.resolve import resolve_model
     from kvsurgeon.convert.pipeline.calibration import CalibConfig, calibration_ids
     from kvsurgeon.convert.swa.search import set_global_layers, tail_logprobs
@@ -65,7 +66,7 @@ def main() -> None:
     def score(globals_: set[int]) -> float:
         set_global_layers(model, globals_)
         lp = tail_logprobs(model, ids, args.tail)
-        return float((target.exp() * (target - lp)).sum(-1).mean())
+        return float(kl_per_position(target, lp).mean())
 
     t0 = time.time()
     # controls: every layer global must give the source back (KL ~ 0), none global the worst case
@@ -74,21 +75,25 @@ def main() -> None:
     print(json.dumps({"set": "none global", "kl": round(score(set()), 5)}), flush=True)
     ranked = set(r["layer"] for r in ranking[: args.keep])
     print(json.dumps({"set": "ranking top", "layers": sorted(ranked), "kl": round(score(ranked), 5)}), flush=True)
-    chosen: set[int] = set() if args.mode == "add" else set(candidates)
-    if chosen:
-        print(json.dumps({"set": "start", "layers": sorted(chosen), "kl": round(score(chosen), 5)}), flush=True)
-    step = 0
-    while len(chosen) != args.keep:
-        step += 1
-        if args.mode == "add":
-            trials = {c: score(chosen | {c}) for c in candidates if c not in chosen}
-        else:
-            trials = {c: score(chosen - {c}) for c in sorted(chosen)}
-        best = min(trials, key=trials.get)
-        chosen = chosen | {best} if args.mode == "add" else chosen - {best}
-        print(json.dumps({"step": step, "add" if args.mode == "add" else "window": best, "kl": round(trials[best], 5),
-                          "layers": sorted(chosen), "trials": {str(k): round(v, 4) for k, v in sorted(trials.items())},
+
+    def report(step: int, key: str, layer: int, kl: float, chosen, trials: dict) -> None:
+        print(json.dumps({"step": step, key: layer, "kl": round(kl, 5), "layers": sorted(chosen),
+                          "trials": {str(k): round(v, 4) for k, v in sorted(trials.items())},
                           "seconds": round(time.time() - t0)}), flush=True)
+
+    if args.mode == "prune":
+        chosen = set(candidates)
+        print(json.dumps({"set": "start", "layers": sorted(chosen), "kl": round(score(chosen), 5)}), flush=True)
+        steps = prune_greedily(chosen, args.keep, score, on_step=lambda s: report(
+            len(candidates) - len(s.kept), "window", s.dropped, s.result, s.kept, s.trials))
+        chosen = set(steps[-1].kept) if steps else chosen
+    else:  # forward: add the candidate that lowers the score most
+        chosen = set()
+        for step in range(1, args.keep + 1):
+            trials = {c: score(chosen | {c}) for c in candidates if c not in chosen}
+            best = min(trials, key=trials.get)
+            chosen.add(best)
+            report(step, "add", best, trials[best], chosen, trials)
     print("--global-layers " + ",".join(map(str, sorted(chosen))))
 
 
