@@ -33,10 +33,14 @@ CONVERSIONS = {
 
 
 def plain_finetune_tokens_per_s(seq_len: int, steps: int = 4) -> float:
-    """One fine-tuning step of the source alone (CE loss), bf16 autocast, as the reference speed."""
+    """One fine-tuning step of the source alone (CE loss), in the precision the uptraining resolves to
+    here (bf16 autocast where native, else fp32), as the reference speed."""
     from transformers import AutoModelForCausalLM
 
     from kvsurgeon.convert.io.resolve import resolve_model
+    from kvsurgeon.convert.train.precision import detect_precision
+
+    bf16 = detect_precision("auto")[0] == "bf16"
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(SOURCE), dtype=torch.float32, attn_implementation="sdpa")
     model.train()
@@ -45,7 +49,7 @@ def plain_finetune_tokens_per_s(seq_len: int, steps: int = 4) -> float:
     times = []
     for _ in range(steps + 1):
         t0 = time.time()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -85,7 +89,7 @@ def main() -> None:
                      "eval": str(SHARED / "pydocs-valid.jsonl"), "eval_tokens": args.eval_tokens},
             "stages": [{"name": "attention", "tokens": args.tokens, "trainable": "attention"}],
             "optim": {"lr": args.lr, "warmup_steps": 10, "schedule": "cosine"},
-            "precision": "bf16",
+            "precision": "auto",
             "save_every": 100,
         })
         t0 = time.time()

@@ -92,7 +92,7 @@ def main() -> None:
         "stages": [{"name": f"attention-{n}" if len(lengths) > 1 else "attention", "tokens": t, "trainable": args.trainable,
                     "seq_len": n} for n, t in zip(lengths, budget)],
         "optim": {"lr": args.lr, "warmup_steps": 5, "schedule": "cosine"},
-        "precision": "bf16", "save_every": 10,
+        "precision": "auto", "save_every": 10,
     })
     t0 = time.time()
     uptrain(recipe, resume=(run / "checkpoints").is_dir())

@@ -159,6 +159,39 @@ def test_bad_recipes_fail_clearly(tmp_path, text_file, change, message):
         recipe_from_dict(d)
 
 
+@pytest.mark.parametrize(
+    "requested, cuda, native, expected, warns",
+    [
+        ("auto", False, False, "fp32", False),  # an AVX2-only CPU: bf16 runs a reference GEMM
+        ("auto", False, True, "bf16", False),
+        ("auto", True, True, "bf16", False),
+        ("auto", True, False, "fp32", False),
+        ("bf16", False, False, "bf16", True),  # asked for explicitly: kept, with the cost and the fix named
+        ("bf16", True, True, "bf16", False),
+        ("fp32", False, False, "fp32", False),
+    ],
+)
+def test_precision_auto_is_bf16_only_where_native(requested, cuda, native, expected, warns):
+    from kvsurgeon.convert.train.precision import resolve_precision
+
+    got, warning = resolve_precision(requested, cuda, native)
+    assert got == expected
+    assert (warning is not None) == warns
+    if warns:
+        assert "precision: auto" in warning and "AVX512" in warning
+
+
+def test_an_auto_precision_run_trains_in_what_this_machine_computes_natively(tmp_path, text_file):
+    from kvsurgeon.convert.train.precision import cpu_has_native_bf16
+
+    uptrain(recipe_from_dict(base_recipe(tmp_path, text_file, precision="auto", max_steps=1)), progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kernels = next(r for r in rows if r["kind"] == "kernels")
+    native = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_native_bf16()
+    assert kernels["precision"] == "auto" and kernels["precision_resolved"] == ("bf16" if native else "fp32")
+    assert recipe_from_dict({k: v for k, v in base_recipe(tmp_path, text_file).items() if k != "precision"}).precision == "auto"
+
+
 def test_existing_run_needs_resume(tmp_path, text_file):
     from kvsurgeon.convert.errors import KvSurgeonError
 

@@ -86,7 +86,7 @@ class Recipe:
     distill: DistillCfg = field(default_factory=DistillCfg)
     batch_size: int = 1
     grad_accum: int = 1
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where native, else fp32 (precision.py)
     gradient_checkpointing: bool = False
     # auto: the fused kernels transformers binds on CUDA (FlashAttention-2, mamba_ssm, fla), PyTorch
     # elsewhere; fused: demand them (error naming what to install); torch: PyTorch paths everywhere

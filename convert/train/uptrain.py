@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from ..io.checkpoint import read_config
 from .distill import PackedStream, distill_loss, window_digests
 from ..errors import KvSurgeonError
 from .kernels import Availability, KernelRecorder, attn_implementation, check_fused, report_rows, require_fused, resolve
+from .precision import ACCELERATE, detect_precision
 from .recipe import Recipe, StageCfg
 from ..io.resolve import resolve_model
 from ..io.writer import atomic_output
@@ -35,9 +37,6 @@ from ..io.writer import atomic_output
 # run state next to accelerate's save_state files: plain JSON and safetensors, nothing to unpickle
 PROGRESS_FILE = "progress.json"
 SEEN_FILE = "seen_windows.safetensors"
-
-PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
-
 
 @dataclass
 class Progress:
@@ -179,7 +178,11 @@ class Uptrainer:
         # step_scheduler_with_optimizer=False: accelerate would otherwise step a prepared scheduler
         # num_processes times per optimiser step (it assumes a sharded epoch length); ours counts steps.
         multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.acc = Accelerator(mixed_precision=PRECISION[recipe.precision], gradient_accumulation_steps=1,
+        # auto: bf16 where the device computes it natively, fp32 elsewhere (an AVX2-only CPU runs bf16 ~85x slower)
+        self.precision, slow = detect_precision(recipe.precision)
+        if slow:
+            warnings.warn(slow, stacklevel=2)
+        self.acc = Accelerator(mixed_precision=ACCELERATE[self.precision], gradient_accumulation_steps=1,
                                cpu=multi and not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
         if multi and self.acc.num_processes == 1:
             raise KvSurgeonError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate set up one; "
@@ -460,6 +463,7 @@ class Uptrainer:
         s_rows, t_rows = self.kernels.report(student), self.kernels.report(teacher)
         self.kernel_rows = report_rows(s_rows)
         self.log({"kind": "kernels", "step": prog.global_step, "tokens": prog.tokens, "choice": self.r.kernels,
+                  "precision": self.r.precision, "precision_resolved": self.precision,
                   "resolved": self.kernel_mode, "student": self.kernel_rows, "teacher": report_rows(t_rows)})
         check_fused(self.r.kernels, s_rows, "student")
         check_fused(self.r.kernels, t_rows, "teacher")
