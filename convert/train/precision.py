@@ -1,7 +1,8 @@
 """Which precision uptraining runs in: ``auto`` picks bf16 where the hardware computes it natively and
 fp32 where it does not. On a CPU without native bf16 (AVX2-only, e.g. many AMD EPYC hosts) PyTorch falls
-back to a reference GEMM: a 2,048 x 576 x 1,536 bf16 matmul took 3.1 s there against 0.037 s in fp32
-(~85x), so a bf16 recipe that runs in minutes on an AVX512/AMX host takes hours."""
+back to a reference GEMM: SmolLM2's layer matmuls over 2,048 tokens ran 33-65x slower under bf16 autocast
+than in fp32 (``scripts/bench_precision.py``), so a bf16 recipe that runs in minutes on an AVX512/AMX host
+takes hours."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def resolve_precision(requested: str, cuda: bool, native_bf16: bool) -> tuple[st
         return ("bf16" if native_bf16 else "fp32"), None
     if requested == "bf16" and not cuda and not native_bf16:
         return requested, ("precision: bf16 on a CPU without native bf16 kernels (no AVX512/AMX) runs its matmuls "
-                           "~85x slower than fp32; set precision: auto (or fp32) in the recipe")
+                           "33-65x slower than fp32 (scripts/bench_precision.py); set precision: auto (or fp32) in the recipe")
     return requested, None
 
 

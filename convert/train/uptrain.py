@@ -178,7 +178,7 @@ class Uptrainer:
         # step_scheduler_with_optimizer=False: accelerate would otherwise step a prepared scheduler
         # num_processes times per optimiser step (it assumes a sharded epoch length); ours counts steps.
         multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        # auto: bf16 where the device computes it natively, fp32 elsewhere (an AVX2-only CPU runs bf16 ~85x slower)
+        # auto: bf16 where the device computes it natively, fp32 elsewhere (an AVX2-only CPU runs bf16 matmuls 33-65x slower)
         self.precision, slow = detect_precision(recipe.precision)
         if slow:
             warnings.warn(slow, stacklevel=2)
