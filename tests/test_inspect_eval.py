@@ -108,3 +108,23 @@ def test_cli_errors_are_clear(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "num_hidden_layers": 1}))
     res = runner.invoke(app, ["eval", str(tmp_path), "--data", str(tmp_path / "missing.jsonl")])
     assert res.exit_code != 0
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["cpu-without-bf16", "cpu-with-bf16"])
+def test_eval_in_bf16_warns_where_the_cpu_lacks_bf16_kernels(tiny_ckpt, monkeypatch, native):
+    # which CPU this runs on cannot be chosen here: the detector stands in for the other kind
+    import warnings
+
+    from kvsurgeon.convert.evaluation import perplexity
+    from kvsurgeon.convert.train import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = perplexity.load_model(str(tiny_ckpt), dtype="bfloat16")
+        perplexity.load_model(str(tiny_ckpt), dtype="float32")
+    slow = [w for w in caught if "without native bf16" in str(w.message)]
+    assert model.dtype == torch.bfloat16
+    assert len(slow) == (0 if native else 1)
+    if slow:
+        assert "--dtype float32" in str(slow[0].message)

@@ -4,6 +4,7 @@ per-token KL(reference || model) and top-1 agreement."""
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -84,7 +85,18 @@ def load_model(name: str, dtype: str = "float32", revision: str | None = None, t
         path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, attn_implementation="sdpa"
     )
     model.eval()
+    warn_slow_bf16(model)
     return model, path
+
+
+def warn_slow_bf16(model) -> None:
+    """A bf16/fp16 model on a CPU without native bf16 kernels runs its matmuls through a reference GEMM
+    (33-65x slower than float32 here: scripts/bench_precision.py); say so, with the fix."""
+    from ..train.precision import cpu_has_native_bf16
+
+    if model.dtype in (torch.bfloat16, torch.float16) and model.device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn(f"evaluating in {str(model.dtype).removeprefix('torch.')} on a CPU without native bf16 kernels "
+                      "(no AVX512/AMX): matmuls run 33-65x slower than float32 here; pass --dtype float32", stacklevel=2)
 
 
 def load_tokenizer(*folders: Path):
