@@ -1,4 +1,5 @@
-"""What ``precision: auto`` saves on this machine: the matmuls of one SmolLM2 decoder layer over a 2,048-token window, timed in fp32 and under bf16 autocast, beside what auto resolves to here.
+"""What ``precision: auto`` saves on this machine: the matmuls of one SmolLM2 decoder layer over a
+2,048-token window, timed in fp32 and under bf16 autocast, beside what auto resolves to here.
 
     python scripts/bench_precision.py --seq-len 2048 --repeats 3
 
