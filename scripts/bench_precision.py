@@ -39,7 +39,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from kvsurgeon.convert.train.precision import cpu_has_native_bf16, detect_precision
+    from kvsurgeon.convert.hardware import cpu_has_native_bf16
+    from kvsurgeon.convert.train.precision import detect_precision
 
     rows = []
     for name, (k, n) in SHAPES.items():

@@ -110,21 +110,33 @@ def test_cli_errors_are_clear(tmp_path):
     assert res.exit_code != 0
 
 
-@pytest.mark.parametrize("native", [False, True], ids=["cpu-without-bf16", "cpu-with-bf16"])
-def test_eval_in_bf16_warns_where_the_cpu_lacks_bf16_kernels(tiny_ckpt, monkeypatch, native):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("native", [False, True], ids=["cpu-without-kernels", "cpu-with-kernels"])
+def test_eval_in_half_precision_warns_where_the_cpu_lacks_its_kernels(tiny_ckpt, monkeypatch, native, dtype):
     # which CPU this runs on cannot be chosen here: the detector stands in for the other kind
     import warnings
 
+    from kvsurgeon.convert import hardware
     from kvsurgeon.convert.evaluation import perplexity
-    from kvsurgeon.convert.train import precision
 
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    asked = []
+    monkeypatch.setattr(hardware, "cpu_has_native", lambda dt: asked.append(dt) or native)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model, _ = perplexity.load_model(str(tiny_ckpt), dtype="bfloat16")
+        model, _ = perplexity.load_model(str(tiny_ckpt), dtype=dtype)
         perplexity.load_model(str(tiny_ckpt), dtype="float32")
-    slow = [w for w in caught if "without native bf16" in str(w.message)]
-    assert model.dtype == torch.bfloat16
+    slow = [w for w in caught if "without native" in str(w.message)]
+    assert model.dtype == getattr(torch, dtype) and asked == [getattr(torch, dtype)]  # asked about its own dtype
     assert len(slow) == (0 if native else 1)
     if slow:
+        assert f"without native {dtype} kernels" in str(slow[0].message)
         assert "--dtype float32" in str(slow[0].message)
+
+
+def test_the_cpu_probe_agrees_with_onednn():
+    from kvsurgeon.convert import hardware
+
+    assert hardware.cpu_has_native(torch.float32)
+    assert hardware.cpu_has_native(torch.bfloat16) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert hardware.cpu_has_native(torch.float16) == bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    assert hardware.cpu_has_native_bf16() == hardware.cpu_has_native(torch.bfloat16)

@@ -182,7 +182,7 @@ def test_precision_auto_is_bf16_only_where_native(requested, cuda, native, expec
 
 
 def test_an_auto_precision_run_trains_in_what_this_machine_computes_natively(tmp_path, text_file):
-    from kvsurgeon.convert.train.precision import cpu_has_native_bf16
+    from kvsurgeon.convert.hardware import cpu_has_native_bf16
 
     uptrain(recipe_from_dict(base_recipe(tmp_path, text_file, precision="auto", max_steps=1)), progress=False)
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

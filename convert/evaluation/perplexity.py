@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from kvsurgeon.attention.kv_cache import kv_bytes_per_token
 
+from .. import hardware
 from ..io.checkpoint import read_config
 from ..errors import KvSurgeonError
 from ..io.resolve import resolve_model
@@ -90,13 +91,12 @@ def load_model(name: str, dtype: str = "float32", revision: str | None = None, t
 
 
 def warn_slow_bf16(model) -> None:
-    """A bf16/fp16 model on a CPU without native bf16 kernels runs its matmuls through a reference GEMM
-    (33-65x slower than float32 here: scripts/bench_precision.py); say so, with the fix."""
-    from ..train.precision import cpu_has_native_bf16
-
-    if model.dtype in (torch.bfloat16, torch.float16) and model.device.type == "cpu" and not cpu_has_native_bf16():
-        warnings.warn(f"evaluating in {str(model.dtype).removeprefix('torch.')} on a CPU without native bf16 kernels "
-                      "(no AVX512/AMX): matmuls run 33-65x slower than float32 here; pass --dtype float32", stacklevel=2)
+    """A bf16/fp16 model on a CPU without native kernels for its dtype runs its matmuls through a reference
+    GEMM (bf16: 33-65x slower than float32 here, scripts/bench_precision.py); say so, with the fix."""
+    if model.dtype in (torch.bfloat16, torch.float16) and model.device.type == "cpu" and not hardware.cpu_has_native(model.dtype):
+        name = str(model.dtype).removeprefix("torch.")
+        warnings.warn(f"evaluating in {name} on a CPU without native {name} kernels (no AVX512/AMX): matmuls run "
+                      "tens of times slower than float32 (bf16: 33-65x here); pass --dtype float32", stacklevel=2)
 
 
 def load_tokenizer(*folders: Path):

@@ -8,16 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from ..hardware import cpu_has_native_bf16
+
 # the recipe's precision -> accelerate's mixed_precision
 ACCELERATE = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
-
-
-def cpu_has_native_bf16() -> bool:
-    """oneDNN's own test for bf16 kernels on this CPU (AVX512-BF16 / AMX, or AVX512 core)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN: assume the slow path
-        return False
 
 
 def resolve_precision(requested: str, cuda: bool, native_bf16: bool) -> tuple[str, str | None]:
