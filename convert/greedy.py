@@ -19,9 +19,15 @@ class Step(Generic[T]):
     trials: dict[int, T]  # member -> cost of the set without it
 
 
+@dataclass
+class Pruned(Generic[T]):
+    kept: frozenset[int]  # what remains: ``start`` itself when nothing was dropped
+    steps: list[Step[T]]
+
+
 def prune_greedily(start: set[int], keep: int, cost: Callable[[frozenset[int]], T],
                    value: Callable[[T], float] = float, on_trial: Callable[[], None] | None = None,
-                   on_step: Callable[[Step[T]], None] | None = None) -> list[Step[T]]:
+                   on_step: Callable[[Step[T]], None] | None = None) -> Pruned[T]:
     """Drop one member per step, the one whose removal gives the lowest ``value(cost(rest))`` (ties: the
     lowest index), until ``keep`` remain. ``cost`` sees the kept set; ``on_trial`` runs after each
     scoring (a progress bar), ``on_step`` after each drop (a log line)."""
@@ -40,7 +46,7 @@ def prune_greedily(start: set[int], keep: int, cost: Callable[[frozenset[int]], 
         steps.append(Step(drop, kept, trials[drop], trials))
         if on_step:
             on_step(steps[-1])
-    return steps
+    return Pruned(kept, steps)
 
 
 def greedy_trials(start: int, keep: int) -> int:

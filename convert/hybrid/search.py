@@ -127,10 +127,8 @@ def search_linear_layers(model, ids: torch.Tensor, candidates: list[int], keep: 
             f"tail {r['kl_tail']:.4f}), {len(step.kept)} attention layers left ({time.time() - t0:.0f}s)")
 
     # a candidate dropped from attention is linearised: the cost of keeping ``kept`` is the rest linear
-    pruned = prune_greedily(attention, keep, lambda kept: score(set(candidates) - kept),
-                            value=lambda r: r["score"], on_trial=lambda: bar.update(1), on_step=logged)
-    if pruned:
-        attention = set(pruned[-1].kept)
+    attention = set(prune_greedily(attention, keep, lambda kept: score(set(candidates) - kept),
+                                   value=lambda r: r["score"], on_trial=lambda: bar.update(1), on_step=logged).kept)
     linear = set(candidates) - attention
     bar.close()
     set_linear_layers(model, set())

@@ -72,8 +72,7 @@ def prune_global_layers(model, ids: torch.Tensor, start: list[int], keep: int, t
             log(f"search: window layer {step.dropped}, tail KL {step.result:.4f}, {len(step.kept)} global "
                 f"({time.time() - t0:.0f}s)")
 
-    pruned = prune_greedily(set(start), keep, kl, on_trial=lambda: bar.update(1), on_step=logged)
-    chosen = pruned[-1].kept if pruned else frozenset(start)
+    chosen = prune_greedily(set(start), keep, kl, on_trial=lambda: bar.update(1), on_step=logged).kept
     bar.close()
     set_global_layers(model, reference_layers)
     return {"metric": f"KL(source || model) at the last {tail} positions of {ids.shape[0]} retrieval windows of "

@@ -84,9 +84,8 @@ def main() -> None:
     if args.mode == "prune":
         chosen = set(candidates)
         print(json.dumps({"set": "start", "layers": sorted(chosen), "kl": round(score(chosen), 5)}), flush=True)
-        steps = prune_greedily(chosen, args.keep, score, on_step=lambda s: report(
-            len(candidates) - len(s.kept), "window", s.dropped, s.result, s.kept, s.trials))
-        chosen = set(steps[-1].kept) if steps else chosen
+        chosen = set(prune_greedily(chosen, args.keep, score, on_step=lambda s: report(
+            len(candidates) - len(s.kept), "window", s.dropped, s.result, s.kept, s.trials)).kept)
     else:  # forward: add the candidate that lowers the score most
         chosen = set()
         for step in range(1, args.keep + 1):
