@@ -86,11 +86,11 @@ def load_model(name: str, dtype: str = "float32", revision: str | None = None, t
         path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, attn_implementation="sdpa"
     )
     model.eval()
-    warn_slow_bf16(model)
+    warn_slow_half_precision(model)
     return model, path
 
 
-def warn_slow_bf16(model) -> None:
+def warn_slow_half_precision(model) -> None:
     """A bf16/fp16 model on a CPU without native kernels for its dtype runs its matmuls through a reference
     GEMM (bf16: 33-65x slower than float32 here, scripts/bench_precision.py); say so, with the fix."""
     if model.dtype in (torch.bfloat16, torch.float16) and model.device.type == "cpu" and not hardware.cpu_has_native(model.dtype):
