@@ -543,25 +543,74 @@ def test_unsupported_sources_fail_clearly():
         convert_layer_to_mla(_attn().with_(rope=RopeSpec(10000.0, 16, 16, "llama3", {"factor": 8.0})), torch.randn(10, 32), 16, 8)
 
 
-@pytest.mark.parametrize("n", [5, 40], ids=["fewer-keys-than-dims", "more-keys"])
-def test_weighted_ridge_matches_the_normal_equations(n):
-    """The q refit's batched ridge solve: the key-space (Woodbury) form used when keys < dims and
-    the normal-equation form both equal a direct float64 solve."""
-    from kvsurgeon.convert.mla.fit import _weighted_ridge
+def _refit_problem(H=2, T=37, Dn=6, Dr=4, stride=3, seed=0):
+    """A random q-refit problem: keys with a common offset (so centring matters), peaked source
+    attention, scores zero past each sampled query, yarn-like cos/sin scaling."""
+    g = torch.Generator().manual_seed(seed)
+    k_nope = torch.randn(H, T, Dn, generator=g, dtype=DT) + 2.0
+    k_pe = torch.randn(T, Dr, generator=g, dtype=DT)
+    inv = 1.0 / (10000 ** (torch.arange(0, Dr, 2, dtype=DT) / Dr))
+    ts = torch.arange(0, T, stride)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[ts]
+    P = torch.rand(H, len(ts), T, generator=g, dtype=DT).pow(4) * causal
+    Om = 0.9 * P / P.sum(-1, keepdim=True) + 0.1 * causal / (ts[:, None] + 1)
+    S = torch.randn(H, len(ts), T, generator=g, dtype=DT) * causal
+    q0 = torch.randn(H, len(ts), Dn + Dr, generator=g, dtype=DT)
+    return dict(k_nope=k_nope, k_pe=k_pe, rope=(inv, 1.1), ts=ts, stride=stride, causal=causal, Om=Om, S=S, q0=q0)
 
-    g = torch.Generator().manual_seed(0)
-    c, d, ridge = 3, 16, 0.3
-    K = torch.randn(c, n, d, generator=g, dtype=DT)
-    s = torch.randn(c, n, generator=g, dtype=DT)
-    om = torch.rand(c, n, generator=g, dtype=DT)
-    q0 = torch.randn(c, d, generator=g, dtype=DT)
-    got = _weighted_ridge(K.float(), s.float(), om.float(), q0, ridge)
-    for i in range(c):
-        Kf, sf, of = K[i].float().double(), s[i].float().double(), om[i].float().double()
-        N = Kf.T @ (of[:, None] * Kf)
-        lam = ridge * N.diagonal().mean()
-        want = torch.linalg.solve(N + lam * torch.eye(d, dtype=DT), Kf.T @ (of * sf) + lam * q0[i])
-        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
+
+@pytest.mark.parametrize("keys", [None, 5, 1000], ids=["exact", "heaviest-5", "cap-above-length"])
+def test_target_queries_match_a_per_position_solve(keys):
+    """The q refit's per-position targets, solved in the absolute RoPE frame with prefix-summed grams,
+    equal a direct float64 solve in each query's relative frame: keys rotated by (s - t), row-centred
+    under the weights, ridge lam = 0.3 x mean diag towards q0 (t = 0, one key: q0 itself)."""
+    from kvsurgeon.convert.mla.fit import _absolute_keys, _rotate_rope_part, _sparse_weights, _target_queries
+
+    p = _refit_problem()
+    (H, T, Dn), Dr, ridge = p["k_nope"].shape, p["k_pe"].shape[1], 0.3
+    inv, scale = p["rope"]
+    K = _absolute_keys(p["k_nope"], p["k_pe"], p["rope"])
+    q0 = _rotate_rope_part(p["q0"], p["ts"], inv, Dn, 1.0)
+    got = _rotate_rope_part(_target_queries(K, p["S"], p["Om"], q0, p["ts"], p["stride"], ridge, keys), p["ts"], inv, Dn, -1.0)
+    for h in range(H):
+        base, idx, exc = _sparse_weights(p["Om"][h], p["ts"], keys)
+        weights = (base[:, None] * p["causal"]).scatter_add(1, idx, exc)
+        for j, t in enumerate(p["ts"].tolist()):
+            n = t + 1
+            cos, sin = rope_cos_sin(inv, torch.arange(n, dtype=DT) - t, scale ** 2)
+            Kt = torch.cat([p["k_nope"][h, :n], apply_rope(p["k_pe"][:n], cos, sin, Dr)], -1) * (Dn + Dr) ** -0.5
+            om, s = weights[j, :n], p["S"][h, j, :n]
+            Kc = Kt - (om[:, None] * Kt).sum(0) / om.sum()
+            sc = s - (om * s).sum() / om.sum()
+            N = Kc.T @ (om[:, None] * Kc)
+            lam = ridge * N.diagonal().mean()
+            want = p["q0"][h, j] if n == 1 else torch.linalg.solve(N + lam * torch.eye(Dn + Dr, dtype=DT), Kc.T @ (om * sc) + lam * p["q0"][h, j])
+            # float32 grams: measured agreement ~1e-6 of the largest entry
+            torch.testing.assert_close(got[h, j], want, rtol=1e-5, atol=2e-5 * float(want.abs().max()))
+
+
+def test_sparse_weights_keep_the_heaviest_keys_and_each_rows_mass():
+    """Above ``keys`` causal keys a row keeps its heaviest weights exactly and spreads the rest's mass
+    evenly over the others; shorter rows, and keys=None, are exact."""
+    from kvsurgeon.convert.mla.fit import _sparse_weights
+
+    p = _refit_problem(H=1)
+    Om, ts, causal, k = p["Om"][0], p["ts"], p["causal"], 5
+    base, idx, exc = _sparse_weights(Om, ts, k)
+    approx = (base[:, None] * causal).scatter_add(1, idx, exc)
+    torch.testing.assert_close(approx.sum(-1), Om.sum(-1), rtol=1e-12, atol=0)
+    short = ts + 1 <= k
+    assert bool(short.any()) and bool((~short).any())
+    torch.testing.assert_close(approx[short], Om[short], rtol=0, atol=1e-15)
+    for j in torch.nonzero(~short)[:, 0].tolist():
+        top = Om[j].topk(k).indices
+        torch.testing.assert_close(approx[j, top], Om[j, top], rtol=1e-12, atol=1e-15)
+        rest = causal[j].clone()
+        rest[top] = False
+        torch.testing.assert_close(approx[j, rest], torch.full((int(rest.sum()),), float(Om[j, rest].mean()), dtype=DT))
+        assert bool((approx[j, ~causal[j]] == 0).all())
+    base, idx, exc = _sparse_weights(Om, ts, None)
+    torch.testing.assert_close((base[:, None] * causal).scatter_add(1, idx, exc), Om, rtol=0, atol=1e-15)
 
 
 def test_ballast_direction_in_token_space_matches_hidden_space():

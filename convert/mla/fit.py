@@ -75,7 +75,6 @@ from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
 from kvsurgeon.attention.reference import (
     apply_rope,
     attention_output,
-    causal_softmax,
     latent_rms,
     mla_head_outputs,
     mla_rope,
@@ -818,31 +817,6 @@ def refit_output(
                       kv_a_bias=w.kv_a_bias, o_bias=w.o_bias, rope_interleaved=w.rope_interleaved, info=info)
 
 
-def _weighted_ridge(K: torch.Tensor, s: torch.Tensor, om: torch.Tensor, q0: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Batched ``argmin_q sum_k om_k (K_k q - s_k)^2 + lam |q - q0|^2``, lam = ridge x mean diag(K^T om K).
-
-    K (c, n, d) float32, s and om (c, n), q0 (c, d) float64. With fewer keys n than dims d it solves
-    in key space, ``q0 + A^T (A A^T + lam I)^-1 (s~ - A q0)`` with A = sqrt(om) K (Woodbury, same
-    minimiser): an 8B layer's d = 512 query dims against 64..256 keys made the d x d normal
-    equations the conversion's bottleneck.
-    """
-    c, n, d = K.shape
-    if n >= d:  # normal equations: products in float32, the small solves in float64
-        Kw = K * om[..., None]
-        Nm = torch.bmm(Kw.transpose(1, 2), K).double()  # (c, d, d)
-        rhs = torch.bmm(Kw.transpose(1, 2), s[..., None])[..., 0].double()
-        lam = ridge * Nm.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
-        Nm = Nm + lam[:, None, None] * torch.eye(d, dtype=torch.float64)
-        return spd_solve(Nm, rhs + lam[:, None] * q0)
-    sq = om.double().sqrt()
-    A = K.double() * sq[..., None]  # (c, n, d)
-    lam = (ridge * A.pow(2).sum((1, 2)) / d).clamp_min(1e-12)  # = ridge x mean diag(A^T A)
-    Kmat = torch.bmm(A, A.transpose(1, 2)) + lam[:, None, None] * torch.eye(n, dtype=torch.float64)
-    r = s.double() * sq - torch.bmm(A, q0[..., None])[..., 0]
-    y = spd_solve(Kmat, r)
-    return q0 + torch.bmm(A.transpose(1, 2), y[..., None])[..., 0]
-
-
 def _query_rows(w: MlaWeights, h: int) -> torch.Tensor:
     """Head h's query rows (Dq, hidden) float64, the rope part in rotate-half order."""
     m = w.q[h].double()
@@ -851,14 +825,14 @@ def _query_rows(w: MlaWeights, h: int) -> torch.Tensor:
 
 
 def _converted_keys(w: MlaWeights, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The converted layer's keys on one sequence xb (T, hidden): nope keys (H, T, Dn) float32
-    through kv_a_layernorm and kv_b, and the shared rope key (T, Dr) in rotate-half order, unrotated."""
+    """The converted layer's keys on one sequence xb (T, hidden): nope keys (H, T, Dn) through
+    kv_a_layernorm and kv_b, and the shared rope key (T, Dr) in rotate-half order, unrotated; float64."""
     R, Dn = w.kv_lora_rank, w.qk_nope_head_dim
     ckv = xb @ w.kv_a.double().T
     if w.kv_a_bias is not None:
         ckv = ckv + w.kv_a_bias.double()
     c = w.kv_a_norm.double() * ckv[:, :R] / latent_rms(ckv[:, :R])[:, None]
-    k_nope = torch.einsum("hdr,tr->htd", w.kv_b.double()[:, :Dn], c).float()  # float32 products below
+    k_nope = torch.einsum("hdr,tr->htd", w.kv_b.double()[:, :Dn], c)
     k_pe = ckv[:, R:]
     if w.rope_interleaved:
         k_pe = interleaved_to_rotate_half(k_pe, -1)
@@ -869,45 +843,103 @@ def _source_scores(attn: AttentionWeights, xb: torch.Tensor, ts: torch.Tensor, r
     """The source's scores S (H, t, T) of the sampled queries ts (zero past each query) and the
     per-key weights ``(1 - uniform) p + uniform / (t + 1)`` of the refit."""
     T = xb.shape[0]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[ts]
     q, k = source_qk(attn, xb, *rope)
-    S = (q @ k[attn.kv_index()].transpose(-1, -2)) * attn.head_dim ** -0.5  # (H, T, T)
-    P = causal_softmax(S)[:, ts]  # (H, t, T)
-    S = S[:, ts].masked_fill(~causal[ts], 0.0)
-    Om = (1 - uniform) * P + uniform * causal[ts].double() / (ts[:, None] + 1).double()
+    S = (q[:, ts] @ k[attn.kv_index()].transpose(-1, -2)) * attn.head_dim ** -0.5  # (H, t, T): sampled rows only
+    P = S.masked_fill(~causal, float("-inf")).softmax(-1)
+    S = S.masked_fill(~causal, 0.0)
+    Om = (1 - uniform) * P + uniform * causal.double() / (ts[:, None] + 1).double()
     return S, Om
 
 
-def _relative_rope_keys(k_pe: torch.Tensor, ts: torch.Tensor, rope: tuple) -> torch.Tensor:
-    """(t, T, Dr) float32: the rope key as seen from each sampled query t, rotated by (s - t); cos/sin
-    scaling (yarn) reaches the score through both query and key."""
+def _absolute_keys(k_nope: torch.Tensor, k_pe: torch.Tensor, rope: tuple) -> torch.Tensor:
+    """(H, T, Dq) float64: each head's full key times the softmax scale Dq^-0.5, the shared rope key
+    rotated to its own position s (scaled as the engine scales cos and sin: yarn's factor reaches the
+    score through query and key)."""
     inv_new, rope_scale = rope
     T, Dr = k_pe.shape
-    rel = torch.arange(T, dtype=torch.float64)[None, :] - ts[:, None].double()  # (t, T)
-    cos, sin = rope_cos_sin(inv_new, rel, rope_scale ** 2)
-    return apply_rope(k_pe[None].expand(len(ts), -1, -1), cos, sin, Dr).float()
+    cos, sin = rope_cos_sin(inv_new, T, rope_scale ** 2)
+    k_abs = apply_rope(k_pe, cos, sin, Dr)
+    K = torch.cat([k_nope.double(), k_abs[None].expand(k_nope.shape[0], -1, -1)], -1)
+    return K * K.shape[-1] ** -0.5
 
 
-def _target_queries(k_nope: torch.Tensor, k_rel: torch.Tensor, S: torch.Tensor, Om: torch.Tensor, q0: torch.Tensor,
-                    ts: torch.Tensor, ridge: float) -> torch.Tensor:
-    """(H, t, Dq) per head and sampled position: the query whose row-centred scores against the
-    converted keys best match the source's, weighted by Om, with a ridge towards the current q0."""
-    H = k_nope.shape[0]
-    scale_new = (k_nope.shape[-1] + k_rel.shape[-1]) ** -0.5
-    out = torch.zeros(H, len(ts), q0.shape[-1], dtype=torch.float64)
-    # Query positions in chunks that share a causal key range: keys past the last position of a
-    # chunk carry zero weight, so they are left out rather than multiplied by zeros.
-    for chunk in torch.arange(len(ts)).split(8):
-        tk = int(ts[chunk[-1]]) + 1
-        kr_c = k_rel[chunk, :tk]
-        for h in range(H):
-            Kt = torch.cat([k_nope[h, :tk][None].expand(len(chunk), -1, -1), kr_c], -1) * scale_new
-            om = Om[h, chunk, :tk].float()
-            wsum = om.sum(-1, keepdim=True)
-            Kc = Kt - torch.bmm(om[:, None], Kt) / wsum[..., None]  # row-centred keys (c, tk, Dq)
-            Sh = S[h, chunk, :tk].float()
-            Sc = Sh - (om * Sh).sum(-1, keepdim=True) / wsum
-            out[h, chunk] = _weighted_ridge(Kc, Sc, om, q0[h, chunk], ridge)
+def _rotate_rope_part(q: torch.Tensor, ts: torch.Tensor, inv_freq: torch.Tensor, Dn: int, sign: float) -> torch.Tensor:
+    """q (..., t, Dq) with its rope dims (rotate-half) turned by ``sign * ts`` positions, unscaled."""
+    cos, sin = rope_cos_sin(inv_freq, sign * ts.double())
+    return torch.cat([q[..., :Dn], apply_rope(q[..., Dn:], cos, sin, q.shape[-1] - Dn)], -1)
+
+
+def _prefix_grams(K: torch.Tensor, stride: int, nt: int) -> torch.Tensor:
+    """(nt, d, d): sum of k k^T over keys 0..j*stride, for j < nt."""
+    T, d = K.shape
+    Kp = torch.cat([K.new_zeros(stride - 1, d), K, K.new_zeros(nt * stride - T, d)])[: nt * stride]
+    seg = Kp.reshape(nt, stride, d)  # segment j: keys (j-1)*stride+1 .. j*stride
+    C = torch.bmm(seg.transpose(1, 2), seg)
+    for j in range(1, nt):  # in place: torch's cumsum over dim 0 ran ~2.5x slower here
+        C[j] += C[j - 1]
+    return C
+
+
+def _sparse_weights(Om: torch.Tensor, ts: torch.Tensor, keys: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Om (t, T) as ``base_t`` on every causal key plus a non-negative excess on at most ``keys`` keys
+    per row: returns base (t,), the excess's key indices (t, k) and values (t, k). Keeping the
+    ``keys`` heaviest keys exactly and spreading the rest's weight evenly over them keeps each row's
+    mass; with ``keys`` None (or >= the row's causal length) the rows are exact."""
+    nt, T = Om.shape
+    k = T if keys is None else min(keys, T)
+    val, idx = Om.topk(k, dim=-1)
+    n_causal = ts + 1
+    dropped = (Om.sum(-1) - val.sum(-1)).clamp_min(0)
+    base = torch.where(n_causal > k, dropped / (n_causal - k).clamp_min(1), torch.zeros_like(dropped))
+    # base <= every kept causal weight (kept are the heaviest); non-causal picks (rows shorter than k)
+    # have weight 0 and base 0 there, so their excess is 0.
+    return base, idx, (val - base[:, None]).clamp_min(0)
+
+
+def _target_queries(K: torch.Tensor, S: torch.Tensor, Om: torch.Tensor, q0: torch.Tensor, ts: torch.Tensor,
+                    stride: int, ridge: float, keys: int | None, chunk: int = 128) -> torch.Tensor:
+    """(H, t, Dq) per head and sampled position t: ``argmin_q sum_s om_ts (k~_ts q - s~_ts)^2 + lam |q - q0|^2``,
+    keys and source scores row-centred under om (softmax ignores a per-row constant), lam = ridge x
+    mean diag of the weighted gram.
+
+    Solved in the absolute RoPE frame: the converted key seen from t is R(-t) K_s, so q = R(-t) q'
+    with q' solving the same problem against the absolute keys K (H, T, Dq) and towards R(t) q0 (ts
+    with q0 rotate by the caller). The weighted gram then splits into ``base_t`` times a prefix sum of
+    k k^T (shared by every t) plus the excess on the ``keys`` heaviest keys (``_sparse_weights``), so
+    its cost grows with T, not T x t. The remaining products are (t, T) x (T, Dq)."""
+    H, T, d = K.shape
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[ts]
+    out = torch.zeros(H, len(ts), d, dtype=torch.float64)
+    for h in range(H):
+        # Each row's gram is centred on that row's weighted mean mu: the excess part on the gathered
+        # keys directly (float32 products of small numbers), the base part from the shared prefix
+        # sums, sum (k - mu)(k - mu)^T = C - mu a^T - a mu^T + n mu mu^T in float64. Shifting every key
+        # by the mean first changes nothing and keeps C's float32 sums small.
+        Kh = K[h] - K[h].mean(0)
+        Kf = Kh.float()
+        base, idx, exc = _sparse_weights(Om[h], ts, keys)
+        om = (base[:, None] * causal).scatter_add(1, idx, exc)  # the weights actually fitted (t, T)
+        W = om.sum(-1)
+        mu = (om @ Kh) / W[:, None]
+        r = (om * S[h]) @ Kh
+        ssum = (om * S[h]).sum(-1)
+        if bool((base > 0).any()):
+            C, a, n = _prefix_grams(Kf, stride, len(ts)), causal.double() @ Kh, (ts + 1).double()
+        for c in torch.arange(len(ts)).split(chunk):
+            Kg = (Kf[idx[c]] - mu[c, None].float()) * exc[c, :, None].sqrt().float()  # (c, k, d)
+            N = torch.bmm(Kg.transpose(1, 2), Kg).double()
+            if bool((base[c] > 0).any()):
+                mc, ac = mu[c, :, None], a[c, :, None]  # (c, d, 1)
+                U = C[c].double() - mc * ac.mT - ac * mc.mT + n[c, None, None] * mc * mc.mT
+                N = N + base[c, None, None] * U
+            lam = ridge * N.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
+            N.diagonal(dim1=1, dim2=2).add_(lam[:, None])
+            rhs = r[c] - mu[c] * ssum[c, None] + lam[:, None] * q0[h, c]
+            # one key (t = 0) leaves nothing to fit (its centred gram is zero up to rounding): q0
+            one = ts[c] == 0
+            N[one], rhs[one] = torch.eye(d, dtype=torch.float64), q0[h, c][one]
+            out[h, c] = spd_solve(N, rhs)
     return out
 
 
@@ -932,6 +964,7 @@ def refit_queries(
     reg: float = 1e-2,
     uniform: float = 0.1,
     stride: int = 8,
+    keys: int | None = 256,
 ) -> MlaWeights:
     """Least-squares refit of ``q_proj`` against the converted keys (calibration only, closed form).
 
@@ -941,6 +974,9 @@ def refit_queries(
     position), weighted per key by the source attention ``(1 - uniform) p_ts + uniform / (t + 1)``
     and row-centred (softmax ignores a per-row constant), with a ridge ``ridge`` towards the current
     query; then ``q_proj`` rows = ridge regression (``reg``) of q* on the inputs. The cache is unchanged.
+
+    ``keys`` bounds the cost at long windows: per query, the heaviest ``keys`` keys keep their weight
+    and the rest share theirs evenly (``_sparse_weights``); None fits every weight exactly.
     """
     if x.dim() != 3:
         raise MlaConversionError("refit_queries needs x shaped (batch, seq, hidden)")
@@ -954,10 +990,11 @@ def refit_queries(
     for b in range(Bn):
         xb = x[b]
         S, Om = _source_scores(attn, xb, ts, src_rope, uniform)
-        k_nope, k_pe = _converted_keys(w, xb)
-        k_rel = _relative_rope_keys(k_pe, ts, new_rope)
+        K = _absolute_keys(*_converted_keys(w, xb), new_rope)
         q0 = torch.stack([xb[ts] @ _query_rows(w, h).T for h in range(H)])  # (H, t, Dq) current queries
-        qstar[:, b] = _target_queries(k_nope, k_rel, S, Om, q0, ts, ridge)
+        q0 = _rotate_rope_part(q0, ts, new_rope[0], w.qk_nope_head_dim, 1.0)  # into the absolute frame
+        qs = _target_queries(K, S, Om, q0, ts, stride, ridge, keys)
+        qstar[:, b] = _rotate_rope_part(qs, ts, new_rope[0], w.qk_nope_head_dim, -1.0)
     q_new = _regress_query_rows(w, x[:, ts].reshape(-1, hidden), qstar.reshape(H, -1, Dq), reg)
     info = dict(w.info, q_refit=True)
     return MlaWeights(q=q_new, kv_a=w.kv_a, kv_a_norm=w.kv_a_norm, kv_b=w.kv_b, o=w.o, kv_a_bias=w.kv_a_bias,
