@@ -545,7 +545,8 @@ def test_unsupported_sources_fail_clearly():
 
 def _refit_problem(H=2, T=37, Dn=6, Dr=4, stride=3, seed=0):
     """A random q-refit problem: keys with a common offset (so centring matters), peaked source
-    attention, scores zero past each sampled query, yarn-like cos/sin scaling."""
+    attention, scores zero past each sampled query, yarn-like cos/sin scaling. Dq = 10: the rows
+    t = 0, 3, 6 have fewer keys than Dq (key-space solve), the later ones use the normal equations."""
     g = torch.Generator().manual_seed(seed)
     k_nope = torch.randn(H, T, Dn, generator=g, dtype=DT) + 2.0
     k_pe = torch.randn(T, Dr, generator=g, dtype=DT)

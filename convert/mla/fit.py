@@ -898,16 +898,18 @@ def _sparse_weights(Om: torch.Tensor, ts: torch.Tensor, keys: int | None) -> tup
 
 
 def _target_queries(K: torch.Tensor, S: torch.Tensor, Om: torch.Tensor, q0: torch.Tensor, ts: torch.Tensor,
-                    stride: int, ridge: float, keys: int | None, chunk: int = 128) -> torch.Tensor:
+                    stride: int, ridge: float, keys: int | None, chunk: int = 32) -> torch.Tensor:
     """(H, t, Dq) per head and sampled position t: ``argmin_q sum_s om_ts (k~_ts q - s~_ts)^2 + lam |q - q0|^2``,
     keys and source scores row-centred under om (softmax ignores a per-row constant), lam = ridge x
     mean diag of the weighted gram.
 
     Solved in the absolute RoPE frame: the converted key seen from t is R(-t) K_s, so q = R(-t) q'
     with q' solving the same problem against the absolute keys K (H, T, Dq) and towards R(t) q0 (ts
-    with q0 rotate by the caller). The weighted gram then splits into ``base_t`` times a prefix sum of
-    k k^T (shared by every t) plus the excess on the ``keys`` heaviest keys (``_sparse_weights``), so
-    its cost grows with T, not T x t. The remaining products are (t, T) x (T, Dq)."""
+    and q0 rotated by the caller). Rows with fewer causal keys than Dq are solved in key space,
+    ``q0 + A^T (A A^T + lam I)^-1 (s~ - A q0)`` with A = sqrt(om) K~ (Woodbury, same minimiser: an 8B
+    layer's Dq = 576 against 64..256 keys). The other rows solve the Dq x Dq normal equations, whose
+    weighted gram splits into ``base_t`` times a prefix sum of k k^T (shared by every t) plus the
+    excess on the ``keys`` heaviest keys (``_sparse_weights``), so its cost grows with T, not T x t."""
     H, T, d = K.shape
     causal = torch.ones(T, T, dtype=torch.bool).tril()[ts]
     out = torch.zeros(H, len(ts), d, dtype=torch.float64)
@@ -926,8 +928,20 @@ def _target_queries(K: torch.Tensor, S: torch.Tensor, Om: torch.Tensor, q0: torc
         ssum = (om * S[h]).sum(-1)
         if bool((base > 0).any()):
             C, a, n = _prefix_grams(Kf, stride, len(ts)), causal.double() @ Kh, (ts + 1).double()
-        for c in torch.arange(len(ts)).split(chunk):
-            Kg = (Kf[idx[c]] - mu[c, None].float()) * exc[c, :, None].sqrt().float()  # (c, k, d)
+        few = ts + 1 < d  # fewer keys than query dims: solved in key space (a prefix of the rows)
+        for c in torch.arange(int(few.sum())).split(8):
+            tk = int(ts[c[-1]]) + 1  # the chunk's causal range; later keys carry zero weight
+            sq = om[c, :tk].sqrt()
+            A = (Kh[:tk] - mu[c, None]) * sq[..., None]  # (c, tk, d)
+            lam = (ridge * A.pow(2).sum((1, 2)) / d).clamp_min(1e-12)  # = ridge x mean diag(A^T A)
+            G = torch.bmm(A, A.mT)
+            G.diagonal(dim1=1, dim2=2).add_(lam[:, None])
+            sc = (S[h, c, :tk] - ssum[c, None] / W[c, None]) * sq
+            y = spd_solve(G, sc - torch.bmm(A, q0[h, c, :, None])[..., 0])
+            out[h, c] = q0[h, c] + torch.bmm(A.mT, y[..., None])[..., 0]
+        for c in torch.arange(int(few.sum()), len(ts)).split(chunk):
+            kc = min(idx.shape[1], int(ts[c[-1]]) + 1)  # past the chunk's causal range the excess is zero
+            Kg = (Kf[idx[c, :kc]] - mu[c, None].float()) * exc[c, :kc, None].sqrt().float()  # (c, kc, d)
             N = torch.bmm(Kg.transpose(1, 2), Kg).double()
             if bool((base[c] > 0).any()):
                 mc, ac = mu[c, :, None], a[c, :, None]  # (c, d, 1)
@@ -935,11 +949,7 @@ def _target_queries(K: torch.Tensor, S: torch.Tensor, Om: torch.Tensor, q0: torc
                 N = N + base[c, None, None] * U
             lam = ridge * N.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
             N.diagonal(dim1=1, dim2=2).add_(lam[:, None])
-            rhs = r[c] - mu[c] * ssum[c, None] + lam[:, None] * q0[h, c]
-            # one key (t = 0) leaves nothing to fit (its centred gram is zero up to rounding): q0
-            one = ts[c] == 0
-            N[one], rhs[one] = torch.eye(d, dtype=torch.float64), q0[h, c][one]
-            out[h, c] = spd_solve(N, rhs)
+            out[h, c] = spd_solve(N, r[c] - mu[c] * ssum[c, None] + lam[:, None] * q0[h, c])
     return out
 
 
