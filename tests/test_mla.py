@@ -560,14 +560,15 @@ def _refit_problem(H=2, T=37, Dn=6, Dr=4, stride=3, seed=0):
     return dict(k_nope=k_nope, k_pe=k_pe, rope=(inv, 1.1), ts=ts, stride=stride, causal=causal, Om=Om, S=S, q0=q0)
 
 
-@pytest.mark.parametrize("keys", [None, 5, 1000], ids=["exact", "heaviest-5", "cap-above-length"])
-def test_target_queries_match_a_per_position_solve(keys):
+@pytest.mark.parametrize("keys,Dn", [(None, 6), (5, 6), (1000, 6), (5, 40)],
+                         ids=["exact", "heaviest-5", "cap-above-length", "all-rows-in-key-space"])
+def test_target_queries_match_a_per_position_solve(keys, Dn):
     """The q refit's per-position targets, solved in the absolute RoPE frame with prefix-summed grams,
     equal a direct float64 solve in each query's relative frame: keys rotated by (s - t), row-centred
     under the weights, ridge lam = 0.3 x mean diag towards q0 (t = 0, one key: q0 itself)."""
     from kvsurgeon.convert.mla.fit import _absolute_keys, _rotate_rope_part, _sparse_weights, _target_queries
 
-    p = _refit_problem()
+    p = _refit_problem(Dn=Dn)  # Dn = 40: Dq = 44 exceeds every row's 37 keys, so no row takes the normal equations
     (H, T, Dn), Dr, ridge = p["k_nope"].shape, p["k_pe"].shape[1], 0.3
     inv, scale = p["rope"]
     K = _absolute_keys(p["k_nope"], p["k_pe"], p["rope"])

@@ -929,7 +929,8 @@ def _target_queries(K: torch.Tensor, S: torch.Tensor, Om: torch.Tensor, q0: torc
         if bool((base > 0).any()):
             C, a, n = _prefix_grams(Kf, stride, len(ts)), causal.double() @ Kh, (ts + 1).double()
         few = ts + 1 < d  # fewer keys than query dims: solved in key space (a prefix of the rows)
-        for c in torch.arange(int(few.sum())).split(8):
+        nfew = int(few.sum())
+        for c in (torch.arange(i, min(i + 8, nfew)) for i in range(0, nfew, 8)):
             tk = int(ts[c[-1]]) + 1  # the chunk's causal range; later keys carry zero weight
             sq = om[c, :tk].sqrt()
             A = (Kh[:tk] - mu[c, None]) * sq[..., None]  # (c, tk, d)
@@ -939,7 +940,7 @@ def _target_queries(K: torch.Tensor, S: torch.Tensor, Om: torch.Tensor, q0: torc
             sc = (S[h, c, :tk] - ssum[c, None] / W[c, None]) * sq
             y = spd_solve(G, sc - torch.bmm(A, q0[h, c, :, None])[..., 0])
             out[h, c] = q0[h, c] + torch.bmm(A.mT, y[..., None])[..., 0]
-        for c in torch.arange(int(few.sum()), len(ts)).split(chunk):
+        for c in (torch.arange(i, min(i + chunk, len(ts))) for i in range(nfew, len(ts), chunk)):  # none may be left
             kc = min(idx.shape[1], int(ts[c[-1]]) + 1)  # past the chunk's causal range the excess is zero
             Kg = (Kf[idx[c, :kc]] - mu[c, None].float()) * exc[c, :kc, None].sqrt().float()  # (c, kc, d)
             N = torch.bmm(Kg.transpose(1, 2), Kg).double()
