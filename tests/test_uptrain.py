@@ -4,6 +4,7 @@ and rejects bad recipes with the offending key named."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,16 @@ def test_shipped_recipes_validate(path):
     r, _ = load_recipe(path)
     assert r.source and r.output and r.stages
     assert all(n >= 1 for n in r.stage_steps())
+
+
+def test_two_runs_in_one_process_may_differ_in_precision(tmp_path, text_file):
+    """accelerate keeps one global state per process and refuses to change its mixed precision; a
+    second uptrain in the same process (a notebook, this suite after an fp32 run) must still get the
+    precision its recipe asks for (seen failing: an auto -> bf16 run after fp32 runs on an AVX512-bf16 CPU)."""
+    for i, precision in enumerate(("fp32", "bf16")):
+        d = base_recipe(tmp_path / str(i), text_file, precision=precision, max_steps=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bf16 on a CPU without its kernels warns; the point is that it runs
+            uptrain(recipe_from_dict(d), progress=False)
+        rows = [json.loads(l) for l in (tmp_path / str(i) / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert next(r for r in rows if r["kind"] == "kernels")["precision_resolved"] == precision

@@ -168,6 +168,7 @@ def _without_tied(state: dict) -> tuple[dict, set[str]]:
 class Uptrainer:
     def __init__(self, recipe: Recipe, recipe_text: str = "", progress: bool = True):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
         self.r = recipe
         self.recipe_text = recipe_text
@@ -182,6 +183,11 @@ class Uptrainer:
         self.precision, slow = detect_precision(recipe.precision)
         if slow:
             warnings.warn(slow, stacklevel=2)
+        if not multi:
+            # One process may run several uptrains (a notebook, the tests) in different precisions:
+            # accelerate keeps one global state and refuses to change its mixed precision, so a
+            # single-process run starts from a fresh one (the distributed part stays: none here).
+            AcceleratorState._reset_state()
         self.acc = Accelerator(mixed_precision=ACCELERATE[self.precision], gradient_accumulation_steps=1,
                                cpu=multi and not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
         if multi and self.acc.num_processes == 1:
