@@ -74,7 +74,7 @@ class ConversionSpec:
     calib_tokens: int = _opt(8192, "calibration tokens")
     calib_seq_len: int = _opt(
         512, "calibration window length; set it to the context you serve (SmolLM2 MLA -50% at 2048: passkey 70 -> 90% "
-        "at 2K, 30 -> 70% at 4K; the conversion took 745 s instead of 514 s: BENCHMARKS.md)")
+        "at 2K, 30 -> 70% at 4K; the conversion took 745 s on 2 cores: BENCHMARKS.md)")
     calib_windows_per_text: int | None = _opt(
         None, "take at most this many windows from each calibration text (spreads a small budget over more documents)")
     calib_retrieval: float | None = _opt(
