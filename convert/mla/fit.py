@@ -839,11 +839,15 @@ def _converted_keys(w: MlaWeights, xb: torch.Tensor) -> tuple[torch.Tensor, torc
     return k_nope, k_pe
 
 
+def _causal_rows(T: int, ts: torch.Tensor) -> torch.Tensor:
+    """(t, T) bool: which of T keys each sampled query position ts sees (the rows ts of a causal mask)."""
+    return torch.arange(T) <= ts[:, None]
+
+
 def _source_scores(attn: AttentionWeights, xb: torch.Tensor, ts: torch.Tensor, rope: tuple, uniform: float):
     """The source's scores S (H, t, T) of the sampled queries ts (zero past each query) and the
     per-key weights ``(1 - uniform) p + uniform / (t + 1)`` of the refit."""
-    T = xb.shape[0]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()[ts]
+    causal = _causal_rows(xb.shape[0], ts)
     q, k = source_qk(attn, xb, *rope)
     S = (q[:, ts] @ k[attn.kv_index()].transpose(-1, -2)) * attn.head_dim ** -0.5  # (H, t, T): sampled rows only
     P = S.masked_fill(~causal, float("-inf")).softmax(-1)
@@ -911,7 +915,7 @@ def _target_queries(K: torch.Tensor, S: torch.Tensor, Om: torch.Tensor, q0: torc
     weighted gram splits into ``base_t`` times a prefix sum of k k^T (shared by every t) plus the
     excess on the ``keys`` heaviest keys (``_sparse_weights``), so its cost grows with T, not T x t."""
     H, T, d = K.shape
-    causal = torch.ones(T, T, dtype=torch.bool).tril()[ts]
+    causal = _causal_rows(T, ts)
     out = torch.zeros(H, len(ts), d, dtype=torch.float64)
     for h in range(H):
         # Each row's gram is centred on that row's weighted mean mu: the excess part on the gathered
@@ -924,12 +928,11 @@ def _target_queries(K: torch.Tensor, S: torch.Tensor, Om: torch.Tensor, q0: torc
         om = (base[:, None] * causal).scatter_add(1, idx, exc)  # the weights actually fitted (t, T)
         W = om.sum(-1)
         mu = (om @ Kh) / W[:, None]
-        r = (om * S[h]) @ Kh
-        ssum = (om * S[h]).sum(-1)
+        omS = om * S[h]
+        r, ssum = omS @ Kh, omS.sum(-1)
         if bool((base > 0).any()):
             C, a, n = _prefix_grams(Kf, stride, len(ts)), causal.double() @ Kh, (ts + 1).double()
-        few = ts + 1 < d  # fewer keys than query dims: solved in key space (a prefix of the rows)
-        nfew = int(few.sum())
+        nfew = int((ts + 1 < d).sum())  # rows with fewer keys than query dims, solved in key space: a prefix
         for c in (torch.arange(i, min(i + 8, nfew)) for i in range(0, nfew, 8)):
             tk = int(ts[c[-1]]) + 1  # the chunk's causal range; later keys carry zero weight
             sq = om[c, :tk].sqrt()
