@@ -16,7 +16,7 @@ One layer, causal, positions 0..T-1, no cache; inputs (B, T, hidden) or one sequ
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -92,12 +92,13 @@ def scores(attn: AttentionWeights, q: torch.Tensor, k: torch.Tensor) -> torch.Te
     return s if attn.softcap is None else torch.tanh(s / attn.softcap) * attn.softcap
 
 
-def causal_mask(T: int, window: int | None = None) -> torch.Tensor:
+def causal_mask(T: int, window: int | None = None, rows: tuple[int, int] | None = None, first_key: int = 0) -> torch.Tensor:
     """(T, T) bool, True where query i may NOT see key j: the future, and with a sliding ``window`` the
     keys ``window`` or more positions back (query i sees i-window+1..i, as transformers' and vLLM's
-    sliding_window do)."""
-    i = torch.arange(T)[:, None]
-    j = torch.arange(T)[None, :]
+    sliding_window do). ``rows=(s, e)``, ``first_key``: only that block, (e - s, e - first_key)."""
+    s, e = rows or (0, T)
+    i = torch.arange(s, e)[:, None]
+    j = torch.arange(first_key, e)[None, :]
     hidden = j > i
     return hidden | (i - j >= window) if window else hidden
 
@@ -105,6 +106,32 @@ def causal_mask(T: int, window: int | None = None) -> torch.Tensor:
 def causal_softmax(scores: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """Causal attention probabilities from (..., T, T) scores, optionally within a sliding window."""
     return scores.masked_fill(causal_mask(scores.shape[-1], window), float("-inf")).softmax(-1)
+
+
+# Query rows scored at once. Long calibration windows would otherwise hold several (H, T, T) float64
+# tensors (1.2 GB each for 9 heads at 4,096); a block of rows needs only the keys up to its last row.
+ROW_BLOCK = 512
+
+ScoreBlock = Callable[[int, int, int], torch.Tensor]  # (first row, end row, first key) -> (..., rows, keys)
+
+
+def causal_prob_blocks(score_block: ScoreBlock, T: int, window: int | None = None,
+                       block: int = ROW_BLOCK) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+    """Causal attention probabilities by blocks of query rows: yields ``(s, e, lo, p)`` with ``p``
+    (..., e - s, e - lo) the probabilities of rows s..e-1 over keys lo..e-1 (every key a row may see;
+    the rest of its row is zero). ``score_block(s, e, lo)`` gives those rows' scores. Each row's softmax
+    is the one ``causal_softmax`` takes over the full row: only masked keys are left out."""
+    for s in range(0, T, block):
+        e = min(T, s + block)
+        lo = max(0, s - window + 1) if window else 0
+        yield s, e, lo, score_block(s, e, lo).masked_fill(causal_mask(T, window, (s, e), lo), float("-inf")).softmax(-1)
+
+
+def causal_attention(score_block: ScoreBlock, v: torch.Tensor, window: int | None = None,
+                     block: int = ROW_BLOCK) -> torch.Tensor:
+    """``causal_softmax(scores) @ v`` for values v (..., T, Dv), one block of query rows at a time."""
+    T = v.shape[-2]
+    return torch.cat([p @ v[..., lo:e, :] for _, e, lo, p in causal_prob_blocks(score_block, T, window, block)], -2)
 
 
 def _as_batch(x: torch.Tensor) -> torch.Tensor:
@@ -168,13 +195,29 @@ def head_outputs(attn: AttentionWeights, x: torch.Tensor, *, inv_freq: torch.Ten
     inv_freq, attention_scaling = resolve_rope(attn, inv_freq, attention_scaling)
     kv = attn.kv_index()
     outs, ps = [], []
-    for xb in x:  # one sequence at a time bounds the (H, T, T) score memory
-        p = source_probs(attn, xb, window, inv_freq=inv_freq, attention_scaling=attention_scaling)
-        outs.append((p @ _values(attn, xb)[kv]).transpose(0, 1))  # (T, H, Dv)
+    for xb in x:  # one sequence at a time bounds the score memory
+        v = _values(attn, xb)[kv]
         if probs:
+            p = source_probs(attn, xb, window, inv_freq=inv_freq, attention_scaling=attention_scaling)
+            outs.append((p @ v).transpose(0, 1))  # (T, H, Dv)
             ps.append(p)
+            continue
+        q, k = source_qk(attn, xb, inv_freq, attention_scaling)
+        outs.append(causal_attention(lambda s, e, lo: scores(attn, q[:, s:e], k[:, lo:e]), v, window).transpose(0, 1))
     out = torch.stack(outs)
     return (out, torch.stack(ps)) if probs else out
+
+
+def received_attention(attn: AttentionWeights, x: torch.Tensor, power: float = 1.0, *,
+                       inv_freq: torch.Tensor | None = None, attention_scaling: float | None = None) -> torch.Tensor:
+    """How much attention each token of one sequence x (T, hidden) receives: the sum over heads and
+    later queries of ``p ** power``, (T,) float64, computed by blocks of query rows."""
+    inv_freq, attention_scaling = resolve_rope(attn, inv_freq, attention_scaling)
+    q, k = source_qk(attn, x, inv_freq, attention_scaling)
+    got = torch.zeros(x.shape[-2], dtype=F64)
+    for _, e, lo, p in causal_prob_blocks(lambda s, e, lo: scores(attn, q[:, s:e], k[:, lo:e]), x.shape[-2]):
+        got[lo:e] += p.pow(power).sum((0, 1))
+    return got
 
 
 def attention_output(attn: AttentionWeights, x: torch.Tensor, **kw) -> torch.Tensor:
@@ -242,7 +285,9 @@ def mla_head_outputs(w: MlaWeights, x: torch.Tensor, rope_theta: float | None = 
     q_rope, k_pe = apply_rope(q_rope, cos, sin, Dr), apply_rope(k_pe, cos, sin, Dr)
     qq = torch.cat([q_nope, q_rope], -1)
     kk = torch.cat([k_nope, k_pe.expand(-1, qq.shape[1], -1, -1)], -1)
-    out = [causal_softmax(qq[b] @ kk[b].transpose(-1, -2) * (Dn + Dr) ** -0.5) @ v[b] for b in range(x.shape[0])]
+    scale = (Dn + Dr) ** -0.5
+    out = [causal_attention(lambda s, e, lo: qq[b, :, s:e] @ kk[b, :, lo:e].transpose(-1, -2) * scale, v[b])
+           for b in range(x.shape[0])]
     return torch.stack(out)
 
 

@@ -78,11 +78,11 @@ from kvsurgeon.attention.reference import (
     latent_rms,
     mla_head_outputs,
     mla_rope,
+    received_attention,
     resolve_rope,
     rms_norm,
     rope_cos_sin,
     rope_tables,
-    source_probs,
     source_qk,
 )
 
@@ -785,8 +785,7 @@ def attention_token_weights(attn: AttentionWeights, x: torch.Tensor, power: floa
     if x.dim() != 3:
         raise MlaConversionError("attention_token_weights needs x shaped (batch, seq, hidden)")
     inv, scale = resolve_rope(attn)
-    out = [source_probs(attn, xb, inv_freq=inv, attention_scaling=scale).pow(power).sum((0, 1)) for xb in x]  # (H, T, T) -> (T,)
-    rec = torch.cat(out)
+    rec = torch.cat([received_attention(attn, xb, power, inv_freq=inv, attention_scaling=scale) for xb in x])
     rec = rec / rec.mean()
     return (1 - mix) + mix * rec
 
