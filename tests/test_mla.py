@@ -439,7 +439,7 @@ def test_refit_output_reduces_calibration_error():
 
 def test_refit_queries_reduces_calibration_error():
     attn, x, w = _converted_layer1()
-    wq = refit_queries(w, attn, x, stride=1)
+    wq = refit_queries(w, attn, x, ridge=0.1, stride=1, keys=None)
     assert wq.q.shape == w.q.shape and wq.info["q_refit"]
     ref = attention_output(attn, x)
     e1 = float((mla_attention_output(w, x) - ref).norm() / ref.norm())
@@ -460,7 +460,7 @@ def test_refits_leave_an_exact_layer_exact():
         attn = read_attention(DictSource(m.state_dict()), m.config.to_dict(), i)
         w = convert_layer_to_mla(attn, x, 16, 16, fit=MlaFit(whiten=False))
         ref = attention_output(attn, x)
-        for name, w2 in (("none", w), ("o", refit_output(w, attn, x, ridge=1e-3)), ("q", refit_queries(w, attn, x, stride=1))):
+        for name, w2 in (("none", w), ("o", refit_output(w, attn, x, ridge=1e-3)), ("q", refit_queries(w, attn, x, ridge=0.1, stride=1, keys=None))):
             e = float((mla_attention_output(w2, x) - ref).norm() / ref.norm())
             assert e < 1e-6, (i, name, e)
             for a, b in ((w2.q, w.q), (w2.o, w.o)):

@@ -973,11 +973,12 @@ def refit_queries(
     w: MlaWeights,
     attn: AttentionWeights,
     x: torch.Tensor,
-    ridge: float = 0.1,
+    *,
+    ridge: float,
+    stride: int,
+    keys: int | None,
     reg: float = 1e-2,
     uniform: float = 0.1,
-    stride: int = 8,
-    keys: int | None = 256,
 ) -> MlaWeights:
     """Least-squares refit of ``q_proj`` against the converted keys (calibration only, closed form).
 
@@ -990,6 +991,7 @@ def refit_queries(
 
     ``keys`` bounds the cost at long windows: per query, the heaviest ``keys`` keys keep their weight
     and the rest share theirs evenly (``_sparse_weights``); None fits every weight exactly.
+    ``ridge``, ``stride`` and ``keys`` have no defaults here: ``MlaTuning`` declares them.
     """
     if x.dim() != 3:
         raise MlaConversionError("refit_queries needs x shaped (batch, seq, hidden)")

@@ -143,7 +143,7 @@ def convert_sequential(model, attns, calib: torch.Tensor, xs_src, rope_dim, kv_l
         tw = None if tw_mix is None else attention_token_weights(attns[i], x, power=tw_power, mix=tw_mix)
         w = convert_layer_to_mla(attns[i], x, kv_lora_rank, rope_dim, method, MlaFit(**opts), token_weights=tw)
         if qrefit is not None:
-            w = refit_queries(w, attns[i], x, ridge=qrefit, stride=qstride)
+            w = refit_queries(w, attns[i], x, ridge=qrefit, stride=qstride, keys=None)
         x_src = ln(h_src)
         a_src = attention_output(attns[i], x_src)
         if orefit is not None:
@@ -241,7 +241,7 @@ def main() -> None:
             tw = None if tw_mix is None else attention_token_weights(attn, xs[i], power=tw_power, mix=tw_mix)
             w = convert_layer_to_mla(attn, x, run["kv_lora_rank"], run["rope_dim"], run["method"], MlaFit(**opts), token_weights=tw)
             if qrefit is not None:
-                w = refit_queries(w, attn, xs[i], ridge=qrefit, stride=qstride)
+                w = refit_queries(w, attn, xs[i], ridge=qrefit, stride=qstride, keys=None)
             if orefit is not None:
                 w = refit_output(w, attn, xs[i], ridge=orefit)
             layers.append(w)
