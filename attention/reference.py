@@ -170,7 +170,8 @@ def source_qk(attn: AttentionWeights, x: torch.Tensor, inv_freq: torch.Tensor | 
 
 
 def source_probs(attn: AttentionWeights, x: torch.Tensor, window: int | None = None, **rope_kw) -> torch.Tensor:
-    """Attention probabilities (H, T, T) of one sequence x (T, hidden); ``window``: sliding window."""
+    """Attention probabilities (H, T, T) of one sequence x (T, hidden); ``window``: sliding window.
+    The whole T x T at once: for short inputs and for checking the blocked paths against."""
     q, k = source_qk(attn, x, **rope_kw)
     return causal_softmax(scores(attn, q, k), window)
 
@@ -188,24 +189,18 @@ def _project(attn: AttentionWeights, z: torch.Tensor) -> torch.Tensor:
 
 
 def head_outputs(attn: AttentionWeights, x: torch.Tensor, *, inv_freq: torch.Tensor | None = None,
-                 attention_scaling: float | None = None, probs: bool = False, window: int | None = None):
-    """Per-head causal attention outputs before ``o_proj``, float64, (B, T, H, Dv). With
-    ``probs=True`` also the probabilities (B, H, T, T). ``window``: a sliding-window layer's window."""
+                 attention_scaling: float | None = None, window: int | None = None) -> torch.Tensor:
+    """Per-head causal attention outputs before ``o_proj``, float64, (B, T, H, Dv), scored by blocks of
+    query rows. ``window``: a sliding-window layer's window."""
     x = _as_batch(x).to(F64)
     inv_freq, attention_scaling = resolve_rope(attn, inv_freq, attention_scaling)
     kv = attn.kv_index()
-    outs, ps = [], []
+    outs = []
     for xb in x:  # one sequence at a time bounds the score memory
         v = _values(attn, xb)[kv]
-        if probs:
-            p = source_probs(attn, xb, window, inv_freq=inv_freq, attention_scaling=attention_scaling)
-            outs.append((p @ v).transpose(0, 1))  # (T, H, Dv)
-            ps.append(p)
-            continue
         q, k = source_qk(attn, xb, inv_freq, attention_scaling)
         outs.append(causal_attention(lambda s, e, lo: scores(attn, q[:, s:e], k[:, lo:e]), v, window).transpose(0, 1))
-    out = torch.stack(outs)
-    return (out, torch.stack(ps)) if probs else out
+    return torch.stack(outs)
 
 
 def received_attention(attn: AttentionWeights, x: torch.Tensor, power: float = 1.0, *,

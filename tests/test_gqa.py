@@ -375,3 +375,27 @@ def test_nope_planes_auto_picks_by_calibration_error():
     errs = info["nope_errors"]
     assert list(errs) == gqa.nope_candidates(a.rope, 64) and len(errs) > 1
     assert info["nope_planes"] == min(errs, key=errs.get)
+
+
+def test_attention_stats_by_row_blocks_match_the_full_probabilities():
+    """The calibrated merge's per-token statistics (score sensitivity, attention received) are accumulated
+    over blocks of query rows; past ``ROW_BLOCK`` tokens they equal the same sums over the full (H, T, T)
+    probabilities, biases included."""
+    attn = read_all(tiny("qwen2"))[1]
+    B, T = 2, ref.ROW_BLOCK + 88
+    x = torch.randn(B, T, HIDDEN, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
+    X = torch.cat([x.reshape(-1, HIDDEN), x.new_ones(B * T, 1)], 1)
+    key_w, recv = gqa._attention_stats(attn, x, X)
+    o = attn.o.double()
+    M = torch.einsum("ihv,ihw->hvw", o, o)
+    want_w, want_r = [], []
+    for b in range(B):
+        p = ref.source_probs(attn, x[b])  # (H, T, T)
+        v = ref._values(attn, x[b])[attn.kv_index()]
+        z = p @ v
+        d = v[:, None, :, :] - z[:, :, None, :]  # (H, t, s, Dv): v(s) - z(t)
+        want_w.append((p * torch.einsum("htsv,hvw,htsw->hts", d, M, d)).sum(1).T)
+        want_r.append(p.sum(1).T)
+    assert float(p[:, ref.ROW_BLOCK:, :ref.ROW_BLOCK].sum()) > 1.0  # later blocks do attend to earlier ones
+    torch.testing.assert_close(key_w, torch.cat(want_w), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(recv, torch.cat(want_r), rtol=1e-10, atol=1e-12)

@@ -52,7 +52,9 @@ from typing import Sequence
 import torch
 
 from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
-from kvsurgeon.attention.reference import _as_batch, attention_output, head_outputs, rope_tables
+from kvsurgeon.attention.reference import (
+    _as_batch, attention_output, causal_prob_blocks, head_outputs, resolve_rope, rope_tables, scores, source_qk,
+)
 
 from ..errors import KvSurgeonError
 from .qk_norm import merge_normed_keys
@@ -409,25 +411,29 @@ def _attention_stats(attn: AttentionWeights, x: torch.Tensor, X: torch.Tensor, *
     Returns, per token and query head, ``key_w`` (N, H): the first-order sensitivity of the head's
     output to an error in that token's score, ``sum_t a(t,s) |o_h (v(s) - z_h(t))|^2`` (softmax
     derivative; a score offset shared by all keys costs nothing); and ``recv`` (N, H): the
-    attention the token receives, ``sum_t a(t,s)``.
+    attention the token receives, ``sum_t a(t,s)``. Scored by blocks of query rows: every sum over t
+    is accumulated block by block, so long windows never hold (H, T, T).
     """
     B, T, _ = x.shape
+    inv_freq, scaling = resolve_rope(attn, rope_kw.get("inv_freq"), rope_kw.get("attention_scaling"))
     kv = attn.kv_index()
     v_aug = _augment(attn.v, attn.v_bias)
     o = attn.o.to(F64)
     M = torch.einsum("ihv,ihw->hvw", o, o)  # o-metric per query head
     key_w, recv = [], []
     for b in range(B):
-        Xb = X[b * T:(b + 1) * T]
-        z, p = head_outputs(attn, x[b:b + 1], probs=True, **rope_kw)
-        z, p = z[0].transpose(0, 1), p[0]  # (H, T, Dv), (H, T, T)
-        v = torch.einsum("ti,gdi->gtd", Xb, v_aug)[kv]  # (H, T, Dv)
+        q, k = source_qk(attn, x[b], inv_freq, scaling)
+        v = torch.einsum("ti,gdi->gtd", X[b * T:(b + 1) * T], v_aug)[kv]  # (H, T, Dv)
+        # Per key s: sum_t a(t,s) [1, z(t), |z(t)|^2_M], with z(t) the head's output at row t.
+        acc = v.new_zeros(v.shape[0], T, v.shape[-1] + 2)
+        for s, e, lo, p in causal_prob_blocks(lambda s, e, lo: scores(attn, q[:, s:e], k[:, lo:e]), T):
+            z = p @ v[:, lo:e]  # (H, rows, Dv)
+            zMz = torch.einsum("htv,hvw,htw->ht", z, M, z)
+            acc[:, lo:e] += p.transpose(-1, -2) @ torch.cat([torch.ones_like(zMz)[..., None], z, zMz[..., None]], -1)
+        colsum, pz, pzMz = acc[..., 0], acc[..., 1:-1], acc[..., -1]
         vMv = torch.einsum("htv,hvw,htw->ht", v, M, v)
-        zMz = torch.einsum("htv,hvw,htw->ht", z, M, z)
-        pz = p.transpose(-1, -2) @ z  # sum_t a(t,s) z(t)
-        colsum = p.sum(-2)  # (H, T) attention received
         # sum_t a(t,s) |v(s) - z(t)|^2_M, expanded
-        w = colsum * vMv - 2 * torch.einsum("htv,hvw,htw->ht", v, M, pz) + (p.transpose(-1, -2) @ zMz[..., None])[..., 0]
+        w = colsum * vMv - 2 * torch.einsum("htv,hvw,htw->ht", v, M, pz) + pzMz
         key_w.append(w.clamp_min(0).T)
         recv.append(colsum.T)
     return torch.cat(key_w), torch.cat(recv)
