@@ -169,6 +169,11 @@ def source_qk(attn: AttentionWeights, x: torch.Tensor, inv_freq: torch.Tensor | 
     return apply_rope(q, cos, sin, R), apply_rope(k, cos, sin, R)
 
 
+def source_score_block(attn: AttentionWeights, q: torch.Tensor, k: torch.Tensor) -> ScoreBlock:
+    """The ``ScoreBlock`` of one sequence's RoPE'd queries (H, T, D) and keys (G, T, D) (``source_qk``)."""
+    return lambda s, e, lo: scores(attn, q[:, s:e], k[:, lo:e])
+
+
 def source_probs(attn: AttentionWeights, x: torch.Tensor, window: int | None = None, **rope_kw) -> torch.Tensor:
     """Attention probabilities (H, T, T) of one sequence x (T, hidden); ``window``: sliding window.
     The whole T x T at once: for short inputs and for checking the blocked paths against."""
@@ -199,7 +204,7 @@ def head_outputs(attn: AttentionWeights, x: torch.Tensor, *, inv_freq: torch.Ten
     for xb in x:  # one sequence at a time bounds the score memory
         v = _values(attn, xb)[kv]
         q, k = source_qk(attn, xb, inv_freq, attention_scaling)
-        outs.append(causal_attention(lambda s, e, lo: scores(attn, q[:, s:e], k[:, lo:e]), v, window).transpose(0, 1))
+        outs.append(causal_attention(source_score_block(attn, q, k), v, window).transpose(0, 1))
     return torch.stack(outs)
 
 
@@ -210,7 +215,7 @@ def received_attention(attn: AttentionWeights, x: torch.Tensor, power: float = 1
     inv_freq, attention_scaling = resolve_rope(attn, inv_freq, attention_scaling)
     q, k = source_qk(attn, x, inv_freq, attention_scaling)
     got = torch.zeros(x.shape[-2], dtype=F64)
-    for _, e, lo, p in causal_prob_blocks(lambda s, e, lo: scores(attn, q[:, s:e], k[:, lo:e]), x.shape[-2]):
+    for _, e, lo, p in causal_prob_blocks(source_score_block(attn, q, k), x.shape[-2]):
         got[lo:e] += p.pow(power).sum((0, 1))
     return got
 

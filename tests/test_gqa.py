@@ -384,8 +384,7 @@ def test_attention_stats_by_row_blocks_match_the_full_probabilities():
     attn = read_all(tiny("qwen2"))[1]
     B, T = 2, ref.ROW_BLOCK + 88
     x = torch.randn(B, T, HIDDEN, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
-    X = torch.cat([x.reshape(-1, HIDDEN), x.new_ones(B * T, 1)], 1)
-    key_w, recv = gqa._attention_stats(attn, x, X)
+    key_w, recv = gqa._attention_stats(attn, x)
     o = attn.o.double()
     M = torch.einsum("ihv,ihw->hvw", o, o)
     want_w, want_r = [], []

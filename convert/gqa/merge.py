@@ -53,7 +53,8 @@ import torch
 
 from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
 from kvsurgeon.attention.reference import (
-    _as_batch, attention_output, causal_prob_blocks, head_outputs, resolve_rope, rope_tables, scores, source_qk,
+    _as_batch, _values, attention_output, causal_prob_blocks, head_outputs, resolve_rope, rope_tables, source_qk,
+    source_score_block,
 )
 
 from ..errors import KvSurgeonError
@@ -405,8 +406,8 @@ def _merge_values(v, o, C, n_q):
     return W, new_o
 
 
-def _attention_stats(attn: AttentionWeights, x: torch.Tensor, X: torch.Tensor, **rope_kw):
-    """Source-attention statistics on calibration windows x (B, T, hidden), X = augmented rows.
+def _attention_stats(attn: AttentionWeights, x: torch.Tensor, **rope_kw):
+    """Source-attention statistics on calibration windows x (B, T, hidden).
 
     Returns, per token and query head, ``key_w`` (N, H): the first-order sensitivity of the head's
     output to an error in that token's score, ``sum_t a(t,s) |o_h (v(s) - z_h(t))|^2`` (softmax
@@ -417,16 +418,15 @@ def _attention_stats(attn: AttentionWeights, x: torch.Tensor, X: torch.Tensor, *
     B, T, _ = x.shape
     inv_freq, scaling = resolve_rope(attn, rope_kw.get("inv_freq"), rope_kw.get("attention_scaling"))
     kv = attn.kv_index()
-    v_aug = _augment(attn.v, attn.v_bias)
     o = attn.o.to(F64)
     M = torch.einsum("ihv,ihw->hvw", o, o)  # o-metric per query head
     key_w, recv = [], []
     for b in range(B):
         q, k = source_qk(attn, x[b], inv_freq, scaling)
-        v = torch.einsum("ti,gdi->gtd", X[b * T:(b + 1) * T], v_aug)[kv]  # (H, T, Dv)
+        v = _values(attn, x[b])[kv]  # (H, T, Dv)
         # Per key s: sum_t a(t,s) [1, z(t), |z(t)|^2_M], with z(t) the head's output at row t.
         acc = v.new_zeros(v.shape[0], T, v.shape[-1] + 2)
-        for s, e, lo, p in causal_prob_blocks(lambda s, e, lo: scores(attn, q[:, s:e], k[:, lo:e]), T):
+        for s, e, lo, p in causal_prob_blocks(source_score_block(attn, q, k), T):
             z = p @ v[:, lo:e]  # (H, rows, Dv)
             zMz = torch.einsum("htv,hvw,htw->ht", z, M, z)
             acc[:, lo:e] += p.transpose(-1, -2) @ torch.cat([torch.ones_like(zMz)[..., None], z, zMz[..., None]], -1)
@@ -611,7 +611,7 @@ def calibrated_merge(
         attn = permute_heads(attn, info["kv_order"])
     key_w = recv = None
     if options.key_tokens == "attention" or options.value_tokens == "received":
-        key_w, recv = _attention_stats(attn, x, X, **rope_kw)
+        key_w, recv = _attention_stats(attn, x, **rope_kw)
     key_w = key_w if options.key_tokens == "attention" else None
 
     q = _augment(attn.q, attn.q_bias)
