@@ -48,12 +48,15 @@ def main() -> None:
     ap.add_argument("--tokens", default="100000", help="training tokens; one per stage, or one total split evenly")
     ap.add_argument("--seq-len", default="2048", help="window length; several (2048,4096) make one stage each")
     ap.add_argument("--retrieval", type=float, default=0.5, help="fraction of training windows with retrieval facts")
+    ap.add_argument("--answer-weight", type=float, default=1.0,
+                    help="KL weight of the restated code's tokens in retrieval windows (1 = plain mean)")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--trainable", default="attention", choices=["attention", "all", "new"])
     ap.add_argument("--lengths", default="1024,2048")
     ap.add_argument("--depths", type=int, default=5)
     ap.add_argument("--samples", type=int, default=2)
-    ap.add_argument("--short-tokens", type=int, default=4096)
+    ap.add_argument("--short-tokens", type=int, default=16384,
+                    help="512-window ppl: tokens per domain (4,096 = 8 windows proved too few to compare two models)")
     ap.add_argument("--domain2", default="runs/data/handbook-valid.jsonl")
     ap.add_argument("--out", default="runs/bench-uptrain-long")
     args = ap.parse_args()
@@ -92,6 +95,7 @@ def main() -> None:
         "stages": [{"name": f"attention-{n}" if len(lengths) > 1 else "attention", "tokens": t, "trainable": args.trainable,
                     "seq_len": n} for n, t in zip(lengths, budget)],
         "optim": {"lr": args.lr, "warmup_steps": 5, "schedule": "cosine"},
+        "distill": {"answer_weight": args.answer_weight},
         "precision": "auto", "save_every": 10,
     })
     t0 = time.time()
@@ -118,7 +122,7 @@ def main() -> None:
         rows.append(row)
         print(markdown(results), flush=True)
     summary = {"student": str(student), "tokens": trained[-1]["tokens"], "seq_len": lengths, "stage_tokens": budget,
-               "retrieval": args.retrieval,
+               "retrieval": args.retrieval, "answer_weight": args.answer_weight,
                "lr": args.lr, "trainable": args.trainable, "train_seconds": train_secs,
                "tokens_per_s": sorted(m["tokens_per_s"] for m in trained)[len(trained) // 2], "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -170,6 +170,26 @@ def test_retrieval_calibration_windows(smol):
         calibration_ids(tok, CalibConfig(tokens=2048, seq_len=512, retrieval=1.5))
 
 
+def test_retrieval_window_answer_is_the_restated_code(smol):
+    """The answer positions the retrieval-weighted loss upweighs: exactly the restated code's tokens,
+    a code that appears earlier in the window, from the same tokens and draws as calibration's windows."""
+    from kvsurgeon.convert.pipeline.calibration import retrieval_window, retrieval_window_with_answer
+
+    _, tok = smol
+    ids = tok("The module reads the file and returns its lines. " * 120, add_special_tokens=False)["input_ids"][:512]
+    for seed in range(5):
+        plain = retrieval_window(tok, ids, random.Random(seed))
+        out, span = retrieval_window_with_answer(tok, ids, random.Random(seed))
+        assert out == plain and len(out) == 512
+        code = tok.decode(out[span.start : span.stop]).strip()
+        assert code.isdigit() and 4 <= len(code) <= 5, code
+        assert tok.decode(out[span.stop :]) == "."
+        item = tok.decode(out[: span.start]).rsplit("Reminder: the access code for the ", 1)[1].removesuffix(" is")
+        assert f"The access code for the {item} is {code}." in tok.decode(out[: span.start])
+    short = ids[:40]  # too short for far-apart facts: left as text, no answer
+    assert retrieval_window_with_answer(tok, short, random.Random(0)) == (short, range(0))
+
+
 def test_card_command_keeps_calibration_flags():
     from kvsurgeon.convert.pipeline.calibration import CalibConfig
     from kvsurgeon.convert.pipeline.spec import ConversionSpec, cli_command

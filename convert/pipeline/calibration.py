@@ -64,6 +64,12 @@ def retrieval_window(tokenizer, ids: list[int], rng: random.Random, facts: int =
     """The window's own text with ``facts`` "access code" sentences at random depths and, at its end,
     one of them restated in full: the source's attention then reaches back across the window to copy
     the code, so calibration sees (and weighs) the long-range retrieval its fits must keep."""
+    return retrieval_window_with_answer(tokenizer, ids, rng, facts)[0]
+
+
+def retrieval_window_with_answer(tokenizer, ids: list[int], rng: random.Random, facts: int = 3) -> tuple[list[int], range]:
+    """``retrieval_window`` (same tokens, same draws from ``rng``) and the positions of the restated
+    code's tokens: the ones only a copy from far back predicts (empty when the window is left as text)."""
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     items = rng.sample(_ITEMS, facts)
     codes = [str(rng.randint(1000, 99999)) for _ in items]
@@ -72,13 +78,19 @@ def retrieval_window(tokenizer, ids: list[int], rng: random.Random, facts: int =
     tail = enc(f" Reminder: the access code for the {items[k]} is {codes[k]}.")
     room = len(ids) - len(tail) - sum(map(len, needles))
     if room < len(ids) // 4:  # window too short for the facts to be far apart: leave it as text
-        return ids
+        return ids, range(0)
     cuts = sorted(rng.randrange(int(0.8 * room)) for _ in needles)
     out, pos = [], 0
     for c, nd in zip(cuts, needles):
         out += ids[pos:c] + nd
         pos = c
-    return out + ids[pos:room] + tail
+    out += ids[pos:room] + tail
+    # The tail is encoded whole (as calibration always has); the code starts where the tail's
+    # prefix ends, if the tokenizer splits there, else the whole tail counts as the answer.
+    prefix = enc(f" Reminder: the access code for the {items[k]} is")
+    start = len(prefix) if tail[: len(prefix)] == prefix else 0
+    end = len(tail) - 1 if tail[-1:] == enc(".") else len(tail)  # the final period is not copied
+    return out, range(len(out) - len(tail) + start, len(out) - len(tail) + end)
 
 
 class _Skeleton:

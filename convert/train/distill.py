@@ -18,15 +18,33 @@ def distill_loss(
     temperature: float = 1.0,
     kl_weight: float = 1.0,
     ce_weight: float = 0.0,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, kl, ce) for next-token prediction. KL(teacher || student) at temperature T, scaled by
-    T^2 so its gradient size does not depend on T (Hinton et al.); CE on the data's next tokens."""
+    T^2 so its gradient size does not depend on T (Hinton et al.); CE on the data's next tokens.
+
+    ``token_weights`` (B, T), one per token of ``ids``, weighs the KL of predicting that token: the
+    KL is their weighted mean, so all-ones is the plain mean and a few heavy tokens (a code copied
+    from far back) take a share of the loss that a plain mean over the window would not give them."""
     s = student_logits[:, :-1].float()
     t = teacher_logits[:, :-1].float()
     T = temperature
-    kl = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="none").sum(-1).mean() * T * T
+    per_token = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="none").sum(-1)
+    if token_weights is None:
+        kl = per_token.mean() * T * T
+    else:
+        w = token_weights[:, 1:].to(per_token)
+        kl = (per_token * w).sum() / w.sum() * T * T
     ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1))
     return kl_weight * kl + ce_weight * ce, kl.detach(), ce.detach()
+
+
+def answer_weights(shape: tuple[int, int], answers: list[range], weight: float) -> torch.Tensor:
+    """(B, T) token weights: ``weight`` on each window's answer positions, 1 elsewhere."""
+    w = torch.ones(shape)
+    for b, span in enumerate(answers):
+        w[b, span.start : span.stop] = weight
+    return w
 
 
 class PackedStream:
@@ -79,16 +97,23 @@ class PackedStream:
             if not produced:
                 raise ValueError(f"{self.source} holds fewer than {n} tokens")
 
-    def _window(self, index: int, ids: list[int]) -> list[int]:
+    def _window(self, index: int, ids: list[int]) -> tuple[list[int], range]:
+        """The window's tokens and its answer positions (the restated code; empty for plain text)."""
         if self.retrieval:
             rng = random.Random(index)
             if rng.random() < self.retrieval:
-                from ..pipeline.calibration import retrieval_window
+                from ..pipeline.calibration import retrieval_window_with_answer
 
-                return retrieval_window(self.tok, ids, rng)
-        return ids
+                return retrieval_window_with_answer(self.tok, ids, rng)
+        return ids, range(0)
 
     def batches(self, skip_windows: int = 0) -> Iterator[torch.Tensor]:
+        """(batch_size, seq_len) token windows for this rank."""
+        for ids, _ in self.batches_with_answers(skip_windows):
+            yield ids
+
+    def batches_with_answers(self, skip_windows: int = 0) -> Iterator[tuple[torch.Tensor, list[range]]]:
+        """As ``batches``, with each window's answer positions (``answer_weights`` turns them into loss weights)."""
         windows = self._windows()
         for _ in range(skip_windows):
             next(windows)
@@ -100,7 +125,7 @@ class PackedStream:
             step = [next(windows) for _ in range(per_step)]
             self.position += per_step
             mine = [self._window(first + lo + j, w) for j, w in enumerate(step[lo : lo + self.batch_size])]
-            yield torch.tensor(mine, dtype=torch.long)
+            yield torch.tensor([ids for ids, _ in mine], dtype=torch.long), [span for _, span in mine]
 
 
 def window_digests(ids: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,9 @@ class DistillCfg:
     temperature: float = 1.0
     kl_weight: float = 1.0
     ce_weight: float = 0.0
+    # KL weight of the restated code's tokens in retrieval windows (data.retrieval), relative to every
+    # other token's 1: in a plain mean those few copied tokens are ~0.3% of a 2K window's loss.
+    answer_weight: float = 1.0
 
 
 @dataclass
@@ -123,6 +126,11 @@ class Recipe:
             errs.append(f"data.seq_len: must be >= 2, got {self.data.seq_len}")
         if not 0.0 <= self.data.retrieval <= 1.0:
             errs.append(f"data.retrieval: a fraction of training windows, between 0 and 1, got {self.data.retrieval}")
+        if self.distill.answer_weight <= 0:
+            errs.append(f"distill.answer_weight: must be > 0 (1 = the plain mean), got {self.distill.answer_weight}")
+        elif self.distill.answer_weight != 1.0 and not self.data.retrieval:
+            errs.append("distill.answer_weight: weighs the answers of retrieval windows, but data.retrieval is 0; "
+                        "set data.retrieval (e.g. 0.5) or leave answer_weight at 1")
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 errs.append(f"{name}: must be >= 1, got {getattr(self, name)}")

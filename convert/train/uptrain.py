@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from kvsurgeon.attention.kv_cache import kv_bytes_at_context, kv_bytes_per_token
 
 from ..io.checkpoint import read_config
-from .distill import PackedStream, distill_loss, window_digests
+from .distill import PackedStream, answer_weights, distill_loss, window_digests
 from ..errors import KvSurgeonError
 from .kernels import Availability, KernelRecorder, attn_implementation, check_fused, report_rows, require_fused, resolve
 from .precision import ACCELERATE, detect_precision
@@ -322,7 +322,7 @@ class Uptrainer:
         total = sum(steps) if r.max_steps is None else min(sum(steps), r.max_steps)
         bar = tqdm(total=total, initial=prog.global_step, desc="uptrain", unit="step", disable=not (self.progress and acc.is_main_process))
         run = _Run(teacher=teacher, folder=folder, config=read_config(folder), stream=stream,
-                   batches=stream.batches(skip_windows=prog.windows), steps=steps, bar=bar, prog=prog, ck=ck)
+                   batches=stream.batches_with_answers(skip_windows=prog.windows), steps=steps, bar=bar, prog=prog, ck=ck)
         self.kernels = KernelRecorder(self.kernel_mode, [student_base, teacher]).install()
         try:
             student_base = self._train_stages(run, student_base)
@@ -418,14 +418,16 @@ class Uptrainer:
         sums = torch.zeros(3, device=acc.device)
         digests = []
         for _ in range(r.grad_accum):
-            ids = next(run.batches)
+            ids, answers = next(run.batches)
             digests.append(window_digests(ids))
+            weights = answer_weights(ids.shape, answers, r.distill.answer_weight).to(acc.device) if r.distill.answer_weight != 1.0 else None
             ids = ids.to(acc.device)
             with acc.autocast():
                 with torch.no_grad():
                     t_logits = run.teacher(input_ids=ids).logits
                 s_logits = model(input_ids=ids).logits
-            loss, kl, ce = distill_loss(s_logits, t_logits, ids, r.distill.temperature, r.distill.kl_weight, r.distill.ce_weight)
+            loss, kl, ce = distill_loss(s_logits, t_logits, ids, r.distill.temperature, r.distill.kl_weight, r.distill.ce_weight,
+                                        token_weights=weights)
             acc.backward(loss / r.grad_accum)
             sums += torch.stack([loss.detach(), kl, ce]) / r.grad_accum
         if r.optim.grad_clip:
@@ -554,7 +556,7 @@ class _Run:
     folder: Path
     config: dict
     stream: PackedStream
-    batches: object  # iterator of (batch, seq_len) token windows
+    batches: object  # iterator of ((batch, seq_len) token windows, their answer spans)
     steps: list[int]  # optimiser steps per stage
     bar: object  # tqdm
     prog: "Progress"
