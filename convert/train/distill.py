@@ -24,19 +24,21 @@ def distill_loss(
     T^2 so its gradient size does not depend on T (Hinton et al.); CE on the data's next tokens.
 
     ``token_weights`` (B, T), one per token of ``ids``, weighs the KL of predicting that token: the
-    KL is their weighted mean, so all-ones is the plain mean and a few heavy tokens (a code copied
-    from far back) take a share of the loss that a plain mean over the window would not give them."""
+    loss takes their weighted mean, so all-ones is the plain mean and a few heavy tokens (a code copied
+    from far back) take a share of the loss that a plain mean over the window would not give them.
+    The returned ``kl`` stays the plain mean, so runs with and without weights log comparable KL."""
     s = student_logits[:, :-1].float()
     t = teacher_logits[:, :-1].float()
     T = temperature
     per_token = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="none").sum(-1)
+    kl = per_token.mean() * T * T
     if token_weights is None:
-        kl = per_token.mean() * T * T
+        fit = kl
     else:
         w = token_weights[:, 1:].to(per_token)
-        kl = (per_token * w).sum() / w.sum() * T * T
+        fit = (per_token * w).sum() / w.sum() * T * T
     ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1))
-    return kl_weight * kl + ce_weight * ce, kl.detach(), ce.detach()
+    return kl_weight * fit + ce_weight * ce, kl.detach(), ce.detach()
 
 
 def answer_weights(shape: tuple[int, int], answers: list[range], weight: float) -> torch.Tensor:
