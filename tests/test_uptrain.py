@@ -37,9 +37,10 @@ def base_recipe(tmp_path: Path, text_file: Path, tie: bool = False, **over) -> d
     return r
 
 
-def train_losses(run: Path) -> list[float]:
+def train_losses(run: Path, key: str = "loss") -> list[float]:
+    """One logged value per training step (the loss, or ``key``: kl, ce, lr...)."""
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["kind"] == "train"]
+    return [r[key] for r in rows if r["kind"] == "train"]
 
 
 def test_loss_decreases_and_final_is_stock(tmp_path, text_file):
@@ -288,20 +289,16 @@ def test_answer_weight_reaches_the_loss_and_resumes_exactly(tmp_path, text_file)
     kw = dict(data={"train": str(text_file), "seq_len": 512, "eval": None, "retrieval": 1.0},
               stages=[{"name": "e2e", "tokens": 512 * 2 * 4, "trainable": "attention"}])
 
-    def logged(run, key):
-        rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-        return [r[key] for r in rows if r["kind"] == "train"]
-
     uptrain(recipe_from_dict(base_recipe(tmp_path, text_file, output=str(tmp_path / "plain"), **kw)), progress=False)
     weighted = base_recipe(tmp_path, text_file, output=str(tmp_path / "w"), distill={"answer_weight": 50.0}, **kw)
     uptrain(recipe_from_dict(weighted), progress=False)
-    plain, w = logged(tmp_path / "plain", "loss"), logged(tmp_path / "w", "loss")
+    plain, w = train_losses(tmp_path / "plain"), train_losses(tmp_path / "w")
     assert len(plain) == len(w) == 4
     assert abs(w[0] - plain[0]) > 1e-3 * plain[0], (w, plain)  # same model and windows at step 1
-    assert logged(tmp_path / "w", "kl")[0] == pytest.approx(logged(tmp_path / "plain", "kl")[0], rel=1e-6)
+    assert train_losses(tmp_path / "w", "kl")[0] == pytest.approx(train_losses(tmp_path / "plain", "kl")[0], rel=1e-6)
 
     part = dict(weighted, output=str(tmp_path / "part"), max_steps=2)
     uptrain(recipe_from_dict(part), progress=False)
     part["max_steps"] = None
     uptrain(recipe_from_dict(part), resume=True, progress=False)
-    torch.testing.assert_close(torch.tensor(logged(tmp_path / "part", "loss")), torch.tensor(w), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(train_losses(tmp_path / "part")), torch.tensor(w), rtol=1e-5, atol=1e-6)
