@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--retrieval", type=float, default=0.5, help="fraction of training windows with retrieval facts")
     ap.add_argument("--answer-weight", type=float, default=1.0,
                     help="KL weight of the restated code's tokens in retrieval windows (1 = plain mean)")
+    ap.add_argument("--seed", type=int, default=0, help="recipe seed: another draw of which windows carry facts, and which facts")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--trainable", default="attention", choices=["attention", "all", "new"])
     ap.add_argument("--lengths", default="1024,2048")
@@ -96,7 +97,7 @@ def main() -> None:
                     "seq_len": n} for n, t in zip(lengths, budget)],
         "optim": {"lr": args.lr, "warmup_steps": 5, "schedule": "cosine"},
         "distill": {"answer_weight": args.answer_weight},
-        "precision": "auto", "save_every": 10,
+        "precision": "auto", "save_every": 10, "seed": args.seed,
     })
     t0 = time.time()
     uptrain(recipe, resume=(run / "checkpoints").is_dir())
@@ -122,7 +123,7 @@ def main() -> None:
         rows.append(row)
         print(markdown(results), flush=True)
     summary = {"student": str(student), "tokens": trained[-1]["tokens"], "seq_len": lengths, "stage_tokens": budget,
-               "retrieval": args.retrieval, "answer_weight": args.answer_weight,
+               "retrieval": args.retrieval, "answer_weight": args.answer_weight, "seed": args.seed,
                "lr": args.lr, "trainable": args.trainable, "train_seconds": train_secs,
                "tokens_per_s": sorted(m["tokens_per_s"] for m in trained)[len(trained) // 2], "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")

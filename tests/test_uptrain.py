@@ -302,3 +302,20 @@ def test_answer_weight_reaches_the_loss_and_resumes_exactly(tmp_path, text_file)
     part["max_steps"] = None
     uptrain(recipe_from_dict(part), resume=True, progress=False)
     torch.testing.assert_close(torch.tensor(train_losses(tmp_path / "part")), torch.tensor(w), rtol=1e-5, atol=1e-6)
+
+
+def test_the_recipe_seed_draws_the_retrieval_facts(tmp_path, text_file):
+    """``seed`` reaches the training stream: with every window a retrieval window, seeds 0 and 1 train on
+    other facts (different step-1 KL), while on plain text the two seeds see the same windows."""
+
+    def step1_kl(seed, retrieval):
+        out = tmp_path / f"s{seed}-r{retrieval}"
+        r = base_recipe(tmp_path, text_file, output=str(out), seed=seed, max_steps=1,
+                        data={"train": str(text_file), "seq_len": 512, "eval": None, "retrieval": retrieval},
+                        stages=[{"name": "e2e", "tokens": 512 * 2 * 2, "trainable": "attention"}])
+        uptrain(recipe_from_dict(r), progress=False)
+        return train_losses(out, "kl")[0]
+
+    assert step1_kl(0, 0.0) == pytest.approx(step1_kl(1, 0.0), rel=1e-6)
+    a, b = step1_kl(0, 1.0), step1_kl(1, 1.0)
+    assert abs(a - b) > 1e-4 * a, (a, b)

@@ -153,6 +153,31 @@ def test_retrieval_windows_follow_the_global_index_across_ranks_and_resumes(tmp_
     torch.testing.assert_close(take(0, 1, 1, n - 3, skip=3), mixed[3:], rtol=0, atol=0)
 
 
+def test_the_seed_draws_other_retrieval_windows_and_keeps_them_across_ranks(tmp_path):
+    """Recipe ``seed`` reaches the retrieval draw: another seed rewrites other windows with other facts
+    (a replicate run is a real replicate), the same seed repeats them, and a rank split agrees."""
+    from transformers import AutoTokenizer
+
+    write_tiny_tokenizer(tmp_path, 128)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    text = write_text(tmp_path / "t.jsonl")
+    seq, n = 512, 8
+
+    def take(seed, rank=0, world=1, steps=n):
+        it = PackedStream(tok, str(text), seq, 1, rank=rank, world=world, retrieval=0.5, seed=seed).batches()
+        return torch.cat([next(it) for _ in range(steps)])
+
+    plain = PackedStream(tok, str(text), seq, 1).batches()
+    plain = torch.cat([next(plain) for _ in range(n)])
+    s0, s1 = take(0), take(1)
+    torch.testing.assert_close(take(1), s1, rtol=0, atol=0)
+    assert not torch.equal(s0, s1)
+    rewritten = [[i for i in range(n) if not torch.equal(plain[i], s[i])] for s in (s0, s1)]
+    assert all(rewritten) and all(len(r) < n for r in rewritten)
+    two = torch.stack([torch.cat([a, b]) for a, b in zip(take(1, 0, 2, n // 2), take(1, 1, 2, n // 2))]).reshape(n, seq)
+    torch.testing.assert_close(two, s1, rtol=0, atol=0)
+
+
 def test_a_curriculum_stream_cuts_the_same_tokens_and_replays_on_skip(tmp_path):
     """Windows of a length that changes with the global index (stages with their own seq_len) are cut
     one after another from the same token stream; skipping replays those cuts, on any rank split."""

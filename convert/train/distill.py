@@ -59,7 +59,8 @@ class PackedStream:
     exactly what the whole job already saw; the data repeats (a new epoch) when it runs out.
 
     ``retrieval``: the fraction of windows rewritten by ``calibration.retrieval_window``. Which windows,
-    and their facts, follow from the global window index alone, so ranks and resumes agree.
+    and their facts, follow from the global window index and ``seed`` alone, so ranks and resumes
+    agree, and another seed gives another draw (seed 0 is the draw runs made before seeds counted).
 
     ``seq_len`` is a length, or a function of the global window index (a curriculum: short windows,
     then long ones). Windows are cut one after another from the same token stream, so a stage with
@@ -67,12 +68,12 @@ class PackedStream:
     """
 
     def __init__(self, tokenizer, source: str, seq_len: int | Callable[[int], int], batch_size: int, text_field: str = "text",
-                 split: str = "train", rank: int = 0, world: int = 1, retrieval: float = 0.0):
+                 split: str = "train", rank: int = 0, world: int = 1, retrieval: float = 0.0, seed: int = 0):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world of {world}")
         if not 0.0 <= retrieval <= 1.0:
             raise ValueError(f"retrieval {retrieval}: a fraction of windows, between 0 and 1")
-        self.retrieval = retrieval
+        self.retrieval, self.seed = retrieval, seed
         self.tok = tokenizer
         self.source, self.text_field, self.split = source, text_field, split
         self.seq_len_at = seq_len if callable(seq_len) else (lambda _index: seq_len)
@@ -102,7 +103,7 @@ class PackedStream:
     def _window(self, index: int, ids: list[int]) -> tuple[list[int], range]:
         """The window's tokens and its answer positions (the restated code; empty for plain text)."""
         if self.retrieval:
-            rng = random.Random(index)
+            rng = random.Random((self.seed << 32) + index)  # seed 0: Random(index), as before
             if rng.random() < self.retrieval:
                 from ..pipeline.calibration import retrieval_window_with_answer
 

@@ -98,7 +98,7 @@ class Recipe:
     eval_every: int = 0  # steps; 0: only before and after
     save_every: int = 50  # steps between resumable checkpoints
     keep_checkpoints: int = 2
-    seed: int = 0
+    seed: int = 0  # torch/random, and which training windows carry retrieval facts and which facts
     push_to_hub: str | None = None
     max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still spans the budget
 
