@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from kvsurgeon.convert.errors import KvSurgeonError
 from kvsurgeon.convert.train.recipe import RecipeError, apply_overrides, load_recipe, recipe_from_dict
 from kvsurgeon.convert.train.uptrain import uptrain
 
@@ -72,6 +73,14 @@ def test_resume_is_exact(tmp_path, text_file, tie):
     part = base_recipe(tmp_path, text_file, output=str(tmp_path / "part"), max_steps=3, **kw)
     uptrain(recipe_from_dict(part), progress=False)  # stops after 3 steps, leaves a checkpoint
     assert (tmp_path / "part" / "checkpoints" / "step-0000003").is_dir()
+    # another seed and learning rate would continue a different run: refused before anything is
+    # written, naming each change; max_steps (and the other free keys) may change
+    logged = (tmp_path / "part" / "metrics.jsonl").read_text()
+    with pytest.raises(KvSurgeonError, match=r"(?s)optim\.lr: 0\.003 -> 0\.001.*seed: 0 -> 1.*start a new run"):
+        uptrain(recipe_from_dict({**part, "seed": 1, "optim": {**part["optim"], "lr": 1e-3}, "max_steps": None}),
+                resume=True, progress=False)
+    assert (tmp_path / "part" / "metrics.jsonl").read_text() == logged
+    assert sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
     part["max_steps"] = None
     uptrain(recipe_from_dict(part), resume=True, progress=False)
     got = train_losses(tmp_path / "part")
@@ -197,8 +206,6 @@ def test_an_auto_precision_run_trains_in_what_this_machine_computes_natively(tmp
 
 
 def test_existing_run_needs_resume(tmp_path, text_file):
-    from kvsurgeon.convert.errors import KvSurgeonError
-
     d = base_recipe(tmp_path, text_file, max_steps=1)
     uptrain(recipe_from_dict(d), progress=False)
     with pytest.raises(KvSurgeonError, match="--resume"):

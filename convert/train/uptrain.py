@@ -37,6 +37,34 @@ from ..io.writer import atomic_output
 # run state next to accelerate's save_state files: plain JSON and safetensors, nothing to unpickle
 PROGRESS_FILE = "progress.json"
 SEEN_FILE = "seen_windows.safetensors"
+RECIPE_FILE = "recipe.json"  # the recipe that trained up to this checkpoint, checked on resume
+# recipe keys a resume may change: where and how often it saves, evaluates and stops, and which
+# kernels compute the same function; everything else decides what is trained on and how
+RESUME_FREE = frozenset({"output", "eval_every", "save_every", "keep_checkpoints", "push_to_hub", "max_steps", "kernels",
+                         "hardware", "gradient_checkpointing", "data.eval", "data.eval_split", "data.eval_tokens",
+                         "data.streaming"})
+
+
+def recipe_snapshot(r: Recipe) -> dict:
+    """The recipe as flat ``dotted.key -> JSON value`` pairs (stages as one list value)."""
+    flat: dict = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict) and k in ("data", "optim", "distill"):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[prefix + k] = v
+
+    walk(json.loads(json.dumps(asdict(r), default=str)), "")
+    return flat
+
+
+def resume_changes(saved: dict, now: dict) -> list[str]:
+    """Keys whose value differs between the checkpoint's recipe and this one, except the free ones."""
+    keys = sorted((saved.keys() | now.keys()) - RESUME_FREE)
+    return [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in keys if saved.get(k) != now.get(k)]
+
 
 @dataclass
 class Progress:
@@ -251,6 +279,7 @@ class Uptrainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / PROGRESS_FILE).write_text(json.dumps(asdict(prog)) + "\n")
+            (tmp / RECIPE_FILE).write_text(json.dumps(recipe_snapshot(self.r), indent=1) + "\n")
             digests = sorted(self.seen)
             save_file({"digests": torch.tensor(digests, dtype=torch.int64),
                        "lengths": torch.tensor([self.seen[d] for d in digests], dtype=torch.int64)}, str(tmp / SEEN_FILE))
@@ -305,6 +334,8 @@ class Uptrainer:
         r, acc = self.r, self.acc
         if self.out.exists() and not resume and any(self.out.iterdir()) and (self.ckpt_dir.exists() or (self.out / "final").exists()):
             raise KvSurgeonError(f"{self.out} already holds a run; pass --resume to continue it, or choose another output")
+        if resume:
+            self._check_resume_recipe()
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(r.seed)
         random.seed(r.seed)
@@ -358,6 +389,18 @@ class Uptrainer:
             self.seen = dict(zip(seen["digests"].tolist(), lengths))
         self._truncate_metrics(prog.global_step)
         return prog, ck
+
+    def _check_resume_recipe(self) -> None:
+        """Before anything loads or is written: a resume continues the run its checkpoint belongs to,
+        so other data, seeds or optimiser settings are refused instead of silently mixed in."""
+        ck = self.latest_checkpoint()
+        if ck is None or not (ck / RECIPE_FILE).is_file():  # no checkpoint: _resume_point says so; older ones carry no recipe
+            return
+        changed = resume_changes(json.loads((ck / RECIPE_FILE).read_text()), recipe_snapshot(self.r))
+        if changed:
+            raise KvSurgeonError(f"--resume: the recipe differs from the one that wrote {ck}:\n  " + "\n  ".join(changed)
+                                 + f"\nresume with that recipe (only {', '.join(sorted(RESUME_FREE))} may change), "
+                                 "or start a new run in another output folder")
 
     def _interrupted(self, prog: Progress) -> None:
         """Ctrl-C: save a checkpoint (one process) and say how to resume."""
