@@ -28,6 +28,7 @@ import pytest
 import torch
 import yaml
 
+from kvsurgeon.convert.errors import KvSurgeonError
 from kvsurgeon.convert.train.distill import PackedStream, window_digests
 from kvsurgeon.convert.train.recipe import recipe_from_dict
 from kvsurgeon.convert.train.uptrain import uptrain
@@ -260,6 +261,11 @@ def test_killed_two_process_run_resumes_exactly(runs):
     assert ckpts, "no checkpoint before the kill"
     done = int(ckpts[-1].name.split("-")[1])
     assert done < STEPS, f"the run finished ({done} steps) before it could be killed; nothing was resumed"
+    # on one process the steps, data split and RNG states would not match: refused, nothing written
+    logged = (run / "metrics.jsonl").read_text()
+    with pytest.raises(KvSurgeonError, match=r"written by 2 process\(es\), this is 1; resume with 2"):
+        uptrain(recipe_from_dict(d), resume=True, progress=False)
+    assert (run / "metrics.jsonl").read_text() == logged and sorted((run / "checkpoints").glob("step-*")) == ckpts
     launch(path, resume=True)
     got, ref = rows(run), rows(base / "two")
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))

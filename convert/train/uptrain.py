@@ -73,6 +73,7 @@ class Progress:
     global_step: int = 0
     windows: int = 0  # data position: global windows consumed by all processes together
     tokens: int = 0  # global: summed over processes
+    processes: int = 0  # the world size that wrote it (0: a checkpoint from before this was recorded)
 
     @classmethod
     def read(cls, ck: Path) -> "Progress":
@@ -278,7 +279,7 @@ class Uptrainer:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (tmp / PROGRESS_FILE).write_text(json.dumps(asdict(prog)) + "\n")
+            (tmp / PROGRESS_FILE).write_text(json.dumps(asdict(prog) | {"processes": acc.num_processes}) + "\n")
             (tmp / RECIPE_FILE).write_text(json.dumps(recipe_snapshot(self.r), indent=1) + "\n")
             digests = sorted(self.seen)
             save_file({"digests": torch.tensor(digests, dtype=torch.int64),
@@ -335,7 +336,7 @@ class Uptrainer:
         if self.out.exists() and not resume and any(self.out.iterdir()) and (self.ckpt_dir.exists() or (self.out / "final").exists()):
             raise KvSurgeonError(f"{self.out} already holds a run; pass --resume to continue it, or choose another output")
         if resume:
-            self._check_resume_recipe()
+            self._check_resume()
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(r.seed)
         random.seed(r.seed)
@@ -390,11 +391,19 @@ class Uptrainer:
         self._truncate_metrics(prog.global_step)
         return prog, ck
 
-    def _check_resume_recipe(self) -> None:
+    def _check_resume(self) -> None:
         """Before anything loads or is written: a resume continues the run its checkpoint belongs to,
-        so other data, seeds or optimiser settings are refused instead of silently mixed in."""
+        so another process count, other data, seeds or optimiser settings are refused instead of silently
+        mixed in."""
         ck = self.latest_checkpoint()
-        if ck is None or not (ck / RECIPE_FILE).is_file():  # no checkpoint: _resume_point says so; older ones carry no recipe
+        if ck is None:  # _resume_point says so
+            return
+        n = Progress.read(ck).processes
+        if n and n != self.acc.num_processes:
+            # steps, the rank split of the data, each rank's RNG and any sharded state follow the world size
+            raise KvSurgeonError(f"--resume: {ck} was written by {n} process(es), this is {self.acc.num_processes}; "
+                                 f"resume with {n} (e.g. accelerate launch --num_processes {n} ...)")
+        if not (ck / RECIPE_FILE).is_file():  # older checkpoints carry no recipe
             return
         changed = resume_changes(json.loads((ck / RECIPE_FILE).read_text()), recipe_snapshot(self.r))
         if changed:
