@@ -52,6 +52,8 @@ def main() -> None:
                     help="KL weight of the restated code's tokens in retrieval windows (1 = plain mean)")
     ap.add_argument("--seed", type=int, default=0, help="recipe seed: another draw of which windows carry facts, and which facts")
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute activations in the backward pass: MLA at 4K needs it in 24 GB (without: killed for memory)")
     ap.add_argument("--trainable", default="attention", choices=["attention", "all", "new"])
     ap.add_argument("--lengths", default="1024,2048")
     ap.add_argument("--depths", type=int, default=5)
@@ -97,7 +99,7 @@ def main() -> None:
                     "seq_len": n} for n, t in zip(lengths, budget)],
         "optim": {"lr": args.lr, "warmup_steps": 5, "schedule": "cosine"},
         "distill": {"answer_weight": args.answer_weight},
-        "precision": "auto", "save_every": 10, "seed": args.seed,
+        "precision": "auto", "save_every": 10, "seed": args.seed, "gradient_checkpointing": args.gradient_checkpointing,
     })
     t0 = time.time()
     uptrain(recipe, resume=(run / "checkpoints").is_dir())
@@ -124,7 +126,7 @@ def main() -> None:
         print(markdown(results), flush=True)
     summary = {"student": str(student), "tokens": trained[-1]["tokens"], "seq_len": lengths, "stage_tokens": budget,
                "retrieval": args.retrieval, "answer_weight": args.answer_weight, "seed": args.seed,
-               "lr": args.lr, "trainable": args.trainable, "train_seconds": train_secs,
+               "lr": args.lr, "trainable": args.trainable, "gradient_checkpointing": args.gradient_checkpointing, "train_seconds": train_secs,
                "tokens_per_s": sorted(m["tokens_per_s"] for m in trained)[len(trained) // 2], "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     md = markdown(results) + "\n| model | 512-window ppl ratio, pydocs-valid | second domain |\n|---|---:|---:|\n"
