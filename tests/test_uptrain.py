@@ -13,7 +13,7 @@ import yaml
 
 from kvsurgeon.convert.errors import KvSurgeonError
 from kvsurgeon.convert.train.recipe import RecipeError, apply_overrides, load_recipe, recipe_from_dict
-from kvsurgeon.convert.train.uptrain import uptrain
+from kvsurgeon.convert.train.uptrain import Uptrainer, uptrain
 
 from conftest import save_tiny
 
@@ -85,6 +85,23 @@ def test_resume_is_exact(tmp_path, text_file, tie):
     uptrain(recipe_from_dict(part), resume=True, progress=False)
     got = train_losses(tmp_path / "part")
     assert len(got) == 8
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_trains_the_same_function(tmp_path, text_file):
+    """Recomputing activations in the backward is exact: the same losses as keeping them, and no
+    deprecation warning from transformers' renamed switch."""
+    kw = dict(stages=[{"name": "e2e", "tokens": 32 * 2 * 4, "trainable": "attention"}])
+    uptrain(recipe_from_dict(base_recipe(tmp_path, text_file, output=str(tmp_path / "plain"), **kw)), progress=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*checkpointing.*", category=FutureWarning)
+        uptrain(recipe_from_dict(base_recipe(tmp_path, text_file, output=str(tmp_path / "gc"), gradient_checkpointing=True, **kw)),
+                progress=False)
+    ref, got = train_losses(tmp_path / "plain"), train_losses(tmp_path / "gc")
+    assert len(got) == 4
+    # and it was on: the student the runner loads recomputes
+    r = recipe_from_dict(base_recipe(tmp_path, text_file, output=str(tmp_path / "gc"), gradient_checkpointing=True, **kw))
+    assert Uptrainer(r, progress=False).load(tmp_path / "gc" / "final", trainable=True).is_activation_checkpointing
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-6)
 
 

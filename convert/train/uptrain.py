@@ -256,7 +256,9 @@ class Uptrainer:
             folder, dtype=torch.float32, attn_implementation=attn_implementation(self.r.kernels, self.avail)
         )
         if trainable and self.r.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            # transformers renamed it (the old name warns from 5.2x and goes in v6)
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
         model.train(trainable)
         if not trainable:
             model.requires_grad_(False)
