@@ -99,10 +99,10 @@ def test_gradient_checkpointing_trains_the_same_function(tmp_path, text_file):
                 progress=False)
     ref, got = train_losses(tmp_path / "plain"), train_losses(tmp_path / "gc")
     assert len(got) == 4
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-6)
     # and it was on: the student the runner loads recomputes
     r = recipe_from_dict(base_recipe(tmp_path, text_file, output=str(tmp_path / "gc"), gradient_checkpointing=True, **kw))
     assert Uptrainer(r, progress=False).load(tmp_path / "gc" / "final", trainable=True).is_activation_checkpointing
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-6)
 
 
 def test_curriculum_stages_train_at_their_lengths_continue_the_data_and_resume_exactly(tmp_path, text_file):
