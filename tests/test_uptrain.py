@@ -105,8 +105,11 @@ def test_gradient_checkpointing_trains_the_same_function(tmp_path, text_file):
     assert Uptrainer(r, progress=False).load(tmp_path / "gc" / "final", trainable=True).is_activation_checkpointing
 
 
-def test_curriculum_stages_train_at_their_lengths_continue_the_data_and_resume_exactly(tmp_path, text_file):
-    # 4 steps of 32-token windows, then 3 of 64 (stages[1].seq_len); interrupted inside the second stage
+@pytest.mark.parametrize("stop", [2, 4, 5], ids=["inside-first-stage", "between-stages", "inside-second-stage"])
+def test_curriculum_stages_train_at_their_lengths_continue_the_data_and_resume_exactly(tmp_path, text_file, stop):
+    # 4 steps of 32-token windows, then 3 of 64 (stages[1].seq_len); stopped after `stop` steps. Inside
+    # the first stage, a resume once restored the checkpoint again at the second stage's start (back to
+    # step 2's weights); between stages, it resumes from the first stage's end
     kw = dict(stages=[{"name": "short", "tokens": 32 * 2 * 4, "trainable": "attention"},
                       {"name": "long", "tokens": 64 * 2 * 3, "trainable": "attention", "seq_len": 64}])
     uptrain(recipe_from_dict(base_recipe(tmp_path, text_file, output=str(tmp_path / "full"), **kw)), progress=False)
@@ -118,8 +121,15 @@ def test_curriculum_stages_train_at_their_lengths_continue_the_data_and_resume_e
     # every window new: the long stage continues the stream instead of restarting the file
     assert [r["distinct_tokens"] for r in train] == want
 
-    part = base_recipe(tmp_path, text_file, output=str(tmp_path / "part"), max_steps=5, **kw)
+    # every stage's end is a checkpoint (save_every=2 puts none at step 7), the one a stop between
+    # stages resumes from
+    end = json.loads((tmp_path / "full" / "checkpoints" / "step-0000007" / "progress.json").read_text())
+    assert (end["stage"], end["stage_step"], end["processes"]) == (1, 3, 1)
+
+    part = base_recipe(tmp_path, text_file, output=str(tmp_path / "part"), max_steps=stop, **kw)
     uptrain(recipe_from_dict(part), progress=False)
+    saved = json.loads((tmp_path / "part" / "checkpoints" / f"step-{stop:07d}" / "progress.json").read_text())
+    assert (saved["stage"], saved["stage_step"]) == {2: (0, 2), 4: (0, 4), 5: (1, 1)}[stop]
     part["max_steps"] = None
     uptrain(recipe_from_dict(part), resume=True, progress=False)
     got = [json.loads(l) for l in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]

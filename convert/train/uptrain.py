@@ -281,7 +281,7 @@ class Uptrainer:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (tmp / PROGRESS_FILE).write_text(json.dumps(asdict(prog) | {"processes": acc.num_processes}) + "\n")
+            (tmp / PROGRESS_FILE).write_text(json.dumps(asdict(prog)) + "\n")
             (tmp / RECIPE_FILE).write_text(json.dumps(recipe_snapshot(self.r), indent=1) + "\n")
             digests = sorted(self.seen)
             save_file({"digests": torch.tensor(digests, dtype=torch.int64),
@@ -350,6 +350,7 @@ class Uptrainer:
         teacher = acc.prepare_model(teacher, evaluation_mode=True)
         student_base = self.load(folder, trainable=True)
         prog, ck = self._resume_point(resume)
+        prog.processes = acc.num_processes  # _check_resume refused any other count
         steps = r.stage_steps(acc.num_processes)
         stream = PackedStream(tok, r.data.train, stage_lengths(r, steps, acc.num_processes), r.batch_size, r.data.text_field,
                               r.data.split, rank=acc.process_index, world=acc.num_processes, retrieval=r.data.retrieval,
@@ -368,8 +369,7 @@ class Uptrainer:
             self.kernels.remove()
         bar.close()
         if prog.stage < len(r.stages):  # stopped by max_steps: leave a checkpoint to resume from
-            self.save_checkpoint(prog)
-            return self.latest_checkpoint()
+            return self._checkpoint_now(prog)
         with KernelRecorder(self.kernel_mode, [student_base, teacher]):  # the final eval runs the same paths
             final = self.finish(student_base, teacher, folder, run.config, prog)
         if acc.is_main_process:
@@ -420,8 +420,17 @@ class Uptrainer:
             # save now could pair mismatched collectives and hang, so keep the last periodic checkpoint
             last = self.latest_checkpoint()
             raise KvSurgeonError(f"interrupted: continue with --resume from {last or 'the start (no checkpoint yet)'}") from None
-        path = self.save_checkpoint(prog)
+        path = self._checkpoint_now(prog)
         raise KvSurgeonError(f"interrupted: checkpoint saved to {path}; continue with --resume") from None
+
+    def _checkpoint_now(self, prog: Progress) -> Path:
+        """A checkpoint at this step: the one already written here if there is one (a stage's end always
+        is). Between stages that one is consistent whenever the stop comes, even before the next stage's
+        optimiser exists."""
+        last = self.latest_checkpoint()
+        if last is not None and Progress.read(last).global_step == prog.global_step:
+            return last
+        return self.save_checkpoint(prog)
 
     def _train_stages(self, run: "_Run", student_base):
         """Every remaining stage from the progress point; returns the student (LoRA merged after each
@@ -449,11 +458,12 @@ class Uptrainer:
         opt = torch.optim.AdamW(params, lr=stage.lr or r.optim.lr, betas=tuple(r.optim.betas), weight_decay=r.optim.weight_decay)
         sched = make_scheduler(opt, run.steps[si], r.optim.warmup_steps, r.optim.schedule, r.optim.min_lr_ratio)
         model, opt, sched = acc.prepare(model, opt, sched)
-        if run.ck is not None and si == prog.stage:
-            self._restore(run.ck)
         if prog.global_step == 0 and run.ck is None and si == 0:
             # after prepare: the student is on the accelerator's device (sharded under FSDP)
             self.evaluate(model, run.teacher, run.folder, prog, "after conversion")
+        if run.ck is not None and si == prog.stage:
+            self._restore(run.ck)
+            run.ck = None  # consumed: the next stage starts from this one's weights, not the checkpoint's
         params = [p for p in model.parameters() if p.requires_grad]
         start = prog.stage_step if si == prog.stage else 0
         for _ in range(start, run.steps[si]):
@@ -515,7 +525,9 @@ class Uptrainer:
             self._log_kernels(student_base, run.teacher, prog)
         run.bar.update(1)
         run.bar.set_postfix(stage=stage.name, loss=f"{loss_v:.3f}", kl=f"{kl_v:.3f}", tok_s=f"{tps:.0f}")
-        if prog.global_step % r.save_every == 0:
+        # and at every stage's end: a run stopped between stages (at any moment of the switch) resumes
+        # from there into a fresh next stage
+        if prog.global_step % r.save_every == 0 or prog.stage_step == run.steps[prog.stage]:
             self.save_checkpoint(prog)
         if r.eval_every and prog.global_step % r.eval_every == 0:
             self.evaluate(model, run.teacher, run.folder, prog, stage.name)
@@ -615,4 +627,4 @@ class _Run:
     steps: list[int]  # optimiser steps per stage
     bar: object  # tqdm
     prog: "Progress"
-    ck: Path | None  # the checkpoint resumed from
+    ck: Path | None  # the checkpoint to resume from, until its stage has restored it
