@@ -91,6 +91,8 @@ class Recipe:
     grad_accum: int = 1
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where native, else fp32 (precision.py)
     gradient_checkpointing: bool = False
+    # CPU: refuse a run whose step is estimated not to fit in the host's available memory (train/memory.py)
+    memory_check: bool = True
     # auto: the fused kernels transformers binds on CUDA (FlashAttention-2, mamba_ssm, fla), PyTorch
     # elsewhere; fused: demand them (error naming what to install); torch: PyTorch paths everywhere
     kernels: KernelChoice = "auto"

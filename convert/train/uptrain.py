@@ -17,7 +17,7 @@ import random
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,7 +41,7 @@ RECIPE_FILE = "recipe.json"  # the recipe that trained up to this checkpoint, ch
 # recipe keys a resume may change: where and how often it saves, evaluates and stops, and which
 # kernels compute the same function; everything else decides what is trained on and how
 RESUME_FREE = frozenset({"output", "eval_every", "save_every", "keep_checkpoints", "push_to_hub", "max_steps", "kernels",
-                         "hardware", "gradient_checkpointing", "data.eval", "data.eval_split", "data.eval_tokens",
+                         "hardware", "gradient_checkpointing", "memory_check", "data.eval", "data.eval_split", "data.eval_tokens",
                          "data.streaming"})
 
 
@@ -349,7 +349,10 @@ class Uptrainer:
         teacher = self.load(src, trainable=False)
         teacher = acc.prepare_model(teacher, evaluation_mode=True)
         student_base = self.load(folder, trainable=True)
+        memory = self._check_memory(student_base, run_config := read_config(folder))
         prog, ck = self._resume_point(resume)
+        if memory is not None:
+            self.log({"kind": "memory", "step": prog.global_step, **memory})
         prog.processes = acc.num_processes  # _check_resume refused any other count
         steps = r.stage_steps(acc.num_processes)
         stream = PackedStream(tok, r.data.train, stage_lengths(r, steps, acc.num_processes), r.batch_size, r.data.text_field,
@@ -357,7 +360,7 @@ class Uptrainer:
                               seed=r.seed)
         total = sum(steps) if r.max_steps is None else min(sum(steps), r.max_steps)
         bar = tqdm(total=total, initial=prog.global_step, desc="uptrain", unit="step", disable=not (self.progress and acc.is_main_process))
-        run = _Run(teacher=teacher, folder=folder, config=read_config(folder), stream=stream,
+        run = _Run(teacher=teacher, folder=folder, config=run_config, stream=stream,
                    batches=stream.batches_with_answers(skip_windows=prog.windows), steps=steps, bar=bar, prog=prog, ck=ck)
         self.kernels = KernelRecorder(self.kernel_mode, [student_base, teacher]).install()
         try:
@@ -375,6 +378,60 @@ class Uptrainer:
         if acc.is_main_process:
             plot_metrics(self.metrics_file, self.out / "metrics.png")
         return final
+
+    def _check_memory(self, student, config: dict) -> dict | None:
+        """On CPU, before training: refuse a run whose step cannot fit in the host memory left (the
+        kernel would kill it minutes in, with no message); warn when it may not. Returns the estimate
+        for metrics.jsonl."""
+        from . import memory as mem
+
+        r, acc = self.r, self.acc
+        if acc.device.type != "cpu" or not r.memory_check:
+            return None
+        loaded = mem.process_rss()
+        stage = max(r.stages, key=r.stage_seq_len)  # the longest windows cost the most
+        n = r.stage_seq_len(stage)
+        flags = [p.requires_grad for p in student.parameters()]
+        select_trainable(student, stage if stage.trainable != "lora" else replace(stage, trainable="attention"), config)
+        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        vocab = student.get_input_embeddings().num_embeddings
+
+        def step(length: int) -> torch.Tensor:
+            g = torch.Generator().manual_seed(0)  # its own: the run's seeded RNG stream stays untouched
+            ids = torch.randint(0, vocab, (1, length), generator=g)
+            with acc.autocast():
+                s_logits = student(input_ids=ids).logits
+                t_logits = torch.randn(s_logits.shape, generator=g).to(s_logits.dtype)
+            return distill_loss(s_logits, t_logits, ids, r.distill.temperature, r.distill.kl_weight, r.distill.ce_weight)[0]
+
+        lengths = mem.probe_lengths(n)
+        try:
+            probes = mem.probe(student, step, lengths)
+        finally:
+            for p, f in zip(student.parameters(), flags):
+                p.requires_grad_(f)
+        est = {ck: mem.estimate_step(probes, n, r.batch_size, trainable, ck, lengths) for ck in (False, True)}
+        procs = mem.local_processes()
+        need = est[r.gradient_checkpointing].floor * procs
+        avail = mem.host_memory_available()
+        fits = torch.tensor([1.0 if avail is None or need <= avail else 0.0], device=acc.device)
+        if acc.num_processes > 1:  # every rank refuses, or none does
+            fits = acc.reduce(fits, reduction="mean")
+        e = est[r.gradient_checkpointing]
+        what = (f"a step on {n:,}-token windows (batch_size {r.batch_size}, stage {stage.name!r}) needs at least "
+                f"{mem.gib(e.floor)} beyond the loaded models (saved activations {mem.gib(e.activations)}, AdamW "
+                f"{mem.gib(e.optimizer)}) x {procs} process(es), and {mem.gib(avail or 0)} is available")
+        fix = (f"set gradient_checkpointing: true (at least {mem.gib(est[True].floor * procs)}), or "
+               if not r.gradient_checkpointing else "") + "lower seq_len or batch_size"
+        if fits.item() < 1.0:
+            raise KvSurgeonError(f"uptrain cannot fit in memory: {what}; {fix} (memory_check: false runs it anyway)")
+        if avail is not None and 2 * need > avail and acc.is_main_process:
+            # transients and the allocator come on top of the floor (measured up to ~1.9x): a kill without a message
+            warnings.warn(f"uptrain may run out of memory: {what}; peaks measured up to ~2x that. If it is killed, {fix}",
+                          stacklevel=2)
+        return {"seq_len": n, "batch_size": r.batch_size, "floor_bytes": e.floor,
+                "floor_bytes_checkpointed": est[True].floor, "floor_bytes_plain": est[False].floor, "available_bytes": avail,
+                "loaded_rss_bytes": loaded}
 
     def _resume_point(self, resume: bool) -> tuple[Progress, Path | None]:
         """Progress and the checkpoint to continue from (a fresh start: none)."""
