@@ -113,13 +113,21 @@ def require_fused(choice: str, configs: list[dict], avail: Availability | None =
 
 
 # ---- what a run actually used -------------------------------------------------------------------
+def _closure(fn) -> dict:
+    code = getattr(fn, "__code__", None)
+    if code is None or not getattr(fn, "__closure__", None):
+        return {}
+    return {n: c.cell_contents for n, c in zip(code.co_freevars, fn.__closure__)}
+
+
 def _fallback_parts(fn) -> dict | None:
     """The closure of transformers' ``use_kernel_func_from_hub_with_fallback`` wrapper: the bound
     ``implementation`` and the ``torch_function`` it replaces; None for any other function."""
-    code = getattr(fn, "__code__", None)
-    if code is None or not {"implementation", "torch_function"} <= set(code.co_freevars) or not fn.__closure__:
-        return None
-    return {n: c.cell_contents for n, c in zip(code.co_freevars, fn.__closure__)}
+    # With the `kernels` package (a transformers dependency from 5.25) the module-level name is a
+    # hub-replaceable nn.Module whose forward closes over that wrapper as `func`: look through it
+    inner = _closure(getattr(type(fn), "forward", None)).get("func") if isinstance(fn, torch.nn.Module) else None
+    parts = _closure(inner if inner is not None else fn)
+    return parts if {"implementation", "torch_function"} <= set(parts) else None
 
 
 def _package(impl) -> str:
@@ -175,8 +183,15 @@ class KernelRecorder:
                     continue
                 seen.add(type(m))
                 mod = sys.modules[type(m).__module__]
-                names = inspect.unwrap(type(m).forward).__code__.co_names
-                for n in names:
+                names = list(inspect.unwrap(type(m).forward).__code__.co_names)
+                # transformers >= 5.25 calls helpers (causal_conv1d_forward, mamba2_scan_forward) that call
+                # the fallback functions by the module's global names: follow them one level
+                for n in list(names):
+                    f = getattr(mod, n, None)
+                    inner = _closure(getattr(type(f), "forward", None)).get("func") if isinstance(f, torch.nn.Module) else None
+                    if inner is not None and _fallback_parts(f) is None and getattr(inner, "__module__", None) == mod.__name__:
+                        names += inner.__code__.co_names
+                for n in dict.fromkeys(names):
                     if _fallback_parts(getattr(mod, n, None)) is not None:
                         yield mod, n
 
