@@ -59,11 +59,13 @@ def main() -> None:
             metrics = run / "metrics.jsonl"
             memrow = next((r for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "memory"), None) \
                 if metrics.is_file() else None
-            refused = next((l.strip() for l in proc.stderr.splitlines() if "cannot fit in memory" in l), "")
+            # the CLI wraps its error over several lines: keep the message whole
+            i = proc.stderr.find("cannot fit in memory")
+            refused = " ".join(proc.stderr[i:].split()) if i >= 0 else ""
             if memrow is None and not refused:
                 raise SystemExit(f"{run.name} failed:\n{proc.stderr[-3000:]}")
             if refused:  # the check refused before the memory row was written: its numbers are in the message
-                row = {"run": run.name, "seq_len": n, "checkpointing": ck, "result": "refused", "peak": st["peak_rss_bytes"] / GB,
+                row = {"run": run.name, "seq_len": n, "checkpointing": ck, "result": "refused", "check_peak": st["peak_rss_bytes"] / GB,
                        "note": refused}
             else:
                 row = {"run": run.name, "seq_len": n, "checkpointing": ck, "result": f"{args.steps} steps",
