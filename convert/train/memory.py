@@ -13,9 +13,10 @@ The estimate is a floor, beyond the loaded models: AdamW's two moments (8 bytes 
 parameter) plus, at the end of the forward pass, every saved tensor (with checkpointing: the saved
 tensors outside the layers, each layer's input and the largest layer's saved tensors, recomputed).
 Transients and the allocator come on top: for SmolLM2 MLA -75% the peak beyond the loaded models was
-9.4 GB against a 7.4 GB floor on 2,048-token windows, and 6.4 GB against 3.5 GB with checkpointing on
+9.5 GB against a 7.4 GB floor on 2,048-token windows, and 6.7 GB against 3.5 GB with checkpointing on
 4,096 (``scripts/bench_memory.py``). So a floor above the memory available is a run that cannot fit
-(refused); one above half of it may not (a warning).
+(refused); one above half of it may not (a warning). The probes themselves peak at ~3.9 GB beyond the
+loaded models for that model, below any of those steps.
 """
 
 from __future__ import annotations
