@@ -134,18 +134,11 @@ def probe(model, run_step: Callable[[int], torch.Tensor], lengths: tuple[int, ..
         return [saved_bytes(model, lambda n=n: run_step(n)) for n in lengths]
     finally:
         model.train(was)
-        release_freed_memory()
+        # hand the probes' freed heap back to the OS (glibc keeps freed small blocks: ~1.2 GB after one
+        # SmolLM2 MLA forward at 1,024 tokens), so they do not add to the run's peak
+        from ..pipeline.driver import release_memory
 
-
-def release_freed_memory() -> None:
-    """Hand the probes' freed heap back to the OS (glibc keeps freed small blocks: ~1.2 GB after one
-    SmolLM2 MLA forward at 1,024 tokens), so they do not add to the run's peak. No-op off glibc."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        release_memory()
 
 
 def estimate_step(probes: list[SavedBytes], seq_len: int, batch_size: int, trainable_params: int,
@@ -168,16 +161,21 @@ def estimate_step(probes: list[SavedBytes], seq_len: int, batch_size: int, train
     return StepMemory(seq_len=seq_len, batch_size=batch_size, optimizer=8 * trainable_params, activations=int(activations))
 
 
+def _proc_kib(path: str, key: str) -> int | None:
+    """A ``Key:  N kB`` line of a /proc file, in bytes; None where it cannot be read (not Linux)."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def host_memory_available() -> int | None:
     """Bytes this process may still allocate: MemAvailable, or the cgroup's remaining limit if lower;
     None where neither can be read (not Linux)."""
-    avail = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    avail = _proc_kib("/proc/meminfo", "MemAvailable")
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if limit != "max":
@@ -191,13 +189,7 @@ def host_memory_available() -> int | None:
 
 def process_rss() -> int | None:
     """This process's resident memory now (the loaded models, before the check adds anything)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_kib("/proc/self/status", "VmRSS")
 
 
 def gib(n: float) -> str:
