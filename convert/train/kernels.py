@@ -120,12 +120,16 @@ def _closure(fn) -> dict:
     return {n: c.cell_contents for n, c in zip(code.co_freevars, fn.__closure__)}
 
 
+def _hub_inner(fn):
+    """With the `kernels` package (a transformers dependency from 5.25) a module-level kernel name is a
+    hub-replaceable nn.Module whose forward closes over the function as `func`: that function, else None."""
+    return _closure(type(fn).forward).get("func") if isinstance(fn, torch.nn.Module) else None
+
+
 def _fallback_parts(fn) -> dict | None:
     """The closure of transformers' ``use_kernel_func_from_hub_with_fallback`` wrapper: the bound
     ``implementation`` and the ``torch_function`` it replaces; None for any other function."""
-    # With the `kernels` package (a transformers dependency from 5.25) the module-level name is a
-    # hub-replaceable nn.Module whose forward closes over that wrapper as `func`: look through it
-    inner = _closure(getattr(type(fn), "forward", None)).get("func") if isinstance(fn, torch.nn.Module) else None
+    inner = _hub_inner(fn)
     parts = _closure(inner if inner is not None else fn)
     return parts if {"implementation", "torch_function"} <= set(parts) else None
 
@@ -188,7 +192,7 @@ class KernelRecorder:
                 # the fallback functions by the module's global names: follow them one level
                 for n in list(names):
                     f = getattr(mod, n, None)
-                    inner = _closure(getattr(type(f), "forward", None)).get("func") if isinstance(f, torch.nn.Module) else None
+                    inner = _hub_inner(f)
                     if inner is not None and _fallback_parts(f) is None and getattr(inner, "__module__", None) == mod.__name__:
                         names += inner.__code__.co_names
                 for n in dict.fromkeys(names):
