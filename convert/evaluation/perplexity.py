@@ -77,13 +77,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_model(name: str, dtype: str = "float32", revision: str | None = None, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..padded_sdpa import sdpa_for
 
     path = resolve_model(name, revision=revision)
     if dtype not in DTYPES:
         raise KvSurgeonError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+        path, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, attn_implementation=sdpa_for(config)
     )
     model.eval()
     warn_slow_half_precision(model)

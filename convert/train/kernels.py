@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 
 from ..errors import KvSurgeonError
+from ..padded_sdpa import sdpa_for
 
 KernelChoice = Literal["auto", "fused", "torch"]
 KERNEL_CHOICES: tuple[str, ...] = ("auto", "fused", "torch")
@@ -89,12 +90,13 @@ def layer_types_of(config: dict) -> Counter:
     return Counter(names.get(t, "softmax") for t in types_)
 
 
-def attn_implementation(choice: str, avail: Availability | None = None) -> str:
-    """What to pass to ``from_pretrained``: FlashAttention-2 when fused and installed, else SDPA."""
+def attn_implementation(choice: str, avail: Availability | None = None, config=None) -> str:
+    """What to pass to ``from_pretrained``: FlashAttention-2 when fused and installed, else SDPA (padded to
+    one head width where ``config``'s values are narrower, so PyTorch's fused CPU kernel runs)."""
     avail = avail or Availability.detect()
     if resolve(choice, avail) == "fused" and avail.has("softmax"):
         return "flash_attention_2"
-    return "sdpa"
+    return sdpa_for(config) if config is not None else "sdpa"
 
 
 def require_fused(choice: str, configs: list[dict], avail: Availability | None = None) -> None:

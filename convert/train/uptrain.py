@@ -250,10 +250,12 @@ class Uptrainer:
         run_conversion(self.r.source, spec, ConvertOptions(out=folder, progress=self.progress, measure="off"), recipe=self.recipe_text)
 
     def load(self, folder: Path, trainable: bool):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
+        config = AutoConfig.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, attn_implementation=attn_implementation(self.r.kernels, self.avail)
+            folder, config=config, dtype=torch.float32,
+            attn_implementation=attn_implementation(self.r.kernels, self.avail, config),
         )
         if trainable and self.r.gradient_checkpointing:
             # transformers renamed it (the old name warns from 5.2x and goes in v6)
