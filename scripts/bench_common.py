@@ -41,7 +41,8 @@ def _child(stats: str, argv: list[str]) -> None:
     t0 = time.time()
     code = 0
     try:
-        app(argv, standalone_mode=False)
+        # without standalone mode, click returns a typer.Exit's code instead of raising it
+        code = int(app(argv, standalone_mode=False) or 0)
     except SystemExit as e:
         code = int(e.code or 0)
     io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
