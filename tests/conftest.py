@@ -30,11 +30,16 @@ def tiny_model(model_type: str = "llama", seed: int = 0, dtype=torch.float32, **
     torch.manual_seed(seed)
     cfg = tiny_config(model_type, **overrides)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    with torch.no_grad():  # random init is tiny; widen it so heads differ measurably
+    return widen_matrices(model).eval()
+
+
+def widen_matrices(model):
+    """Redraw every weight matrix from N(0, 0.08): transformers' random init is tiny, so heads would barely differ."""
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
-    return model.eval()
+    return model
 
 
 def save_tiny(folder: Path, model_type: str = "llama", max_shard_size: str = "40KB", seed: int = 0, **overrides) -> Path:

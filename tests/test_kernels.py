@@ -32,7 +32,7 @@ from kvsurgeon.convert.train.kernels import (
     resolve,
 )
 
-from conftest import tiny_config, write_tiny_tokenizer
+from conftest import tiny_config, widen_matrices, write_tiny_tokenizer
 
 ALL = frozenset({"flash_attn", "fla", "mamba_ssm", "causal_conv1d"})
 CPU = Availability(cuda=False, packages=frozenset())
@@ -107,11 +107,7 @@ def _model(kind: str, attn: str = "sdpa", seed: int = 0):
         cfg = AutoConfig.for_model(d.pop("model_type"), **d)
     torch.manual_seed(seed)
     m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=attn)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    return m.train()
+    return widen_matrices(m).train()
 
 
 STUDIED = {"softmax": "self_attn", "mamba2": "mamba", "gated_deltanet": "linear_attn"}

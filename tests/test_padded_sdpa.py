@@ -15,7 +15,7 @@ from kvsurgeon.convert.padded_sdpa import NAME, pad_values, register, sdpa_for, 
 from kvsurgeon.convert.train import memory as mem
 from kvsurgeon.convert.train.kernels import Availability, attn_implementation
 
-from conftest import tiny_config
+from conftest import tiny_config, widen_matrices
 from test_memory import step_fn
 
 FLASH_CPU = "ScaledDotProductFlashAttentionForCpuBackward0"
@@ -30,12 +30,7 @@ def mla_config(**kw) -> dict:
 
 def mla(attn: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM._from_config(DeepseekV3Config(**mla_config()), attn_implementation=attn, dtype=torch.float32)
-    with torch.no_grad():  # widen the tiny init so attention is far from uniform
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    return model
+    return widen_matrices(DeepseekV3ForCausalLM._from_config(DeepseekV3Config(**mla_config()), attn_implementation=attn, dtype=torch.float32))
 
 
 def backward_ops(t: torch.Tensor) -> set[str]:
