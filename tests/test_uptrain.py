@@ -176,6 +176,47 @@ def test_overrides_parse(tmp_path, text_file):
         load_recipe(path, ["optim.lr"])
 
 
+def test_recipe_base_inheritance(tmp_path, text_file):
+    """A child recipe names only what differs: mappings merge key by key, lists replace, the conversion
+    block replaces as a whole (an MLA base's ranks must not reach a hybrid child), ``base`` is relative to
+    the child's file, and command-line overrides apply last."""
+    base = base_recipe(tmp_path, text_file) | {"conversion": {"to": "mla", "kv_lora_rank": 8, "rope_dim": 4}}
+    (tmp_path / "parent").mkdir()
+    (tmp_path / "parent" / "base.yaml").write_text(yaml.safe_dump(base))
+    child = {"base": "parent/base.yaml", "output": str(tmp_path / "child-run"),
+             "conversion": {"to": "mqa", "method": "mean"},
+             "optim": {"lr": 1e-3},
+             "stages": [{"name": "a", "tokens": 256}, {"name": "b", "tokens": 512, "seq_len": 64}]}
+    path = tmp_path / "child.yaml"
+    path.write_text(yaml.safe_dump(child))
+    r, text = load_recipe(path, ["optim.warmup_steps=0"])
+    assert r.output == str(tmp_path / "child-run") and r.source == base["source"]
+    assert r.optim.lr == 1e-3 and r.optim.schedule == "cosine" and r.optim.warmup_steps == 0  # merged, then overridden
+    assert [s.name for s in r.stages] == ["a", "b"] and r.stages[1].seq_len == 64  # the list replaced
+    assert r.conversion.to == "mqa" and r.conversion.kv_lora_rank is None  # replaced whole
+    assert r.data.seq_len == 32 and r.batch_size == 2  # inherited
+    recorded = yaml.safe_load(text)  # the run records the resolved recipe, not a pointer to another file
+    assert "base" not in recorded and recorded["data"] == base["data"]
+    assert recipe_from_dict(recorded) == r
+    # a chain of bases resolves too, nearest last
+    (tmp_path / "grandchild.yaml").write_text(yaml.safe_dump({"base": "child.yaml", "batch_size": 4}))
+    g, _ = load_recipe(tmp_path / "grandchild.yaml")
+    assert g.batch_size == 4 and g.optim.lr == 1e-3 and g.conversion.to == "mqa"
+
+
+def test_recipe_base_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(RecipeError, match=r"missing\.yaml does not exist \(the base of .*a\.yaml\)"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(RecipeError, match="cycle: .*a.yaml -> .*b.yaml -> .*a.yaml"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(RecipeError, match="'base' is the path of another recipe file"):
+        load_recipe(tmp_path / "c.yaml")
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

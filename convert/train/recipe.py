@@ -2,7 +2,8 @@
 
 One file names everything a run needs: the source, the conversion (same options as
 ``kvsurgeon convert``), data, token budget, stages, optimiser, distillation, precision, eval,
-output and push. Unknown keys and bad values fail with the path of the offending key.
+output and push. Unknown keys and bad values fail with the path of the offending key. ``base:``
+names another recipe file whose keys this one inherits (``merge_recipe``).
 """
 
 from __future__ import annotations
@@ -255,15 +256,56 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, str]:
-    """Returns the validated recipe and the YAML text actually used (with overrides applied)."""
-    p = Path(path)
+# A conversion is one unit: a child recipe's block replaces its base's whole, so an MLA base's ranks never
+# leak into a hybrid child.
+WHOLE_SECTIONS = ("conversion",)
+
+
+def merge_recipe(base: dict, child: dict) -> dict:
+    """``child`` over ``base``: mappings merge key by key, lists and scalars replace, and the
+    ``conversion`` block replaces as a whole."""
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in WHOLE_SECTIONS:
+            out[key] = _merge_mapping(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _merge_mapping(base: dict, child: dict) -> dict:
+    out = dict(base)
+    for key, value in child.items():
+        out[key] = _merge_mapping(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_recipe_data(p: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """One recipe file's mapping, with its ``base:`` chain (paths relative to the file) resolved."""
     if not p.is_file():
-        raise RecipeError(f"recipe {p} does not exist")
+        via = f" (the base of {seen[-1]})" if seen else ""
+        raise RecipeError(f"recipe {p} does not exist{via}")
+    if p.resolve() in seen:
+        chain = " -> ".join(str(s) for s in (*seen, p.resolve()))
+        raise RecipeError(f"recipe bases form a cycle: {chain}; remove one 'base:' key")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise RecipeError(f"{p} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p}: a recipe is a mapping of keys (source, conversion, data, ...), got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise RecipeError(f"{p}: 'base' is the path of another recipe file, got {base!r}")
+    return merge_recipe(_read_recipe_data(p.parent / base, (*seen, p.resolve())), data)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, str]:
+    """Returns the validated recipe and the YAML text actually used: ``base:`` resolved (so a run records
+    every value it trained with), then overrides applied."""
+    data = _read_recipe_data(Path(path))
     data = apply_overrides(data, overrides or [])
     recipe = _build(Recipe, data, "").validate()
     return recipe, yaml.safe_dump(data, sort_keys=False)
