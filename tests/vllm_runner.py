@@ -63,6 +63,19 @@ def parse_output(stdout: str) -> list[dict]:
     return results
 
 
+def cpu_mla_backend(path: str) -> dict:
+    """Pin vLLM's reference CPU MLA backend for an MLA checkpoint. On a CPU with AMX tiles vLLM picks
+    AMX_MLA instead, whose weight packing takes only bf16/fp16/int8 ("expect weight to be bfloat16,
+    ..."), and these runs serve float32 to compare with transformers at float tolerance. CPU_MLA is
+    what every CPU without AMX gets, so the results no longer depend on the host."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            is_mla = "kv_lora_rank" in json.load(f)
+    except (OSError, ValueError):
+        return {}  # vLLM reports the unreadable checkpoint itself
+    return {"attention_backend": "CPU_MLA"} if is_mla else {}
+
+
 def run_model(spec: dict, max_tokens: int, max_model_len: int) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -70,8 +83,9 @@ def run_model(spec: dict, max_tokens: int, max_model_len: int) -> dict:
     print(MARK + spec["path"], flush=True)  # vLLM logs to stdout: split its lines per model
     llm = None
     try:
+        kwargs = {**cpu_mla_backend(spec["path"]), **spec.get("llm_kwargs", {})}
         llm = LLM(model=spec["path"], dtype="float32", max_model_len=max_model_len, enforce_eager=True,
-                  seed=0, **spec.get("llm_kwargs", {}))
+                  seed=0, **kwargs)
         params = SamplingParams(temperature=0, prompt_logprobs=0, logprobs=0, max_tokens=max_tokens, ignore_eos=True)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False)
         lps, greedy = [], []
