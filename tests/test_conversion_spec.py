@@ -25,6 +25,7 @@ SPECS = [
     ConversionSpec(to="swa", window=512, keep_global=0.25),
     ConversionSpec(to="swa", window=256, global_layers=[0, 15, 29]),
     ConversionSpec(to="swa", window=256, keep_global=8, global_layers="auto", calib_data="c.jsonl"),
+    ConversionSpec(to="mqa", pooled_rope_planes=0),
 ]
 
 
@@ -76,6 +77,11 @@ def test_bad_options_fail_the_same_way_everywhere():
         recipe_from_dict({"source": "s", "output": "o", "conversion": {"method": "mean"}, **BASE})
     with pytest.raises(RecipeError, match="did you mean 'calib_tokens'"):
         recipe_from_dict({"source": "s", "output": "o", "conversion": {"to": "mqa", "calib_token": 5}, **BASE})
+    for bad in (["--to", "mla", "--kv-lora-rank", "64"], ["--to", "gqa", "--kv-heads", "2", "--method", "mean"]):
+        with pytest.raises(KvSurgeonError, match="--pooled-rope-planes tunes the calibrated KV-head merge"):
+            parse_cli(["m", *bad, "--pooled-rope-planes", "0", "--out", "o"])
+    with pytest.raises(KvSurgeonError, match="whole number >= 0"):
+        parse_cli(["m", "--to", "mqa", "--pooled-rope-planes", "-1", "--out", "o"])
     with pytest.raises(KvSurgeonError, match="--linear-layers 'x,y'"):
         ConversionSpec(to="hybrid", linear_layers="x,y")
 

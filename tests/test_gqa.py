@@ -398,3 +398,56 @@ def test_attention_stats_by_row_blocks_match_the_full_probabilities():
     assert float(p[:, ref.ROW_BLOCK:, :ref.ROW_BLOCK].sum()) > 1.0  # later blocks do attend to earlier ones
     torch.testing.assert_close(key_w, torch.cat(want_w), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(recv, torch.cat(want_r), rtol=1e-10, atol=1e-12)
+
+
+def _convert_mqa(src, out, text_file, **spec_kw):
+    from kvsurgeon.convert.pipeline.driver import ConvertOptions
+    from kvsurgeon.convert.pipeline.spec import ConversionSpec, run_conversion
+
+    spec = ConversionSpec(to="mqa", calib_data=str(text_file), calib_tokens=256, calib_seq_len=64, **spec_kw)
+    return run_conversion(str(src), spec, ConvertOptions(out=out, measure="off", progress=False))
+
+
+def _state(folder):
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_pooled_rope_planes_option_reaches_the_merge(tmp_path, text_file):
+    """--pooled-rope-planes N is the calibrated merge's nope_planes: the CLI spec's output equals
+    convert_model on gqa_plan(merge=MergeOptions(nope_planes=N)), and another N gives other keys."""
+    from conftest import save_tiny
+    from kvsurgeon.convert.gqa.plan import gqa_plan
+    from kvsurgeon.convert.pipeline.calibration import CalibConfig
+    from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model
+
+    src = save_tiny(tmp_path / "src")
+    _convert_mqa(src, tmp_path / "p0", text_file, pooled_rope_planes=0)
+    _convert_mqa(src, tmp_path / "p3", text_file, pooled_rope_planes=3)
+    calib = CalibConfig(data=str(text_file), tokens=256, seq_len=64)
+    convert_model(str(src), gqa_plan(1, merge=gqa.MergeOptions(nope_planes=0)),
+                  ConvertOptions(out=tmp_path / "direct", calib=calib, measure="off", progress=False))
+    p0, p3, direct = _state(tmp_path / "p0"), _state(tmp_path / "p3"), _state(tmp_path / "direct")
+    assert p0.keys() == direct.keys()
+    for name in p0:
+        torch.testing.assert_close(p0[name], direct[name], rtol=0, atol=0)
+    k = "model.layers.0.self_attn.k_proj.weight"
+    assert p0[k].shape[0] == D and (p0[k] - p3[k]).abs().max() > 1e-3
+    assert "--pooled-rope-planes 0" in (tmp_path / "p0" / "README.md").read_text()
+
+
+def test_pooled_rope_planes_refused_before_writing(tmp_path, text_file):
+    """More planes than the source has, or a source whose keys pass a per-head norm (Qwen3: merged after
+    the norm, no plane pooling), is refused naming the limit, and nothing is written."""
+    from conftest import save_tiny
+    from kvsurgeon.convert.pipeline.preflight import PreflightError
+
+    src = save_tiny(tmp_path / "src")  # head_dim 16: 8 RoPE planes
+    with pytest.raises(PreflightError, match="more than the 8 RoPE planes per head of this source; use 0-8"):
+        _convert_mqa(src, tmp_path / "out", text_file, pooled_rope_planes=9)
+    assert not (tmp_path / "out").exists()
+    qwen3 = save_tiny(tmp_path / "qwen3", "qwen3")
+    with pytest.raises(PreflightError, match="does not apply to qwen3"):
+        _convert_mqa(qwen3, tmp_path / "out", text_file, pooled_rope_planes=0)
+    assert not (tmp_path / "out").exists()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvsurgeon.attention import head_dim_of, write_attention
+from kvsurgeon.attention import family_for, head_dim_of, rope_spec, write_attention
 
 from ..io.checkpoint import LazyCheckpoint
 from ..errors import KvSurgeonError
@@ -28,7 +28,8 @@ def gqa_plan(target: int, method: str = "calibrated", merge: MergeOptions = Merg
         if not expanding:
             check_kv_heads(H, G, target)
         if method == "calibrated" and not expanding and target != G:
-            refuse(f"cannot merge KV heads with --method {method}", [family_problem(config, "gqa", method)])
+            refuse(f"cannot merge KV heads with --method {method}",
+                   [family_problem(config, "gqa", method), _pooled_planes_problem(config, merge.nope_planes)])
         new_config = {**config, "num_key_value_heads": target, "head_dim": head_dim_of(config)}
 
         def transform(i, attn, x):
@@ -52,3 +53,17 @@ def gqa_plan(target: int, method: str = "calibrated", merge: MergeOptions = Merg
         )
 
     return make_plan
+
+
+def _pooled_planes_problem(config: dict, n: int | None) -> str | None:
+    """--pooled-rope-planes N against the source: at most its RoPE planes, and only where keys are merged
+    per RoPE plane (a per-head k norm, Qwen3's, merges keys after the norm instead)."""
+    if n is None:
+        return None
+    if family_for(config).has_qk_norm:
+        return (f"--pooled-rope-planes does not apply to {config.get('model_type')}: its keys pass a per-head norm and "
+                "are merged after it, with no plane pooling; drop the option")
+    planes = rope_spec(config).rotary_dim // 2
+    if n > planes:
+        return f"--pooled-rope-planes {n} is more than the {planes} RoPE planes per head of this source; use 0-{planes}"
+    return None

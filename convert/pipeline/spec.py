@@ -38,6 +38,11 @@ class ConversionSpec:
     to: str = _opt(help="gqa | mqa | mla | hybrid | swa")
     kv_heads: int | None = _opt(None, "gqa: KV heads to keep (must divide the query heads)")
     method: str | None = _opt(None, "gqa/mqa: calibrated (default) | mean;  mla: calibrated (default) | svd")
+    pooled_rope_planes: int | None = _opt(
+        None, "gqa/mqa: how many of the slowest RoPE planes the calibrated merge pools with the non-rotary dims (default: "
+        "per layer, the count with the least error on the calibration windows). 0 keeps every plane's rotation exact, "
+        "for long context: SmolLM2 MQA after a 197K-token 2K-then-4K uptrain, passkey at 4K 10% -> 50%, ppl at "
+        "positions 2K-4K 2.30x -> 1.72x the source's, but 512-window ppl 1.67x -> 1.85x (BENCHMARKS.md)")
     kv_lora_rank: int | None = _opt(None, "mla: latent size R (cache = R + rope-dim values/token/layer)")
     rope_dim: int | None = _opt(None, "mla: decoupled rope key dims Dr (even, <= head_dim; default head_dim)")
     pad_latent_to: int | None = _opt(
@@ -100,6 +105,12 @@ class ConversionSpec:
             raise KvSurgeonError("--to gqa needs --kv-heads N (the number of KV heads to keep)")
         if self.to == "hybrid" and self.keep_attention is None and self.linear_layers is None:
             raise KvSurgeonError("--to hybrid needs --keep-attention K|FRACTION or --linear-layers LIST|auto")
+        if self.pooled_rope_planes is not None:
+            if self.to not in ("gqa", "mqa") or self.method == "mean":
+                raise KvSurgeonError("--pooled-rope-planes tunes the calibrated KV-head merge; it needs --to gqa/mqa "
+                                     "without --method mean")
+            if isinstance(self.pooled_rope_planes, bool) or not isinstance(self.pooled_rope_planes, int) or self.pooled_rope_planes < 0:
+                raise KvSurgeonError(f"--pooled-rope-planes must be a whole number >= 0 (0: RoPE exact), got {self.pooled_rope_planes!r}")
         if self.linear is not None and self.to != "hybrid":
             raise KvSurgeonError("--linear chooses the linear layer type of a hybrid; it needs --to hybrid")
         if self.q_bias is not None and self.to != "mla":
@@ -148,7 +159,9 @@ class ConversionSpec:
         if self.to in ("gqa", "mqa"):
             from ..gqa.plan import gqa_plan
 
-            return gqa_plan(self.kv_heads, self.method or "calibrated")
+            from ..gqa.merge import MergeOptions
+
+            return gqa_plan(self.kv_heads, self.method or "calibrated", merge=MergeOptions(nope_planes=self.pooled_rope_planes))
         if self.to == "mla":
             from ..mla.plan import mla_plan
 
