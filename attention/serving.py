@@ -83,7 +83,9 @@ def vllm_support(config: Mapping[str, Any]) -> EngineSupport:
         elif (R, Dr) != VLLM_CPU_MLA_SPLIT:
             notes.append(f"GPU MLA backends only (CPU_MLA takes {VLLM_CPU_MLA_SPLIT[0]} + {VLLM_CPU_MLA_SPLIT[1]})")
         else:
-            notes.append(f"CPU: pass {VLLM_CPU_ROPE_WORKAROUND} (vLLM-CPU's rotary kernel is wrong for MLA queries)")
+            notes.append(f"CPU: pass {VLLM_CPU_ROPE_WORKAROUND} (vLLM-CPU's rotary kernel is wrong for MLA queries); "
+                         "on CPUs with AMX vLLM picks AMX_MLA, which takes bf16/fp16 only: serve float32 with "
+                         "attention_backend='CPU_MLA'")
         return EngineSupport("vLLM", True, "", tuple(notes))
     H = int(c["num_attention_heads"])
     D = int(c.get("head_dim") or int(c["hidden_size"]) // H)

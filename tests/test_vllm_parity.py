@@ -383,6 +383,58 @@ def test_vllm_cannot_inspect_qwen3_5(served):
 
 
 # ---------------------------------------------------------------------------------------------
+# AMX: on a CPU with AMX tiles vLLM serves MLA with its AMX_MLA backend, which packs bf16/fp16/int8 weights
+# only (the float32 runs above pin CPU_MLA, tests/vllm_runner.py). What a user on such a host gets, in bf16.
+
+# (name in `served`, llm_kwargs): the bf16 control first (vLLM's CPU_ATTN on the unconverted model)
+AMX_TARGETS = [
+    ("smollm2 source (control)", {}),
+    ("smollm2 -> mla 128+64 padded to 576 (svd)", {}),
+    ("smollm2 -> mla 128+64 padded to 576 (svd)", NO_CPU_ROPE_KERNEL),
+    ("smollm2 -> mla 128+64 (svd, unpadded)", {}),
+]
+
+
+def _has_amx() -> bool:
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+@pytest.fixture(scope="module")
+def served_amx(request, tmp_path_factory):
+    if not _has_amx():
+        pytest.skip("no AMX tiles on this CPU: vLLM serves MLA with CPU_MLA only, checked in float32 above")
+    served = request.getfixturevalue("served")
+    d = tmp_path_factory.mktemp("vllm_amx")
+    models = [{"path": str(served[n][0]), "prompts": served[n][1], "dtype": "bfloat16", "llm_kwargs": kw}
+              for n, kw in AMX_TARGETS]
+    return [(served[n][0], served[n][1], r) for (n, _), r in zip(AMX_TARGETS, serve(models, d))]
+
+
+def test_vllm_amx_mla_bf16_matches_with_the_rope_workaround(served_amx):
+    """Measured on an AMX host (BENCHMARKS.md, Engine differences): max |log-prob - transformers float64| of
+    vLLM bf16 is 0.22 on the unconverted SmolLM2 (transformers' own bf16: 0.16); on our padded MLA, 0.31 with
+    the rope workaround (transformers' bf16: 0.30), 1.07 without it: the CPU rotary kernel bug reaches AMX_MLA
+    too. Bounds: 2x transformers' own bf16 error for the control, 1.5x for the workaround, 2x the workaround's for the bug (fails
+    once upstream fixes it); the unpadded 192-wide latent is refused as on CPU_MLA."""
+    (_, _, control), (path, prompts, default), (_, _, fixed), (_, _, unpadded) = served_amx
+    for name, res in (("control", control), ("default", default), ("workaround", fixed)):
+        assert "error" not in res, f"vLLM bf16 refused {name}: {res['error']}"
+    src = served_amx[0][0]
+    src64, _ = hf_run(src, prompts, torch.float64)
+    src_bf16, _ = hf_run(src, prompts, torch.bfloat16)
+    own_src, d_control = max_diff(src64, [t.tolist() for t in src_bf16]), max_diff(src64, control["prompt_logprobs"])
+    assert d_control <= 2 * own_src, f"vLLM bf16 on the unconverted model is {d_control:.3g} from float64, bf16 itself {own_src:.3g}"
+    hf64, _ = hf_run(path, prompts, torch.float64)
+    hf_bf16, _ = hf_run(path, prompts, torch.bfloat16)
+    own = max_diff(hf64, [t.tolist() for t in hf_bf16])
+    d_fixed, d_default = max_diff(hf64, fixed["prompt_logprobs"]), max_diff(hf64, default["prompt_logprobs"])
+    print(f"\nAMX bf16: transformers bf16 {own:.3f}, vLLM workaround {d_fixed:.3f}, vLLM default {d_default:.3f}")
+    assert d_fixed <= 1.5 * own, f"AMX_MLA with the rope workaround is {d_fixed:.3g} from float64, bf16 itself {own:.3g}"
+    assert d_default > 2 * d_fixed, f"AMX_MLA's default path now matches ({d_default:.3g}): drop the workaround on AMX"
+    assert "error" in unpadded and "Head dimension 192 is not supported" in unpadded["error"], unpadded
+
+
+# ---------------------------------------------------------------------------------------------
 # float64 reference of DeepSeek-V2/V3 attention (the paper's formulation, not either engine's code)
 
 

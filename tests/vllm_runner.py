@@ -11,8 +11,9 @@ Per model: {"path", "prompt_logprobs": [[logprob of token t | tokens < t, for t 
 Several models share one process: vLLM's import and platform set-up are paid once. ``parse_output``
 (importable without vLLM) reads the results back and adds each model's logged KV-cache capacity
 (vLLM logs it once per process: only the first model of a job gets it).
-A model entry may carry "llm_kwargs" passed to ``LLM`` (e.g. a workaround for a known engine bug)
-and "bench": {"prompt_len": P, "new_tokens": N} to time one P-token prompt with 1 and with N new
+A model entry may carry "llm_kwargs" passed to ``LLM`` (e.g. a workaround for a known engine bug),
+"dtype" (default "float32"; MLA checkpoints served in float32 get vLLM's reference CPU_MLA backend, see
+``cpu_mla_backend``) and "bench": {"prompt_len": P, "new_tokens": N} to time one P-token prompt with 1 and with N new
 tokens (scripts/bench_vllm.py): "bench": {"prefill_s", "decode_tokens_per_s"}.
 """
 
@@ -83,8 +84,9 @@ def run_model(spec: dict, max_tokens: int, max_model_len: int) -> dict:
     print(MARK + spec["path"], flush=True)  # vLLM logs to stdout: split its lines per model
     llm = None
     try:
-        kwargs = {**cpu_mla_backend(spec["path"]), **spec.get("llm_kwargs", {})}
-        llm = LLM(model=spec["path"], dtype="float32", max_model_len=max_model_len, enforce_eager=True,
+        dtype = spec.get("dtype", "float32")
+        kwargs = {**(cpu_mla_backend(spec["path"]) if dtype == "float32" else {}), **spec.get("llm_kwargs", {})}
+        llm = LLM(model=spec["path"], dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
                   seed=0, **kwargs)
         params = SamplingParams(temperature=0, prompt_logprobs=0, logprobs=0, max_tokens=max_tokens, ignore_eos=True)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False)
