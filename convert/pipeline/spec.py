@@ -39,10 +39,11 @@ class ConversionSpec:
     kv_heads: int | None = _opt(None, "gqa: KV heads to keep (must divide the query heads)")
     method: str | None = _opt(None, "gqa/mqa: calibrated (default) | mean;  mla: calibrated (default) | svd")
     pooled_rope_planes: int | None = _opt(
-        None, "gqa/mqa: how many of the slowest RoPE planes the calibrated merge pools with the non-rotary dims (default: "
-        "per layer, the count with the least error on the calibration windows). 0 keeps every plane's rotation exact, "
-        "for long context: SmolLM2 MQA after a 197K-token 2K-then-4K uptrain, passkey at 4K 10% -> 50%, ppl at "
-        "positions 2K-4K 2.30x -> 1.72x the source's, but 512-window ppl 1.67x -> 1.85x (BENCHMARKS.md)")
+        None, "gqa/mqa: how many of the slowest RoPE planes the calibrated merge pools into one basis (default: per "
+        "layer, the count with the least error on the calibration windows, which drifts past them). For long context "
+        "pool only planes that barely turn over it: SmolLM2 MQA, untrained ppl at positions 2K-4K 34.8x the source's "
+        "by default, 4.4x with 4, 4.1x with 0 (RoPE exact); after a 197K-token 2K-then-4K uptrain 4 gives passkey "
+        "30-60% at 4K in two seeds (default 10%), ppl 1.72-1.75x at 2K-4K (default 2.30x) (BENCHMARKS.md)")
     kv_lora_rank: int | None = _opt(None, "mla: latent size R (cache = R + rope-dim values/token/layer)")
     rope_dim: int | None = _opt(None, "mla: decoupled rope key dims Dr (even, <= head_dim; default head_dim)")
     pad_latent_to: int | None = _opt(
