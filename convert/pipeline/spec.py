@@ -158,9 +158,8 @@ class ConversionSpec:
 
     def make_plan(self):
         if self.to in ("gqa", "mqa"):
-            from ..gqa.plan import gqa_plan
-
             from ..gqa.merge import MergeOptions
+            from ..gqa.plan import gqa_plan
 
             return gqa_plan(self.kv_heads, self.method or "calibrated", merge=MergeOptions(nope_planes=self.pooled_rope_planes))
         if self.to == "mla":
