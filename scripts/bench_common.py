@@ -8,7 +8,9 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,6 +18,18 @@ SHARED = ROOT.parent / "shared" / "data"
 SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TRAIN = SHARED / "pydocs-train.jsonl"
 VALID = SHARED / "pydocs-valid.jsonl"
+# The last pydocs-train documents: the ablations score on them, so calibration (the first documents) and the
+# uptraining set (bench_uptrain_long.held_out_train) leave them out.
+ABLATION_DOCS = 200
+
+
+@contextmanager
+def ablation_eval_file():
+    """The last ABLATION_DOCS pydocs-train documents as a temporary .jsonl path."""
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as f:
+        f.writelines(TRAIN.read_text().splitlines(keepends=True)[-ABLATION_DOCS:])
+        f.flush()
+        yield f.name
 
 
 def run_measured(argv: list[str], stats: Path) -> dict:

@@ -28,9 +28,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import SOURCE, TRAIN, VALID, convert  # noqa: E402
+from bench_common import ABLATION_DOCS, SOURCE, TRAIN, VALID, convert  # noqa: E402
 
-CALIB_DOCS, ABLATION_DOCS = 6, 200
+CALIB_DOCS = 6
 
 
 def held_out_train(out: Path) -> Path:

@@ -414,12 +414,12 @@ def test_vllm_amx_mla_bf16_matches_with_the_rope_workaround(served_amx):
     """Measured on an AMX host (BENCHMARKS.md, Engine differences): max |log-prob - transformers float64| of
     vLLM bf16 is 0.22 on the unconverted SmolLM2 (transformers' own bf16: 0.16); on our padded MLA, 0.31 with
     the rope workaround (transformers' bf16: 0.30), 1.07 without it: the CPU rotary kernel bug reaches AMX_MLA
-    too. Bounds: 2x transformers' own bf16 error for the control, 1.5x for the workaround, 2x the workaround's for the bug (fails
-    once upstream fixes it); the unpadded 192-wide latent is refused as on CPU_MLA."""
-    (_, _, control), (path, prompts, default), (_, _, fixed), (_, _, unpadded) = served_amx
+    too. Bounds: 2x transformers' own bf16 error for the control, 1.5x for the workaround, 2x the
+    workaround's for the bug (fails once upstream fixes it); the unpadded 192-wide latent is refused as on
+    CPU_MLA."""
+    (src, _, control), (path, prompts, default), (_, _, fixed), (_, _, unpadded) = served_amx
     for name, res in (("control", control), ("default", default), ("workaround", fixed)):
         assert "error" not in res, f"vLLM bf16 refused {name}: {res['error']}"
-    src = served_amx[0][0]
     src64, _ = hf_run(src, prompts, torch.float64)
     src_bf16, _ = hf_run(src, prompts, torch.bfloat16)
     own_src, d_control = max_diff(src64, [t.tolist() for t in src_bf16]), max_diff(src64, control["prompt_logprobs"])

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvsurgeon.convert.gqa.plan as to_gqa  # noqa: E402
 from kvsurgeon.convert.gqa.merge import MergeOptions  # noqa: E402
-from bench_common import ROOT, SOURCE, TRAIN  # noqa: E402
+from bench_common import ROOT, SOURCE, ablation_eval_file  # noqa: E402
 from kvsurgeon.convert.cli import app, spec_from_argv  # noqa: E402
 from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model  # noqa: E402
 
@@ -69,20 +68,18 @@ def main(argv: list[str]) -> None:
 
     model, path = load_model(str(out))
     tok = load_tokenizer(path)
-    with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as f:
-        f.writelines(TRAIN.read_text().splitlines(keepends=True)[-200:])
-        f.flush()
+    with ablation_eval_file() as eval_path:
         opts = LongContextOptions(tasks=("passkey", "long-ppl"), lengths=tuple(int(x) for x in lengths.split(",")),
-                                  samples=samples, long_seq_len=2048, long_windows=2, data=f.name)
+                                  samples=samples, long_seq_len=2048, long_windows=2, data=eval_path)
         lc = measure_long_context(model, tok, opts, tag, progress=False)
-        short = evaluate(str(out), f.name, reference=SOURCE, max_tokens=4096, progress=False, model=model)
+        short = evaluate(str(out), eval_path, reference=SOURCE, max_tokens=4096, progress=False, model=model)
         src_long = None
         cache = ROOT / "runs" / "lc-ablation" / "source_long_ppl.json"
         if cache.is_file():
             src_long = json.loads(cache.read_text())
         else:
             ref, _ = load_model(SOURCE)
-            src_long = measure_long_context(ref, tok, LongContextOptions(tasks=("long-ppl",), long_seq_len=2048, long_windows=2, data=f.name), "source", progress=False).long_ppl
+            src_long = measure_long_context(ref, tok, LongContextOptions(tasks=("long-ppl",), long_seq_len=2048, long_windows=2, data=eval_path), "source", progress=False).long_ppl
             cache.write_text(json.dumps(src_long))
     print(json.dumps({
         "tag": tag, "passkey": lc.passkey_by_length, "ppl512_ratio": short.ppl / short.reference_ppl,

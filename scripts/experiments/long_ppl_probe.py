@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import SOURCE, TRAIN  # noqa: E402
+from bench_common import SOURCE, ablation_eval_file  # noqa: E402
 
 
 def main(folders: list[str]) -> None:
@@ -34,10 +33,8 @@ def main(folders: list[str]) -> None:
 
     torch.set_num_threads(os.cpu_count() or 2)
     tok = load_tokenizer(resolve_model(SOURCE))
-    with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as f:
-        f.writelines(TRAIN.read_text().splitlines(keepends=True)[-200:])
-        f.flush()
-        opts = LongContextOptions(tasks=("long-ppl",), long_seq_len=4096, long_windows=2, data=f.name)
+    with ablation_eval_file() as eval_path:
+        opts = LongContextOptions(tasks=("long-ppl",), long_seq_len=4096, long_windows=2, data=eval_path)
         windows = long_ppl_windows(tok, opts)
         ref, _ = load_model(SOURCE)
         src = measure_long_context(ref, tok, opts, "source", progress=False, windows=windows)
@@ -46,7 +43,7 @@ def main(folders: list[str]) -> None:
             t0 = time.time()
             model, _ = load_model(folder)
             lc = measure_long_context(model, tok, opts, folder, progress=False, windows=windows)
-            short = evaluate(folder, f.name, reference=SOURCE, max_tokens=16384, progress=False, model=model, reference_model=ref)
+            short = evaluate(folder, eval_path, reference=SOURCE, max_tokens=16384, progress=False, model=model, reference_model=ref)
             print(json.dumps({"model": folder, "ppl512_ratio": round(short.ppl / short.reference_ppl, 3),
                               "long_ppl_ratio": [round(a / b, 2) for a, b in zip(lc.long_ppl, src.long_ppl)],
                               "seconds": round(time.time() - t0)}), flush=True)
