@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -59,6 +58,26 @@ def launch_cmd(recipe: Path, resume: bool = False, nproc: int = 2) -> list[str]:
 
 def launch_env() -> dict:
     return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process under it. killpg is not enough: torch elastic starts each
+    rank in a session of its own, so a rank outlived its killed launcher long enough to log another step."""
+    import psutil  # accelerate's own dependency
+
+    try:
+        procs = [psutil.Process(proc.pid)]
+        procs += procs[0].children(recursive=True)  # listed before the kill: orphans lose their parent link
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(procs, timeout=60)
+    assert not alive, f"processes outlived SIGKILL: {alive}"
 
 
 def launch(recipe: Path, resume: bool = False, timeout: int = 300) -> None:
@@ -255,8 +274,7 @@ def test_killed_two_process_run_resumes_exactly(runs):
         while time.time() < deadline and proc.poll() is None and not (run / "checkpoints" / "step-0000002" / "progress.json").exists():
             time.sleep(0.01)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
-        proc.wait(timeout=60)
+        kill_tree(proc)  # the launcher and both ranks, mid-run
     ckpts = sorted((run / "checkpoints").glob("step-*"))
     assert ckpts, "no checkpoint before the kill"
     done = int(ckpts[-1].name.split("-")[1])
