@@ -377,6 +377,32 @@ def test_nope_planes_auto_picks_by_calibration_error():
     assert info["nope_planes"] == min(errs, key=errs.get)
 
 
+def test_nope_planes_auto_judges_candidates_at_the_served_distances():
+    """With a context past the window, each candidate's error is the mean of its relative attention-output
+    error on the window and on the same tokens with RoPE frequencies stretched by ceil(context / T), so
+    distances reach the context; recomputed here from merges with the count fixed (no refit: the choice
+    is made before it)."""
+    a = read_all(structured(tiny(std=0.15, seed=2), target=1, noise=0.3, seed=5))[1]
+    x = attention_inputs(tiny(std=0.15, seed=2), tokens(8, 64, seed=11))[1]
+    info = {}
+    gqa.calibrated_merge(a, x, 1, gqa.MergeOptions(refit=False, context=500), info=info)
+    assert info["nope_stretch"] == 8 == gqa.distance_stretch(500, 64)
+    errs = info["nope_errors"]
+    assert list(errs) == gqa.nope_candidates(a.rope, 500) and len(errs) > 2
+    inv = ref.rope_tables(a.rope)[0]
+
+    def rel(m, **kw):
+        y = ref.attention_output(a, x, **kw)
+        return float((ref.attention_output(m, x, **kw) - y).pow(2).sum() / y.pow(2).sum())
+
+    for n, got in errs.items():
+        m = gqa.calibrated_merge(a, x, 1, gqa.MergeOptions(refit=False, nope_planes=n))
+        far = rel(m, inv_freq=inv * 8, attention_scaling=1.0)
+        assert got == pytest.approx((rel(m) + far) / 2, rel=1e-9), n
+        assert far > rel(m) or n == 0  # the stretch is felt: pooled planes err more at long distances
+    assert info["nope_planes"] == min(errs, key=errs.get)
+
+
 def test_attention_stats_by_row_blocks_match_the_full_probabilities():
     """The calibrated merge's per-token statistics (score sensitivity, attention received) are accumulated
     over blocks of query rows; past ``ROW_BLOCK`` tokens they equal the same sums over the full (H, T, T)
@@ -435,6 +461,28 @@ def test_pooled_rope_planes_option_reaches_the_merge(tmp_path, text_file):
     k = "model.layers.0.self_attn.k_proj.weight"
     assert p0[k].shape[0] == D and (p0[k] - p3[k]).abs().max() > 1e-3
     assert "--pooled-rope-planes 0" in (tmp_path / "p0" / "README.md").read_text()
+
+
+def test_gqa_plan_judges_pooled_planes_at_the_sources_context(tmp_path, text_file):
+    """By default the plan passes the source's max_position_embeddings as the merge's context: its output
+    equals an explicit MergeOptions(context=max_position_embeddings), tensor for tensor."""
+    import json
+
+    from conftest import save_tiny
+    from kvsurgeon.convert.gqa.plan import gqa_plan
+    from kvsurgeon.convert.pipeline.calibration import CalibConfig
+    from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model
+
+    src = save_tiny(tmp_path / "src")
+    ctx = json.loads((src / "config.json").read_text())["max_position_embeddings"]
+    assert ctx > 64  # past the calibration window, so the stretch applies
+    calib = CalibConfig(data=str(text_file), tokens=256, seq_len=64)
+    for name, merge in (("default", gqa.MergeOptions()), ("explicit", gqa.MergeOptions(context=ctx))):
+        convert_model(str(src), gqa_plan(1, merge=merge), ConvertOptions(out=tmp_path / name, calib=calib, measure="off", progress=False))
+    default, explicit = _state(tmp_path / "default"), _state(tmp_path / "explicit")
+    assert default.keys() == explicit.keys()
+    for name in default:
+        torch.testing.assert_close(default[name], explicit[name], rtol=0, atol=0)
 
 
 def test_pooled_rope_planes_refused_before_writing(tmp_path, text_file):

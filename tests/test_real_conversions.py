@@ -93,12 +93,15 @@ def test_real_mqa_reloads_generates_and_calibration_beats_mean(smollm2, tmp_path
         for layer in gen.past_key_values.layers:  # one KV head cached
             assert layer.keys.shape[1] == 1 and layer.values.shape[1] == 1
     # Against the source on the held-out tokens, pinned near this test's own budget (1,024 calibration tokens
-    # of 3 repeated documents; BENCHMARKS.md has 2.20x at 8,192 tokens). Measured 2026-12-01 (2 cores,
-    # OMP_NUM_THREADS=1), twice: ppl 2.188x the source, KL 0.8773 (the two runs differed in the 5th digit),
-    # top-1 agreement 0.642 (102/159 predicted tokens); mean pooling 2,335x, KL 7.50.
+    # of 3 repeated documents in 256-token windows). Measured 2026-12-04 (2 cores), twice (default threads and
+    # OMP_NUM_THREADS=1; the ratio differed in the 4th digit): ppl 5.859x the source, KL 1.730, top-1 agreement
+    # 0.390 (62/159 predicted tokens); mean pooling 2,335x, KL 7.50. Before the pooled RoPE planes were judged at
+    # the source's 8,192-token context (with only the 256-token window, up to 17 of 32 were pooled): 2.19x,
+    # KL 0.877, top-1 0.642. This 159-token text sees only the short-range cost of that change; BENCHMARKS.md
+    # has what it buys at 2K-4K.
     # Bounds: x 1.10 on ppl ratio and KL, -0.06 on top-1 (about 10 of the 159 tokens), for BLAS/thread rounding.
     ratio, kl, top1 = vs["calibrated"]
-    assert ratio < 2.19 * 1.10 and kl < 0.877 * 1.10 and top1 > 0.642 - 0.06, vs
+    assert ratio < 5.86 * 1.10 and kl < 1.730 * 1.10 and top1 > 0.390 - 0.06, vs
     assert ppl["calibrated"] < ppl["mean"] / 10, ppl  # and the GQA paper's mean pooling is far worse
 
 

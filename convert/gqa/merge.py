@@ -25,6 +25,8 @@ Methods:
      (partial RoPE) and the slowest RoPE planes, which barely turn over the context, are pooled
      into one query-whitened PCA instead (it may move content between planes: the single biggest
      gain, since those planes carry most of the score variance; exact RoPE with nope_planes=0).
+     How many, per layer: the count whose merge errs least on the calibration windows and on the
+     same windows with positions stretched to the served context (``_least_error_nope_planes``).
   2. values: the best rank-Dv fit of the block's stacked values, each head whitened by the energy
      of the o-projection columns that read it (so the PCA minimises the attention output error),
      tokens weighted by the attention they receive; each query head's o columns absorb its head's
@@ -467,14 +469,21 @@ def refit_o(
 def nope_candidates(
     rope: RopeSpec, context: int, inv_freq: torch.Tensor | None = None, max_angle: float = math.pi / 2
 ) -> list[int]:
-    """Counts of slowest RoPE planes worth trying as non-rotary: 0, F/8, 2F/8, ... and the number of
+    """Counts of slowest RoPE planes worth trying as non-rotary: 0, F/16, 2F/16, ... and the number of
     planes that turn by at most ``max_angle`` over ``context`` tokens, which caps them (on SmolLM2,
-    pooling planes that turn by ~1.5 rad over the evaluated length helped, by ~6 rad hurt badly)."""
+    pooling planes that turn by ~1.5 rad over the evaluated length helped, by ~6 rad hurt badly).
+    Steps of F/16: on SmolLM2 the best count at 4K distances is 2 or 6 in some layers."""
     inv = rope_tables(rope)[0] if inv_freq is None else inv_freq.to(F64)
     F = len(inv)
     most = int((inv * context <= max_angle).sum())
-    step = max(1, F // 8)
+    step = max(1, F // 16)
     return sorted({0, most, *range(step, most + 1, step)})
+
+
+def distance_stretch(context: int, window: int) -> int:
+    """How far to stretch positions so a calibration window's distances span ``context``: RoPE
+    frequencies times s score token i against token j as if they stood s * (i - j) apart."""
+    return max(1, math.ceil(context / window))
 
 
 @dataclass(frozen=True)
@@ -482,10 +491,13 @@ class MergeOptions:
     """How ``calibrated_merge`` fits the shared heads. The defaults are what ``--to gqa/mqa`` runs;
     the others exist for ablations (scripts/experiments/gqa_ablation.py) and tests."""
 
-    # The slowest RoPE planes pooled with the non-rotary dims into one query-whitened PCA; None: the
-    # count with the least attention-output error among ``nope_candidates(context)``; 0: RoPE exact.
+    # The slowest RoPE planes pooled with the non-rotary dims into one query-whitened PCA; None: per
+    # layer, the count among ``nope_candidates(context)`` with the least mean attention-output error
+    # at the calibration window's own distances and stretched to ``context``; 0: RoPE exact.
     nope_planes: int | None = None
-    context: int | None = None  # the longest sequence to serve well (default: the calibration window)
+    # the longest sequence to serve well (default: the calibration window; gqa_plan passes the
+    # source's max_position_embeddings)
+    context: int | None = None
     values: str = "pca"  # "pca": shared basis whitened by o-projection energy; "mean": ablation
     value_tokens: str = "received"  # "received": tokens weighted by the attention they get; "tokens": not
     key_tokens: str = "attention"  # "attention": key tokens weighted by softmax sensitivity; "uniform": not
@@ -558,12 +570,22 @@ def _assemble(attn: AttentionWeights, new_q: torch.Tensor, new_k: torch.Tensor, 
 
 
 def _least_error_nope_planes(attn: AttentionWeights, x: torch.Tensor, candidates: list[int], merge_with, y_src: torch.Tensor,
-                             rope_kw: dict, info: dict) -> int:
-    """The candidate count of pooled planes whose merge moves the attention output least (ties: fewer)."""
-    info["nope_errors"] = {}
+                             rope_kw: dict, stretch: int, info: dict) -> int:
+    """The candidate count of pooled planes whose merge moves the attention output least (ties: fewer),
+    averaged over the window's own distances and, with ``stretch`` > 1, the same tokens with positions
+    stretched to the served context. Judged on the window alone, pooling more planes nearly always
+    wins; on SmolLM2 MQA that choice made untrained ppl at positions 2K-4K 34.8x the source's, and
+    some layers' errors grow 10-20x at 4K distances for one count and not for its neighbours."""
+    scales = [(rope_kw, y_src)]
+    if stretch > 1:
+        inv_freq, scaling = resolve_rope(attn, rope_kw["inv_freq"], rope_kw["attention_scaling"])
+        far_kw = dict(inv_freq=inv_freq * stretch, attention_scaling=scaling)
+        scales.append((far_kw, attention_output(attn, x, **far_kw)))
+    info["nope_errors"], info["nope_stretch"] = {}, stretch
     for n in candidates:
         cand = merge_with(n)
-        info["nope_errors"][n] = float((attention_output(cand, x, **rope_kw) - y_src).pow(2).sum() / y_src.pow(2).sum())
+        errs = [float((attention_output(cand, x, **kw) - y).pow(2).sum() / y.pow(2).sum()) for kw, y in scales]
+        info["nope_errors"][n] = sum(errs) / len(errs)
         del cand  # keep only the errors: holding the best candidate too costs a layer's weights
     return min(info["nope_errors"], key=lambda n: (info["nope_errors"][n], n))
 
@@ -631,8 +653,10 @@ def calibrated_merge(
         info["nope_planes"] = None
     elif options.nope_planes is None and R:
         y_src = attention_output(attn, x, **rope_kw)
-        candidates = nope_candidates(attn.rope, options.context or T, inv_freq)
-        info["nope_planes"] = _least_error_nope_planes(attn, x, candidates, merge_with, y_src, rope_kw, info)
+        context = options.context or T
+        candidates = nope_candidates(attn.rope, context, inv_freq)
+        info["nope_planes"] = _least_error_nope_planes(attn, x, candidates, merge_with, y_src, rope_kw,
+                                                       distance_stretch(context, T), info)
         out = merge_with(info["nope_planes"])  # deterministic: the same merge again
     else:
         info["nope_planes"] = options.nope_planes or 0

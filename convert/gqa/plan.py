@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from kvsurgeon.attention import family_for, head_dim_of, rope_spec, write_attention
 
 from ..io.checkpoint import LazyCheckpoint
@@ -31,6 +33,8 @@ def gqa_plan(target: int, method: str = "calibrated", merge: MergeOptions = Merg
             refuse(f"cannot merge KV heads with --method {method}",
                    [family_problem(config, "gqa", method), _pooled_planes_problem(config, merge.nope_planes)])
         new_config = {**config, "num_key_value_heads": target, "head_dim": head_dim_of(config)}
+        # pooled RoPE planes are judged at the distances the model is served at, not the calibration window's
+        options = merge if merge.context else replace(merge, context=config.get("max_position_embeddings"))
 
         def transform(i, attn, x):
             if expanding:
@@ -40,7 +44,7 @@ def gqa_plan(target: int, method: str = "calibrated", merge: MergeOptions = Merg
             elif method == "mean":
                 new = mean_pool(attn, target)
             else:
-                new = calibrated_merge(attn, x, target, merge)
+                new = calibrated_merge(attn, x, target, options)
             return write_attention(new, new_config, i)
 
         what = "expanded (exact repeat)" if expanding else f"{method} merging"

@@ -40,10 +40,10 @@ class ConversionSpec:
     method: str | None = _opt(None, "gqa/mqa: calibrated (default) | mean;  mla: calibrated (default) | svd")
     pooled_rope_planes: int | None = _opt(
         None, "gqa/mqa: how many of the slowest RoPE planes the calibrated merge pools into one basis (default: per "
-        "layer, the count with the least error on the calibration windows, which drifts past them). For long context "
-        "pool only planes that barely turn over it: SmolLM2 MQA, untrained ppl at positions 2K-4K 34.8x the source's "
-        "by default, 4.4x with 4, 4.1x with 0 (RoPE exact); after a 197K-token 2K-then-4K uptrain 4 gives passkey "
-        "30-60% at 4K in two seeds (default 10%), ppl 1.72-1.75x at 2K-4K (default 2.30x) (BENCHMARKS.md)")
+        "layer, the count with the least mean error on the calibration windows and on them stretched to the source's "
+        "max_position_embeddings; 0: RoPE exact). SmolLM2 MQA untrained, ppl at positions 2K-4K / 512-token windows: "
+        "default 3.3x / 2.7x the source's (judged on the windows alone, as before: 34.8x / 2.15x), 4 planes 4.4x / "
+        "2.8x, 0 4.1x / 4.2x (BENCHMARKS.md)")
     kv_lora_rank: int | None = _opt(None, "mla: latent size R (cache = R + rope-dim values/token/layer)")
     rope_dim: int | None = _opt(None, "mla: decoupled rope key dims Dr (even, <= head_dim; default head_dim)")
     pad_latent_to: int | None = _opt(
