@@ -230,7 +230,8 @@ def variants(args):
         ("+nope_auto", "+ slow RoPE planes pooled as non-rotary (count auto per layer)",
          dict(refit=False), "orig"),
         ("+refit", "+ o_proj least-squares refit (ridge 0.1)", dict(), "orig"),
-        ("+sequential", "+ calibrate on converted-path inputs (GPTQ-style) = default", dict(), "seq"),
+        # the CLI default until 2026-12-04; today's also judges pooled planes at 8K: cm:path=seq,context=8192
+        ("+sequential", "+ calibrate on converted-path inputs (GPTQ-style) = the old default", dict(), "seq"),
         ("seq-ec", "default, but refit targets source-path outputs (error correction)", dict(), "seq-ec"),
         ("rope-exact", "default with nope_planes=0 (RoPE exact at any length)", dict(nope_planes=0), "seq"),
     ]
