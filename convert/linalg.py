@@ -10,6 +10,12 @@ from __future__ import annotations
 import torch
 
 
+def relative_mse(y: torch.Tensor, target: torch.Tensor) -> float:
+    """||y - target||^2 / ||target||^2 (float64)."""
+    y, target = y.to(torch.float64), target.to(torch.float64)
+    return float((y - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-300))
+
+
 def psd_sqrt(S: torch.Tensor, floor: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
     """``(S^1/2, S^-1/2)`` of symmetric PSD matrices (batched over leading dims), eigenvalues floored at
     ``floor`` x the largest so the inverse stays finite on rank-deficient statistics."""

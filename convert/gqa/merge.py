@@ -61,7 +61,7 @@ from kvsurgeon.attention.reference import (
 
 from ..errors import KvSurgeonError
 from .qk_norm import merge_normed_keys
-from ..linalg import psd_sqrt, ridge_towards, top_eigvecs
+from ..linalg import psd_sqrt, relative_mse, ridge_towards, top_eigvecs
 from ..rope_planes import pca_basis, plane_covariance, rotate_keys, rotate_queries, to_planes
 
 F64 = torch.float64
@@ -584,7 +584,7 @@ def _least_error_nope_planes(attn: AttentionWeights, x: torch.Tensor, candidates
     info["nope_errors"], info["nope_stretch"] = {}, stretch
     for n in candidates:
         cand = merge_with(n)
-        errs = [float((attention_output(cand, x, **kw) - y).pow(2).sum() / y.pow(2).sum()) for kw, y in scales]
+        errs = [relative_mse(attention_output(cand, x, **kw), y) for kw, y in scales]
         info["nope_errors"][n] = sum(errs) / len(errs)
         del cand  # keep only the errors: holding the best candidate too costs a layer's weights
     return min(info["nope_errors"], key=lambda n: (info["nope_errors"][n], n))

@@ -43,7 +43,7 @@ from kvsurgeon.attention.hybrid_layout import GdnDims, GdnWeights, Mamba2Dims, M
 from kvsurgeon.attention.neutral import AttentionWeights
 
 from ..errors import KvSurgeonError
-from ..linalg import ridge_solve, ridge_towards, whitened_pca
+from ..linalg import relative_mse, ridge_solve, ridge_towards, whitened_pca
 from kvsurgeon.attention.reference import attention_output, head_outputs
 
 F64 = torch.float64
@@ -62,12 +62,6 @@ __all__ = [
     "even_linear_layers",
     "relative_mse",
 ]
-
-
-def relative_mse(y: torch.Tensor, target: torch.Tensor) -> float:
-    """||y - target||^2 / ||target||^2 (float64)."""
-    y, target = y.to(F64), target.to(F64)
-    return float((y - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-300))
 
 
 def _batch(x: torch.Tensor) -> torch.Tensor:
