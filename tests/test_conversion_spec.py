@@ -26,6 +26,7 @@ SPECS = [
     ConversionSpec(to="swa", window=256, global_layers=[0, 15, 29]),
     ConversionSpec(to="swa", window=256, keep_global=8, global_layers="auto", calib_data="c.jsonl"),
     ConversionSpec(to="mqa", pooled_rope_planes=0),
+    ConversionSpec(to="gqa", kv_heads=2, serve_context=2048),
 ]
 
 
@@ -82,6 +83,13 @@ def test_bad_options_fail_the_same_way_everywhere():
             parse_cli(["m", *bad, "--pooled-rope-planes", "0", "--out", "o"])
     with pytest.raises(KvSurgeonError, match="whole number >= 0"):
         parse_cli(["m", "--to", "mqa", "--pooled-rope-planes", "-1", "--out", "o"])
+    for bad in (["--to", "mla", "--kv-lora-rank", "64"], ["--to", "mqa", "--method", "mean"]):
+        with pytest.raises(KvSurgeonError, match="--serve-context tunes the calibrated KV-head merge"):
+            parse_cli(["m", *bad, "--serve-context", "1024", "--out", "o"])
+    with pytest.raises(KvSurgeonError, match="pass one of the two"):
+        parse_cli(["m", "--to", "mqa", "--serve-context", "1024", "--pooled-rope-planes", "4", "--out", "o"])
+    with pytest.raises(KvSurgeonError, match="whole number of tokens >= 1"):
+        parse_cli(["m", "--to", "mqa", "--serve-context", "0", "--out", "o"])
     with pytest.raises(KvSurgeonError, match="--linear-layers 'x,y'"):
         ConversionSpec(to="hybrid", linear_layers="x,y")
 

@@ -485,6 +485,45 @@ def test_gqa_plan_judges_pooled_planes_at_the_sources_context(tmp_path, text_fil
         torch.testing.assert_close(default[name], explicit[name], rtol=0, atol=0)
 
 
+def test_serve_context_reaches_the_merge(tmp_path, text_file):
+    """--serve-context N is the calibrated merge's context: the CLI spec's output equals convert_model on
+    gqa_plan(merge=MergeOptions(context=N)), tensor for tensor, and differs from the default (the source's
+    max_position_embeddings), so a spec that dropped the option would fail here."""
+    from conftest import save_tiny
+    from kvsurgeon.convert.gqa.plan import gqa_plan
+    from kvsurgeon.convert.pipeline.calibration import CalibConfig
+    from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model
+
+    src = save_tiny(tmp_path / "src")  # max_position_embeddings 256, calibration windows of 64
+    _convert_mqa(src, tmp_path / "short", text_file, serve_context=64)
+    _convert_mqa(src, tmp_path / "default", text_file)
+    calib = CalibConfig(data=str(text_file), tokens=256, seq_len=64)
+    convert_model(str(src), gqa_plan(1, merge=gqa.MergeOptions(context=64)),
+                  ConvertOptions(out=tmp_path / "direct", calib=calib, measure="off", progress=False))
+    short, default, direct = _state(tmp_path / "short"), _state(tmp_path / "default"), _state(tmp_path / "direct")
+    assert short.keys() == direct.keys()
+    for name in short:
+        torch.testing.assert_close(short[name], direct[name], rtol=0, atol=0)
+    assert max(float((short[n].double() - default[n].double()).abs().max()) for n in short if "k_proj" in n) > 1e-4
+    assert "--serve-context 64" in (tmp_path / "short" / "README.md").read_text()
+
+
+def test_serve_context_refused_before_writing(tmp_path, text_file):
+    """A served context past the source's max_position_embeddings, or on a source whose keys are merged
+    after a per-head norm (no plane pooling), is refused naming the limit, and nothing is written."""
+    from conftest import save_tiny
+    from kvsurgeon.convert.pipeline.preflight import PreflightError
+
+    src = save_tiny(tmp_path / "src")
+    with pytest.raises(PreflightError, match=r"--serve-context 257 is beyond the source's max_position_embeddings \(256\); use at most 256"):
+        _convert_mqa(src, tmp_path / "out", text_file, serve_context=257)
+    assert not (tmp_path / "out").exists()
+    qwen3 = save_tiny(tmp_path / "qwen3", "qwen3")
+    with pytest.raises(PreflightError, match="--serve-context does not apply to qwen3"):
+        _convert_mqa(qwen3, tmp_path / "out", text_file, serve_context=128)
+    assert not (tmp_path / "out").exists()
+
+
 def test_pooled_rope_planes_refused_before_writing(tmp_path, text_file):
     """More planes than the source has, or a source whose keys pass a per-head norm (Qwen3: merged after
     the norm, no plane pooling), is refused naming the limit, and nothing is written."""

@@ -495,8 +495,8 @@ class MergeOptions:
     # layer, the count among ``nope_candidates(context)`` with the least mean attention-output error
     # at the calibration window's own distances and stretched to ``context``; 0: RoPE exact.
     nope_planes: int | None = None
-    # the longest sequence to serve well (default: the calibration window; gqa_plan passes the
-    # source's max_position_embeddings)
+    # the longest sequence to serve well (default: the calibration window; gqa_plan passes
+    # --serve-context, else the source's max_position_embeddings)
     context: int | None = None
     values: str = "pca"  # "pca": shared basis whitened by o-projection energy; "mean": ablation
     value_tokens: str = "received"  # "received": tokens weighted by the attention they get; "tokens": not

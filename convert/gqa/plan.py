@@ -31,7 +31,8 @@ def gqa_plan(target: int, method: str = "calibrated", merge: MergeOptions = Merg
             check_kv_heads(H, G, target)
         if method == "calibrated" and not expanding and target != G:
             refuse(f"cannot merge KV heads with --method {method}",
-                   [family_problem(config, "gqa", method), _pooled_planes_problem(config, merge.nope_planes)])
+                   [family_problem(config, "gqa", method), _pooled_planes_problem(config, merge.nope_planes),
+                    _serve_context_problem(config, merge)])
         new_config = {**config, "num_key_value_heads": target, "head_dim": head_dim_of(config)}
         # pooled RoPE planes are judged at the distances the model is served at, not the calibration window's
         options = merge if merge.context else replace(merge, context=config.get("max_position_embeddings"))
@@ -70,4 +71,19 @@ def _pooled_planes_problem(config: dict, n: int | None) -> str | None:
     planes = rope_spec(config).rotary_dim // 2
     if n > planes:
         return f"--pooled-rope-planes {n} is more than the {planes} RoPE planes per head of this source; use 0-{planes}"
+    return None
+
+
+def _serve_context_problem(config: dict, merge: MergeOptions) -> str | None:
+    """--serve-context against the source: no longer than the context it was trained for, and only where
+    the merge pools RoPE planes."""
+    if merge.context is None:
+        return None
+    if family_for(config).has_qk_norm:
+        return (f"--serve-context does not apply to {config.get('model_type')}: its keys pass a per-head norm and are "
+                "merged after it, with no plane pooling; drop the option")
+    limit = config.get("max_position_embeddings")
+    if limit and merge.context > limit:
+        return (f"--serve-context {merge.context} is beyond the source's max_position_embeddings ({limit}); use at most "
+                f"{limit}")
     return None

@@ -44,6 +44,12 @@ class ConversionSpec:
         "max_position_embeddings; 0: RoPE exact). SmolLM2 MQA untrained, ppl at positions 2K-4K / 512-token windows: "
         "default 3.3x / 2.7x the source's (judged on the windows alone, as before: 34.8x / 2.15x), 4 planes 4.4x / "
         "2.8x, 0 4.1x / 4.2x (BENCHMARKS.md)")
+    serve_context: int | None = _opt(
+        None, "gqa/mqa: the longest context you will serve; the calibrated merge picks each layer's pooled RoPE planes "
+        "by their error at these distances (default: the source's max_position_embeddings). Shorter pools more planes: "
+        "a better fit inside it, drift beyond it. SmolLM2 MQA untrained, ppl vs the source at 512-token windows / positions "
+        "1K-2K / 2K-4K: default (8192) 2.7x / 3.5x / 3.3x, 2048: 2.2x / 3.5x / 7.0x, 512: 2.0x / 6.3x / 41.9x "
+        "(BENCHMARKS.md)")
     kv_lora_rank: int | None = _opt(None, "mla: latent size R (cache = R + rope-dim values/token/layer)")
     rope_dim: int | None = _opt(None, "mla: decoupled rope key dims Dr (even, <= head_dim; default head_dim)")
     pad_latent_to: int | None = _opt(
@@ -112,6 +118,15 @@ class ConversionSpec:
                                      "without --method mean")
             if isinstance(self.pooled_rope_planes, bool) or not isinstance(self.pooled_rope_planes, int) or self.pooled_rope_planes < 0:
                 raise KvSurgeonError(f"--pooled-rope-planes must be a whole number >= 0 (0: RoPE exact), got {self.pooled_rope_planes!r}")
+        if self.serve_context is not None:
+            if self.to not in ("gqa", "mqa") or self.method == "mean":
+                raise KvSurgeonError("--serve-context tunes the calibrated KV-head merge; it needs --to gqa/mqa without "
+                                     "--method mean")
+            if self.pooled_rope_planes is not None:
+                raise KvSurgeonError("--serve-context picks the pooled RoPE planes and --pooled-rope-planes fixes them; "
+                                     "pass one of the two")
+            if isinstance(self.serve_context, bool) or not isinstance(self.serve_context, int) or self.serve_context < 1:
+                raise KvSurgeonError(f"--serve-context must be a whole number of tokens >= 1, got {self.serve_context!r}")
         if self.linear is not None and self.to != "hybrid":
             raise KvSurgeonError("--linear chooses the linear layer type of a hybrid; it needs --to hybrid")
         if self.q_bias is not None and self.to != "mla":
@@ -156,12 +171,17 @@ class ConversionSpec:
             return self.calib_retrieval
         return 0.5 if self.to in ("hybrid", "mla") else 0.0
 
+    def merge_options(self):
+        """The calibrated KV-head merge's options that these flags set (the rest keep MergeOptions' defaults)."""
+        from ..gqa.merge import MergeOptions
+
+        return MergeOptions(nope_planes=self.pooled_rope_planes, context=self.serve_context)
+
     def make_plan(self):
         if self.to in ("gqa", "mqa"):
-            from ..gqa.merge import MergeOptions
             from ..gqa.plan import gqa_plan
 
-            return gqa_plan(self.kv_heads, self.method or "calibrated", merge=MergeOptions(nope_planes=self.pooled_rope_planes))
+            return gqa_plan(self.kv_heads, self.method or "calibrated", merge=self.merge_options())
         if self.to == "mla":
             from ..mla.plan import mla_plan
 

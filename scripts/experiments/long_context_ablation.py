@@ -6,6 +6,7 @@ last 200 documents), never on pydocs-valid.
     python scripts/experiments/long_context_ablation.py mqa                       # CLI defaults
     python scripts/experiments/long_context_ablation.py mqa merge.context=4096    # calibrated_merge kwarg
     python scripts/experiments/long_context_ablation.py mqa merge.nope_planes=0
+    python scripts/experiments/long_context_ablation.py mqa --serve-context 2048 merge.ridge=0.01  # flags and kwargs combine
     python scripts/experiments/long_context_ablation.py mqa --calib-seq-len 2048   # any convert flag
     python scripts/experiments/long_context_ablation.py mla64 --calib-seq-len 2048
 
@@ -18,13 +19,13 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvsurgeon.convert.gqa.plan as to_gqa  # noqa: E402
-from kvsurgeon.convert.gqa.merge import MergeOptions  # noqa: E402
 from bench_common import ROOT, SOURCE, ablation_eval_file  # noqa: E402
 from kvsurgeon.convert.cli import app, spec_from_argv  # noqa: E402
 from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model  # noqa: E402
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> None:
         if job != "mqa":
             raise SystemExit("merge.KEY=VALUE applies to the mqa job only")
         spec = spec_from_argv([SOURCE, *BASE[job], *flags, "--out", str(out)])
-        convert_model(SOURCE, to_gqa.gqa_plan(1, spec.method or "calibrated", merge=MergeOptions(**merge_kw)),
+        convert_model(SOURCE, to_gqa.gqa_plan(1, spec.method or "calibrated", merge=replace(spec.merge_options(), **merge_kw)),
                       ConvertOptions(out=out, overwrite=True, calib=spec.calib_config(), measure="off"))
     elif not (out / "config.json").is_file():
         app(["convert", SOURCE, *BASE[job], *flags, "--out", str(out), "--overwrite", "--measure", "off"], standalone_mode=False)
