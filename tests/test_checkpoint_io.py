@@ -167,6 +167,15 @@ def test_not_a_model_folder(tmp_path):
         LazyCheckpoint(tmp_path)
 
 
+def test_uptrain_run_folder_points_at_its_model(tmp_path):
+    """An uptraining run's folder (metrics, checkpoints/, final/) given where a model is expected: the error
+    names final/, the model it holds."""
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"looks like an uptraining run, whose model is .*final$"):
+        read_config(tmp_path)
+
+
 def test_unknown_hub_id_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)

@@ -29,7 +29,10 @@ class CheckpointError(KvSurgeonError):
 def read_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{folder} has no config.json: it is not a Hugging Face model folder")
+        hint = ""
+        if (Path(folder) / "final" / "config.json").is_file():  # an uptrain run folder: its model is final/
+            hint = f"; it looks like an uptraining run, whose model is {Path(folder) / 'final'}"
+        raise CheckpointError(f"{folder} has no config.json: it is not a Hugging Face model folder{hint}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
