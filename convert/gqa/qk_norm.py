@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import ridge_towards
+from ..linalg import relative_mse, ridge_towards
 
 F64 = torch.float64
 RIDGE = 1e-6  # towards the plain mean of the weights; only steadies a rank-deficient calibration set
@@ -50,5 +50,5 @@ def merge_normed_keys(k: torch.Tensor, X: torch.Tensor, blocks, k_norm: torch.Te
     fit, target = torch.cat(fits), torch.cat(targets)
     c = float((fit * target).sum() / fit.pow(2).sum().clamp_min(1e-300))
     info["k_norm_scale"] = c
-    info["normed_key_rel_err"] = float((c * fit - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-300))
+    info["normed_key_rel_err"] = relative_mse(c * fit, target)
     return torch.stack(new_k), (k_norm.to(F64) * c).to(k_norm.dtype)

@@ -87,7 +87,7 @@ from kvsurgeon.attention.reference import (
 )
 
 from ..errors import KvSurgeonError
-from ..linalg import psd_sqrt, ridge_solve, ridge_towards, spd_solve
+from ..linalg import psd_sqrt, relative_mse, ridge_solve, ridge_towards, spd_solve
 from ..rope_planes import pca_basis, plane_covariance, rotate_keys, rotate_queries
 
 __all__ = [
@@ -639,12 +639,11 @@ def _kv_errors(X: torch.Tensor, n: _LatentNorm, W: torch.Tensor, B: torch.Tensor
     """Relative squared errors of the nope keys and the values through the normalised latent."""
     c = X @ n.A.T
     ct = n.w * c / latent_rms(c)[:, None]
-    Z = X @ W.T
-    err = Z - ct @ B.T
+    Z, fit = X @ W.T, ct @ B.T
     out = {}
     if Kn:
-        out["k_nope_rel_err"] = float(err[:, :Kn].pow(2).sum() / Z[:, :Kn].pow(2).sum().clamp_min(1e-300))
-    out["v_rel_err"] = float(err[:, Kn:].pow(2).sum() / Z[:, Kn:].pow(2).sum().clamp_min(1e-300))
+        out["k_nope_rel_err"] = relative_mse(fit[:, :Kn], Z[:, :Kn])
+    out["v_rel_err"] = relative_mse(fit[:, Kn:], Z[:, Kn:])
     return out
 
 
@@ -809,8 +808,7 @@ def refit_output(
         y = y - w.o_bias.double()
     O0 = w.o.double().reshape(w.hidden_size, H * Dv)
     O = ridge_towards(a, y, O0, ridge)
-    before = float((y - a @ O0.T).pow(2).sum() / y.pow(2).sum())
-    after = float((y - a @ O.T).pow(2).sum() / y.pow(2).sum())
+    before, after = relative_mse(a @ O0.T, y), relative_mse(a @ O.T, y)
     info = dict(w.info, o_refit_rel_err_before=before, o_refit_rel_err_after=after)
     return MlaWeights(q=w.q, kv_a=w.kv_a, kv_a_norm=w.kv_a_norm, kv_b=w.kv_b, o=O.reshape_as(w.o).to(w.o.dtype),
                       kv_a_bias=w.kv_a_bias, o_bias=w.o_bias, rope_interleaved=w.rope_interleaved, info=info)
@@ -1036,10 +1034,10 @@ def _normed_fit(Wh: torch.Tensor, bias: torch.Tensor | None, norm_w: torch.Tenso
     for h in range(Wh.shape[0]):
         W0 = Wh[h].double() * (attn.norm_offset + norm_w.double())[:, None] / rms[h].mean()
         M[h] = ridge_towards(Xw, target[h] if su is None else target[h] * su, W0, ridge)
-    err = target - torch.einsum("ni,hdi->hnd", X, M)
-    if u is not None:
-        err, target = err * u.sqrt()[None, :, None], target * u.sqrt()[None, :, None]
-    return M, float(err.pow(2).sum() / target.pow(2).sum().clamp_min(1e-300)), float((rms.std(1) / rms.mean(1)).mean())
+    fit = torch.einsum("ni,hdi->hnd", X, M)
+    if u is not None:  # the error in the fit's own token weighting
+        fit, target = fit * u.sqrt()[None, :, None], target * u.sqrt()[None, :, None]
+    return M, relative_mse(fit, target), float((rms.std(1) / rms.mean(1)).mean())
 
 
 def linearize_qk_norm(attn: AttentionWeights, x: torch.Tensor, token_weights: torch.Tensor | None = None,

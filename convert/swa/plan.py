@@ -27,6 +27,7 @@ from kvsurgeon.attention.reference import tail_attention_outputs
 from ..pipeline.calibration import CalibConfig, LayerStream, calibration_ids
 
 from ..errors import KvSurgeonError
+from ..linalg import relative_mse
 from ..hybrid.fit import _keep_count, even_linear_layers
 from ..pipeline.driver import Plan
 from ..pipeline.preflight import refuse
@@ -116,7 +117,7 @@ def rank_windowing(ckpt, config: dict, window: int, ids: torch.Tensor, log=None)
     for i, x in LayerStream(ckpt, config, ids):
         attn = read_attention(ckpt, config, i)
         full, local = tail_attention_outputs(attn, x, TAIL, (None, window))
-        costs[i] = float((local - full).pow(2).sum() / full.pow(2).sum().clamp_min(1e-30))
+        costs[i] = relative_mse(local, full)
         if log:
             log(f"rank: layer {i} windowed alone: tail rel-error {costs[i]:.4f} ({time.time() - t0:.0f}s)")
     order = sorted(costs, key=lambda i: -costs[i])
