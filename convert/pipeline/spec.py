@@ -10,7 +10,7 @@ import shlex
 import typing
 from dataclasses import MISSING, InitVar, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvsurgeon.attention.kv_cache import dtype_bytes, kv_bytes_at_context, kv_bytes_per_token
 from kvsurgeon.attention.serving import serving_support
@@ -20,6 +20,9 @@ from ..io.checkpoint import LazyCheckpoint, read_config
 from ..evaluation.measure import measure_conversion, should_measure
 from ..errors import KvSurgeonError
 from .driver import ConvertOptions, ConvertResult, convert_model
+
+if TYPE_CHECKING:  # imported where used: the gqa package imports the pipeline
+    from ..gqa.merge import MergeOptions
 
 TARGETS = ("gqa", "mqa", "mla", "hybrid", "swa")
 
@@ -171,7 +174,7 @@ class ConversionSpec:
             return self.calib_retrieval
         return 0.5 if self.to in ("hybrid", "mla") else 0.0
 
-    def merge_options(self):
+    def merge_options(self) -> MergeOptions:
         """The calibrated KV-head merge's options that these flags set (the rest keep MergeOptions' defaults)."""
         from ..gqa.merge import MergeOptions
 
