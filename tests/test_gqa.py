@@ -440,27 +440,35 @@ def _state(folder):
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-def test_pooled_rope_planes_option_reaches_the_merge(tmp_path, text_file):
-    """--pooled-rope-planes N is the calibrated merge's nope_planes: the CLI spec's output equals
-    convert_model on gqa_plan(merge=MergeOptions(nope_planes=N)), and another N gives other keys."""
-    from conftest import save_tiny
+def _spec_equals_plan(src, tmp_path, text_file, merge, **spec_kw):
+    """Converts ``src`` by the CLI spec (``spec_kw``, into tmp_path/spec) and by convert_model on
+    gqa_plan(merge=merge) (tmp_path/direct); asserts the two bit-identical and returns the spec's tensors."""
     from kvsurgeon.convert.gqa.plan import gqa_plan
     from kvsurgeon.convert.pipeline.calibration import CalibConfig
     from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model
 
-    src = save_tiny(tmp_path / "src")
-    _convert_mqa(src, tmp_path / "p0", text_file, pooled_rope_planes=0)
-    _convert_mqa(src, tmp_path / "p3", text_file, pooled_rope_planes=3)
+    _convert_mqa(src, tmp_path / "spec", text_file, **spec_kw)
     calib = CalibConfig(data=str(text_file), tokens=256, seq_len=64)
-    convert_model(str(src), gqa_plan(1, merge=gqa.MergeOptions(nope_planes=0)),
-                  ConvertOptions(out=tmp_path / "direct", calib=calib, measure="off", progress=False))
-    p0, p3, direct = _state(tmp_path / "p0"), _state(tmp_path / "p3"), _state(tmp_path / "direct")
-    assert p0.keys() == direct.keys()
-    for name in p0:
-        torch.testing.assert_close(p0[name], direct[name], rtol=0, atol=0)
+    convert_model(str(src), gqa_plan(1, merge=merge), ConvertOptions(out=tmp_path / "direct", calib=calib, measure="off", progress=False))
+    spec, direct = _state(tmp_path / "spec"), _state(tmp_path / "direct")
+    assert spec.keys() == direct.keys()
+    for name in spec:
+        torch.testing.assert_close(spec[name], direct[name], rtol=0, atol=0)
+    return spec
+
+
+def test_pooled_rope_planes_option_reaches_the_merge(tmp_path, text_file):
+    """--pooled-rope-planes N is the calibrated merge's nope_planes: the CLI spec's output equals
+    convert_model on gqa_plan(merge=MergeOptions(nope_planes=N)), and another N gives other keys."""
+    from conftest import save_tiny
+
+    src = save_tiny(tmp_path / "src")
+    p0 = _spec_equals_plan(src, tmp_path, text_file, gqa.MergeOptions(nope_planes=0), pooled_rope_planes=0)
+    _convert_mqa(src, tmp_path / "p3", text_file, pooled_rope_planes=3)
+    p3 = _state(tmp_path / "p3")
     k = "model.layers.0.self_attn.k_proj.weight"
     assert p0[k].shape[0] == D and (p0[k] - p3[k]).abs().max() > 1e-3
-    assert "--pooled-rope-planes 0" in (tmp_path / "p0" / "README.md").read_text()
+    assert "--pooled-rope-planes 0" in (tmp_path / "spec" / "README.md").read_text()
 
 
 def test_gqa_plan_judges_pooled_planes_at_the_sources_context(tmp_path, text_file):
@@ -490,22 +498,13 @@ def test_serve_context_reaches_the_merge(tmp_path, text_file):
     gqa_plan(merge=MergeOptions(context=N)), tensor for tensor, and differs from the default (the source's
     max_position_embeddings), so a spec that dropped the option would fail here."""
     from conftest import save_tiny
-    from kvsurgeon.convert.gqa.plan import gqa_plan
-    from kvsurgeon.convert.pipeline.calibration import CalibConfig
-    from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model
 
     src = save_tiny(tmp_path / "src")  # max_position_embeddings 256, calibration windows of 64
-    _convert_mqa(src, tmp_path / "short", text_file, serve_context=64)
+    short = _spec_equals_plan(src, tmp_path, text_file, gqa.MergeOptions(context=64), serve_context=64)
     _convert_mqa(src, tmp_path / "default", text_file)
-    calib = CalibConfig(data=str(text_file), tokens=256, seq_len=64)
-    convert_model(str(src), gqa_plan(1, merge=gqa.MergeOptions(context=64)),
-                  ConvertOptions(out=tmp_path / "direct", calib=calib, measure="off", progress=False))
-    short, default, direct = _state(tmp_path / "short"), _state(tmp_path / "default"), _state(tmp_path / "direct")
-    assert short.keys() == direct.keys()
-    for name in short:
-        torch.testing.assert_close(short[name], direct[name], rtol=0, atol=0)
+    default = _state(tmp_path / "default")
     assert max(float((short[n].double() - default[n].double()).abs().max()) for n in short if "k_proj" in n) > 1e-4
-    assert "--serve-context 64" in (tmp_path / "short" / "README.md").read_text()
+    assert "--serve-context 64" in (tmp_path / "spec" / "README.md").read_text()
 
 
 def test_serve_context_refused_before_writing(tmp_path, text_file):
