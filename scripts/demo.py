@@ -68,6 +68,16 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def job_spec(job: Job, args: argparse.Namespace):
+    """The ConversionSpec a job runs: its own fields plus the demo's budgets."""
+    from kvsurgeon.convert.pipeline.spec import ConversionSpec
+
+    extra = {"transfer_tokens": args.transfer_tokens} if job.spec["to"] == "hybrid" else {}
+    if job.spec["to"] == "mqa":  # convert for the context the demo measures: its passkey length
+        extra["serve_context"] = args.passkey_length
+    return ConversionSpec(**job.spec, calib_tokens=args.calib_tokens, **extra)
+
+
 def main() -> None:
     args = parse_args()
     import warnings
@@ -78,7 +88,7 @@ def main() -> None:
     from kvsurgeon.attention.kv_cache import kv_bytes_per_token
     from kvsurgeon.attention.serving import serving_support
     from kvsurgeon.convert.io.checkpoint import read_config
-    from kvsurgeon.convert.pipeline.spec import ConversionSpec, cli_command, run_conversion
+    from kvsurgeon.convert.pipeline.spec import cli_command, run_conversion
     from kvsurgeon.convert.evaluation.perplexity import evaluate, load_model, load_tokenizer
     from kvsurgeon.convert.evaluation.long_context import LongContextOptions, measure_long_context
     from kvsurgeon.convert.pipeline.driver import ConvertOptions
@@ -117,10 +127,7 @@ def main() -> None:
 
     for job in [j for j in JOBS if j.name in args.only.split(",")]:
         console.rule(f"{job.name}: {job.title}")
-        extra = {"transfer_tokens": args.transfer_tokens} if job.spec["to"] == "hybrid" else {}
-        if job.spec["to"] == "mqa":  # convert for the context the demo serves: its passkey length
-            extra["serve_context"] = args.passkey_length
-        spec = ConversionSpec(**job.spec, calib_tokens=args.calib_tokens, **extra)
+        spec = job_spec(job, args)
         folder = out / job.name.lower().replace("%", "")
         t0 = time.time()
         res = run_conversion(SOURCE, spec, ConvertOptions(out=folder, overwrite=True, progress=True, measure="off"))
