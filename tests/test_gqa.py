@@ -507,33 +507,23 @@ def test_serve_context_reaches_the_merge(tmp_path, text_file):
     assert "--serve-context 64" in (tmp_path / "spec" / "README.md").read_text()
 
 
-def test_serve_context_refused_before_writing(tmp_path, text_file):
-    """A served context past the source's max_position_embeddings, or on a source whose keys are merged
-    after a per-head norm (no plane pooling), is refused naming the limit, and nothing is written."""
+@pytest.mark.parametrize("option, too_far, limit, on_qwen3", [
+    # the tiny source: head_dim 16 (8 RoPE planes), max_position_embeddings 256
+    ("pooled_rope_planes", 9, "more than the 8 RoPE planes per head of this source; use 0-8", 0),
+    ("serve_context", 257, r"--serve-context 257 is beyond the source's max_position_embeddings \(256\); use at most 256", 128),
+])
+def test_plane_pooling_options_refused_before_writing(tmp_path, text_file, option, too_far, limit, on_qwen3):
+    """--pooled-rope-planes past the source's planes, --serve-context past its max_position_embeddings, and
+    either on a source whose keys pass a per-head norm (Qwen3: merged after the norm, no plane pooling) are
+    refused naming the limit, and nothing is written."""
     from conftest import save_tiny
     from kvsurgeon.convert.pipeline.preflight import PreflightError
 
     src = save_tiny(tmp_path / "src")
-    with pytest.raises(PreflightError, match=r"--serve-context 257 is beyond the source's max_position_embeddings \(256\); use at most 256"):
-        _convert_mqa(src, tmp_path / "out", text_file, serve_context=257)
+    with pytest.raises(PreflightError, match=limit):
+        _convert_mqa(src, tmp_path / "out", text_file, **{option: too_far})
     assert not (tmp_path / "out").exists()
     qwen3 = save_tiny(tmp_path / "qwen3", "qwen3")
-    with pytest.raises(PreflightError, match="--serve-context does not apply to qwen3"):
-        _convert_mqa(qwen3, tmp_path / "out", text_file, serve_context=128)
-    assert not (tmp_path / "out").exists()
-
-
-def test_pooled_rope_planes_refused_before_writing(tmp_path, text_file):
-    """More planes than the source has, or a source whose keys pass a per-head norm (Qwen3: merged after
-    the norm, no plane pooling), is refused naming the limit, and nothing is written."""
-    from conftest import save_tiny
-    from kvsurgeon.convert.pipeline.preflight import PreflightError
-
-    src = save_tiny(tmp_path / "src")  # head_dim 16: 8 RoPE planes
-    with pytest.raises(PreflightError, match="more than the 8 RoPE planes per head of this source; use 0-8"):
-        _convert_mqa(src, tmp_path / "out", text_file, pooled_rope_planes=9)
-    assert not (tmp_path / "out").exists()
-    qwen3 = save_tiny(tmp_path / "qwen3", "qwen3")
-    with pytest.raises(PreflightError, match="does not apply to qwen3"):
-        _convert_mqa(qwen3, tmp_path / "out", text_file, pooled_rope_planes=0)
+    with pytest.raises(PreflightError, match=f"--{option.replace('_', '-')} does not apply to qwen3"):
+        _convert_mqa(qwen3, tmp_path / "out", text_file, **{option: on_qwen3})
     assert not (tmp_path / "out").exists()

@@ -66,8 +66,7 @@ def _pooled_planes_problem(config: dict, n: int | None) -> str | None:
     if n is None:
         return None
     if family_for(config).has_qk_norm:
-        return (f"--pooled-rope-planes does not apply to {config.get('model_type')}: its keys pass a per-head norm and "
-                "are merged after it, with no plane pooling; drop the option")
+        return _no_plane_pooling(config, "--pooled-rope-planes")
     planes = rope_spec(config).rotary_dim // 2
     if n > planes:
         return f"--pooled-rope-planes {n} is more than the {planes} RoPE planes per head of this source; use 0-{planes}"
@@ -80,10 +79,15 @@ def _serve_context_problem(config: dict, merge: MergeOptions) -> str | None:
     if merge.context is None:
         return None
     if family_for(config).has_qk_norm:
-        return (f"--serve-context does not apply to {config.get('model_type')}: its keys pass a per-head norm and are "
-                "merged after it, with no plane pooling; drop the option")
+        return _no_plane_pooling(config, "--serve-context")
     limit = config.get("max_position_embeddings")
     if limit and merge.context > limit:
         return (f"--serve-context {merge.context} is beyond the source's max_position_embeddings ({limit}); use at most "
                 f"{limit}")
     return None
+
+
+def _no_plane_pooling(config: dict, flag: str) -> str:
+    """The refusal for a plane-pooling option on a source whose keys pass a per-head norm (Qwen3's)."""
+    return (f"{flag} does not apply to {config.get('model_type')}: its keys pass a per-head norm and are merged "
+            "after it, with no plane pooling; drop the option")
