@@ -27,6 +27,11 @@ if TYPE_CHECKING:  # imported where used: the gqa package imports the pipeline
 TARGETS = ("gqa", "mqa", "mla", "hybrid", "swa")
 
 
+def _whole(value, least: int) -> bool:
+    """A whole number >= least (a bool is not one, though Python counts it as an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def _opt(default=MISSING, help: str = "", flag: str | None = None, cli_type=None):
     """A spec field with what the CLI, the recipe schema and the card command derive from it."""
     return field(default=default, metadata={"help": help, "flag": flag, "cli_type": cli_type})
@@ -119,7 +124,7 @@ class ConversionSpec:
             if self.to not in ("gqa", "mqa") or self.method == "mean":
                 raise KvSurgeonError("--pooled-rope-planes tunes the calibrated KV-head merge; it needs --to gqa/mqa "
                                      "without --method mean")
-            if isinstance(self.pooled_rope_planes, bool) or not isinstance(self.pooled_rope_planes, int) or self.pooled_rope_planes < 0:
+            if not _whole(self.pooled_rope_planes, 0):
                 raise KvSurgeonError(f"--pooled-rope-planes must be a whole number >= 0 (0: RoPE exact), got {self.pooled_rope_planes!r}")
         if self.serve_context is not None:
             if self.to not in ("gqa", "mqa") or self.method == "mean":
@@ -128,7 +133,7 @@ class ConversionSpec:
             if self.pooled_rope_planes is not None:
                 raise KvSurgeonError("--serve-context picks the pooled RoPE planes and --pooled-rope-planes fixes them; "
                                      "pass one of the two")
-            if isinstance(self.serve_context, bool) or not isinstance(self.serve_context, int) or self.serve_context < 1:
+            if not _whole(self.serve_context, 1):
                 raise KvSurgeonError(f"--serve-context must be a whole number of tokens >= 1, got {self.serve_context!r}")
         if self.linear is not None and self.to != "hybrid":
             raise KvSurgeonError("--linear chooses the linear layer type of a hybrid; it needs --to hybrid")
@@ -152,7 +157,7 @@ class ConversionSpec:
             return
         if self.window is None:
             raise KvSurgeonError("--to swa needs --window N (tokens each windowed layer attends to, e.g. 512)")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+        if not _whole(self.window, 1):
             raise KvSurgeonError(f"--window must be a whole number of tokens >= 1, got {self.window!r}")
         if isinstance(self.global_layers, str):  # auto / search / even choose --keep-global K layers
             if self.keep_global is None:
