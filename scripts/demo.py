@@ -47,7 +47,8 @@ def parse_args() -> argparse.Namespace:
         prog="scripts/demo.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Budgets trade time for resolution; the defaults fit about 10 minutes on 2 cores. With more time: "
         "--calib-tokens 8192 (the CLI default: MQA 2.24x on held-out train documents against ~3.4x here, "
-        "BENCHMARKS.md), --transfer-tokens 98304 (hybrid 1.31x in BENCHMARKS.md), --passkey-samples 10 (50 prompts), --eval-tokens 16384.",
+        "BENCHMARKS.md), --transfer-tokens 98304 (hybrid 1.31x in BENCHMARKS.md), --passkey-samples 10 (50 prompts), "
+        "--eval-tokens 16384.",
     )
     ap.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
     ap.add_argument("--data", default=None, help="held-out text for perplexity (default: the built-in held-out text)")
