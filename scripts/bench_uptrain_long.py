@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--tokens", default="100000", help="training tokens; one per stage, or one total split evenly")
     ap.add_argument("--seq-len", default="2048", help="window length; several (2048,4096) make one stage each")
     ap.add_argument("--retrieval", type=float, default=0.5, help="fraction of training windows with retrieval facts")
+    ap.add_argument("--retrieval-far", type=float, default=0.0,
+                    help="of those, the fraction whose asked fact sits in the window's first 10%% (0 = uniform depths)")
     ap.add_argument("--answer-weight", type=float, default=1.0,
                     help="KL weight of the restated code's tokens in retrieval windows (1 = plain mean)")
     ap.add_argument("--seed", type=int, default=0, help="recipe seed: another draw of which windows carry facts, and which facts")
@@ -94,7 +96,8 @@ def main() -> None:
     run = out / f"{name}-uptrained"
     recipe = recipe_from_dict({
         "source": SOURCE, "output": str(run), "student": str(student),
-        "data": {"train": str(train), "seq_len": lengths[0], "retrieval": args.retrieval, "eval": None},
+        "data": {"train": str(train), "seq_len": lengths[0], "retrieval": args.retrieval,
+                 "retrieval_far": args.retrieval_far, "eval": None},
         "stages": [{"name": f"attention-{n}" if len(lengths) > 1 else "attention", "tokens": t, "trainable": args.trainable,
                     "seq_len": n} for n, t in zip(lengths, budget)],
         "optim": {"lr": args.lr, "warmup_steps": 5, "schedule": "cosine"},
@@ -125,7 +128,7 @@ def main() -> None:
         rows.append(row)
         print(markdown(results), flush=True)
     summary = {"student": str(student), "tokens": trained[-1]["tokens"], "seq_len": lengths, "stage_tokens": budget,
-               "retrieval": args.retrieval, "answer_weight": args.answer_weight, "seed": args.seed,
+               "retrieval": args.retrieval, "retrieval_far": args.retrieval_far, "answer_weight": args.answer_weight, "seed": args.seed,
                "lr": args.lr, "trainable": args.trainable, "gradient_checkpointing": args.gradient_checkpointing, "train_seconds": train_secs,
                "tokens_per_s": sorted(m["tokens_per_s"] for m in trained)[len(trained) // 2], "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -190,6 +190,29 @@ def test_retrieval_window_answer_is_the_restated_code(smol):
     assert retrieval_window_with_answer(tok, short, random.Random(0)) == (short, range(0))
 
 
+def test_retrieval_far_puts_the_asked_fact_in_the_first_tenth(smol):
+    """``far=1`` moves the asked fact into the window's first 10% (the distance uptrained MQA misses at
+    4K); the other facts and the restated code stay whole; ``far=0`` is the uniform draw, token for token."""
+    from kvsurgeon.convert.pipeline.calibration import retrieval_window_with_answer
+
+    _, tok = smol
+    ids = tok("The module reads the file and returns its lines. " * 250, add_special_tokens=False)["input_ids"][:1024]
+    near = 0
+    for seed in range(8):
+        plain = retrieval_window_with_answer(tok, ids, random.Random(seed))
+        assert retrieval_window_with_answer(tok, ids, random.Random(seed), far=0.0) == plain
+        out, span = retrieval_window_with_answer(tok, ids, random.Random(seed), far=1.0)
+        assert len(out) == 1024 and tok.decode(out[span.stop :]) == "."
+        text = tok.decode(out[: span.start])
+        code, item = tok.decode(out[span.start : span.stop]).strip(), text.rsplit("Reminder: the access code for the ", 1)[1].removesuffix(" is")
+        fact = f"The access code for the {item} is {code}."
+        assert text.count("The access code for the ") == 3 and fact in text
+        assert len(tok(text[: text.index(fact)], add_special_tokens=False)["input_ids"]) < 0.1 * 1024
+        plain_text = tok.decode(plain[0])
+        near += len(tok(plain_text[: plain_text.index(fact)], add_special_tokens=False)["input_ids"]) >= 0.1 * 1024
+    assert near >= 4  # the uniform draw mostly puts the asked fact past the first tenth: the option moved it
+
+
 def test_card_command_keeps_calibration_flags():
     from kvsurgeon.convert.pipeline.calibration import CalibConfig
     from kvsurgeon.convert.pipeline.spec import ConversionSpec, cli_command

@@ -231,6 +231,8 @@ def test_recipe_base_errors(tmp_path):
         ({"data": {"train": ""}}, "data.train: required"),
         ({"distill": {"answer_weight": 0}}, "distill.answer_weight: must be > 0"),
         ({"distill": {"answer_weight": 20}}, "data.retrieval is 0"),
+        ({"data": {"train": "t.txt", "retrieval": 0.5, "retrieval_far": 2}}, "data.retrieval_far: a fraction of retrieval windows"),
+        ({"data": {"train": "t.txt", "retrieval_far": 0.5}}, "retrieval_far: places the facts of retrieval windows, but data.retrieval is 0"),
     ],
 )
 def test_bad_recipes_fail_clearly(tmp_path, text_file, change, message):
@@ -379,14 +381,16 @@ def test_answer_weight_reaches_the_loss_and_resumes_exactly(tmp_path, text_file)
     torch.testing.assert_close(torch.tensor(train_losses(tmp_path / "part")), torch.tensor(w), rtol=1e-5, atol=1e-6)
 
 
-def test_the_recipe_seed_draws_the_retrieval_facts(tmp_path, text_file):
+def test_the_recipe_seed_and_retrieval_far_draw_the_retrieval_facts(tmp_path, text_file):
     """``seed`` reaches the training stream: with every window a retrieval window, seeds 0 and 1 train on
-    other facts (different step-1 KL), while on plain text the two seeds see the same windows."""
+    other facts (different step-1 KL), while on plain text the two seeds see the same windows. So does
+    ``data.retrieval_far``: the same seed with the asked facts moved far back trains on other windows."""
 
-    def step1_kl(seed, retrieval):
-        out = tmp_path / f"s{seed}-r{retrieval}"
+    def step1_kl(seed, retrieval, far=0.0):
+        out = tmp_path / f"s{seed}-r{retrieval}-f{far}"
         r = base_recipe(tmp_path, text_file, output=str(out), seed=seed, max_steps=1,
-                        data={"train": str(text_file), "seq_len": 512, "eval": None, "retrieval": retrieval},
+                        data={"train": str(text_file), "seq_len": 512, "eval": None, "retrieval": retrieval,
+                              "retrieval_far": far},
                         stages=[{"name": "e2e", "tokens": 512 * 2 * 2, "trainable": "attention"}])
         uptrain(recipe_from_dict(r), progress=False)
         return train_losses(out, "kl")[0]
@@ -394,3 +398,5 @@ def test_the_recipe_seed_draws_the_retrieval_facts(tmp_path, text_file):
     assert step1_kl(0, 0.0) == pytest.approx(step1_kl(1, 0.0), rel=1e-6)
     a, b = step1_kl(0, 1.0), step1_kl(1, 1.0)
     assert abs(a - b) > 1e-4 * a, (a, b)
+    c = step1_kl(0, 1.0, far=1.0)
+    assert abs(a - c) > 1e-4 * a, (a, c)

@@ -67,9 +67,14 @@ def retrieval_window(tokenizer, ids: list[int], rng: random.Random, facts: int =
     return retrieval_window_with_answer(tokenizer, ids, rng, facts)[0]
 
 
-def retrieval_window_with_answer(tokenizer, ids: list[int], rng: random.Random, facts: int = 3) -> tuple[list[int], range]:
+def retrieval_window_with_answer(tokenizer, ids: list[int], rng: random.Random, facts: int = 3,
+                                 far: float = 0.0) -> tuple[list[int], range]:
     """``retrieval_window`` (same tokens, same draws from ``rng``) and the positions of the restated
-    code's tokens: the ones only a copy from far back predicts (empty when the window is left as text)."""
+    code's tokens: the ones only a copy from far back predicts (empty when the window is left as text).
+
+    ``far``: the chance that the asked fact is moved into the window's first 10%, so the copy spans
+    at least ~90% of the window (uniform depths put it there about one time in eight). Training-only;
+    0 draws nothing extra, so calibration's windows are unchanged."""
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     items = rng.sample(_ITEMS, facts)
     codes = [str(rng.randint(1000, 99999)) for _ in items]
@@ -80,8 +85,13 @@ def retrieval_window_with_answer(tokenizer, ids: list[int], rng: random.Random, 
     if room < len(ids) // 4:  # window too short for the facts to be far apart: leave it as text
         return ids, range(0)
     cuts = sorted(rng.randrange(int(0.8 * room)) for _ in needles)
+    placed = list(zip(cuts, needles))
+    if far and rng.random() < far:
+        # The asked needle takes a cut in the first 10%; the others keep their order and cuts.
+        others = [nd for i, nd in enumerate(needles) if i != k]
+        placed = sorted([(rng.randrange(max(1, room // 10)), needles[k])] + list(zip(cuts[1:], others)), key=lambda p: p[0])
     out, pos = [], 0
-    for c, nd in zip(cuts, needles):
+    for c, nd in placed:
         out += ids[pos:c] + nd
         pos = c
     out += ids[pos:room] + tail

@@ -61,6 +61,7 @@ class PackedStream:
     ``retrieval``: the fraction of windows rewritten by ``calibration.retrieval_window``. Which windows,
     and their facts, follow from the global window index and ``seed`` alone, so ranks and resumes
     agree, and another seed gives another draw (seed 0 is the draw runs made before seeds counted).
+    ``retrieval_far``: of those, the fraction whose asked fact sits in the window's first 10%.
 
     ``seq_len`` is a length, or a function of the global window index (a curriculum: short windows,
     then long ones). Windows are cut one after another from the same token stream, so a stage with
@@ -68,12 +69,15 @@ class PackedStream:
     """
 
     def __init__(self, tokenizer, source: str, seq_len: int | Callable[[int], int], batch_size: int, text_field: str = "text",
-                 split: str = "train", rank: int = 0, world: int = 1, retrieval: float = 0.0, seed: int = 0):
+                 split: str = "train", rank: int = 0, world: int = 1, retrieval: float = 0.0, seed: int = 0,
+                 retrieval_far: float = 0.0):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world of {world}")
         if not 0.0 <= retrieval <= 1.0:
             raise ValueError(f"retrieval {retrieval}: a fraction of windows, between 0 and 1")
-        self.retrieval, self.seed = retrieval, seed
+        if not 0.0 <= retrieval_far <= 1.0:
+            raise ValueError(f"retrieval_far {retrieval_far}: a fraction of retrieval windows, between 0 and 1")
+        self.retrieval, self.retrieval_far, self.seed = retrieval, retrieval_far, seed
         self.tok = tokenizer
         self.source, self.text_field, self.split = source, text_field, split
         self.seq_len_at = seq_len if callable(seq_len) else (lambda _index: seq_len)
@@ -107,7 +111,7 @@ class PackedStream:
             if rng.random() < self.retrieval:
                 from ..pipeline.calibration import retrieval_window_with_answer
 
-                return retrieval_window_with_answer(self.tok, ids, rng)
+                return retrieval_window_with_answer(self.tok, ids, rng, far=self.retrieval_far)
         return ids, range(0)
 
     def batches(self, skip_windows: int = 0) -> Iterator[torch.Tensor]:

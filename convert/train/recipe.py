@@ -41,6 +41,9 @@ class DataCfg:
     # Fraction of training windows given long-range "access code" facts restated at the window's end
     # (calibration.retrieval_window): the teacher copies the code, so distillation trains retrieval.
     retrieval: float = 0.0
+    # Of those windows, the fraction whose asked fact sits in the window's first 10%: the copy then
+    # spans the whole window (at 4K, the distance uptrained MQA misses). 0 keeps uniform depths.
+    retrieval_far: float = 0.0
 
 
 @dataclass
@@ -129,6 +132,11 @@ class Recipe:
             errs.append(f"data.seq_len: must be >= 2, got {self.data.seq_len}")
         if not 0.0 <= self.data.retrieval <= 1.0:
             errs.append(f"data.retrieval: a fraction of training windows, between 0 and 1, got {self.data.retrieval}")
+        if not 0.0 <= self.data.retrieval_far <= 1.0:
+            errs.append(f"data.retrieval_far: a fraction of retrieval windows, between 0 and 1, got {self.data.retrieval_far}")
+        elif self.data.retrieval_far and not self.data.retrieval:
+            errs.append("data.retrieval_far: places the facts of retrieval windows, but data.retrieval is 0; "
+                        "set data.retrieval (e.g. 0.5) or leave retrieval_far at 0")
         if self.distill.answer_weight <= 0:
             errs.append(f"distill.answer_weight: must be > 0 (1 = the plain mean), got {self.distill.answer_weight}")
         elif self.distill.answer_weight != 1.0 and not self.data.retrieval:
