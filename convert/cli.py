@@ -196,7 +196,8 @@ def eval_(
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 | auto"),
     text_field: str = typer.Option("text", help="text field of jsonl/parquet/dataset rows"),
     split: str = typer.Option("validation", help="split, for HF dataset ids"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object; long context lists every prompt's "
+                                 "key, what the model says in its place, and the first wrong token (first_miss)"),
     trust_remote_code: bool = typer.Option(False, help="allow custom modeling code from the model repo"),
 ) -> None:
     """Fidelity of MODEL: short-window perplexity and, against --reference, KL and top-1 agreement;
@@ -235,7 +236,7 @@ def eval_(
         err.print(f"wrote {png}", highlight=False)
     if as_json:
         # the short-window fields stay at the top level (as before long context existed); long context under its own key
-        print(json.dumps({**(r.as_dict() if r else {}), **({"long_context": [x.as_dict() for x in long]} if long else {})}, indent=2))
+        print(json.dumps({**(r.as_dict() if r else {}), **({"long_context": [x.as_dict(with_samples=True) for x in long]} if long else {})}, indent=2))
         return
     if r is not None:
         _print_ppl(r)

@@ -56,7 +56,8 @@ def test_same_options_same_prompts_other_seed_other_keys(smol):
 
 
 def test_score_matches_real_greedy_generate(smol):
-    """A prompt counts as retrieved exactly when greedy generate emits the key (the control: some are not)."""
+    """A prompt counts as retrieved exactly when greedy generate emits the key (the control: some are not),
+    and a miss's ``first_miss`` and argmax are where and what greedy generate first says wrong."""
     model, tok = smol
     o = LongContextOptions(lengths=(512,), depths=3, samples=2)
     prompts = prompt_grid(tok, o, 1) + prompt_grid(tok, o, 3)
@@ -66,6 +67,10 @@ def test_score_matches_real_greedy_generate(smol):
         gen = model.generate(torch.tensor([p.ids]), max_new_tokens=len(p.answer), do_sample=False)
         emitted = gen[0, len(p.ids):].tolist() == p.answer
         assert emitted == r["retrieved"], (p.depth, tok.decode(gen[0, len(p.ids):]))
+        said = gen[0, len(p.ids):].tolist()
+        miss = next((j for j, (x, y) in enumerate(zip(said, p.answer)) if x != y), None)
+        upto = len(said) if miss is None else miss + 1
+        assert r["first_miss"] == miss and r["argmax"][:upto] == said[:upto]
         outcomes.add(emitted)
     assert outcomes == {True, False}  # both kinds occur, so agreement is not trivially all-True
     # batching must not change the result
@@ -118,6 +123,13 @@ def test_cli_passkey_json_png_against_reference(smollm2, tmp_path):
     # the same model on the same prompts: identical grids and per-bucket ppl
     assert ref["passkey"] == model["passkey"] and ref["long_ppl"] == pytest.approx(model["long_ppl"], rel=1e-6)
     assert len(model["passkey"]) == 1 and len(model["passkey"][0]) == 2
+    # every prompt's key and what the model says in its place: the key itself where retrieved
+    rows = model["samples"]["passkey"]
+    drop = lambda rs: [{k: v for k, v in r.items() if k != "answer_logprob"} for r in rs]  # noqa: E731
+    assert len(rows) == 2 and drop(rows) == drop(ref["samples"]["passkey"])
+    for r in rows:
+        assert r["key"].isdigit() and len(r["key"]) == 5
+        assert (r["said"] == r["key"]) == r["retrieved"] == (r["first_miss"] is None)
     assert model["long_ppl_buckets"] == ["0-512", "512-600"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 

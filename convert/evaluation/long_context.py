@@ -206,9 +206,15 @@ def score_prompts(model, prompts: list[Prompt], batch_size: int = 1, desc: str =
         a = len(group[0].answer)
         ids = torch.tensor([p.ids + p.answer[:-1] for p in group], device=device)
         logits = model(input_ids=ids, logits_to_keep=a).logits
-        hit, logp = answer_scores(logits, torch.tensor([p.answer for p in group], device=device))
-        for p, h, l in zip(group, hit.tolist(), logp.tolist()):
-            out.append({"length": p.length, "depth": p.depth, "retrieved": bool(h), "answer_logprob": float(l)})
+        answer = torch.tensor([p.answer for p in group], device=device)
+        hit, logp = answer_scores(logits, answer)
+        top = logits.argmax(-1)
+        for p, h, l, t, a in zip(group, hit.tolist(), logp.tolist(), top.tolist(), answer.tolist()):
+            # The argmax at each answer position given the right tokens before it: up to and including the
+            # first wrong token it is what greedy decoding says, so ``first_miss`` is where retrieval broke.
+            miss = next((j for j, (x, y) in enumerate(zip(t, a)) if x != y), None)
+            out.append({"length": p.length, "depth": p.depth, "retrieved": bool(h), "answer_logprob": float(l),
+                        "argmax": t, "first_miss": miss})
         i += len(group)
         bar.update(len(group))
     bar.close()
@@ -272,6 +278,8 @@ class LongContextResult:
     long_ppl_buckets: list[str] | None = None  # "0-512", ...
     long_ppl: list[float] | None = None
     long_ppl_tokens: int = 0
+    # Per prompt: length, depth, retrieved, answer_logprob, first_miss, and (from measure_long_context)
+    # the key and what the model says in its place, as text.
     samples: dict[str, list[dict]] = field(default_factory=dict)
 
     def as_dict(self, with_samples: bool = False) -> dict:
@@ -305,7 +313,10 @@ def measure_long_context(model, tokenizer, opts: LongContextOptions, name: str =
     for task, keys in (("passkey", 1), ("multikey", opts.keys)):
         if task not in opts.tasks:
             continue
-        rows = score_prompts(model, prompt_grid(tokenizer, opts, keys), batch_size, desc=f"{task} {name}", progress=progress)
+        prompts = prompt_grid(tokenizer, opts, keys)
+        rows = score_prompts(model, prompts, batch_size, desc=f"{task} {name}", progress=progress)
+        for p, r in zip(prompts, rows):
+            r["key"], r["said"] = tokenizer.decode(p.answer).strip(), tokenizer.decode(r.pop("argmax")).strip()
         setattr(res, task, grid_accuracy(rows, opts.lengths, depths))
         setattr(res, f"{task}_by_length", _by_length(rows, opts.lengths))
         res.samples[task] = rows
