@@ -180,14 +180,15 @@ def prompt_grid(tokenizer, opts: LongContextOptions, keys: int) -> list[Prompt]:
 
 
 # ---- scoring --------------------------------------------------------------------------------------
-def answer_scores(logits: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A, V) logits at the answer positions, (B, A) answer ids -> (retrieved, answer log-prob) per row.
+def answer_scores(logits: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, A, V) logits at the answer positions, (B, A) answer ids -> (retrieved, answer log-prob) per row,
+    and the (B, A) argmax ids.
 
     Retrieved means every position's argmax is the answer token: what greedy decoding would emit.
     """
     lp = F.log_softmax(logits.float(), dim=-1)
-    hit = (lp.argmax(-1) == answer).all(-1)
-    return hit, lp.gather(-1, answer.unsqueeze(-1)).squeeze(-1).sum(-1)
+    top = lp.argmax(-1)
+    return (top == answer).all(-1), lp.gather(-1, answer.unsqueeze(-1)).squeeze(-1).sum(-1), top
 
 
 @torch.inference_mode()
@@ -206,13 +207,11 @@ def score_prompts(model, prompts: list[Prompt], batch_size: int = 1, desc: str =
         a = len(group[0].answer)
         ids = torch.tensor([p.ids + p.answer[:-1] for p in group], device=device)
         logits = model(input_ids=ids, logits_to_keep=a).logits
-        answer = torch.tensor([p.answer for p in group], device=device)
-        hit, logp = answer_scores(logits, answer)
-        top = logits.argmax(-1)
-        for p, h, l, t, a in zip(group, hit.tolist(), logp.tolist(), top.tolist(), answer.tolist()):
+        hit, logp, top = answer_scores(logits, torch.tensor([p.answer for p in group], device=device))
+        for p, h, l, t in zip(group, hit.tolist(), logp.tolist(), top.tolist()):
             # The argmax at each answer position given the right tokens before it: up to and including the
             # first wrong token it is what greedy decoding says, so ``first_miss`` is where retrieval broke.
-            miss = next((j for j, (x, y) in enumerate(zip(t, a)) if x != y), None)
+            miss = next((j for j, (x, y) in enumerate(zip(t, p.answer)) if x != y), None)
             out.append({"length": p.length, "depth": p.depth, "retrieved": bool(h), "answer_logprob": float(l),
                         "argmax": t, "first_miss": miss})
         i += len(group)
