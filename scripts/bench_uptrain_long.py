@@ -52,6 +52,8 @@ def main() -> None:
                     help="of those, the fraction whose asked fact sits in the window's first 10%% (0 = uniform depths)")
     ap.add_argument("--answer-weight", type=float, default=1.0,
                     help="KL weight of the restated code's tokens in retrieval windows (1 = plain mean)")
+    ap.add_argument("--lead-weight", type=float, default=None,
+                    help="KL weight of the code's first token alone (default: --answer-weight)")
     ap.add_argument("--seed", type=int, default=0, help="recipe seed: another draw of which windows carry facts, and which facts")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--gradient-checkpointing", action="store_true",
@@ -101,7 +103,7 @@ def main() -> None:
         "stages": [{"name": f"attention-{n}" if len(lengths) > 1 else "attention", "tokens": t, "trainable": args.trainable,
                     "seq_len": n} for n, t in zip(lengths, budget)],
         "optim": {"lr": args.lr, "warmup_steps": 5, "schedule": "cosine"},
-        "distill": {"answer_weight": args.answer_weight},
+        "distill": {"answer_weight": args.answer_weight, "lead_weight": args.lead_weight},
         "precision": "auto", "save_every": 10, "seed": args.seed, "gradient_checkpointing": args.gradient_checkpointing,
     })
     t0 = time.time()
@@ -128,7 +130,8 @@ def main() -> None:
         rows.append(row)
         print(markdown(results), flush=True)
     summary = {"student": str(student), "tokens": trained[-1]["tokens"], "seq_len": lengths, "stage_tokens": budget,
-               "retrieval": args.retrieval, "retrieval_far": args.retrieval_far, "answer_weight": args.answer_weight, "seed": args.seed,
+               "retrieval": args.retrieval, "retrieval_far": args.retrieval_far, "answer_weight": args.answer_weight,
+               "lead_weight": args.lead_weight, "seed": args.seed,
                "lr": args.lr, "trainable": args.trainable, "gradient_checkpointing": args.gradient_checkpointing, "train_seconds": train_secs,
                "tokens_per_s": sorted(m["tokens_per_s"] for m in trained)[len(trained) // 2], "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -231,6 +231,8 @@ def test_recipe_base_errors(tmp_path):
         ({"data": {"train": ""}}, "data.train: required"),
         ({"distill": {"answer_weight": 0}}, "distill.answer_weight: must be > 0"),
         ({"distill": {"answer_weight": 20}}, "data.retrieval is 0"),
+        ({"distill": {"lead_weight": 0}}, "distill.lead_weight: must be > 0"),
+        ({"distill": {"lead_weight": 100}}, "distill.lead_weight: weighs the first answer token of retrieval windows, but data.retrieval is 0"),
         ({"data": {"train": "t.txt", "retrieval": 0.5, "retrieval_far": 2}}, "data.retrieval_far: a fraction of retrieval windows"),
         ({"data": {"train": "t.txt", "retrieval_far": 0.5}}, "retrieval_far: places the facts of retrieval windows, but data.retrieval is 0"),
     ],
@@ -357,6 +359,11 @@ def test_distill_loss_token_weights_are_a_weighted_mean():
     loss, kl, _ = distill_loss(s, t, ids, token_weights=w)
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(kl, plain[1])  # the logged KL stays the plain mean
+    # lead 30: the answer's first token (3) counts 30 times, the next (4) still 9; an empty span gets none
+    lead = answer_weights((2, 6), [range(0), range(3, 5)], 9.0, lead=30.0)
+    assert lead[0].tolist() == [1.0] * 6 and lead[1].tolist() == [1, 1, 1, 30, 9, 1]
+    want = (per_token.sum() + 29 * per_token[1, 2] + 8 * per_token[1, 3]) / (10 + 29 + 8)
+    torch.testing.assert_close(distill_loss(s, t, ids, token_weights=lead)[0], want)
 
 
 def test_answer_weight_reaches_the_loss_and_resumes_exactly(tmp_path, text_file):
@@ -373,6 +380,10 @@ def test_answer_weight_reaches_the_loss_and_resumes_exactly(tmp_path, text_file)
     assert len(plain) == len(w) == 4
     assert abs(w[0] - plain[0]) > 1e-3 * plain[0], (w, plain)  # same model and windows at step 1
     assert train_losses(tmp_path / "w", "kl")[0] == pytest.approx(train_losses(tmp_path / "plain", "kl")[0], rel=1e-6)
+    # distill.lead_weight reaches the loss too: the first answer token weighed apart from the rest
+    lead = dict(weighted, output=str(tmp_path / "lead"), distill={"answer_weight": 50.0, "lead_weight": 500.0}, max_steps=1)
+    uptrain(recipe_from_dict(lead), progress=False)
+    assert abs(train_losses(tmp_path / "lead")[0] - w[0]) > 1e-3 * w[0], (train_losses(tmp_path / "lead"), w)
 
     part = dict(weighted, output=str(tmp_path / "part"), max_steps=2)
     uptrain(recipe_from_dict(part), progress=False)

@@ -41,11 +41,14 @@ def distill_loss(
     return kl_weight * fit + ce_weight * ce, kl.detach(), ce.detach()
 
 
-def answer_weights(shape: tuple[int, int], answers: list[range], weight: float) -> torch.Tensor:
-    """(B, T) token weights: ``weight`` on each window's answer positions, 1 elsewhere."""
+def answer_weights(shape: tuple[int, int], answers: list[range], weight: float, lead: float | None = None) -> torch.Tensor:
+    """(B, T) token weights: ``weight`` on each window's answer positions, 1 elsewhere; ``lead`` (if
+    given) on each answer's first position instead, the token that picks which fact is copied."""
     w = torch.ones(shape)
     for b, span in enumerate(answers):
         w[b, span.start : span.stop] = weight
+        if lead is not None and len(span):
+            w[b, span.start] = lead
     return w
 
 

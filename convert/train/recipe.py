@@ -79,6 +79,9 @@ class DistillCfg:
     # KL weight of the restated code's tokens in retrieval windows (data.retrieval), relative to every
     # other token's 1: in a plain mean those few copied tokens are ~0.3% of a 2K window's loss.
     answer_weight: float = 1.0
+    # KL weight of the code's first token alone (None: answer_weight). Uptrained MQA's 4K misses are
+    # that token: the leading digit, which picks the fact; the digits after it copy on their own.
+    lead_weight: float | None = None
 
 
 @dataclass
@@ -142,6 +145,12 @@ class Recipe:
         elif self.distill.answer_weight != 1.0 and not self.data.retrieval:
             errs.append("distill.answer_weight: weighs the answers of retrieval windows, but data.retrieval is 0; "
                         "set data.retrieval (e.g. 0.5) or leave answer_weight at 1")
+        lead = self.distill.lead_weight
+        if lead is not None and lead <= 0:
+            errs.append(f"distill.lead_weight: must be > 0 (or null: the answer_weight), got {lead}")
+        elif lead is not None and not self.data.retrieval:
+            errs.append("distill.lead_weight: weighs the first answer token of retrieval windows, but data.retrieval is 0; "
+                        "set data.retrieval (e.g. 0.5) or leave lead_weight null")
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 errs.append(f"{name}: must be >= 1, got {getattr(self, name)}")

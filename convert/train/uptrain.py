@@ -544,7 +544,9 @@ class Uptrainer:
         for _ in range(r.grad_accum):
             ids, answers = next(run.batches)
             digests.append(window_digests(ids))
-            weights = answer_weights(ids.shape, answers, r.distill.answer_weight).to(acc.device) if r.distill.answer_weight != 1.0 else None
+            d = r.distill
+            weighted = d.answer_weight != 1.0 or d.lead_weight is not None
+            weights = answer_weights(ids.shape, answers, d.answer_weight, d.lead_weight).to(acc.device) if weighted else None
             ids = ids.to(acc.device)
             with acc.autocast():
                 with torch.no_grad():
