@@ -47,7 +47,8 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=3)
     ap.add_argument("--long-seq-len", type=int, default=4096)
     ap.add_argument("--long-windows", type=int, default=2)
-    ap.add_argument("--short-tokens", type=int, default=4096, help="512-window ppl tokens on pydocs-valid")
+    ap.add_argument("--short-tokens", type=int, default=16384,
+                    help="512-window ppl: tokens per domain (4,096 = 8 windows proved too few to compare two models)")
     ap.add_argument("--domain2", default="runs/data/handbook-valid.jsonl",
                     help="a second held-out domain for 512-window ppl (scripts/build_second_domain.py); skipped if missing")
     ap.add_argument("--reuse", action="store_true", help="reuse converted folders already in --out")
