@@ -100,7 +100,7 @@ def main() -> None:
         "source": SOURCE, "output": str(run), "student": str(student),
         "data": {"train": str(train), "seq_len": lengths[0], "retrieval": args.retrieval,
                  "retrieval_far": args.retrieval_far, "eval": None},
-        "stages": [{"name": f"attention-{n}" if len(lengths) > 1 else "attention", "tokens": t, "trainable": args.trainable,
+        "stages": [{"name": f"{args.trainable}-{n}" if len(lengths) > 1 else args.trainable, "tokens": t, "trainable": args.trainable,
                     "seq_len": n} for n, t in zip(lengths, budget)],
         "optim": {"lr": args.lr, "warmup_steps": 5, "schedule": "cosine"},
         "distill": {"answer_weight": args.answer_weight, "lead_weight": args.lead_weight},
