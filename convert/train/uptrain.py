@@ -541,18 +541,18 @@ class Uptrainer:
         r, acc = self.r, self.acc
         sums = torch.zeros(3, device=acc.device)
         digests = []
+        d = r.distill
+        weighted = d.answer_weight != 1.0 or d.lead_weight is not None  # else the plain mean, no weights
         for _ in range(r.grad_accum):
             ids, answers = next(run.batches)
             digests.append(window_digests(ids))
-            d = r.distill
-            weighted = d.answer_weight != 1.0 or d.lead_weight is not None
             weights = answer_weights(ids.shape, answers, d.answer_weight, d.lead_weight).to(acc.device) if weighted else None
             ids = ids.to(acc.device)
             with acc.autocast():
                 with torch.no_grad():
                     t_logits = run.teacher(input_ids=ids).logits
                 s_logits = model(input_ids=ids).logits
-            loss, kl, ce = distill_loss(s_logits, t_logits, ids, r.distill.temperature, r.distill.kl_weight, r.distill.ce_weight,
+            loss, kl, ce = distill_loss(s_logits, t_logits, ids, d.temperature, d.kl_weight, d.ce_weight,
                                         token_weights=weights)
             acc.backward(loss / r.grad_accum)
             sums += torch.stack([loss.detach(), kl, ce]) / r.grad_accum
