@@ -125,7 +125,7 @@ def main() -> None:
         d2 = f"{r['domain2_ppl512_ratio']:.2f}x" if "domain2_ppl512_ratio" in r else "-"
         md += f"| {r['name']} | {r['kv_bytes_per_token']:,} | {r['ppl512']:.2f} ({r.get('ppl512_ratio', 1.0):.2f}x) | {d2} |\n"
     (out / "results.md").write_text(md)
-    heatmap_png(results, out / "long_context.png", title=f"{SOURCE}: passkey / multikey retrieval, no training")
+    heatmap_png(results, out / "long_context.png", title=f"{SOURCE}: {' / '.join(opts.tasks)}, no training")
     print(md)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'long_context.png'}")
 
