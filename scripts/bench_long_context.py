@@ -28,7 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import SOURCE, TRAIN, VALID, convert  # noqa: E402
-from kvsurgeon.convert.evaluation.long_context import TASKS, LongContextError  # noqa: E402
+from kvsurgeon.convert.evaluation.long_context import (  # noqa: E402  (TASKS: --tasks' default and help)
+    TASKS, LongContextError, LongContextOptions, long_ppl_windows, measure_long_context,
+)
 
 # name -> convert arguments. Calibration: the CLI default (built-in text) unless stated.
 JOBS: dict[str, list[str]] = {
@@ -64,7 +66,6 @@ def main() -> None:
     import torch
 
     from kvsurgeon.convert.evaluation.perplexity import evaluate, load_model, load_tokenizer
-    from kvsurgeon.convert.evaluation.long_context import LongContextOptions, long_ppl_windows, measure_long_context
     from kvsurgeon.convert.evaluation.report import heatmap_png, markdown
     from kvsurgeon.convert.io.resolve import resolve_model
 
