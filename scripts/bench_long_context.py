@@ -7,7 +7,7 @@ position bucket on pydocs-valid long windows, and 512-window perplexity on pydoc
 JSON, a Markdown table and a PNG heatmap to --out.
 
     HF_HUB_OFFLINE=1 python scripts/bench_long_context.py --out runs/bench-long
-    HF_HUB_OFFLINE=1 python scripts/bench_long_context.py --jobs mqa,mqa-long --out runs/bench-long-mqa
+    HF_HUB_OFFLINE=1 python scripts/bench_long_context.py --jobs mqa --extra "mqa-2k=--to mqa --calib-seq-len 2048" --out runs/bench-long-mqa
     HF_HUB_OFFLINE=1 python scripts/bench_long_context.py --jobs mla75 --tasks passkey,long-ppl --out runs/bench-long-mla75
 
 Cost on 2 cores: ~5 min of eval per model at the default grid, plus each conversion; at 4K each
@@ -42,9 +42,11 @@ JOBS: dict[str, list[str]] = {
 }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, list[str]], LongContextOptions]:
+    """The arguments, the jobs to run (name -> convert arguments) and the long-context options; every
+    refusal (argparse's exit 2, the problem named) comes here, before anything is converted or written."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--jobs", default="mqa,mla50,mla75", help=f"comma-separated, from {', '.join(JOBS)}")
+    ap.add_argument("--jobs", default="mqa,mla50,mla75", help=f"comma-separated, from {', '.join(JOBS)} ('' for --extra jobs only)")
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
                     help="an extra job: name=convert arguments (space-separated), e.g. 'mqa-2k=--to mqa --calib-seq-len 2048'")
     ap.add_argument("--lengths", default="1024,2048,4096")
@@ -61,7 +63,37 @@ def main() -> None:
                     help="a second held-out domain for 512-window ppl (scripts/build_second_domain.py); skipped if missing")
     ap.add_argument("--reuse", action="store_true", help="reuse converted folders already in --out")
     ap.add_argument("--out", default="runs/bench-long")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    names = [n for n in args.jobs.split(",") if n]
+    if bad := [n for n in names if n not in JOBS]:
+        ap.error(f"unknown job {', '.join(bad)}; choose from {', '.join(JOBS)}, or add one with --extra NAME=ARGS")
+    jobs = {n: JOBS[n] for n in names}
+    for e in args.extra:
+        name, eq, rest = e.partition("=")
+        if not (name and eq and rest.split()):
+            ap.error(f"--extra {e!r}: expected NAME=ARGS, e.g. 'mqa-2k=--to mqa --calib-seq-len 2048'")
+        if name in jobs or name == "source":
+            ap.error(f"--extra {name}: a row of that name is already in the run; pick another name")
+        jobs[name] = rest.split()
+    try:
+        lengths = tuple(int(x) for x in args.lengths.split(","))
+    except ValueError:
+        ap.error(f"--lengths {args.lengths!r}: comma-separated prompt lengths in tokens, e.g. 1024,2048,4096")
+    try:
+        opts = LongContextOptions(
+            tasks=tuple(t for t in args.tasks.split(",") if t), lengths=lengths,
+            depths=args.depths, samples=args.samples, keys=args.keys, long_seq_len=args.long_seq_len,
+            long_windows=args.long_windows, data=str(VALID),
+        )
+    except LongContextError as e:
+        ap.error(str(e))
+    if not VALID.is_file():
+        ap.error(f"{VALID} not found: the bench measures on pydocs-valid, kept in ../shared/data beside the checkout")
+    return args, jobs, opts
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, jobs, opts = parse_args(argv)
 
     import torch
 
@@ -69,18 +101,6 @@ def main() -> None:
     from kvsurgeon.convert.evaluation.report import heatmap_png, markdown
     from kvsurgeon.convert.io.resolve import resolve_model
 
-    jobs = {n: JOBS[n] for n in args.jobs.split(",") if n}
-    for e in args.extra:
-        name, _, rest = e.partition("=")
-        jobs[name] = rest.split()
-    try:  # refuses an unknown task before anything is converted or written
-        opts = LongContextOptions(
-            tasks=tuple(t for t in args.tasks.split(",") if t), lengths=tuple(int(x) for x in args.lengths.split(",")),
-            depths=args.depths, samples=args.samples, keys=args.keys, long_seq_len=args.long_seq_len,
-            long_windows=args.long_windows, data=str(VALID),
-        )
-    except LongContextError as e:
-        ap.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     src_path = resolve_model(SOURCE)
