@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import ABLATION_DOCS, SOURCE, TRAIN, VALID, convert  # noqa: E402
 
 CALIB_DOCS = 6
+HELD_OUT_TRAIN = Path("runs/data/pydocs-uptrain.jsonl")  # also what recipes/smollm2-{mqa,mla}-long.yaml train on
 
 
 def held_out_train(out: Path) -> Path:
@@ -41,7 +42,13 @@ def held_out_train(out: Path) -> Path:
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None):
+    """The arguments, the student's name and folder, the recipe and the long-context options; every refusal
+    (argparse's exit 2, the problem named) comes here, before the conversion (20-50 min) or the training
+    (hours) would surface it."""
+    from kvsurgeon.convert.evaluation.long_context import LongContextError, LongContextOptions
+    from kvsurgeon.convert.train.recipe import RecipeError, recipe_from_dict
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--student", metavar="NAME=FOLDER", help="reuse a conversion (e.g. mqa=runs/bench-long-base/mqa)")
     ap.add_argument("--convert", metavar="NAME=ARGS", help="or convert now, e.g. 'mqa=--to mqa'")
@@ -66,54 +73,74 @@ def main() -> None:
                     help="512-window ppl: tokens per domain (4,096 = 8 windows proved too few to compare two models)")
     ap.add_argument("--domain2", default="runs/data/handbook-valid.jsonl")
     ap.add_argument("--out", default="runs/bench-uptrain-long")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if bool(args.student) == bool(args.convert):
         ap.error("pass exactly one of --student NAME=FOLDER or --convert NAME=ARGS")
-    lengths = [int(x) for x in args.seq_len.split(",")]
-    budget = [int(x) for x in args.tokens.split(",")]
+    flag = "--student NAME=FOLDER" if args.student else "--convert NAME=ARGS"
+    name, eq, spec = (args.student or args.convert).partition("=")
+    if not (name and eq and spec.strip()):
+        ap.error(f"{flag}: got {args.student or args.convert!r}, e.g. 'mqa=--to mqa'")
+    if args.student and not (Path(spec) / "config.json").is_file():
+        ap.error(f"--student {spec}: no config.json there; give a converted model's folder, or --convert NAME=ARGS")
+    try:
+        lengths = [int(x) for x in args.seq_len.split(",")]
+        budget = [int(x) for x in args.tokens.split(",")]
+        eval_lengths = tuple(int(x) for x in args.lengths.split(","))
+    except ValueError:
+        ap.error("--seq-len, --tokens and --lengths: comma-separated whole numbers, e.g. --seq-len 2048,4096")
     if len(budget) == 1:
         budget = [budget[0] // len(lengths)] * len(lengths)
     if len(budget) != len(lengths):
         ap.error(f"--tokens gives {len(budget)} budgets for {len(lengths)} --seq-len stages; give one, or one per stage")
+    for f in (TRAIN, VALID):
+        if not f.is_file():
+            ap.error(f"{f} not found: the bench trains on pydocs-train and measures on pydocs-valid, kept in ../shared/data")
+    out = Path(args.out)
+    student = out / f"{name}-converted" if args.convert else Path(spec)
+    try:
+        recipe = recipe_from_dict({
+            "source": SOURCE, "output": str(out / f"{name}-uptrained"), "student": str(student),
+            "data": {"train": str(HELD_OUT_TRAIN), "seq_len": lengths[0], "retrieval": args.retrieval,
+                     "retrieval_far": args.retrieval_far, "eval": None},
+            "stages": [{"name": f"{args.trainable}-{n}" if len(lengths) > 1 else args.trainable, "tokens": t,
+                        "trainable": args.trainable, "seq_len": n} for n, t in zip(lengths, budget)],
+            "optim": {"lr": args.lr, "warmup_steps": 5, "schedule": "cosine"},
+            "distill": {"answer_weight": args.answer_weight, "lead_weight": args.lead_weight},
+            "precision": "auto", "save_every": 10, "seed": args.seed, "gradient_checkpointing": args.gradient_checkpointing,
+        })
+        opts = LongContextOptions(tasks=("passkey", "multikey", "long-ppl"), lengths=eval_lengths,
+                                  depths=args.depths, samples=args.samples, data=str(VALID))
+    except (RecipeError, LongContextError) as e:
+        ap.error(str(e))
+    return args, name, spec, recipe, opts
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, name, spec, recipe, opts = parse_args(argv)
+    lengths = [s.seq_len for s in recipe.stages]
+    budget = [s.tokens for s in recipe.stages]
 
     import torch
 
     from kvsurgeon.convert.evaluation.perplexity import evaluate, load_model, load_tokenizer
-    from kvsurgeon.convert.evaluation.long_context import LongContextOptions, long_ppl_windows, measure_long_context
+    from kvsurgeon.convert.evaluation.long_context import long_ppl_windows, measure_long_context
     from kvsurgeon.convert.evaluation.report import heatmap_png, markdown
-    from kvsurgeon.convert.train.recipe import recipe_from_dict
     from kvsurgeon.convert.io.resolve import resolve_model
     from kvsurgeon.convert.train.uptrain import uptrain
 
     torch.set_num_threads(os.cpu_count() or 2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name, _, spec = (args.student or args.convert).partition("=")
+    student, run = Path(recipe.student), Path(recipe.output)
     if args.convert:
-        student = out / f"{name}-converted"
         convert(spec.split(), student)
-    else:
-        student = Path(spec)
-    train = held_out_train(Path("runs/data/pydocs-uptrain.jsonl"))  # also what recipes/smollm2-mqa-long.yaml trains on
-    run = out / f"{name}-uptrained"
-    recipe = recipe_from_dict({
-        "source": SOURCE, "output": str(run), "student": str(student),
-        "data": {"train": str(train), "seq_len": lengths[0], "retrieval": args.retrieval,
-                 "retrieval_far": args.retrieval_far, "eval": None},
-        "stages": [{"name": f"{args.trainable}-{n}" if len(lengths) > 1 else args.trainable, "tokens": t, "trainable": args.trainable,
-                    "seq_len": n} for n, t in zip(lengths, budget)],
-        "optim": {"lr": args.lr, "warmup_steps": 5, "schedule": "cosine"},
-        "distill": {"answer_weight": args.answer_weight, "lead_weight": args.lead_weight},
-        "precision": "auto", "save_every": 10, "seed": args.seed, "gradient_checkpointing": args.gradient_checkpointing,
-    })
+    held_out_train(HELD_OUT_TRAIN)
     t0 = time.time()
     uptrain(recipe, resume=(run / "checkpoints").is_dir())
     train_secs = time.time() - t0
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     trained = [m for m in metrics if m["kind"] == "train"]
 
-    opts = LongContextOptions(tasks=("passkey", "multikey", "long-ppl"), lengths=tuple(int(x) for x in args.lengths.split(",")),
-                              depths=args.depths, samples=args.samples, data=str(VALID))
     tok = load_tokenizer(resolve_model(SOURCE))
     windows = long_ppl_windows(tok, opts)
     ref, _ = load_model(SOURCE)

@@ -1,0 +1,116 @@
+"""The long-context benches refuse bad arguments (argparse's exit 2, the problem named) before they
+convert, train or write anything: a typo must not surface only after a 40-minute conversion, hours of
+training or the source's 4K measurement."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+
+def _texts(monkeypatch, tmp_path, module):
+    """Stand-ins for ../shared's pydocs files, which tests never read: the benches only check they are there."""
+    for name, stem in (("TRAIN", "pydocs-train"), ("VALID", "pydocs-valid")):
+        f = tmp_path / f"{stem}.jsonl"
+        f.write_text('{"text": "x"}\n')
+        monkeypatch.setattr(module, name, f, raising=False)
+    return module
+
+
+@pytest.fixture
+def bench(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the script sets it at import; monkeypatch restores it after
+    import bench_long_context
+
+    return _texts(monkeypatch, tmp_path, bench_long_context)
+
+
+@pytest.fixture
+def uptrain_bench(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # HELD_OUT_TRAIN is relative to the working folder: the tests check it is not written
+    import bench_uptrain_long
+
+    return _texts(monkeypatch, tmp_path, bench_uptrain_long)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--jobs", "mqa,bogus"], "unknown job bogus; choose from mqa, mla50, mla75, hybrid50"),
+    (["--jobs", "", "--extra", "mla-2k"], "--extra 'mla-2k': expected NAME=ARGS"),
+    (["--jobs", "", "--extra", "mla-2k="], "--extra 'mla-2k=': expected NAME=ARGS"),
+    (["--jobs", "mqa", "--extra", "mqa=--to mqa --calib-seq-len 2048"], "--extra mqa: a row of that name"),
+    (["--jobs", "", "--extra", "source=--to mqa"], "--extra source: a row of that name"),
+    (["--tasks", "passkey,bogus"], "unknown long-context task bogus; choose from passkey, multikey, long-ppl"),
+    (["--lengths", "1024,2k"], "--lengths '1024,2k': comma-separated prompt lengths"),
+    (["--lengths", "32"], "lengths [32]: each must be at least 64 tokens"),
+])
+def test_bad_arguments_are_refused_before_anything_is_written(bench, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        bench.main([*argv, "--out", str(out)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_eval_text_is_refused(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "VALID", tmp_path / "absent.jsonl")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--jobs", "mqa", "--out", str(out)])
+    assert exc.value.code == 2
+    assert "absent.jsonl not found" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_jobs_and_extras_become_the_runs_rows(bench):
+    args, jobs, opts = bench.parse_args(
+        ["--jobs", "mla75", "--extra", "mla75-2k=--to mla --kv-lora-rank 64  --rope-dim 32 --calib-seq-len 2048",
+         "--tasks", "passkey,long-ppl", "--lengths", "1024,4096"])
+    assert jobs == {"mla75": bench.JOBS["mla75"],
+                    "mla75-2k": ["--to", "mla", "--kv-lora-rank", "64", "--rope-dim", "32", "--calib-seq-len", "2048"]}
+    assert opts.tasks == ("passkey", "long-ppl") and opts.lengths == (1024, 4096)
+    assert opts.data == str(bench.VALID)
+    _, jobs, opts = bench.parse_args(["--jobs", ""])
+    assert jobs == {} and opts.tasks == ("passkey", "multikey", "long-ppl")
+
+
+CONVERT = ["--convert", "mqa=--to mqa"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "pass exactly one of --student NAME=FOLDER or --convert NAME=ARGS"),
+    (["--convert", "mqa"], "--convert NAME=ARGS: got 'mqa'"),
+    (["--student", "mqa=no-such-folder"], "--student no-such-folder: no config.json there"),
+    ([*CONVERT, "--seq-len", "2048,4096", "--tokens", "1,2,3"], "--tokens gives 3 budgets for 2 --seq-len stages"),
+    ([*CONVERT, "--tokens", "100k"], "--seq-len, --tokens and --lengths: comma-separated whole numbers"),
+    ([*CONVERT, "--retrieval-far", "2"], "data.retrieval_far: a fraction of retrieval windows, between 0 and 1, got 2.0"),
+    ([*CONVERT, "--retrieval", "0", "--answer-weight", "50"], "distill.answer_weight: weighs the answers of retrieval windows"),
+    ([*CONVERT, "--tokens", "1000"], "stages[0].tokens: 1000 is less than one optimiser step"),
+    ([*CONVERT, "--lengths", "32"], "lengths [32]: each must be at least 64 tokens"),
+])
+def test_uptrain_bench_refuses_before_converting(uptrain_bench, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        uptrain_bench.main([*argv, "--out", str(out)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not uptrain_bench.HELD_OUT_TRAIN.exists()
+
+
+def test_uptrain_bench_builds_the_curriculum_it_is_asked_for(uptrain_bench, tmp_path):
+    args, name, spec, recipe, opts = uptrain_bench.parse_args(
+        ["--convert", "mla75=--to mla --kv-lora-rank 64 --rope-dim 32", "--seq-len", "2048,4096", "--tokens", "98304",
+         "--trainable", "all", "--answer-weight", "50", "--out", str(tmp_path / "out")])
+    assert (name, spec) == ("mla75", "--to mla --kv-lora-rank 64 --rope-dim 32")
+    assert [(s.name, s.seq_len, s.tokens, s.trainable) for s in recipe.stages] == [
+        ("all-2048", 2048, 49152, "all"), ("all-4096", 4096, 49152, "all")]
+    assert recipe.student == str(tmp_path / "out" / "mla75-converted")
+    assert recipe.output == str(tmp_path / "out" / "mla75-uptrained")
+    assert recipe.data.train == str(uptrain_bench.HELD_OUT_TRAIN) and recipe.distill.answer_weight == 50
+    assert opts.tasks == ("passkey", "multikey", "long-ppl") and opts.lengths == (1024, 2048)
+    assert not (tmp_path / "out").exists()
