@@ -38,6 +38,15 @@ def uptrain_bench(monkeypatch, tmp_path):
     return _texts(monkeypatch, tmp_path, bench_uptrain_long)
 
 
+def refusal(main, argv: list[str], out: Path, capsys) -> str:
+    """Run a bench's main on bad arguments: argparse's exit 2 and no output folder; returns stderr."""
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(out)])
+    assert exc.value.code == 2
+    assert not out.exists()
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--jobs", "mqa,bogus"], "unknown job bogus; choose from mqa, mla50, mla75, hybrid50"),
     (["--jobs", "", "--extra", "mla-2k"], "--extra 'mla-2k': expected NAME=ARGS"),
@@ -49,22 +58,12 @@ def uptrain_bench(monkeypatch, tmp_path):
     (["--lengths", "32"], "lengths [32]: each must be at least 64 tokens"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_written(bench, tmp_path, capsys, argv, message):
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exc:
-        bench.main([*argv, "--out", str(out)])
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not out.exists()
+    assert message in refusal(bench.main, argv, tmp_path / "out", capsys)
 
 
 def test_missing_eval_text_is_refused(bench, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "VALID", tmp_path / "absent.jsonl")
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exc:
-        bench.main(["--jobs", "mqa", "--out", str(out)])
-    assert exc.value.code == 2
-    assert "absent.jsonl not found" in capsys.readouterr().err
-    assert not out.exists()
+    assert "absent.jsonl not found" in refusal(bench.main, ["--jobs", "mqa"], tmp_path / "out", capsys)
 
 
 def test_jobs_and_extras_become_the_runs_rows(bench):
@@ -94,12 +93,15 @@ CONVERT = ["--convert", "mqa=--to mqa"]
     ([*CONVERT, "--lengths", "32"], "lengths [32]: each must be at least 64 tokens"),
 ])
 def test_uptrain_bench_refuses_before_converting(uptrain_bench, tmp_path, capsys, argv, message):
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exc:
-        uptrain_bench.main([*argv, "--out", str(out)])
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not out.exists() and not uptrain_bench.HELD_OUT_TRAIN.exists()
+    assert message in refusal(uptrain_bench.main, argv, tmp_path / "out", capsys)
+    assert not uptrain_bench.HELD_OUT_TRAIN.exists()
+
+
+@pytest.mark.parametrize("missing", ["TRAIN", "VALID"])
+def test_uptrain_bench_refuses_missing_texts(uptrain_bench, tmp_path, monkeypatch, capsys, missing):
+    monkeypatch.setattr(uptrain_bench, missing, tmp_path / "absent.jsonl")
+    assert "absent.jsonl not found" in refusal(uptrain_bench.main, CONVERT, tmp_path / "out", capsys)
+    assert not uptrain_bench.HELD_OUT_TRAIN.exists()
 
 
 def test_uptrain_bench_builds_the_curriculum_it_is_asked_for(uptrain_bench, tmp_path):
