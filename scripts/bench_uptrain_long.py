@@ -24,11 +24,16 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import ABLATION_DOCS, SOURCE, TRAIN, VALID, convert  # noqa: E402
+
+if TYPE_CHECKING:
+    from kvsurgeon.convert.evaluation.long_context import LongContextOptions
+    from kvsurgeon.convert.train.recipe import Recipe
 
 CALIB_DOCS = 6
 HELD_OUT_TRAIN = Path("runs/data/pydocs-uptrain.jsonl")  # also what recipes/smollm2-{mqa,mla}-long.yaml train on
@@ -42,7 +47,7 @@ def held_out_train(out: Path) -> Path:
     return out
 
 
-def parse_args(argv: list[str] | None = None):
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, str, Recipe, LongContextOptions]:
     """The arguments, the student's name and folder, the recipe and the long-context options; every refusal
     (argparse's exit 2, the problem named) comes here, before the conversion (20-50 min) or the training
     (hours) would surface it."""
