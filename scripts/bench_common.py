@@ -23,6 +23,15 @@ VALID = SHARED / "pydocs-valid.jsonl"
 ABLATION_DOCS = 200
 
 
+def missing_text(*paths: Path) -> str | None:
+    """The refusal for a bench whose ../shared text is absent (None when every file is there): checked with the
+    arguments, before a conversion or the source's measurement would trip over it."""
+    for p in paths:
+        if not p.is_file():
+            return f"{p} not found: the benches train on pydocs-train and measure on pydocs-valid, kept in ../shared/data beside the checkout"
+    return None
+
+
 @contextmanager
 def ablation_eval_file():
     """The last ABLATION_DOCS pydocs-train documents as a temporary .jsonl path."""

@@ -27,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import SOURCE, TRAIN, VALID, convert  # noqa: E402
+from bench_common import SOURCE, TRAIN, VALID, convert, missing_text  # noqa: E402
 from kvsurgeon.convert.evaluation.long_context import (  # noqa: E402  (TASKS: --tasks' default and help)
     TASKS, LongContextError, LongContextOptions, long_ppl_windows, measure_long_context,
 )
@@ -87,8 +87,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
         )
     except LongContextError as e:
         ap.error(str(e))
-    if not VALID.is_file():
-        ap.error(f"{VALID} not found: the bench measures on pydocs-valid, kept in ../shared/data beside the checkout")
+    if problem := missing_text(VALID):
+        ap.error(problem)
     return args, jobs, opts
 
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import ABLATION_DOCS, SOURCE, TRAIN, VALID, convert  # noqa: E402
+from bench_common import ABLATION_DOCS, SOURCE, TRAIN, VALID, convert, missing_text  # noqa: E402
 
 if TYPE_CHECKING:
     from kvsurgeon.convert.evaluation.long_context import LongContextOptions
@@ -97,9 +97,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, 
         budget = [budget[0] // len(lengths)] * len(lengths)
     if len(budget) != len(lengths):
         ap.error(f"--tokens gives {len(budget)} budgets for {len(lengths)} --seq-len stages; give one, or one per stage")
-    for f in (TRAIN, VALID):
-        if not f.is_file():
-            ap.error(f"{f} not found: the bench trains on pydocs-train and measures on pydocs-valid, kept in ../shared/data")
+    if problem := missing_text(TRAIN, VALID):
+        ap.error(problem)
     out = Path(args.out)
     student = out / f"{name}-converted" if args.convert else Path(spec)
     try:
