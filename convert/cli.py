@@ -16,6 +16,7 @@ from kvsurgeon.attention import UnsupportedArchitectureError
 from kvsurgeon.attention.reference import RopeTableError
 
 from .errors import KvSurgeonError
+from .token_counts import parse_token_counts
 
 app = typer.Typer(
     help="Rewrite the attention of Hugging Face LLM checkpoints to shrink or remove the KV cache.",
@@ -164,13 +165,6 @@ def inspect(
 
 
 # ---- eval ----------------------------------------------------------------------------------------
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(float(v[:-1]) * 1024) if v.lower().endswith("k") else int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise KvSurgeonError(f"{flag} {text!r}: use comma-separated token counts, e.g. 1024,2048,4K") from None
-
-
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="Hub model id or local folder to evaluate (any causal LM, stock class or not)"),
@@ -212,21 +206,20 @@ def eval_(
         unknown = [t for t in want if t != "ppl" and t not in TASKS]
         if unknown:
             raise KvSurgeonError(f"--tasks: unknown {', '.join(unknown)}; choose from ppl, {', '.join(TASKS)}, all")
+        long_tasks = tuple(t for t in want if t in TASKS)
+        # the options first, so a bad --lengths is refused before the short-window ppl is spent
+        opts = LongContextOptions(
+            tasks=long_tasks, lengths=parse_token_counts(lengths, "--lengths"), depths=depths, samples=samples, keys=keys,
+            filler=filler, text_field=text_field, long_seq_len=long_seq_len, long_windows=long_windows,
+            data=data, seed=seed, allow_beyond_context=allow_beyond_context,
+        ) if long_tasks else None
         r = None
         if "ppl" in want:
             r = evaluate(
                 model, data, reference=reference, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
                 dtype=dtype, text_field=text_field, split=split, trust_remote_code=trust_remote_code,
             )
-        long_tasks = tuple(t for t in want if t in TASKS)
-        long = None
-        if long_tasks:
-            opts = LongContextOptions(
-                tasks=long_tasks, lengths=_ints(lengths, "--lengths"), depths=depths, samples=samples, keys=keys,
-                filler=filler, text_field=text_field, long_seq_len=long_seq_len, long_windows=long_windows,
-                data=data, seed=seed, allow_beyond_context=allow_beyond_context,
-            )
-            long = evaluate_long_context(model, opts, reference, dtype, batch_size, trust_remote_code)
+        long = evaluate_long_context(model, opts, reference, dtype, batch_size, trust_remote_code) if opts else None
     except (KvSurgeonError, UnsupportedArchitectureError) as e:
         fail(e)
     if png is not None and long:

@@ -12,7 +12,9 @@ import torch
 from typer.testing import CliRunner
 
 from kvsurgeon.convert.cli import app
+from kvsurgeon.convert.errors import KvSurgeonError
 from kvsurgeon.convert.evaluation.perplexity import load_model, load_tokenizer
+from kvsurgeon.convert.token_counts import parse_token_counts
 from kvsurgeon.convert.evaluation.long_context import (
     FillerTokens, LongContextError, LongContextOptions, bucket_edges, bucket_nll, check_lengths, evaluate_long_context,
     grid_accuracy, long_ppl, make_prompt, prompt_grid, score_prompts,
@@ -151,6 +153,27 @@ def test_thin_cells_warn_and_short_filler_refused(smol, tmp_path):
         prompt_grid(tok, LongContextOptions(lengths=(1024,), filler=str(short)), 1)
     with pytest.raises(LongContextError, match="unknown long-context task"):
         LongContextOptions(tasks=("needle",))
+    with pytest.raises(LongContextError, match="--lengths is empty"):
+        LongContextOptions(tasks=("passkey",), lengths=())
+    assert LongContextOptions(tasks=("long-ppl",), lengths=()).lengths == ()  # perplexity needs no prompt lengths
+
+
+@pytest.mark.parametrize("lengths, message", [
+    ("1k,1.3k", "--lengths '1k,1.3k': use comma-separated whole token counts"),
+    ("1024,x", "--lengths '1024,x': use comma-separated whole token counts"),
+    ("", "--lengths is empty"),
+])
+def test_cli_refuses_bad_lengths_before_loading(tmp_path, lengths, message):
+    """Refused from the arguments alone: the model folder does not even exist."""
+    res = CliRunner().invoke(app, ["eval", str(tmp_path / "absent"), "--tasks", "passkey", "--lengths", lengths])
+    assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_token_counts_take_a_k_suffix():
+    assert parse_token_counts("1024, 2k,1.5K,4096", "--lengths") == (1024, 2048, 1536, 4096)
+    for bad in ("1.5", "infk", "1e3"):
+        with pytest.raises(KvSurgeonError, match=f"--lengths '{bad}'"):
+            parse_token_counts(bad, "--lengths")
 
 
 def test_user_filler_text_is_used(smol, tmp_path):

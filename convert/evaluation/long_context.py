@@ -70,6 +70,8 @@ class LongContextOptions:
             raise LongContextError("--depths, --samples and --keys must be at least 1")
         if self.keys > len(DOORS):
             raise LongContextError(f"--keys {self.keys}: at most {len(DOORS)} keys per prompt")
+        if not self.lengths and any(t in self.tasks for t in ("passkey", "multikey")):
+            raise LongContextError("--lengths is empty: passkey and multikey need at least one prompt length, e.g. 1024,2048")
         if any(n < 64 for n in self.lengths):
             raise LongContextError(f"lengths {list(self.lengths)}: each must be at least 64 tokens")
 
