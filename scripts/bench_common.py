@@ -32,6 +32,15 @@ def missing_text(*paths: Path) -> str | None:
     return None
 
 
+def named(text: str, flag: str, example: str) -> tuple[str, str]:
+    """A bench row given as NAME=VALUE (a name and convert arguments, or a name and a folder): both sides non-empty,
+    else a ValueError naming the flag and an example, for argparse to refuse with."""
+    name, eq, value = text.partition("=")
+    if not (name.strip() and eq and value.strip()):
+        raise ValueError(f"{flag} {text!r}: expected a name, '=' and what it names, e.g. {example!r}")
+    return name.strip(), value.strip()
+
+
 @contextmanager
 def ablation_eval_file():
     """The last ABLATION_DOCS pydocs-train documents as a temporary .jsonl path."""

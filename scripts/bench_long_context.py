@@ -27,10 +27,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import SOURCE, TRAIN, VALID, convert, missing_text  # noqa: E402
+from bench_common import SOURCE, TRAIN, VALID, convert, missing_text, named  # noqa: E402
+from kvsurgeon.convert.errors import KvSurgeonError  # noqa: E402
 from kvsurgeon.convert.evaluation.long_context import (  # noqa: E402  (TASKS: --tasks' default and help)
     TASKS, LongContextError, LongContextOptions, long_ppl_windows, measure_long_context,
 )
+from kvsurgeon.convert.token_counts import parse_token_counts  # noqa: E402
 
 # name -> convert arguments. Calibration: the CLI default (built-in text) unless stated.
 JOBS: dict[str, list[str]] = {
@@ -49,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
     ap.add_argument("--jobs", default="mqa,mla50,mla75", help=f"comma-separated, from {', '.join(JOBS)} ('' for --extra jobs only)")
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
                     help="an extra job: name=convert arguments (space-separated), e.g. 'mqa-2k=--to mqa --calib-seq-len 2048'")
-    ap.add_argument("--lengths", default="1024,2048,4096")
+    ap.add_argument("--lengths", default="1024,2048,4096", help="prompt lengths in tokens (1K, 2K... accepted)")
     ap.add_argument("--depths", type=int, default=5)
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--keys", type=int, default=3)
@@ -69,23 +71,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
         ap.error(f"unknown job {', '.join(bad)}; choose from {', '.join(JOBS)}, or add one with --extra NAME=ARGS")
     jobs = {n: JOBS[n] for n in names}
     for e in args.extra:
-        name, eq, rest = e.partition("=")
-        if not (name and eq and rest.split()):
-            ap.error(f"--extra {e!r}: expected NAME=ARGS, e.g. 'mqa-2k=--to mqa --calib-seq-len 2048'")
+        try:
+            name, rest = named(e, "--extra", "mqa-2k=--to mqa --calib-seq-len 2048")
+        except ValueError as err:
+            ap.error(str(err))
         if name in jobs or name == "source":
             ap.error(f"--extra {name}: a row of that name is already in the run; pick another name")
         jobs[name] = rest.split()
     try:
-        lengths = tuple(int(x) for x in args.lengths.split(","))
-    except ValueError:
-        ap.error(f"--lengths {args.lengths!r}: comma-separated prompt lengths in tokens, e.g. 1024,2048,4096")
-    try:
         opts = LongContextOptions(
-            tasks=tuple(t for t in args.tasks.split(",") if t), lengths=lengths,
+            tasks=tuple(t for t in args.tasks.split(",") if t), lengths=parse_token_counts(args.lengths, "--lengths"),
             depths=args.depths, samples=args.samples, keys=args.keys, long_seq_len=args.long_seq_len,
             long_windows=args.long_windows, data=str(VALID),
         )
-    except LongContextError as e:
+    except (LongContextError, KvSurgeonError) as e:
         ap.error(str(e))
     if problem := missing_text(VALID):
         ap.error(problem)

@@ -23,12 +23,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import SOURCE, TRAIN, table  # noqa: E402
+from bench_common import SOURCE, TRAIN, named, table  # noqa: E402
+from kvsurgeon.convert.errors import KvSurgeonError  # noqa: E402
+from kvsurgeon.convert.token_counts import parse_token_counts  # noqa: E402
 
 GB = 2**30
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--student", required=True, metavar="NAME=FOLDER", help="a converted folder to uptrain")
     ap.add_argument("--seq-len", default="2048,4096", help="window lengths, one configuration each")
@@ -36,13 +38,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="optimiser steps per run (the second has AdamW's moments allocated)")
     ap.add_argument("--data", default=str(TRAIN))
     ap.add_argument("--out", default="runs/bench-memory")
-    args = ap.parse_args()
-    name, _, folder = args.student.partition("=")
+    args = ap.parse_args(argv)
+    try:  # every refusal before the first run is written
+        name, folder = named(args.student, "--student", "mla75=runs/bench-uptrain-long-mla75-curr-aw50/mla75-converted")
+        lengths = parse_token_counts(args.seq_len, "--seq-len")
+    except (ValueError, KvSurgeonError) as e:
+        ap.error(str(e))
+    if not (Path(folder) / "config.json").is_file():
+        ap.error(f"--student {folder}: no config.json there; give a converted model's folder")
+    settings = [c for c in args.checkpointing.split(",") if c]
+    if not lengths or not settings or any(c not in ("off", "on") for c in settings):
+        ap.error(f"--seq-len {args.seq_len!r} / --checkpointing {args.checkpointing!r}: at least one length, and off, on or off,on")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for n in (int(x) for x in args.seq_len.split(",")):
-        for ck in args.checkpointing.split(","):
+    for n in lengths:
+        for ck in settings:
             run = out / f"{name}-{n}-{ck}"
             shutil.rmtree(run, ignore_errors=True)
             recipe = {"source": SOURCE, "output": str(run), "student": folder,

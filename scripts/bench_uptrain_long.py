@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import ABLATION_DOCS, SOURCE, TRAIN, VALID, convert, missing_text  # noqa: E402
+from bench_common import ABLATION_DOCS, SOURCE, TRAIN, VALID, convert, missing_text, named  # noqa: E402
 
 if TYPE_CHECKING:
     from kvsurgeon.convert.evaluation.long_context import LongContextOptions
@@ -51,14 +51,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, 
     """The arguments, the student's name and folder, the recipe and the long-context options; every refusal
     (argparse's exit 2, the problem named) comes here, before the conversion (20-50 min) or the training
     (hours) would surface it."""
+    from kvsurgeon.convert.errors import KvSurgeonError
     from kvsurgeon.convert.evaluation.long_context import LongContextError, LongContextOptions
+    from kvsurgeon.convert.token_counts import parse_token_counts
     from kvsurgeon.convert.train.recipe import RecipeError, recipe_from_dict
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--student", metavar="NAME=FOLDER", help="reuse a conversion (e.g. mqa=runs/bench-long-base/mqa)")
     ap.add_argument("--convert", metavar="NAME=ARGS", help="or convert now, e.g. 'mqa=--to mqa'")
-    ap.add_argument("--tokens", default="100000", help="training tokens; one per stage, or one total split evenly")
-    ap.add_argument("--seq-len", default="2048", help="window length; several (2048,4096) make one stage each")
+    ap.add_argument("--tokens", default="100000", help="training tokens (96K accepted); one per stage, or one total split evenly")
+    ap.add_argument("--seq-len", default="2048", help="window length (2K accepted); several (2048,4096) make one stage each")
     ap.add_argument("--retrieval", type=float, default=0.5, help="fraction of training windows with retrieval facts")
     ap.add_argument("--retrieval-far", type=float, default=0.0,
                     help="of those, the fraction whose asked fact sits in the window's first 10%% (0 = uniform depths)")
@@ -71,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, 
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="recompute activations in the backward pass: lowers the peak (MLA -75%% at 4K: 11.1 -> 8.2 GB), slower")
     ap.add_argument("--trainable", default="attention", choices=["attention", "all", "new"])
-    ap.add_argument("--lengths", default="1024,2048")
+    ap.add_argument("--lengths", default="1024,2048", help="passkey/multikey prompt lengths (1K, 2K... accepted)")
     ap.add_argument("--depths", type=int, default=5)
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--short-tokens", type=int, default=16384,
@@ -81,18 +83,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, 
     args = ap.parse_args(argv)
     if bool(args.student) == bool(args.convert):
         ap.error("pass exactly one of --student NAME=FOLDER or --convert NAME=ARGS")
-    flag = "--student NAME=FOLDER" if args.student else "--convert NAME=ARGS"
-    name, eq, spec = (args.student or args.convert).partition("=")
-    if not (name and eq and spec.strip()):
-        ap.error(f"{flag}: got {args.student or args.convert!r}, e.g. 'mqa=--to mqa'")
+    try:
+        if args.student:
+            name, spec = named(args.student, "--student", "mqa=runs/bench-long-base/mqa")
+        else:
+            name, spec = named(args.convert, "--convert", "mqa=--to mqa")
+        lengths = list(parse_token_counts(args.seq_len, "--seq-len"))
+        budget = list(parse_token_counts(args.tokens, "--tokens"))
+        eval_lengths = parse_token_counts(args.lengths, "--lengths")
+    except (ValueError, KvSurgeonError) as e:
+        ap.error(str(e))
+    if not (lengths and budget and eval_lengths):
+        ap.error("--seq-len, --tokens and --lengths: give at least one token count each, e.g. --seq-len 2048,4096")
     if args.student and not (Path(spec) / "config.json").is_file():
         ap.error(f"--student {spec}: no config.json there; give a converted model's folder, or --convert NAME=ARGS")
-    try:
-        lengths = [int(x) for x in args.seq_len.split(",")]
-        budget = [int(x) for x in args.tokens.split(",")]
-        eval_lengths = tuple(int(x) for x in args.lengths.split(","))
-    except ValueError:
-        ap.error("--seq-len, --tokens and --lengths: comma-separated whole numbers, e.g. --seq-len 2048,4096")
     if len(budget) == 1:
         budget = [budget[0] // len(lengths)] * len(lengths)
     if len(budget) != len(lengths):

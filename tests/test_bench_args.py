@@ -49,12 +49,14 @@ def refusal(main, argv: list[str], out: Path, capsys) -> str:
 
 @pytest.mark.parametrize("argv, message", [
     (["--jobs", "mqa,bogus"], "unknown job bogus; choose from mqa, mla50, mla75, hybrid50"),
-    (["--jobs", "", "--extra", "mla-2k"], "--extra 'mla-2k': expected NAME=ARGS"),
-    (["--jobs", "", "--extra", "mla-2k="], "--extra 'mla-2k=': expected NAME=ARGS"),
+    (["--jobs", "", "--extra", "mla-2k"], "--extra 'mla-2k': expected a name, '=' and what it names"),
+    (["--jobs", "", "--extra", "mla-2k="], "--extra 'mla-2k=': expected a name, '=' and what it names"),
+    (["--jobs", "", "--extra", "=--to mqa"], "--extra '=--to mqa': expected a name"),
     (["--jobs", "mqa", "--extra", "mqa=--to mqa --calib-seq-len 2048"], "--extra mqa: a row of that name"),
     (["--jobs", "", "--extra", "source=--to mqa"], "--extra source: a row of that name"),
     (["--tasks", "passkey,bogus"], "unknown long-context task bogus; choose from passkey, multikey, long-ppl"),
-    (["--lengths", "1024,2k"], "--lengths '1024,2k': comma-separated prompt lengths"),
+    (["--lengths", "1024,2.1k"], "--lengths '1024,2.1k': use comma-separated whole token counts"),
+    (["--lengths", ""], "--lengths is empty"),
     (["--lengths", "32"], "lengths [32]: each must be at least 64 tokens"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_written(bench, tmp_path, capsys, argv, message):
@@ -69,7 +71,7 @@ def test_missing_eval_text_is_refused(bench, tmp_path, monkeypatch, capsys):
 def test_jobs_and_extras_become_the_runs_rows(bench):
     args, jobs, opts = bench.parse_args(
         ["--jobs", "mla75", "--extra", "mla75-2k=--to mla --kv-lora-rank 64  --rope-dim 32 --calib-seq-len 2048",
-         "--tasks", "passkey,long-ppl", "--lengths", "1024,4096"])
+         "--tasks", "passkey,long-ppl", "--lengths", "1024,4K"])
     assert jobs == {"mla75": bench.JOBS["mla75"],
                     "mla75-2k": ["--to", "mla", "--kv-lora-rank", "64", "--rope-dim", "32", "--calib-seq-len", "2048"]}
     assert opts.tasks == ("passkey", "long-ppl") and opts.lengths == (1024, 4096)
@@ -83,10 +85,12 @@ CONVERT = ["--convert", "mqa=--to mqa"]
 
 @pytest.mark.parametrize("argv, message", [
     ([], "pass exactly one of --student NAME=FOLDER or --convert NAME=ARGS"),
-    (["--convert", "mqa"], "--convert NAME=ARGS: got 'mqa'"),
+    (["--convert", "mqa"], "--convert 'mqa': expected a name, '=' and what it names, e.g. 'mqa=--to mqa'"),
+    (["--student", "=runs/x"], "--student '=runs/x': expected a name"),
     (["--student", "mqa=no-such-folder"], "--student no-such-folder: no config.json there"),
     ([*CONVERT, "--seq-len", "2048,4096", "--tokens", "1,2,3"], "--tokens gives 3 budgets for 2 --seq-len stages"),
-    ([*CONVERT, "--tokens", "100k"], "--seq-len, --tokens and --lengths: comma-separated whole numbers"),
+    ([*CONVERT, "--tokens", "100x"], "--tokens '100x': use comma-separated whole token counts"),
+    ([*CONVERT, "--seq-len", ","], "--seq-len, --tokens and --lengths: give at least one token count each"),
     ([*CONVERT, "--retrieval-far", "2"], "data.retrieval_far: a fraction of retrieval windows, between 0 and 1, got 2.0"),
     ([*CONVERT, "--retrieval", "0", "--answer-weight", "50"], "distill.answer_weight: weighs the answers of retrieval windows"),
     ([*CONVERT, "--tokens", "1000"], "stages[0].tokens: 1000 is less than one optimiser step"),
@@ -106,7 +110,7 @@ def test_uptrain_bench_refuses_missing_texts(uptrain_bench, tmp_path, monkeypatc
 
 def test_uptrain_bench_builds_the_curriculum_it_is_asked_for(uptrain_bench, tmp_path):
     args, name, spec, recipe, opts = uptrain_bench.parse_args(
-        ["--convert", "mla75=--to mla --kv-lora-rank 64 --rope-dim 32", "--seq-len", "2048,4096", "--tokens", "98304",
+        ["--convert", "mla75=--to mla --kv-lora-rank 64 --rope-dim 32", "--seq-len", "2K,4096", "--tokens", "96K",
          "--trainable", "all", "--answer-weight", "50", "--out", str(tmp_path / "out")])
     assert (name, spec) == ("mla75", "--to mla --kv-lora-rank 64 --rope-dim 32")
     assert [(s.name, s.seq_len, s.tokens, s.trainable) for s in recipe.stages] == [
@@ -116,3 +120,19 @@ def test_uptrain_bench_builds_the_curriculum_it_is_asked_for(uptrain_bench, tmp_
     assert recipe.data.train == str(uptrain_bench.HELD_OUT_TRAIN) and recipe.distill.answer_weight == 50
     assert opts.tasks == ("passkey", "multikey", "long-ppl") and opts.lengths == (1024, 2048)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--student", "mla75"], "--student 'mla75': expected a name, '=' and what it names"),
+    (["--student", "mla75=no-such-folder"], "--student no-such-folder: no config.json there"),
+    (["--student", "S", "--seq-len", "2k,x"], "--seq-len '2k,x': use comma-separated whole token counts"),
+    (["--student", "S", "--checkpointing", "off,sometimes"], "at least one length, and off, on or off,on"),
+])
+def test_memory_bench_refuses_before_running(monkeypatch, tmp_path, capsys, argv, message):
+    import bench_memory
+
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "config.json").write_text("{}")
+    argv = [a.replace("S", f"m={student}") if a == "S" else a for a in argv]
+    assert message in refusal(bench_memory.main, argv, tmp_path / "out", capsys)
