@@ -134,5 +134,5 @@ def test_memory_bench_refuses_before_running(monkeypatch, tmp_path, capsys, argv
     student = tmp_path / "student"
     student.mkdir()
     (student / "config.json").write_text("{}")
-    argv = [a.replace("S", f"m={student}") if a == "S" else a for a in argv]
+    argv = [f"m={student}" if a == "S" else a for a in argv]  # "S": the valid student folder
     assert message in refusal(bench_memory.main, argv, tmp_path / "out", capsys)

@@ -29,6 +29,7 @@ import kvsurgeon.convert.gqa.plan as to_gqa  # noqa: E402
 from bench_common import ROOT, SOURCE, ablation_eval_file  # noqa: E402
 from kvsurgeon.convert.cli import app, spec_from_argv  # noqa: E402
 from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model  # noqa: E402
+from kvsurgeon.convert.token_counts import parse_token_counts  # noqa: E402
 
 BASE = {
     "mqa": ["--to", "mqa"],
@@ -70,7 +71,7 @@ def main(argv: list[str]) -> None:
     model, path = load_model(str(out))
     tok = load_tokenizer(path)
     with ablation_eval_file() as eval_path:
-        opts = LongContextOptions(tasks=("passkey", "long-ppl"), lengths=tuple(int(x) for x in lengths.split(",")),
+        opts = LongContextOptions(tasks=("passkey", "long-ppl"), lengths=parse_token_counts(lengths, "lengths="),
                                   samples=samples, long_seq_len=2048, long_windows=2, data=eval_path)
         lc = measure_long_context(model, tok, opts, tag, progress=False)
         short = evaluate(str(out), eval_path, reference=SOURCE, max_tokens=4096, progress=False, model=model)
