@@ -126,6 +126,7 @@ def test_uptrain_bench_builds_the_curriculum_it_is_asked_for(uptrain_bench, tmp_
     (["--student", "mla75"], "--student 'mla75': expected a name, '=' and what it names"),
     (["--student", "mla75=no-such-folder"], "--student no-such-folder: no config.json there"),
     (["--student", "S", "--seq-len", "2k,x"], "--seq-len '2k,x': use comma-separated whole token counts"),
+    (["--student", "S", "--seq-len", "2048,-4K"], "--seq-len '2048,-4K': use comma-separated whole token counts, each above 0"),
     (["--student", "S", "--checkpointing", "off,sometimes"], "at least one length, and off, on or off,on"),
 ])
 def test_memory_bench_refuses_before_running(monkeypatch, tmp_path, capsys, argv, message):

@@ -171,7 +171,7 @@ def test_cli_refuses_bad_lengths_before_loading(tmp_path, lengths, message):
 
 def test_token_counts_take_a_k_suffix():
     assert parse_token_counts("1024, 2k,1.5K,4096", "--lengths") == (1024, 2048, 1536, 4096)
-    for bad in ("1.5", "infk", "1e3"):
+    for bad in ("1.5", "infk", "1e3", "0", "1024,-2K", "0k"):
         with pytest.raises(KvSurgeonError, match=f"--lengths '{bad}'"):
             parse_token_counts(bad, "--lengths")
 
