@@ -13,6 +13,7 @@ import yaml
 
 from kvsurgeon.convert.errors import KvSurgeonError
 from kvsurgeon.convert.train.recipe import RecipeError, apply_overrides, load_recipe, recipe_from_dict
+from kvsurgeon.convert.train.metrics_plot import metrics_figure
 from kvsurgeon.convert.train.uptrain import Uptrainer, uptrain
 
 from conftest import save_tiny
@@ -137,6 +138,28 @@ def test_curriculum_stages_train_at_their_lengths_continue_the_data_and_resume_e
     assert [r["distinct_tokens"] for r in got] == want
     torch.testing.assert_close(torch.tensor([r["loss"] for r in got]), torch.tensor([r["loss"] for r in train]),
                                rtol=1e-5, atol=1e-6)
+    if stop == 4:  # the picture marks where each stage starts; no held-out eval here, so one panel
+        fig = metrics_figure(rows)
+        assert len(fig.axes) == 1
+        assert stage_starts(fig.axes[0]) == {0: "short", 256: "long"}
+
+
+def stage_starts(ax) -> dict:
+    """The curriculum marks of a metrics panel: x of each dotted vertical line -> the stage named there."""
+    xs = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == ":"]
+    return dict(zip(xs, (t.get_text().strip() for t in ax.texts)))
+
+
+def test_metrics_figure_draws_held_out_ppl_only_when_measured():
+    train = [{"kind": "train", "stage": "e2e", "tokens": 64 * (i + 1), "loss": 1.0 / (i + 1), "kl": 1.0 / (i + 1)}
+             for i in range(4)]
+    fig = metrics_figure(train)
+    assert len(fig.axes) == 1 and stage_starts(fig.axes[0]) == {}  # one stage: nothing to mark
+    evals = [{"kind": "eval", "tokens": t, "ppl": p, "reference_ppl": 10.0} for t, p in ((0, 30.0), (256, 14.0))]
+    fig = metrics_figure(train + evals)
+    assert [a.get_title() for a in fig.axes] == ["training", "held-out perplexity"]
+    assert list(fig.axes[1].get_lines()[0].get_ydata()) == [30.0, 14.0]
+    assert metrics_figure(evals) is None  # nothing trained yet: no picture
 
 
 def test_lora_stage_merges_to_the_same_function(tmp_path, text_file):

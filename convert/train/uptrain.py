@@ -28,6 +28,7 @@ from kvsurgeon.attention.kv_cache import kv_bytes_at_context, kv_bytes_per_token
 from ..io.checkpoint import read_config
 from .distill import PackedStream, answer_weights, distill_loss, window_digests
 from ..errors import KvSurgeonError
+from .metrics_plot import plot_metrics
 from .kernels import Availability, KernelRecorder, attn_implementation, check_fused, report_rows, require_fused, resolve
 from .precision import ACCELERATE, detect_precision
 from .recipe import Recipe, StageCfg
@@ -126,38 +127,6 @@ def make_scheduler(opt, total: int, warmup: int, schedule: str, min_ratio: float
         kw = {"num_stable_steps": 0, "num_decay_steps": max(1, total - warmup), "decay_type": "linear", "min_lr_ratio": min_ratio}
         return get_scheduler("warmup_stable_decay", opt, warmup, total, scheduler_specific_kwargs=kw)
     return get_scheduler("constant_with_warmup", opt, warmup, total)
-
-
-def plot_metrics(metrics_file: Path, png: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rows = [json.loads(l) for l in metrics_file.read_text().splitlines() if l.strip()]
-    train = [r for r in rows if r.get("kind") == "train"]
-    evals = [r for r in rows if r.get("kind") == "eval"]
-    if not train:
-        return False
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].plot([r["tokens"] for r in train], [r["loss"] for r in train], label="loss")
-    ax[0].plot([r["tokens"] for r in train], [r["kl"] for r in train], label="KL(teacher||student)")
-    ax[0].set_xlabel("tokens")
-    ax[0].legend()
-    ax[0].set_title("training")
-    if evals:
-        ax[1].plot([r["tokens"] for r in evals], [r["ppl"] for r in evals], "o-", label="student ppl")
-        ax[1].axhline(evals[0]["reference_ppl"], color="gray", ls="--", label="source ppl")
-        ax[1].set_xlabel("tokens")
-        ax[1].set_yscale("log")
-        ax[1].legend()
-        ax[1].set_title("held-out perplexity")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return True
 
 
 def stage_lengths(recipe: Recipe, steps: list[int], processes: int):
