@@ -7,6 +7,7 @@ import json
 import warnings
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 import yaml
@@ -142,6 +143,7 @@ def test_curriculum_stages_train_at_their_lengths_continue_the_data_and_resume_e
         fig = metrics_figure(rows)
         assert len(fig.axes) == 1
         assert stage_starts(fig.axes[0]) == {0: "short", 256: "long"}
+        plt.close(fig)
 
 
 def stage_starts(ax) -> dict:
@@ -155,10 +157,12 @@ def test_metrics_figure_draws_held_out_ppl_only_when_measured():
              for i in range(4)]
     fig = metrics_figure(train)
     assert len(fig.axes) == 1 and stage_starts(fig.axes[0]) == {}  # one stage: nothing to mark
+    plt.close(fig)
     evals = [{"kind": "eval", "tokens": t, "ppl": p, "reference_ppl": 10.0} for t, p in ((0, 30.0), (256, 14.0))]
     fig = metrics_figure(train + evals)
     assert [a.get_title() for a in fig.axes] == ["training", "held-out perplexity"]
     assert list(fig.axes[1].get_lines()[0].get_ydata()) == [30.0, 14.0]
+    plt.close(fig)
     assert metrics_figure(evals) is None  # nothing trained yet: no picture
 
 
