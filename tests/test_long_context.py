@@ -216,10 +216,11 @@ def test_retrieval_window_answer_is_the_restated_code(smol):
         plain = retrieval_window(tok, ids, random.Random(seed))
         out, span = retrieval_window_with_answer(tok, ids, random.Random(seed))
         assert out == plain and len(out) == 512
-        code = tok.decode(out[span.start : span.stop]).strip()
-        assert code.isdigit() and 4 <= len(code) <= 5, code
+        code = tok.decode(out[span.start : span.stop])
+        assert code.isdigit() and 4 <= len(code) <= 5, code  # no space token: the span starts at the first digit
+        assert tok.decode(out[span.start : span.start + 1]) == code[0]  # the token distill.lead_weight weighs
         assert tok.decode(out[span.stop :]) == "."
-        item = tok.decode(out[: span.start]).rsplit("Reminder: the access code for the ", 1)[1].removesuffix(" is")
+        item = tok.decode(out[: span.start]).rstrip().rsplit("Reminder: the access code for the ", 1)[1].removesuffix(" is")
         assert f"The access code for the {item} is {code}." in tok.decode(out[: span.start])
     short = ids[:40]  # too short for far-apart facts: left as text, no answer
     assert retrieval_window_with_answer(tok, short, random.Random(0)) == (short, range(0))
@@ -239,7 +240,7 @@ def test_retrieval_far_puts_the_asked_fact_in_the_first_tenth(smol):
         out, span = retrieval_window_with_answer(tok, ids, random.Random(seed), far=1.0)
         assert len(out) == 1024 and tok.decode(out[span.stop :]) == "."
         text = tok.decode(out[: span.start])
-        code, item = tok.decode(out[span.start : span.stop]).strip(), text.rsplit("Reminder: the access code for the ", 1)[1].removesuffix(" is")
+        code, item = tok.decode(out[span.start : span.stop]).strip(), text.rstrip().rsplit("Reminder: the access code for the ", 1)[1].removesuffix(" is")
         fact = f"The access code for the {item} is {code}."
         assert text.count("The access code for the ") == 3 and fact in text
         assert len(tok(text[: text.index(fact)], add_special_tokens=False)["input_ids"]) < 0.1 * 1024

@@ -100,6 +100,11 @@ def retrieval_window_with_answer(tokenizer, ids: list[int], rng: random.Random, 
     prefix = enc(f" Reminder: the access code for the {items[k]} is")
     start = len(prefix) if tail[: len(prefix)] == prefix else 0
     end = len(tail) - 1 if tail[-1:] == enc(".") else len(tail)  # the final period is not copied
+    # A tokenizer that splits digits (SmolLM2, Qwen) emits the space before the code as a token of its
+    # own; any sentence predicts it, so the answer (and distill.lead_weight's first token) starts at
+    # the code's first character, the token that picks which fact is copied.
+    while start < end - 1 and not tokenizer.decode(tail[start : start + 1]).strip():
+        start += 1
     return out, range(len(out) - len(tail) + start, len(out) - len(tail) + end)
 
 
