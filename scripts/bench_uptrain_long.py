@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, 
                     help="KL weight of the restated code's tokens in retrieval windows (1 = plain mean)")
     ap.add_argument("--lead-weight", type=float, default=None,
                     help="KL weight of the code's first token alone (default: --answer-weight)")
+    ap.add_argument("--answer-ce", type=float, default=0.0,
+                    help="weight of the cross-entropy on the restated code's true tokens (0 = KL only)")
     ap.add_argument("--seed", type=int, default=0, help="recipe seed: another draw of which windows carry facts, and which facts")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--gradient-checkpointing", action="store_true",
@@ -113,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, 
             "stages": [{"name": f"{args.trainable}-{n}" if len(lengths) > 1 else args.trainable, "tokens": t,
                         "trainable": args.trainable, "seq_len": n} for n, t in zip(lengths, budget)],
             "optim": {"lr": args.lr, "warmup_steps": 5, "schedule": "cosine"},
-            "distill": {"answer_weight": args.answer_weight, "lead_weight": args.lead_weight},
+            "distill": {"answer_weight": args.answer_weight, "lead_weight": args.lead_weight, "answer_ce": args.answer_ce},
             "precision": "auto", "save_every": 10, "seed": args.seed, "gradient_checkpointing": args.gradient_checkpointing,
         })
         opts = LongContextOptions(tasks=("passkey", "multikey", "long-ppl"), lengths=eval_lengths,
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown(results), flush=True)
     summary = {"student": str(student), "tokens": trained[-1]["tokens"], "seq_len": lengths, "stage_tokens": budget,
                "retrieval": args.retrieval, "retrieval_far": args.retrieval_far, "answer_weight": args.answer_weight,
-               "lead_weight": args.lead_weight, "seed": args.seed,
+               "lead_weight": args.lead_weight, "answer_ce": args.answer_ce, "seed": args.seed,
                "lr": args.lr, "trainable": args.trainable, "gradient_checkpointing": args.gradient_checkpointing, "train_seconds": train_secs,
                "tokens_per_s": sorted(m["tokens_per_s"] for m in trained)[len(trained) // 2], "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")

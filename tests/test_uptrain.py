@@ -260,6 +260,8 @@ def test_recipe_base_errors(tmp_path):
         ({"distill": {"answer_weight": 20}}, "data.retrieval is 0"),
         ({"distill": {"lead_weight": 0}}, "distill.lead_weight: must be > 0"),
         ({"distill": {"lead_weight": 100}}, "distill.lead_weight: weighs the first answer token of retrieval windows, but data.retrieval is 0"),
+        ({"distill": {"answer_ce": -1}}, "distill.answer_ce: must be >= 0"),
+        ({"distill": {"answer_ce": 1}}, "distill.answer_ce: trains on the codes of retrieval windows, but data.retrieval is 0"),
         ({"data": {"train": "t.txt", "retrieval": 0.5, "retrieval_far": 2}}, "data.retrieval_far: a fraction of retrieval windows"),
         ({"data": {"train": "t.txt", "retrieval_far": 0.5}}, "retrieval_far: places the facts of retrieval windows, but data.retrieval is 0"),
     ],
@@ -368,8 +370,8 @@ def test_two_runs_in_one_process_may_differ_in_precision(tmp_path, text_file):
         assert next(r for r in rows if r["kind"] == "kernels")["precision_resolved"] == precision
 
 
-def test_distill_loss_token_weights_are_a_weighted_mean():
-    from kvsurgeon.convert.train.distill import answer_weights, distill_loss
+def test_distill_loss_token_weights_are_a_weighted_mean_and_answer_ce_adds_the_codes_ce():
+    from kvsurgeon.convert.train.distill import answer_mask, answer_weights, distill_loss
 
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 6, 11, generator=g), torch.randn(2, 6, 11, generator=g)
@@ -391,6 +393,15 @@ def test_distill_loss_token_weights_are_a_weighted_mean():
     assert lead[0].tolist() == [1.0] * 6 and lead[1].tolist() == [1, 1, 1, 30, 9, 1]
     want = (per_token.sum() + 29 * per_token[1, 2] + 8 * per_token[1, 3]) / (10 + 29 + 8)
     torch.testing.assert_close(distill_loss(s, t, ids, token_weights=lead)[0], want)
+    # answer CE: the mean CE of predicting the answer tokens (3-4 of window 1), on top of the plain KL;
+    # a batch with no answers adds nothing
+    mask = answer_mask((2, 6), [range(0), range(3, 5)])
+    assert mask.sum() == 2 and mask[1, 3] and mask[1, 4]
+    ce_tok = torch.nn.functional.cross_entropy(s[1, 2:4], ids[1, 3:5], reduction="none")
+    loss, kl, ce = distill_loss(s, t, ids, answer_mask=mask, answer_ce_weight=0.5)
+    torch.testing.assert_close(loss, plain[0] + 0.5 * ce_tok.mean())
+    torch.testing.assert_close((kl, ce), (plain[1], plain[2]))  # logged KL and CE unchanged
+    torch.testing.assert_close(distill_loss(s, t, ids, answer_mask=answer_mask((2, 6), [range(0), range(0)]), answer_ce_weight=0.5)[0], plain[0])
 
 
 def test_answer_weight_reaches_the_loss_and_resumes_exactly(tmp_path, text_file):
@@ -411,6 +422,11 @@ def test_answer_weight_reaches_the_loss_and_resumes_exactly(tmp_path, text_file)
     lead = dict(weighted, output=str(tmp_path / "lead"), distill={"answer_weight": 50.0, "lead_weight": 500.0}, max_steps=1)
     uptrain(recipe_from_dict(lead), progress=False)
     assert abs(train_losses(tmp_path / "lead")[0] - w[0]) > 1e-3 * w[0], (train_losses(tmp_path / "lead"), w)
+    # and distill.answer_ce: the codes' CE adds to the first step's loss, the logged KL unchanged
+    xe = dict(weighted, output=str(tmp_path / "xe"), distill={"answer_weight": 50.0, "answer_ce": 1.0}, max_steps=1)
+    uptrain(recipe_from_dict(xe), progress=False)
+    assert train_losses(tmp_path / "xe")[0] > w[0] + 1e-3 * w[0], (train_losses(tmp_path / "xe"), w)
+    assert train_losses(tmp_path / "xe", "kl")[0] == pytest.approx(train_losses(tmp_path / "w", "kl")[0], rel=1e-6)
 
     part = dict(weighted, output=str(tmp_path / "part"), max_steps=2)
     uptrain(recipe_from_dict(part), progress=False)

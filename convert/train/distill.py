@@ -19,6 +19,8 @@ def distill_loss(
     kl_weight: float = 1.0,
     ce_weight: float = 0.0,
     token_weights: torch.Tensor | None = None,
+    answer_mask: torch.Tensor | None = None,
+    answer_ce_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, kl, ce) for next-token prediction. KL(teacher || student) at temperature T, scaled by
     T^2 so its gradient size does not depend on T (Hinton et al.); CE on the data's next tokens.
@@ -26,7 +28,11 @@ def distill_loss(
     ``token_weights`` (B, T), one per token of ``ids``, weighs the KL of predicting that token: the
     loss takes their weighted mean, so all-ones is the plain mean and a few heavy tokens (a code copied
     from far back) take a share of the loss that a plain mean over the window would not give them.
-    The returned ``kl`` stays the plain mean, so runs with and without weights log comparable KL."""
+    The returned ``kl`` stays the plain mean, so runs with and without weights log comparable KL.
+
+    ``answer_mask`` (B, T) marks tokens whose true value is known (a retrieval window's restated code);
+    ``answer_ce_weight`` adds the mean CE of predicting them. Where the teacher itself is unsure which
+    fact to copy, the KL alone teaches that doubt; the known answer does not."""
     s = student_logits[:, :-1].float()
     t = teacher_logits[:, :-1].float()
     T = temperature
@@ -37,8 +43,13 @@ def distill_loss(
     else:
         w = token_weights[:, 1:].to(per_token)
         fit = (per_token * w).sum() / w.sum() * T * T
-    ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1))
-    return kl_weight * fit + ce_weight * ce, kl.detach(), ce.detach()
+    ce_tok = F.cross_entropy(s.reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1)
+    ce = ce_tok.mean()
+    loss = kl_weight * fit + ce_weight * ce
+    if answer_ce_weight and answer_mask is not None:
+        m = answer_mask[:, 1:].to(ce_tok)
+        loss = loss + answer_ce_weight * (ce_tok * m).sum() / m.sum().clamp(min=1)  # no answers: adds 0
+    return loss, kl.detach(), ce.detach()
 
 
 def answer_weights(shape: tuple[int, int], answers: list[range], weight: float, lead: float | None = None) -> torch.Tensor:
@@ -50,6 +61,14 @@ def answer_weights(shape: tuple[int, int], answers: list[range], weight: float, 
         if lead is not None and len(span):
             w[b, span.start] = lead
     return w
+
+
+def answer_mask(shape: tuple[int, int], answers: list[range]) -> torch.Tensor:
+    """(B, T) bool: True on each window's answer positions."""
+    m = torch.zeros(shape, dtype=torch.bool)
+    for b, span in enumerate(answers):
+        m[b, span.start : span.stop] = True
+    return m
 
 
 class PackedStream:

@@ -82,6 +82,9 @@ class DistillCfg:
     # KL weight of the code's first token alone (None: answer_weight). Uptrained MQA's 4K misses are
     # that token: the leading digit, which picks the fact; the digits after it copy on their own.
     lead_weight: float | None = None
+    # Cross-entropy on the restated code's true tokens (mean over them), added to the KL. The source
+    # copies the wrong one of several facts often (multikey: 40-60%), and the KL teaches that doubt.
+    answer_ce: float = 0.0
 
 
 @dataclass
@@ -151,6 +154,11 @@ class Recipe:
         elif lead is not None and not self.data.retrieval:
             errs.append("distill.lead_weight: weighs the first answer token of retrieval windows, but data.retrieval is 0; "
                         "set data.retrieval (e.g. 0.5) or leave lead_weight null")
+        if self.distill.answer_ce < 0:
+            errs.append(f"distill.answer_ce: must be >= 0 (0 = off), got {self.distill.answer_ce}")
+        elif self.distill.answer_ce and not self.data.retrieval:
+            errs.append("distill.answer_ce: trains on the codes of retrieval windows, but data.retrieval is 0; "
+                        "set data.retrieval (e.g. 0.5) or leave answer_ce at 0")
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 errs.append(f"{name}: must be >= 1, got {getattr(self, name)}")

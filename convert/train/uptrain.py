@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from kvsurgeon.attention.kv_cache import kv_bytes_at_context, kv_bytes_per_token
 
 from ..io.checkpoint import read_config
-from .distill import PackedStream, answer_weights, distill_loss, window_digests
+from .distill import PackedStream, answer_mask, answer_weights, distill_loss, window_digests
 from ..errors import KvSurgeonError
 from .metrics_plot import plot_metrics
 from .kernels import Availability, KernelRecorder, attn_implementation, check_fused, report_rows, require_fused, resolve
@@ -516,13 +516,14 @@ class Uptrainer:
             ids, answers = next(run.batches)
             digests.append(window_digests(ids))
             weights = answer_weights(ids.shape, answers, d.answer_weight, d.lead_weight).to(acc.device) if weighted else None
+            mask = answer_mask(ids.shape, answers).to(acc.device) if d.answer_ce else None
             ids = ids.to(acc.device)
             with acc.autocast():
                 with torch.no_grad():
                     t_logits = run.teacher(input_ids=ids).logits
                 s_logits = model(input_ids=ids).logits
             loss, kl, ce = distill_loss(s_logits, t_logits, ids, d.temperature, d.kl_weight, d.ce_weight,
-                                        token_weights=weights)
+                                        token_weights=weights, answer_mask=mask, answer_ce_weight=d.answer_ce)
             acc.backward(loss / r.grad_accum)
             sums += torch.stack([loss.detach(), kl, ce]) / r.grad_accum
         if r.optim.grad_clip:
