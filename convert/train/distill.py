@@ -52,23 +52,23 @@ def distill_loss(
     return loss, kl.detach(), ce.detach()
 
 
-def answer_weights(shape: tuple[int, int], answers: list[range], weight: float, lead: float | None = None) -> torch.Tensor:
-    """(B, T) token weights: ``weight`` on each window's answer positions, 1 elsewhere; ``lead`` (if
-    given) on each answer's first position instead, the token that picks which fact is copied."""
-    w = torch.ones(shape)
-    for b, span in enumerate(answers):
-        w[b, span.start : span.stop] = weight
-        if lead is not None and len(span):
-            w[b, span.start] = lead
-    return w
-
-
 def answer_mask(shape: tuple[int, int], answers: list[range]) -> torch.Tensor:
     """(B, T) bool: True on each window's answer positions."""
     m = torch.zeros(shape, dtype=torch.bool)
     for b, span in enumerate(answers):
         m[b, span.start : span.stop] = True
     return m
+
+
+def answer_weights(shape: tuple[int, int], answers: list[range], weight: float, lead: float | None = None) -> torch.Tensor:
+    """(B, T) token weights: ``weight`` on each window's answer positions, 1 elsewhere; ``lead`` (if
+    given) on each answer's first position instead, the token that picks which fact is copied."""
+    w = torch.where(answer_mask(shape, answers), weight, 1.0)
+    if lead is not None:
+        for b, span in enumerate(answers):
+            if len(span):
+                w[b, span.start] = lead
+    return w
 
 
 class PackedStream:
