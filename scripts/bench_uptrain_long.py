@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
                "retrieval": args.retrieval, "retrieval_far": args.retrieval_far, "answer_weight": args.answer_weight,
                "lead_weight": args.lead_weight, "answer_ce": args.answer_ce, "seed": args.seed,
                "lr": args.lr, "trainable": args.trainable, "gradient_checkpointing": args.gradient_checkpointing, "train_seconds": train_secs,
-               "tokens_per_s": sorted(m["tokens_per_s"] for m in trained)[len(trained) // 2], "rows": rows}
+               "tokens_per_s": sorted(m["tokens_per_s"] for m in trained)[len(trained) // 2],
+               "last8": last_steps_mean(trained, 8), "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     md = markdown(results) + "\n| model | 512-window ppl ratio, pydocs-valid | second domain |\n|---|---:|---:|\n"
     for r in rows[1:]:
@@ -178,7 +179,19 @@ def main(argv: list[str] | None = None) -> None:
     (out / "results.md").write_text(md)
     heatmap_png(results, out / "long_context.png", title=f"{name}: before and after {trained[-1]['tokens']:,} tokens of distillation at {args.seq_len}")
     print(md)
-    print(f"trained {trained[-1]['tokens']:,} tokens in {train_secs / 60:.1f} min; wrote {out}/results.{{json,md}}, long_context.png")
+    print(f"trained {trained[-1]['tokens']:,} tokens in {train_secs / 60:.1f} min; last 8 steps' mean "
+          + ", ".join(f"{k} {v:.3f}" for k, v in summary["last8"].items() if v is not None)
+          + f"; wrote {out}/results.{{json,md}}, long_context.png")
+
+
+def last_steps_mean(trained: list[dict], n: int) -> dict[str, float | None]:
+    """The last ``n`` steps' mean loss, KL and answer CE (None where a step logged none): the end of
+    training, less noisy than its last step."""
+    out = {}
+    for k in ("loss", "kl", "answer_ce"):
+        vals = [m[k] for m in trained[-n:] if m.get(k) is not None]
+        out[k] = sum(vals) / len(vals) if vals else None
+    return out
 
 
 if __name__ == "__main__":

@@ -124,6 +124,15 @@ def test_uptrain_bench_builds_the_curriculum_it_is_asked_for(uptrain_bench, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_uptrain_bench_summarises_the_last_steps(uptrain_bench):
+    """The end-of-training means skip steps that logged no answer CE (no retrieval window in the batch)."""
+    rows = [{"loss": 9.0, "kl": 9.0, "answer_ce": 9.0}] + [
+        {"loss": float(i), "kl": i / 2, "answer_ce": None if i % 2 else float(i)} for i in range(8)]
+    assert uptrain_bench.last_steps_mean(rows, 8) == {"loss": 3.5, "kl": 1.75, "answer_ce": 3.0}
+    assert uptrain_bench.last_steps_mean(rows[1:2], 8)["answer_ce"] == 0.0
+    assert uptrain_bench.last_steps_mean(rows[2:3], 8)["answer_ce"] is None
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--student", "mla75"], "--student 'mla75': expected a name, '=' and what it names"),
     (["--student", "mla75=no-such-folder"], "--student no-such-folder: no config.json there"),

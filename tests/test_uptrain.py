@@ -385,7 +385,7 @@ def test_distill_loss_token_weights_are_a_weighted_mean_and_answer_ce_adds_the_c
     w = answer_weights((2, 6), [range(0), range(3, 5)], 9.0)
     assert w.sum() == 12 - 2 + 18
     want = (per_token.sum() + 8 * per_token[1, 2:4].sum()) / (10 + 16)
-    loss, kl, _ = distill_loss(s, t, ids, token_weights=w)
+    loss, kl, _, _ = distill_loss(s, t, ids, token_weights=w)
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(kl, plain[1])  # the logged KL stays the plain mean
     # lead 30: the answer's first token (3) counts 30 times, the next (4) still 9; an empty span gets none
@@ -398,10 +398,16 @@ def test_distill_loss_token_weights_are_a_weighted_mean_and_answer_ce_adds_the_c
     mask = answer_mask((2, 6), [range(0), range(3, 5)])
     assert mask.sum() == 2 and mask[1, 3] and mask[1, 4]
     ce_tok = torch.nn.functional.cross_entropy(s[1, 2:4], ids[1, 3:5], reduction="none")
-    loss, kl, ce = distill_loss(s, t, ids, answer_mask=mask, answer_ce_weight=0.5)
+    loss, kl, ce, ans = distill_loss(s, t, ids, answer_mask=mask, answer_ce_weight=0.5)
     torch.testing.assert_close(loss, plain[0] + 0.5 * ce_tok.mean())
     torch.testing.assert_close((kl, ce), (plain[1], plain[2]))  # logged KL and CE unchanged
-    torch.testing.assert_close(distill_loss(s, t, ids, answer_mask=answer_mask((2, 6), [range(0), range(0)]), answer_ce_weight=0.5)[0], plain[0])
+    torch.testing.assert_close(ans, ce_tok.mean())
+    # the answer CE is reported with the mask alone (weight 0), and adds nothing to the loss then
+    off = distill_loss(s, t, ids, answer_mask=mask)
+    torch.testing.assert_close((off.loss, off.answer_ce), (plain.loss, ce_tok.mean()))
+    assert plain.answer_ce == 0
+    none = distill_loss(s, t, ids, answer_mask=answer_mask((2, 6), [range(0), range(0)]), answer_ce_weight=0.5)
+    torch.testing.assert_close((none.loss, none.answer_ce), (plain.loss, torch.tensor(0.0)))
 
 
 def test_answer_weight_reaches_the_loss_and_resumes_exactly(tmp_path, text_file):
@@ -427,6 +433,11 @@ def test_answer_weight_reaches_the_loss_and_resumes_exactly(tmp_path, text_file)
     uptrain(recipe_from_dict(xe), progress=False)
     assert train_losses(tmp_path / "xe")[0] > w[0] + 1e-3 * w[0], (train_losses(tmp_path / "xe"), w)
     assert train_losses(tmp_path / "xe", "kl")[0] == pytest.approx(train_losses(tmp_path / "w", "kl")[0], rel=1e-6)
+    # the codes' CE is logged whether or not it is trained on: the same model and windows at step 1 give
+    # the same value
+    xe_ans, w_ans = train_losses(tmp_path / "xe", "answer_ce"), train_losses(tmp_path / "w", "answer_ce")
+    assert xe_ans[0] == pytest.approx(w_ans[0], rel=1e-6) and w_ans[0] > 0.1, (xe_ans, w_ans)
+    assert all(a is not None and a > 0 for a in train_losses(tmp_path / "plain", "answer_ce"))
 
     part = dict(weighted, output=str(tmp_path / "part"), max_steps=2)
     uptrain(recipe_from_dict(part), progress=False)
@@ -450,6 +461,7 @@ def test_the_recipe_seed_and_retrieval_far_draw_the_retrieval_facts(tmp_path, te
         return train_losses(out, "kl")[0]
 
     assert step1_kl(0, 0.0) == pytest.approx(step1_kl(1, 0.0), rel=1e-6)
+    assert train_losses(tmp_path / "s0-r0.0-f0.0", "answer_ce") == [None]  # no retrieval windows: no codes to score
     a, b = step1_kl(0, 1.0), step1_kl(1, 1.0)
     assert abs(a - b) > 1e-4 * a, (a, b)
     c = step1_kl(0, 1.0, far=1.0)

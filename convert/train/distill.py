@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import random
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ..io.text_data import iter_texts
+
+
+class DistillLosses(NamedTuple):
+    loss: torch.Tensor  # what is minimised
+    kl: torch.Tensor  # plain mean KL, detached
+    ce: torch.Tensor  # mean CE on the data, detached
+    answer_ce: torch.Tensor  # mean CE on the answer tokens, detached (0 when none are marked)
 
 
 def distill_loss(
@@ -21,8 +28,8 @@ def distill_loss(
     token_weights: torch.Tensor | None = None,
     answer_mask: torch.Tensor | None = None,
     answer_ce_weight: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, kl, ce) for next-token prediction. KL(teacher || student) at temperature T, scaled by
+) -> DistillLosses:
+    """(loss, kl, ce, answer_ce) for next-token prediction. KL(teacher || student) at temperature T, scaled by
     T^2 so its gradient size does not depend on T (Hinton et al.); CE on the data's next tokens.
 
     ``token_weights`` (B, T), one per token of ``ids``, weighs the KL of predicting that token: the
@@ -32,7 +39,9 @@ def distill_loss(
 
     ``answer_mask`` (B, T) marks tokens whose true value is known (a retrieval window's restated code);
     ``answer_ce_weight`` adds the mean CE of predicting them. Where the teacher itself is unsure which
-    fact to copy, the KL alone teaches that doubt; the known answer does not."""
+    fact to copy, the KL alone teaches that doubt; the known answer does not. The returned
+    ``answer_ce`` is that mean whatever the weight, so a run without it still logs how well the
+    student restates the codes."""
     s = student_logits[:, :-1].float()
     t = teacher_logits[:, :-1].float()
     T = temperature
@@ -46,10 +55,13 @@ def distill_loss(
     ce_tok = F.cross_entropy(s.reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1)
     ce = ce_tok.mean()
     loss = kl_weight * fit + ce_weight * ce
-    if answer_ce_weight and answer_mask is not None:
+    answer_ce = torch.zeros((), device=ce.device)
+    if answer_mask is not None:
         m = answer_mask[:, 1:].to(ce_tok)
-        loss = loss + answer_ce_weight * (ce_tok * m).sum() / m.sum().clamp(min=1)  # no answers: adds 0
-    return loss, kl.detach(), ce.detach()
+        answer_ce = (ce_tok * m).sum() / m.sum().clamp(min=1)  # no answers: 0
+        if answer_ce_weight:
+            loss = loss + answer_ce_weight * answer_ce
+    return DistillLosses(loss, kl.detach(), ce.detach(), answer_ce.detach())
 
 
 def answer_mask(shape: tuple[int, int], answers: list[range]) -> torch.Tensor:

@@ -504,11 +504,12 @@ class Uptrainer:
             self._after_step(run, stage, model, student_base, sched, losses, time.time() - t0)
         return model, True
 
-    def _optimiser_step(self, run: "_Run", model, opt, sched, params) -> list[float]:
+    def _optimiser_step(self, run: "_Run", model, opt, sched, params) -> list[float | None]:
         """One optimiser step over ``grad_accum`` batches of distillation; returns the (loss, kl, ce)
-        means over processes and counts the windows every process trained on."""
+        means over processes, then the answer tokens' mean CE (None without retrieval windows), and
+        counts the windows every process trained on."""
         r, acc = self.r, self.acc
-        sums = torch.zeros(3, device=acc.device)
+        sums = torch.zeros(5, device=acc.device)  # loss, kl, ce means; answer CE summed over answer tokens, their count
         digests = []
         d = r.distill
         weighted = d.answer_weight != 1.0 or d.lead_weight is not None  # else the plain mean, no weights
@@ -516,16 +517,18 @@ class Uptrainer:
             ids, answers = next(run.batches)
             digests.append(window_digests(ids))
             weights = answer_weights(ids.shape, answers, d.answer_weight, d.lead_weight).to(acc.device) if weighted else None
-            mask = answer_mask(ids.shape, answers).to(acc.device) if d.answer_ce else None
+            mask = answer_mask(ids.shape, answers).to(acc.device) if r.data.retrieval else None
             ids = ids.to(acc.device)
             with acc.autocast():
                 with torch.no_grad():
                     t_logits = run.teacher(input_ids=ids).logits
                 s_logits = model(input_ids=ids).logits
-            loss, kl, ce = distill_loss(s_logits, t_logits, ids, d.temperature, d.kl_weight, d.ce_weight,
-                                        token_weights=weights, answer_mask=mask, answer_ce_weight=d.answer_ce)
+            loss, kl, ce, ans_ce = distill_loss(s_logits, t_logits, ids, d.temperature, d.kl_weight, d.ce_weight,
+                                                token_weights=weights, answer_mask=mask, answer_ce_weight=d.answer_ce)
             acc.backward(loss / r.grad_accum)
-            sums += torch.stack([loss.detach(), kl, ce]) / r.grad_accum
+            n_ans = mask[:, 1:].sum() if mask is not None else torch.zeros((), device=acc.device)
+            sums += torch.stack([loss.detach() / r.grad_accum, kl / r.grad_accum, ce / r.grad_accum,
+                                 ans_ce * n_ans, n_ans.to(sums)])
         if r.optim.grad_clip:
             acc.clip_grad_norm_(params, r.optim.grad_clip)
         opt.step()
@@ -533,16 +536,17 @@ class Uptrainer:
         opt.zero_grad(set_to_none=True)
         # the logged loss is the mean over processes (= one process with the global batch);
         # the digests of every process's windows count the distinct data actually trained on
-        losses = acc.reduce(sums, reduction="mean").tolist()
+        loss, kl, ce, ans_sum, ans_n = acc.reduce(sums, reduction="mean").tolist()
+        losses = [loss, kl, ce, ans_sum / ans_n if ans_n else None]  # the mean over every process's answer tokens
         all_digests = acc.gather(torch.cat(digests).to(acc.device)).tolist()
         if acc.is_main_process:
             self.seen.update(dict.fromkeys(all_digests, ids.shape[1]))
         return losses
 
-    def _after_step(self, run: "_Run", stage: StageCfg, model, student_base, sched, losses: list[float], dt: float) -> None:
+    def _after_step(self, run: "_Run", stage: StageCfg, model, student_base, sched, losses: list[float | None], dt: float) -> None:
         """Advance the progress, log the step (and the kernels once), checkpoint and evaluate on cadence."""
         r, acc, prog = self.r, self.acc, run.prog
-        loss_v, kl_v, ce_v = losses
+        loss_v, kl_v, ce_v, answer_ce_v = losses
         prog.stage_step += 1
         prog.global_step += 1
         prog.windows = run.stream.position
@@ -551,7 +555,7 @@ class Uptrainer:
         tps = step_tokens / dt
         self.log({"kind": "train", "stage": stage.name, "step": prog.global_step, "tokens": prog.tokens,
                   "seq_len": r.stage_seq_len(stage), "distinct_tokens": sum(self.seen.values()), "loss": loss_v,
-                  "kl": kl_v, "ce": ce_v, "lr": sched.get_last_lr()[0], "tokens_per_s": tps, "processes": acc.num_processes})
+                  "kl": kl_v, "ce": ce_v, "answer_ce": answer_ce_v, "lr": sched.get_last_lr()[0], "tokens_per_s": tps, "processes": acc.num_processes})
         if not self.kernel_rows:
             self._log_kernels(student_base, run.teacher, prog)
         run.bar.update(1)
