@@ -51,15 +51,13 @@ def markdown(rows: list[Row], title: str, args) -> str:
 def png(rows: list[Row], path: Path, title: str) -> None:
     """Three panels sharing the model axis: KV cache per token, perplexity ratio, passkey retrieval.
     The source is the dark bar in each; a model that vLLM does not serve is marked in its name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure registry to touch
 
     names = [r.name + ("" if "vLLM" in r.served else "\n(transformers only)") for r in rows][::-1]
     rs = rows[::-1]
     colours = ["#333333" if r.name == "source" else "#4C72B0" for r in rs]
-    fig, axes = plt.subplots(1, 3, figsize=(10, 0.7 * len(rows) + 1.6), sharey=True, layout="constrained")
+    fig = Figure(figsize=(10, 0.7 * len(rows) + 1.6), layout="constrained")
+    axes = fig.subplots(1, 3, sharey=True)
     panels = [
         ([r.kv_bytes_per_token / 1024 for r in rs], "KV cache per token (KiB)\nsmaller is cheaper", "{:.1f}"),
         ([r.ppl_ratio for r in rs], "512-window perplexity / source\nlower is better", "{:.2f}x"),
@@ -75,4 +73,3 @@ def png(rows: list[Row], path: Path, title: str) -> None:
     axes[1].axvline(1.0, color="grey", lw=0.8, ls="--")
     fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=120)
-    plt.close(fig)

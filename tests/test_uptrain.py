@@ -7,7 +7,6 @@ import json
 import warnings
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pytest
 import torch
 import yaml
@@ -143,7 +142,6 @@ def test_curriculum_stages_train_at_their_lengths_continue_the_data_and_resume_e
         fig = metrics_figure(rows)
         assert len(fig.axes) == 1
         assert stage_starts(fig.axes[0]) == {0: "short", 256: "long"}
-        plt.close(fig)
 
 
 def stage_starts(ax) -> dict:
@@ -157,13 +155,24 @@ def test_metrics_figure_draws_held_out_ppl_only_when_measured():
              for i in range(4)]
     fig = metrics_figure(train)
     assert len(fig.axes) == 1 and stage_starts(fig.axes[0]) == {}  # one stage: nothing to mark
-    plt.close(fig)
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["loss", "KL(teacher||student)"]
     evals = [{"kind": "eval", "tokens": t, "ppl": p, "reference_ppl": 10.0} for t, p in ((0, 30.0), (256, 14.0))]
     fig = metrics_figure(train + evals)
     assert [a.get_title() for a in fig.axes] == ["training", "held-out perplexity"]
     assert list(fig.axes[1].get_lines()[0].get_ydata()) == [30.0, 14.0]
-    plt.close(fig)
     assert metrics_figure(evals) is None  # nothing trained yet: no picture
+    # the codes' CE, where steps logged one (a step without retrieval windows logs None: skipped)
+    coded = [dict(r, answer_ce=None if i == 1 else 2.0 - i) for i, r in enumerate(train)]
+    line = fig_lines(metrics_figure(coded))["CE on the retrieval codes"]
+    assert list(line.get_xdata()) == [64, 192, 256] and list(line.get_ydata()) == [2.0, 0.0, -1.0]
+    # and nothing from pyplot's registry: a figure per step of a long run would otherwise pile up
+    import matplotlib.pyplot as plt
+
+    assert plt.get_fignums() == []
+
+
+def fig_lines(fig) -> dict:
+    return {line.get_label(): line for line in fig.axes[0].get_lines()}
 
 
 def test_lora_stage_merges_to_the_same_function(tmp_path, text_file):

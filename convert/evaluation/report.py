@@ -62,16 +62,13 @@ def markdown(results: list[LongContextResult]) -> str:
 
 def heatmap_png(results: list[LongContextResult], path: str | Path, title: str | None = None) -> Path:
     """Accuracy by length x depth, one panel per model and task, side by side; plus long ppl per bucket."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure registry to touch
 
     first = results[0]
     tasks = [t for t in ("passkey", "multikey") if getattr(first, t) is not None]
     cols = len(results)
     rows = len(tasks) + (1 if first.long_ppl is not None else 0)
-    fig = plt.figure(figsize=(3.2 * cols + 0.8, 2.8 * rows + 0.6), layout="constrained")
+    fig = Figure(figsize=(3.2 * cols + 0.8, 2.8 * rows + 0.6), layout="constrained")
     gs = fig.add_gridspec(rows, cols)
     axes = [[fig.add_subplot(gs[ti, ci]) for ci in range(cols)] for ti in range(len(tasks))]
     lengths = first.options["lengths"]
@@ -107,5 +104,4 @@ def heatmap_png(results: list[LongContextResult], path: str | Path, title: str |
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -1,4 +1,4 @@
-"""The uptraining picture (``metrics.png``): the loss and KL by tokens seen, each curriculum stage marked
+"""The uptraining picture (``metrics.png``): the loss and KL (and the codes' CE) by tokens seen, each curriculum stage marked
 where it starts, and held-out perplexity beside it when the run measured any."""
 
 from __future__ import annotations
@@ -9,21 +9,23 @@ from pathlib import Path
 
 def metrics_figure(rows: list[dict]):
     """A matplotlib figure of ``metrics.jsonl`` rows, or None without a training row. One panel when the
-    run logged no held-out evaluation (an empty second panel reads as a failed one)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    run logged no held-out evaluation (an empty second panel reads as a failed one). The student's CE
+    on the restated codes is drawn where steps logged one (retrieval windows in the batch)."""
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure registry to touch
 
     train = [r for r in rows if r.get("kind") == "train"]
     evals = [r for r in rows if r.get("kind") == "eval"]
     if not train:
         return None
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 6, 4), squeeze=False)
+    fig = Figure(figsize=(10 if evals else 6, 4))
+    axes = fig.subplots(1, 2 if evals else 1, squeeze=False)
     ax = axes[0][0]
     tokens = [r["tokens"] for r in train]
     ax.plot(tokens, [r["loss"] for r in train], label="loss")
     ax.plot(tokens, [r["kl"] for r in train], label="KL(teacher||student)")
+    answers = [(r["tokens"], r["answer_ce"]) for r in train if r.get("answer_ce") is not None]
+    if answers:
+        ax.plot(*zip(*answers), ls="--", lw=1, label="CE on the retrieval codes")
     stages = [(train[i - 1]["tokens"] if i else 0, r.get("stage")) for i, r in enumerate(train)
               if i == 0 or r.get("stage") != train[i - 1].get("stage")]
     if len(stages) > 1:  # a curriculum: each stage starts where the one before ended
@@ -54,8 +56,5 @@ def plot_metrics(metrics_file: Path, png: Path) -> bool:
     fig = metrics_figure([json.loads(l) for l in Path(metrics_file).read_text().splitlines() if l.strip()])
     if fig is None:
         return False
-    import matplotlib.pyplot as plt
-
     fig.savefig(png, dpi=100)
-    plt.close(fig)
     return True
