@@ -266,10 +266,11 @@ def test_recipe_base_errors(tmp_path):
         ({"source": ""}, "source: required"),
         ({"data": {"train": ""}}, "data.train: required"),
         ({"distill": {"answer_weight": 0}}, "distill.answer_weight: must be > 0"),
-        ({"distill": {"answer_weight": 20}}, "data.retrieval is 0"),
+        ({"distill": {"answer_weight": 20}}, "distill.answer_weight: weighs the answers of retrieval windows, but data.retrieval "
+                                             "is 0; set data.retrieval \\(e.g. 0.5\\) or leave answer_weight at 1"),
         ({"distill": {"lead_weight": 0}}, "distill.lead_weight: must be > 0"),
         ({"distill": {"lead_weight": 100}}, "distill.lead_weight: weighs the first answer token of retrieval windows, but data.retrieval is 0"),
-        ({"distill": {"answer_ce": -1}}, "distill.answer_ce: must be >= 0"),
+        ({"distill": {"answer_ce": -1}}, "distill.answer_ce: must be >= 0 \\(0 = off\\), got -1"),
         ({"distill": {"answer_ce": 1}}, "distill.answer_ce: trains on the codes of retrieval windows, but data.retrieval is 0"),
         ({"data": {"train": "t.txt", "retrieval": 0.5, "retrieval_far": 2}}, "data.retrieval_far: a fraction of retrieval windows"),
         ({"data": {"train": "t.txt", "retrieval_far": 0.5}}, "retrieval_far: places the facts of retrieval windows, but data.retrieval is 0"),

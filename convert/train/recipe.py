@@ -138,27 +138,22 @@ class Recipe:
             errs.append(f"data.seq_len: must be >= 2, got {self.data.seq_len}")
         if not 0.0 <= self.data.retrieval <= 1.0:
             errs.append(f"data.retrieval: a fraction of training windows, between 0 and 1, got {self.data.retrieval}")
-        if not 0.0 <= self.data.retrieval_far <= 1.0:
-            errs.append(f"data.retrieval_far: a fraction of retrieval windows, between 0 and 1, got {self.data.retrieval_far}")
-        elif self.data.retrieval_far and not self.data.retrieval:
-            errs.append("data.retrieval_far: places the facts of retrieval windows, but data.retrieval is 0; "
-                        "set data.retrieval (e.g. 0.5) or leave retrieval_far at 0")
-        if self.distill.answer_weight <= 0:
-            errs.append(f"distill.answer_weight: must be > 0 (1 = the plain mean), got {self.distill.answer_weight}")
-        elif self.distill.answer_weight != 1.0 and not self.data.retrieval:
-            errs.append("distill.answer_weight: weighs the answers of retrieval windows, but data.retrieval is 0; "
-                        "set data.retrieval (e.g. 0.5) or leave answer_weight at 1")
-        lead = self.distill.lead_weight
-        if lead is not None and lead <= 0:
-            errs.append(f"distill.lead_weight: must be > 0 (or null: the answer_weight), got {lead}")
-        elif lead is not None and not self.data.retrieval:
-            errs.append("distill.lead_weight: weighs the first answer token of retrieval windows, but data.retrieval is 0; "
-                        "set data.retrieval (e.g. 0.5) or leave lead_weight null")
-        if self.distill.answer_ce < 0:
-            errs.append(f"distill.answer_ce: must be >= 0 (0 = off), got {self.distill.answer_ce}")
-        elif self.distill.answer_ce and not self.data.retrieval:
-            errs.append("distill.answer_ce: trains on the codes of retrieval windows, but data.retrieval is 0; "
-                        "set data.retrieval (e.g. 0.5) or leave answer_ce at 0")
+        # the options that act on retrieval windows: each refused out of its range, and when set without them
+        d, far, lead = self.distill, self.data.retrieval_far, self.distill.lead_weight
+        for name, value, bad, allowed, is_set, what, off in (
+            ("data.retrieval_far", far, not 0.0 <= far <= 1.0, "a fraction of retrieval windows, between 0 and 1",
+             far != 0, "places the facts of retrieval windows", "leave retrieval_far at 0"),
+            ("distill.answer_weight", d.answer_weight, d.answer_weight <= 0, "must be > 0 (1 = the plain mean)",
+             d.answer_weight != 1.0, "weighs the answers of retrieval windows", "leave answer_weight at 1"),
+            ("distill.lead_weight", lead, lead is not None and lead <= 0, "must be > 0 (or null: the answer_weight)",
+             lead is not None, "weighs the first answer token of retrieval windows", "leave lead_weight null"),
+            ("distill.answer_ce", d.answer_ce, d.answer_ce < 0, "must be >= 0 (0 = off)",
+             d.answer_ce != 0, "trains on the codes of retrieval windows", "leave answer_ce at 0"),
+        ):
+            if bad:
+                errs.append(f"{name}: {allowed}, got {value}")
+            elif is_set and not self.data.retrieval:
+                errs.append(f"{name}: {what}, but data.retrieval is 0; set data.retrieval (e.g. 0.5) or {off}")
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 errs.append(f"{name}: must be >= 1, got {getattr(self, name)}")
