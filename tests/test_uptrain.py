@@ -395,7 +395,7 @@ def test_distill_loss_token_weights_are_a_weighted_mean_and_answer_ce_adds_the_c
     w = answer_weights((2, 6), [range(0), range(3, 5)], 9.0)
     assert w.sum() == 12 - 2 + 18
     want = (per_token.sum() + 8 * per_token[1, 2:4].sum()) / (10 + 16)
-    loss, kl, _, _ = distill_loss(s, t, ids, token_weights=w)
+    loss, kl, *_ = distill_loss(s, t, ids, token_weights=w)
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(kl, plain[1])  # the logged KL stays the plain mean
     # lead 30: the answer's first token (3) counts 30 times, the next (4) still 9; an empty span gets none
@@ -408,10 +408,11 @@ def test_distill_loss_token_weights_are_a_weighted_mean_and_answer_ce_adds_the_c
     mask = answer_mask((2, 6), [range(0), range(3, 5)])
     assert mask.sum() == 2 and mask[1, 3] and mask[1, 4]
     ce_tok = torch.nn.functional.cross_entropy(s[1, 2:4], ids[1, 3:5], reduction="none")
-    loss, kl, ce, ans = distill_loss(s, t, ids, answer_mask=mask, answer_ce_weight=0.5)
+    loss, kl, ce, ans, n_ans = distill_loss(s, t, ids, answer_mask=mask, answer_ce_weight=0.5)
     torch.testing.assert_close(loss, plain[0] + 0.5 * ce_tok.mean())
     torch.testing.assert_close((kl, ce), (plain[1], plain[2]))  # logged KL and CE unchanged
     torch.testing.assert_close(ans, ce_tok.mean())
+    assert n_ans == 2 and plain.answer_tokens == 0  # the count a sum over batches weighs the mean by
     # the answer CE is reported with the mask alone (weight 0), and adds nothing to the loss then
     off = distill_loss(s, t, ids, answer_mask=mask)
     torch.testing.assert_close((off.loss, off.answer_ce), (plain.loss, ce_tok.mean()))

@@ -16,6 +16,7 @@ class DistillLosses(NamedTuple):
     kl: torch.Tensor  # plain mean KL, detached
     ce: torch.Tensor  # mean CE on the data, detached
     answer_ce: torch.Tensor  # mean CE on the answer tokens, detached (0 when none are marked)
+    answer_tokens: torch.Tensor  # how many answer tokens that mean is over (a sum across batches needs it)
 
 
 def distill_loss(
@@ -29,7 +30,7 @@ def distill_loss(
     answer_mask: torch.Tensor | None = None,
     answer_ce_weight: float = 0.0,
 ) -> DistillLosses:
-    """(loss, kl, ce, answer_ce) for next-token prediction. KL(teacher || student) at temperature T, scaled by
+    """(loss, kl, ce, answer_ce, answer_tokens) for next-token prediction. KL(teacher || student) at temperature T, scaled by
     T^2 so its gradient size does not depend on T (Hinton et al.); CE on the data's next tokens.
 
     ``token_weights`` (B, T), one per token of ``ids``, weighs the KL of predicting that token: the
@@ -55,13 +56,14 @@ def distill_loss(
     ce_tok = F.cross_entropy(s.reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1)
     ce = ce_tok.mean()
     loss = kl_weight * fit + ce_weight * ce
-    answer_ce = torch.zeros((), device=ce.device)
+    answer_ce = n_answers = torch.zeros((), device=ce.device)
     if answer_mask is not None:
-        m = answer_mask[:, 1:].to(ce_tok)
-        answer_ce = (ce_tok * m).sum() / m.sum().clamp(min=1)  # no answers: 0
+        m = answer_mask[:, 1:].to(ce_tok)  # logits at t-1 predict the answer token at t
+        n_answers = m.sum()
+        answer_ce = (ce_tok * m).sum() / n_answers.clamp(min=1)  # no answers: 0
         if answer_ce_weight:
             loss = loss + answer_ce_weight * answer_ce
-    return DistillLosses(loss, kl.detach(), ce.detach(), answer_ce.detach())
+    return DistillLosses(loss, kl.detach(), ce.detach(), answer_ce.detach(), n_answers)
 
 
 def answer_mask(shape: tuple[int, int], answers: list[range]) -> torch.Tensor:

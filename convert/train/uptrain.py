@@ -523,12 +523,11 @@ class Uptrainer:
                 with torch.no_grad():
                     t_logits = run.teacher(input_ids=ids).logits
                 s_logits = model(input_ids=ids).logits
-            loss, kl, ce, ans_ce = distill_loss(s_logits, t_logits, ids, d.temperature, d.kl_weight, d.ce_weight,
-                                                token_weights=weights, answer_mask=mask, answer_ce_weight=d.answer_ce)
-            acc.backward(loss / r.grad_accum)
-            n_ans = mask[:, 1:].sum() if mask is not None else torch.zeros((), device=acc.device)
-            sums += torch.stack([loss.detach() / r.grad_accum, kl / r.grad_accum, ce / r.grad_accum,
-                                 ans_ce * n_ans, n_ans.to(sums)])
+            out = distill_loss(s_logits, t_logits, ids, d.temperature, d.kl_weight, d.ce_weight,
+                               token_weights=weights, answer_mask=mask, answer_ce_weight=d.answer_ce)
+            acc.backward(out.loss / r.grad_accum)
+            sums += torch.stack([out.loss.detach() / r.grad_accum, out.kl / r.grad_accum, out.ce / r.grad_accum,
+                                 out.answer_ce * out.answer_tokens, out.answer_tokens])
         if r.optim.grad_clip:
             acc.clip_grad_norm_(params, r.optim.grad_clip)
         opt.step()
