@@ -214,7 +214,7 @@ def test_retrieval_window_answer_is_the_restated_code(smol):
     ids = tok("The module reads the file and returns its lines. " * 120, add_special_tokens=False)["input_ids"][:512]
     for seed in range(5):
         plain = retrieval_window(tok, ids, random.Random(seed))
-        out, span = retrieval_window_with_answer(tok, ids, random.Random(seed))
+        out, (span,) = retrieval_window_with_answer(tok, ids, random.Random(seed))
         assert out == plain and len(out) == 512
         code = tok.decode(out[span.start : span.stop])
         assert code.isdigit() and 4 <= len(code) <= 5, code  # no space token: the span starts at the first digit
@@ -223,7 +223,7 @@ def test_retrieval_window_answer_is_the_restated_code(smol):
         item = tok.decode(out[: span.start]).rstrip().rsplit("Reminder: the access code for the ", 1)[1].removesuffix(" is")
         assert f"The access code for the {item} is {code}." in tok.decode(out[: span.start])
     short = ids[:40]  # too short for far-apart facts: left as text, no answer
-    assert retrieval_window_with_answer(tok, short, random.Random(0)) == (short, range(0))
+    assert retrieval_window_with_answer(tok, short, random.Random(0)) == (short, ())
 
 
 def test_retrieval_far_puts_the_asked_fact_in_the_first_tenth(smol):
@@ -237,7 +237,7 @@ def test_retrieval_far_puts_the_asked_fact_in_the_first_tenth(smol):
     for seed in range(8):
         plain = retrieval_window_with_answer(tok, ids, random.Random(seed))
         assert retrieval_window_with_answer(tok, ids, random.Random(seed), far=0.0) == plain
-        out, span = retrieval_window_with_answer(tok, ids, random.Random(seed), far=1.0)
+        out, (span,) = retrieval_window_with_answer(tok, ids, random.Random(seed), far=1.0)
         assert len(out) == 1024 and tok.decode(out[span.stop :]) == "."
         text = tok.decode(out[: span.start])
         code, item = tok.decode(out[span.start : span.stop]).strip(), text.rstrip().rsplit("Reminder: the access code for the ", 1)[1].removesuffix(" is")
@@ -247,6 +247,34 @@ def test_retrieval_far_puts_the_asked_fact_in_the_first_tenth(smol):
         plain_text = tok.decode(plain[0])
         near += len(tok(plain_text[: plain_text.index(fact)], add_special_tokens=False)["input_ids"]) >= 0.1 * 1024
     assert near >= 4  # the uniform draw mostly puts the asked fact past the first tenth: the option moved it
+
+
+def test_retrieval_asks_restate_distinct_facts_each_with_its_code_span(smol):
+    """``asks=3``: the window ends with three reminders of three different facts, each span the code of
+    a fact stated earlier in the window; the first asked fact is the one ``asks=1`` draws (same seed)."""
+    from kvsurgeon.convert.pipeline.calibration import retrieval_window_with_answer
+
+    _, tok = smol
+    ids = tok("The module reads the file and returns its lines. " * 250, add_special_tokens=False)["input_ids"][:1024]
+    for seed in range(5):
+        one, (first,) = retrieval_window_with_answer(tok, ids, random.Random(seed))
+        assert retrieval_window_with_answer(tok, ids, random.Random(seed), asks=1) == (one, (first,))
+        out, spans = retrieval_window_with_answer(tok, ids, random.Random(seed), asks=3)
+        assert len(out) == 1024 and len(spans) == 3 and spans[-1].stop == 1023 and tok.decode(out[1023:]) == "."
+        asked = []
+        for span in spans:
+            code = tok.decode(out[span.start : span.stop])
+            assert code.isdigit() and 4 <= len(code) <= 5, code
+            before = tok.decode(out[: span.start])
+            item = before.rstrip().rsplit("Reminder: the access code for the ", 1)[1].removesuffix(" is")
+            assert f"The access code for the {item} is {code}." in before
+            asked.append((item, code))
+        assert len({item for item, _ in asked}) == 3  # three different facts
+        one_item = tok.decode(one[: first.start]).rstrip().rsplit("Reminder: the access code for the ", 1)[1].removesuffix(" is")
+        assert asked[0] == (one_item, tok.decode(one[first.start : first.stop]))
+        assert tok.decode(out).count("The access code for the ") == 3  # the facts themselves are not repeated
+    with pytest.raises(ValueError, match="asks 4: between 1 and the window's 3 facts"):
+        retrieval_window_with_answer(tok, ids, random.Random(0), asks=4)
 
 
 def test_card_command_keeps_calibration_flags():

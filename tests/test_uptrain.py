@@ -274,6 +274,10 @@ def test_recipe_base_errors(tmp_path):
         ({"distill": {"answer_ce": 1}}, "distill.answer_ce: trains on the codes of retrieval windows, but data.retrieval is 0"),
         ({"data": {"train": "t.txt", "retrieval": 0.5, "retrieval_far": 2}}, "data.retrieval_far: a fraction of retrieval windows"),
         ({"data": {"train": "t.txt", "retrieval_far": 0.5}}, "retrieval_far: places the facts of retrieval windows, but data.retrieval is 0"),
+        ({"data": {"train": "t.txt", "retrieval": 0.5, "retrieval_asks": 4}},
+         "data.retrieval_asks: an integer from 1 to the 3 facts of a retrieval window, got 4"),
+        ({"data": {"train": "t.txt", "retrieval_asks": 2}},
+         "data.retrieval_asks: restates facts of retrieval windows, but data.retrieval is 0; set data.retrieval \\(e.g. 0.5\\) or leave retrieval_asks at 1"),
     ],
 )
 def test_bad_recipes_fail_clearly(tmp_path, text_file, change, message):
@@ -392,20 +396,20 @@ def test_distill_loss_token_weights_are_a_weighted_mean_and_answer_ce_adds_the_c
     ones = distill_loss(s, t, ids, token_weights=torch.ones(2, 6))
     torch.testing.assert_close(ones[0], plain[0])
     # weight 9 on tokens 3-4 of window 1: their KL (logits 2-3 predict them) counts 9 times
-    w = answer_weights((2, 6), [range(0), range(3, 5)], 9.0)
+    w = answer_weights((2, 6), [(), (range(3, 5),)], 9.0)
     assert w.sum() == 12 - 2 + 18
     want = (per_token.sum() + 8 * per_token[1, 2:4].sum()) / (10 + 16)
     loss, kl, *_ = distill_loss(s, t, ids, token_weights=w)
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(kl, plain[1])  # the logged KL stays the plain mean
     # lead 30: the answer's first token (3) counts 30 times, the next (4) still 9; an empty span gets none
-    lead = answer_weights((2, 6), [range(0), range(3, 5)], 9.0, lead=30.0)
+    lead = answer_weights((2, 6), [(), (range(3, 5),)], 9.0, lead=30.0)
     assert lead[0].tolist() == [1.0] * 6 and lead[1].tolist() == [1, 1, 1, 30, 9, 1]
     want = (per_token.sum() + 29 * per_token[1, 2] + 8 * per_token[1, 3]) / (10 + 29 + 8)
     torch.testing.assert_close(distill_loss(s, t, ids, token_weights=lead)[0], want)
     # answer CE: the mean CE of predicting the answer tokens (3-4 of window 1), on top of the plain KL;
     # a batch with no answers adds nothing
-    mask = answer_mask((2, 6), [range(0), range(3, 5)])
+    mask = answer_mask((2, 6), [(), (range(3, 5),)])
     assert mask.sum() == 2 and mask[1, 3] and mask[1, 4]
     ce_tok = torch.nn.functional.cross_entropy(s[1, 2:4], ids[1, 3:5], reduction="none")
     loss, kl, ce, ans, n_ans = distill_loss(s, t, ids, answer_mask=mask, answer_ce_weight=0.5)
@@ -417,8 +421,12 @@ def test_distill_loss_token_weights_are_a_weighted_mean_and_answer_ce_adds_the_c
     off = distill_loss(s, t, ids, answer_mask=mask)
     torch.testing.assert_close((off.loss, off.answer_ce), (plain.loss, ce_tok.mean()))
     assert plain.answer_ce == 0
-    none = distill_loss(s, t, ids, answer_mask=answer_mask((2, 6), [range(0), range(0)]), answer_ce_weight=0.5)
+    none = distill_loss(s, t, ids, answer_mask=answer_mask((2, 6), [(), ()]), answer_ce_weight=0.5)
     torch.testing.assert_close((none.loss, none.answer_ce), (plain.loss, torch.tensor(0.0)))
+    # a window with two answers (data.retrieval_asks): each span weighed, each span's first token led
+    two = answer_weights((1, 8), [(range(1, 3), range(5, 7))], 9.0, lead=30.0)
+    assert two[0].tolist() == [1, 30, 9, 1, 1, 30, 9, 1]
+    assert answer_mask((1, 8), [(range(1, 3), range(5, 7))])[0].tolist() == [False, True, True, False, False, True, True, False]
 
 
 def test_answer_weight_reaches_the_loss_and_resumes_exactly(tmp_path, text_file):
@@ -459,21 +467,24 @@ def test_answer_weight_reaches_the_loss_and_resumes_exactly(tmp_path, text_file)
 
 def test_the_recipe_seed_and_retrieval_far_draw_the_retrieval_facts(tmp_path, text_file):
     """``seed`` reaches the training stream: with every window a retrieval window, seeds 0 and 1 train on
-    other facts (different step-1 KL), while on plain text the two seeds see the same windows. So does
-    ``data.retrieval_far``: the same seed with the asked facts moved far back trains on other windows."""
+    other facts (different step-1 KL), while on plain text the two seeds see the same windows. So do
+    ``data.retrieval_far`` (the same seed with the asked facts moved far back trains on other windows)
+    and ``data.retrieval_asks`` (more facts restated)."""
 
-    def step1_kl(seed, retrieval, far=0.0):
-        out = tmp_path / f"s{seed}-r{retrieval}-f{far}"
+    def step1_kl(seed, retrieval, far=0.0, asks=1):
+        out = tmp_path / f"s{seed}-r{retrieval}-f{far}-a{asks}"
         r = base_recipe(tmp_path, text_file, output=str(out), seed=seed, max_steps=1,
                         data={"train": str(text_file), "seq_len": 512, "eval": None, "retrieval": retrieval,
-                              "retrieval_far": far},
+                              "retrieval_far": far, "retrieval_asks": asks},
                         stages=[{"name": "e2e", "tokens": 512 * 2 * 2, "trainable": "attention"}])
         uptrain(recipe_from_dict(r), progress=False)
         return train_losses(out, "kl")[0]
 
     assert step1_kl(0, 0.0) == pytest.approx(step1_kl(1, 0.0), rel=1e-6)
-    assert train_losses(tmp_path / "s0-r0.0-f0.0", "answer_ce") == [None]  # no retrieval windows: no codes to score
+    assert train_losses(tmp_path / "s0-r0.0-f0.0-a1", "answer_ce") == [None]  # no retrieval windows: no codes to score
     a, b = step1_kl(0, 1.0), step1_kl(1, 1.0)
     assert abs(a - b) > 1e-4 * a, (a, b)
     c = step1_kl(0, 1.0, far=1.0)
     assert abs(a - c) > 1e-4 * a, (a, c)
+    d = step1_kl(0, 1.0, asks=3)
+    assert abs(a - d) > 1e-4 * a, (a, d)

@@ -60,30 +60,40 @@ def calibration_ids(tokenizer, cfg: CalibConfig) -> torch.Tensor:
 _ITEMS = ("vault", "archive", "server room", "garden shed", "locker", "studio", "warehouse", "cabin")
 
 
-def retrieval_window(tokenizer, ids: list[int], rng: random.Random, facts: int = 3) -> list[int]:
+RETRIEVAL_FACTS = 3  # facts per retrieval window
+
+
+def retrieval_window(tokenizer, ids: list[int], rng: random.Random, facts: int = RETRIEVAL_FACTS) -> list[int]:
     """The window's own text with ``facts`` "access code" sentences at random depths and, at its end,
     one of them restated in full: the source's attention then reaches back across the window to copy
     the code, so calibration sees (and weighs) the long-range retrieval its fits must keep."""
     return retrieval_window_with_answer(tokenizer, ids, rng, facts)[0]
 
 
-def retrieval_window_with_answer(tokenizer, ids: list[int], rng: random.Random, facts: int = 3,
-                                 far: float = 0.0) -> tuple[list[int], range]:
-    """``retrieval_window`` (same tokens, same draws from ``rng``) and the positions of the restated
-    code's tokens: the ones only a copy from far back predicts (empty when the window is left as text).
+def retrieval_window_with_answer(tokenizer, ids: list[int], rng: random.Random, facts: int = RETRIEVAL_FACTS,
+                                 far: float = 0.0, asks: int = 1) -> tuple[list[int], tuple[range, ...]]:
+    """``retrieval_window`` (same tokens, same draws from ``rng``) and the positions of each restated
+    code's tokens: the ones only a copy from far back predicts (none when the window is left as text).
 
-    ``far``: the chance that the asked fact is moved into the window's first 10%, so the copy spans
-    at least ~90% of the window (uniform depths put it there about one time in eight). Training-only;
-    0 draws nothing extra, so calibration's windows are unchanged."""
+    ``far``: the chance that the (first) asked fact is moved into the window's first 10%, so the copy
+    spans at least ~90% of the window (uniform depths put it there about one time in eight).
+    ``asks``: how many distinct facts are restated at the end, one "Reminder" sentence each: every
+    one is a choice among the window's facts, so a window teaches that choice ``asks`` times.
+    Training-only; ``far=0, asks=1`` draw nothing extra, so calibration's windows are unchanged."""
+    if not 1 <= asks <= facts:
+        raise ValueError(f"asks {asks}: between 1 and the window's {facts} facts")
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     items = rng.sample(_ITEMS, facts)
     codes = [str(rng.randint(1000, 99999)) for _ in items]
     needles = [enc(f" The access code for the {it} is {c}. ") for it, c in zip(items, codes)]
     k = rng.randrange(facts)
-    tail = enc(f" Reminder: the access code for the {items[k]} is {codes[k]}.")
-    room = len(ids) - len(tail) - sum(map(len, needles))
+    asked = [k] + (rng.sample([i for i in range(facts) if i != k], asks - 1) if asks > 1 else [])
+    # Each reminder is encoded on its own (the first exactly as calibration always has), so each
+    # code's span is found in its own sentence.
+    tails = [enc(f" Reminder: the access code for the {items[i]} is {codes[i]}.") for i in asked]
+    room = len(ids) - sum(map(len, tails)) - sum(map(len, needles))
     if room < len(ids) // 4:  # window too short for the facts to be far apart: leave it as text
-        return ids, range(0)
+        return ids, ()
     cuts = sorted(rng.randrange(int(0.8 * room)) for _ in needles)
     placed = list(zip(cuts, needles))
     if far and rng.random() < far:
@@ -94,18 +104,27 @@ def retrieval_window_with_answer(tokenizer, ids: list[int], rng: random.Random, 
     for c, nd in placed:
         out += ids[pos:c] + nd
         pos = c
-    out += ids[pos:room] + tail
-    # The tail is encoded whole (as calibration always has); the code starts where the tail's
-    # prefix ends, if the tokenizer splits there, else the whole tail counts as the answer.
-    prefix = enc(f" Reminder: the access code for the {items[k]} is")
+    out += ids[pos:room]
+    spans = []
+    for i, tail in zip(asked, tails):
+        spans.append(_code_span(tokenizer, tail, items[i], len(out)))
+        out += tail
+    return out, tuple(spans)
+
+
+def _code_span(tokenizer, tail: list[int], item: str, offset: int) -> range:
+    """Positions of the code in one reminder sentence ``tail`` that starts at ``offset``."""
+    prefix = tokenizer(f" Reminder: the access code for the {item} is", add_special_tokens=False)["input_ids"]
+    # The code starts where the sentence's prefix ends, if the tokenizer splits there, else the whole
+    # sentence counts as the answer.
     start = len(prefix) if tail[: len(prefix)] == prefix else 0
-    end = len(tail) - 1 if tail[-1:] == enc(".") else len(tail)  # the final period is not copied
+    end = len(tail) - 1 if tail[-1:] == tokenizer(".", add_special_tokens=False)["input_ids"] else len(tail)  # the period is not copied
     # A tokenizer that splits digits (SmolLM2, Qwen) emits the space before the code as a token of its
     # own; any sentence predicts it, so the answer (and distill.lead_weight's first token) starts at
     # the code's first character, the token that picks which fact is copied.
     while start < end - 1 and not tokenizer.decode(tail[start : start + 1]).strip():
         start += 1
-    return out, range(len(out) - len(tail) + start, len(out) - len(tail) + end)
+    return range(offset + start, offset + end)
 
 
 class _Skeleton:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,22 +66,24 @@ def distill_loss(
     return DistillLosses(loss, kl.detach(), ce.detach(), answer_ce.detach(), n_answers)
 
 
-def answer_mask(shape: tuple[int, int], answers: list[range]) -> torch.Tensor:
-    """(B, T) bool: True on each window's answer positions."""
+def answer_mask(shape: tuple[int, int], answers: list[Sequence[range]]) -> torch.Tensor:
+    """(B, T) bool: True on each window's answer positions (``answers[b]``: window b's answer spans)."""
     m = torch.zeros(shape, dtype=torch.bool)
-    for b, span in enumerate(answers):
-        m[b, span.start : span.stop] = True
+    for b, spans in enumerate(answers):
+        for span in spans:
+            m[b, span.start : span.stop] = True
     return m
 
 
-def answer_weights(shape: tuple[int, int], answers: list[range], weight: float, lead: float | None = None) -> torch.Tensor:
+def answer_weights(shape: tuple[int, int], answers: list[Sequence[range]], weight: float, lead: float | None = None) -> torch.Tensor:
     """(B, T) token weights: ``weight`` on each window's answer positions, 1 elsewhere; ``lead`` (if
     given) on each answer's first position instead, the token that picks which fact is copied."""
     w = torch.where(answer_mask(shape, answers), weight, 1.0)
     if lead is not None:
-        for b, span in enumerate(answers):
-            if len(span):
-                w[b, span.start] = lead
+        for b, spans in enumerate(answers):
+            for span in spans:
+                if len(span):
+                    w[b, span.start] = lead
     return w
 
 
@@ -98,6 +100,7 @@ class PackedStream:
     and their facts, follow from the global window index and ``seed`` alone, so ranks and resumes
     agree, and another seed gives another draw (seed 0 is the draw runs made before seeds counted).
     ``retrieval_far``: of those, the fraction whose asked fact sits in the window's first 10%.
+    ``retrieval_asks``: how many of a retrieval window's facts are restated at its end (each one an answer).
 
     ``seq_len`` is a length, or a function of the global window index (a curriculum: short windows,
     then long ones). Windows are cut one after another from the same token stream, so a stage with
@@ -106,14 +109,18 @@ class PackedStream:
 
     def __init__(self, tokenizer, source: str, seq_len: int | Callable[[int], int], batch_size: int, text_field: str = "text",
                  split: str = "train", rank: int = 0, world: int = 1, retrieval: float = 0.0, seed: int = 0,
-                 retrieval_far: float = 0.0):
+                 retrieval_far: float = 0.0, retrieval_asks: int = 1):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world of {world}")
         if not 0.0 <= retrieval <= 1.0:
             raise ValueError(f"retrieval {retrieval}: a fraction of windows, between 0 and 1")
         if not 0.0 <= retrieval_far <= 1.0:
             raise ValueError(f"retrieval_far {retrieval_far}: a fraction of retrieval windows, between 0 and 1")
-        self.retrieval, self.retrieval_far, self.seed = retrieval, retrieval_far, seed
+        from ..pipeline.calibration import RETRIEVAL_FACTS
+
+        if not 1 <= retrieval_asks <= RETRIEVAL_FACTS:
+            raise ValueError(f"retrieval_asks {retrieval_asks}: between 1 and the {RETRIEVAL_FACTS} facts of a retrieval window")
+        self.retrieval, self.retrieval_far, self.retrieval_asks, self.seed = retrieval, retrieval_far, retrieval_asks, seed
         self.tok = tokenizer
         self.source, self.text_field, self.split = source, text_field, split
         self.seq_len_at = seq_len if callable(seq_len) else (lambda _index: seq_len)
@@ -140,22 +147,22 @@ class PackedStream:
             if not produced:
                 raise ValueError(f"{self.source} holds fewer than {n} tokens")
 
-    def _window(self, index: int, ids: list[int]) -> tuple[list[int], range]:
-        """The window's tokens and its answer positions (the restated code; empty for plain text)."""
+    def _window(self, index: int, ids: list[int]) -> tuple[list[int], tuple[range, ...]]:
+        """The window's tokens and its answer spans (the restated codes; none for plain text)."""
         if self.retrieval:
             rng = random.Random((self.seed << 32) + index)  # seed 0: Random(index), as before
             if rng.random() < self.retrieval:
                 from ..pipeline.calibration import retrieval_window_with_answer
 
-                return retrieval_window_with_answer(self.tok, ids, rng, far=self.retrieval_far)
-        return ids, range(0)
+                return retrieval_window_with_answer(self.tok, ids, rng, far=self.retrieval_far, asks=self.retrieval_asks)
+        return ids, ()
 
     def batches(self, skip_windows: int = 0) -> Iterator[torch.Tensor]:
         """(batch_size, seq_len) token windows for this rank."""
         for ids, _ in self.batches_with_answers(skip_windows):
             yield ids
 
-    def batches_with_answers(self, skip_windows: int = 0) -> Iterator[tuple[torch.Tensor, list[range]]]:
+    def batches_with_answers(self, skip_windows: int = 0) -> Iterator[tuple[torch.Tensor, list[tuple[range, ...]]]]:
         """As ``batches``, with each window's answer positions (``answer_weights`` turns them into loss weights)."""
         windows = self._windows()
         for _ in range(skip_windows):
