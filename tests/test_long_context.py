@@ -17,7 +17,7 @@ from kvsurgeon.convert.evaluation.perplexity import load_model, load_tokenizer
 from kvsurgeon.convert.token_counts import parse_token_counts
 from kvsurgeon.convert.evaluation.long_context import (
     FillerTokens, LongContextError, LongContextOptions, bucket_edges, bucket_nll, check_lengths, evaluate_long_context,
-    grid_accuracy, long_ppl, make_prompt, prompt_grid, score_prompts,
+    LongContextResult, grid_accuracy, long_ppl, make_prompt, prompt_grid, score_prompts, starts_other_key,
 )
 
 from conftest import SMOL_ID
@@ -46,6 +46,10 @@ def test_prompts_have_exact_length_and_key_at_depth(smol):
     assert len(p.ids) == 900 and text.count("pass key for the") == 5  # three needles, twice in the question
     asked = text.rsplit("pass key for the ", 1)[1].split()[0]
     assert f"the {asked} door is {tok.decode(p.answer).strip()}." in text
+    # the decoys: the two other doors' keys, tokenised as the answer is
+    assert len(p.decoys) == 2 and all(len(d) == len(p.answer) for d in p.decoys)
+    for d in p.decoys:
+        assert f" door is {tok.decode(d).strip()}." in text and d != p.answer
 
 
 def test_same_options_same_prompts_other_seed_other_keys(smol):
@@ -73,6 +77,10 @@ def test_score_matches_real_greedy_generate(smol):
         miss = next((j for j, (x, y) in enumerate(zip(said, p.answer)) if x != y), None)
         upto = len(said) if miss is None else miss + 1
         assert r["first_miss"] == miss and r["argmax"][:upto] == said[:upto]
+        if p.decoys:  # multikey: another door's key is what greedy turns onto at its first wrong token
+            assert r["other_key"] == (miss is not None and any(d[:upto] == said[:upto] for d in p.decoys))
+        else:
+            assert "other_key" not in r
         outcomes.add(emitted)
     assert outcomes == {True, False}  # both kinds occur, so agreement is not trivially all-True
     # batching must not change the result
@@ -104,6 +112,28 @@ def test_bucket_ppl_equals_direct_computation(smol):
     assert bucket_edges(4096) == [0, 512, 1024, 2048, 4096]
     s = bucket_nll(torch.ones(2, 9), [0, 4, 9])
     assert s == [(6.0, 6), (12.0, 12)]
+
+
+def test_starts_other_key_compares_up_to_the_first_wrong_token():
+    answer, decoys = [5, 1, 2, 3], [[5, 1, 7, 7], [5, 8, 9, 9]]
+    assert not starts_other_key(answer, None, decoys)  # retrieved
+    assert starts_other_key([5, 1, 7, 0], 2, decoys)  # turned onto the first decoy at token 2
+    assert starts_other_key([5, 8, 0, 0], 1, decoys)  # onto the second at token 1
+    assert not starts_other_key([5, 1, 9, 0], 2, decoys)  # a digit no key has there
+    assert not starts_other_key([5, 1, 7, 0], 2, [])  # passkey: no decoys
+
+
+def test_markdown_counts_multikey_answers_that_turn_onto_another_key():
+    from kvsurgeon.convert.evaluation.report import markdown
+
+    o = LongContextOptions(tasks=("multikey",), lengths=(1024, 2048), depths=1, samples=4)
+    r = LongContextResult(model="m", options=o.__dict__, depths=[0.0], multikey=[[0.5], [0.25]],
+                          multikey_by_length={"1024": 0.5, "2048": 0.25}, multikey_other_key_by_length={"1024": 0.25, "2048": 0.75})
+    md = markdown([r])
+    assert "Multikey prompts whose answer turns onto another door's key (1K / 2K): m 25% / 75%." in md
+    passkey_only = LongContextResult(model="m", options=o.__dict__, depths=[0.0], passkey=[[1.0], [1.0]],
+                                     passkey_by_length={"1024": 1.0, "2048": 1.0})
+    assert "another door" not in markdown([passkey_only])
 
 
 def test_grid_accuracy_layout():

@@ -9,6 +9,8 @@ what a user serving long prompts would notice:
   position is the answer token, which is exactly when greedy ``generate`` would emit the key
   (tests/test_long_context.py checks this against real ``generate``).
 - **multikey**: several keys for named doors, one of them asked for; the depth is the asked key's.
+  A miss whose first wrong token starts another door's key (``other_key``) is a model that still
+  copies from far back but binds the wrong door: retrieval kept, the choice lost.
 - **long perplexity**: windows of 2K-8K tokens, the next-token NLL averaged per position bucket
   (0-512, 512-1K, 1K-2K, ...), so one sees where a model degrades.
 
@@ -101,6 +103,7 @@ class Prompt:
     answer: list[int]  # the key's tokens
     length: int
     depth: float
+    decoys: list[list[int]] = field(default_factory=list)  # multikey: the other doors' keys, tokenised as the answer
 
 
 class FillerTokens:
@@ -168,7 +171,8 @@ def make_prompt(tokenizer, filler: FillerTokens, length: int, depth: float, rng:
         pos = max(pos, cuts[i])
     ids += fill[pos:] + question
     assert len(ids) == length, (len(ids), length)
-    return Prompt(ids=ids, answer=answer, length=length, depth=depth)
+    decoys = [enc(" " + k) for i, k in enumerate(ks) if i != asked] if keys > 1 else []
+    return Prompt(ids=ids, answer=answer, length=length, depth=depth, decoys=decoys)
 
 
 def prompt_grid(tokenizer, opts: LongContextOptions, keys: int) -> list[Prompt]:
@@ -182,6 +186,15 @@ def prompt_grid(tokenizer, opts: LongContextOptions, keys: int) -> list[Prompt]:
 
 
 # ---- scoring --------------------------------------------------------------------------------------
+def starts_other_key(argmax: list[int], first_miss: int | None, decoys: list[list[int]]) -> bool:
+    """Whether greedy decoding, at its first wrong token, turns onto one of ``decoys``: up to and
+    including that token (the teacher-forced argmax is greedy's output there) it spells a decoy."""
+    if first_miss is None:
+        return False
+    said = argmax[: first_miss + 1]
+    return any(d[: first_miss + 1] == said for d in decoys)
+
+
 def answer_scores(logits: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, A, V) logits at the answer positions, (B, A) answer ids -> (retrieved, answer log-prob) per row,
     and the (B, A) argmax ids.
@@ -214,8 +227,11 @@ def score_prompts(model, prompts: list[Prompt], batch_size: int = 1, desc: str =
             # The argmax at each answer position given the right tokens before it: up to and including the
             # first wrong token it is what greedy decoding says, so ``first_miss`` is where retrieval broke.
             miss = next((j for j, (x, y) in enumerate(zip(t, p.answer)) if x != y), None)
-            out.append({"length": p.length, "depth": p.depth, "retrieved": bool(h), "answer_logprob": float(l),
-                        "argmax": t, "first_miss": miss})
+            row = {"length": p.length, "depth": p.depth, "retrieved": bool(h), "answer_logprob": float(l),
+                   "argmax": t, "first_miss": miss}
+            if p.decoys:
+                row["other_key"] = starts_other_key(t, miss, p.decoys)
+            out.append(row)
         i += len(group)
         bar.update(len(group))
     bar.close()
@@ -276,10 +292,11 @@ class LongContextResult:
     multikey: list[list[float]] | None = None
     passkey_by_length: dict[str, float] = field(default_factory=dict)
     multikey_by_length: dict[str, float] = field(default_factory=dict)
+    multikey_other_key_by_length: dict[str, float] = field(default_factory=dict)  # fraction starting another door's key
     long_ppl_buckets: list[str] | None = None  # "0-512", ...
     long_ppl: list[float] | None = None
     long_ppl_tokens: int = 0
-    # Per prompt: length, depth, retrieved, answer_logprob, first_miss, and (from measure_long_context)
+    # Per prompt: length, depth, retrieved, answer_logprob, first_miss, other_key (multikey), and (from measure_long_context)
     # the key and what the model says in its place, as text.
     samples: dict[str, list[dict]] = field(default_factory=dict)
 
@@ -290,8 +307,8 @@ class LongContextResult:
         return d
 
 
-def _by_length(rows: list[dict], lengths) -> dict[str, float]:
-    return {str(n): sum(r["retrieved"] for r in rows if r["length"] == n) / max(1, sum(r["length"] == n for r in rows)) for n in lengths}
+def _by_length(rows: list[dict], lengths, flag: str = "retrieved") -> dict[str, float]:
+    return {str(n): sum(r[flag] for r in rows if r["length"] == n) / max(1, sum(r["length"] == n for r in rows)) for n in lengths}
 
 
 def long_ppl_windows(tokenizer, opts: LongContextOptions) -> torch.Tensor:
@@ -320,6 +337,8 @@ def measure_long_context(model, tokenizer, opts: LongContextOptions, name: str =
             r["key"], r["said"] = tokenizer.decode(p.answer).strip(), tokenizer.decode(r.pop("argmax")).strip()
         setattr(res, task, grid_accuracy(rows, opts.lengths, depths))
         setattr(res, f"{task}_by_length", _by_length(rows, opts.lengths))
+        if task == "multikey":
+            res.multikey_other_key_by_length = _by_length(rows, opts.lengths, "other_key")
         res.samples[task] = rows
     if "long-ppl" in opts.tasks:
         windows = long_ppl_windows(tokenizer, opts) if windows is None else windows

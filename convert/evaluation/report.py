@@ -57,7 +57,20 @@ def markdown(results: list[LongContextResult]) -> str:
         )
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    if wrong := other_key_line(results):
+        lines += ["", wrong]
     return "\n".join(lines) + "\n"
+
+
+def other_key_line(results: list[LongContextResult]) -> str | None:
+    """Multikey misses that start another door's key, per model and length: retrieval from far back
+    kept, the door bound wrong (the rest of the misses say something else)."""
+    if results[0].multikey is None:
+        return None
+    lengths = results[0].options["lengths"]
+    per = "; ".join(f"{r.model} " + " / ".join(_pct(r.multikey_other_key_by_length.get(str(n))) for n in lengths)
+                    for r in results)
+    return f"Multikey prompts whose answer turns onto another door's key ({' / '.join(_k(n) for n in lengths)}): {per}."
 
 
 def heatmap_png(results: list[LongContextResult], path: str | Path, title: str | None = None) -> Path:
