@@ -131,6 +131,12 @@ def test_markdown_counts_multikey_answers_that_turn_onto_another_key():
                           multikey_by_length={"1024": 0.5, "2048": 0.25}, multikey_other_key_by_length={"1024": 0.25, "2048": 0.75})
     md = markdown([r])
     assert "Multikey prompts whose answer turns onto another door's key (1K / 2K): m 25% / 75%." in md
+    assert "log-probability" not in md  # stored before key log-probs were recorded: no line of dashes
+    r.multikey_logprob_by_length = {"1024": -0.123, "2048": -4.5}
+    src = LongContextResult(model="s", options=o.__dict__, depths=[0.0], multikey=[[1.0], [1.0]],
+                            multikey_logprob_by_length={"1024": -0.01, "2048": -0.02})
+    assert ("Mean log-probability of the key, in nats summed over its tokens (1K / 2K; 0 is certain): "
+            "multikey s -0.01 / -0.02; m -0.12 / -4.50.") in markdown([src, r])
     passkey_only = LongContextResult(model="m", options=o.__dict__, depths=[0.0], passkey=[[1.0], [1.0]],
                                      passkey_by_length={"1024": 1.0, "2048": 1.0})
     assert "another door" not in markdown([passkey_only])
@@ -163,6 +169,10 @@ def test_cli_passkey_json_png_against_reference(smollm2, tmp_path):
         assert r["key"].isdigit() and len(r["key"]) == 5
         assert (r["said"] == r["key"]) == r["retrieved"] == (r["first_miss"] is None)
     assert model["long_ppl_buckets"] == ["0-512", "512-600"]
+    # the key's mean log-prob per length is the mean over that length's prompts, and the same model's on both sides
+    assert model["passkey_logprob_by_length"]["512"] == pytest.approx(sum(r["answer_logprob"] for r in rows) / 2, abs=1e-9)
+    assert model["passkey_logprob_by_length"]["512"] == pytest.approx(ref["passkey_logprob_by_length"]["512"], abs=1e-3)
+    assert model["passkey_logprob_by_length"]["512"] < 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 

@@ -293,6 +293,10 @@ class LongContextResult:
     passkey_by_length: dict[str, float] = field(default_factory=dict)
     multikey_by_length: dict[str, float] = field(default_factory=dict)
     multikey_other_key_by_length: dict[str, float] = field(default_factory=dict)  # fraction starting another door's key
+    # Mean log-probability of the whole key (nats, summed over its tokens) per length: continuous, so two models
+    # scored on the same prompts compare far more finely than 10-30 prompts of accuracy do.
+    passkey_logprob_by_length: dict[str, float] = field(default_factory=dict)
+    multikey_logprob_by_length: dict[str, float] = field(default_factory=dict)
     long_ppl_buckets: list[str] | None = None  # "0-512", ...
     long_ppl: list[float] | None = None
     long_ppl_tokens: int = 0
@@ -308,6 +312,7 @@ class LongContextResult:
 
 
 def _by_length(rows: list[dict], lengths, flag: str = "retrieved") -> dict[str, float]:
+    """The mean of ``flag`` (a bool is a fraction) over each length's rows."""
     return {str(n): sum(r[flag] for r in rows if r["length"] == n) / max(1, sum(r["length"] == n for r in rows)) for n in lengths}
 
 
@@ -337,6 +342,7 @@ def measure_long_context(model, tokenizer, opts: LongContextOptions, name: str =
             r["key"], r["said"] = tokenizer.decode(p.answer).strip(), tokenizer.decode(r.pop("argmax")).strip()
         setattr(res, task, grid_accuracy(rows, opts.lengths, depths))
         setattr(res, f"{task}_by_length", _by_length(rows, opts.lengths))
+        setattr(res, f"{task}_logprob_by_length", _by_length(rows, opts.lengths, "answer_logprob"))
         if task == "multikey":
             res.multikey_other_key_by_length = _by_length(rows, opts.lengths, "other_key")
         res.samples[task] = rows

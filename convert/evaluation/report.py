@@ -57,9 +57,31 @@ def markdown(results: list[LongContextResult]) -> str:
         )
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    if wrong := other_key_line(results):
-        lines += ["", wrong]
+    for extra in (key_logprob_line(results), other_key_line(results)):
+        if extra:
+            lines += ["", extra]
     return "\n".join(lines) + "\n"
+
+
+def key_logprob_line(results: list[LongContextResult]) -> str | None:
+    """Each model's mean log-probability of the asked key per task and length (nats over the key's tokens):
+    a sure retrieval sits near 0, and a near miss lies far above a collapse, which accuracy counts alike."""
+    lengths = results[0].options["lengths"]
+    parts = []
+    for task in ("passkey", "multikey"):
+        if getattr(results[0], task) is None or not any(getattr(r, f"{task}_logprob_by_length") for r in results):
+            continue  # not measured, or stored before this was recorded
+        per = "; ".join(f"{r.model} " + " / ".join(_nats(getattr(r, f"{task}_logprob_by_length").get(str(n))) for n in lengths)
+                        for r in results)
+        parts.append(f"{task} {per}")
+    if not parts:
+        return None
+    return (f"Mean log-probability of the key, in nats summed over its tokens ({' / '.join(_k(n) for n in lengths)}; "
+            f"0 is certain): " + ". ".join(parts) + ".")
+
+
+def _nats(x: float | None) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.2f}"
 
 
 def other_key_line(results: list[LongContextResult]) -> str | None:
