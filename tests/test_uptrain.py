@@ -14,7 +14,7 @@ import yaml
 from kvsurgeon.convert.errors import KvSurgeonError
 from kvsurgeon.convert.train.recipe import RecipeError, apply_overrides, load_recipe, recipe_from_dict
 from kvsurgeon.convert.train.metrics_plot import metrics_figure
-from kvsurgeon.convert.train.uptrain import Uptrainer, uptrain
+from kvsurgeon.convert.train.uptrain import Uptrainer, make_scheduler, uptrain
 
 from conftest import save_tiny
 
@@ -121,6 +121,19 @@ def test_curriculum_stages_train_at_their_lengths_continue_the_data_and_resume_e
     assert [r["tokens"] for r in train] == want
     # every window new: the long stage continues the stream instead of restarting the file
     assert [r["distinct_tokens"] for r in train] == want
+    # each step logs the learning rate it used, from its stage's own schedule (transformers' warmup starts
+    # at 0, so each stage's first step leaves the weights as they were)
+    recipe = recipe_from_dict(base_recipe(tmp_path, text_file, output=str(tmp_path / "full"), **kw))
+    lrs = []
+    for n in (4, 3):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.optim.lr)
+        sched = make_scheduler(opt, n, recipe.optim.warmup_steps, recipe.optim.schedule, recipe.optim.min_lr_ratio)
+        for _ in range(n):
+            lrs.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+    assert lrs[0] == lrs[4] == 0.0 and lrs[1] == recipe.optim.lr
+    assert [r["lr"] for r in train] == pytest.approx(lrs, rel=1e-12)
 
     # every stage's end is a checkpoint (save_every=2 puts none at step 7), the one a stop between
     # stages resumes from
@@ -136,6 +149,7 @@ def test_curriculum_stages_train_at_their_lengths_continue_the_data_and_resume_e
     got = [json.loads(l) for l in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     got = [r for r in got if r["kind"] == "train"]
     assert [r["distinct_tokens"] for r in got] == want
+    assert [r["lr"] for r in got] == [r["lr"] for r in train]
     torch.testing.assert_close(torch.tensor([r["loss"] for r in got]), torch.tensor([r["loss"] for r in train]),
                                rtol=1e-5, atol=1e-6)
     if stop == 4:  # the picture marks where each stage starts; no held-out eval here, so one panel

@@ -501,8 +501,9 @@ class Uptrainer:
             t0 = time.time()
             if not self.kernel_rows:  # report what training reached, not the eval before it
                 self.kernels.called.clear()
+            lr = sched.get_last_lr()[0]  # what this step uses: sched.step() below moves it to the next step's
             losses = self._optimiser_step(run, model, opt, sched, params)
-            self._after_step(run, stage, model, student_base, sched, losses, time.time() - t0)
+            self._after_step(run, stage, model, student_base, lr, losses, time.time() - t0)
         return model, True
 
     def _optimiser_step(self, run: "_Run", model, opt, sched, params) -> list[float | None]:
@@ -543,7 +544,7 @@ class Uptrainer:
             self.seen.update(dict.fromkeys(all_digests, ids.shape[1]))
         return losses
 
-    def _after_step(self, run: "_Run", stage: StageCfg, model, student_base, sched, losses: list[float | None], dt: float) -> None:
+    def _after_step(self, run: "_Run", stage: StageCfg, model, student_base, lr: float, losses: list[float | None], dt: float) -> None:
         """Advance the progress, log the step (and the kernels once), checkpoint and evaluate on cadence."""
         r, acc, prog = self.r, self.acc, run.prog
         loss_v, kl_v, ce_v, answer_ce_v = losses
@@ -555,7 +556,7 @@ class Uptrainer:
         tps = step_tokens / dt
         self.log({"kind": "train", "stage": stage.name, "step": prog.global_step, "tokens": prog.tokens,
                   "seq_len": r.stage_seq_len(stage), "distinct_tokens": sum(self.seen.values()), "loss": loss_v,
-                  "kl": kl_v, "ce": ce_v, "answer_ce": answer_ce_v, "lr": sched.get_last_lr()[0], "tokens_per_s": tps, "processes": acc.num_processes})
+                  "kl": kl_v, "ce": ce_v, "answer_ce": answer_ce_v, "lr": lr, "tokens_per_s": tps, "processes": acc.num_processes})
         if not self.kernel_rows:
             self._log_kernels(student_base, run.teacher, prog)
         run.bar.update(1)
