@@ -148,7 +148,7 @@ def make_prompt(tokenizer, filler: FillerTokens, length: int, depth: float, rng:
         key = _key(rng)
         needles = [enc(f" The pass key is {key}. Remember it. {key} is the pass key. ")]
         question = enc(" What is the pass key? The pass key is")
-        answer = enc(" " + key)
+        answer, decoys = enc(" " + key), []
         asked = 0
     else:
         doors = rng.sample(DOORS, keys)
@@ -156,7 +156,8 @@ def make_prompt(tokenizer, filler: FillerTokens, length: int, depth: float, rng:
         needles = [enc(f" The pass key for the {d} door is {k}. Remember it. ") for d, k in zip(doors, ks)]
         asked = rng.randrange(keys)
         question = enc(f" What is the pass key for the {doors[asked]} door? The pass key for the {doors[asked]} door is")
-        answer = enc(" " + ks[asked])
+        coded = [enc(" " + k) for k in ks]  # every key tokenised as the answer is: the asked one and its decoys
+        answer, decoys = coded[asked], coded[:asked] + coded[asked + 1:]
     head = bos + enc(HEADER)
     n_fill = length - len(head) - sum(map(len, needles)) - len(question)
     if n_fill < 0:
@@ -171,7 +172,6 @@ def make_prompt(tokenizer, filler: FillerTokens, length: int, depth: float, rng:
         pos = max(pos, cuts[i])
     ids += fill[pos:] + question
     assert len(ids) == length, (len(ids), length)
-    decoys = [enc(" " + k) for i, k in enumerate(ks) if i != asked] if keys > 1 else []
     return Prompt(ids=ids, answer=answer, length=length, depth=depth, decoys=decoys)
 
 
