@@ -71,9 +71,7 @@ def key_logprob_line(results: list[LongContextResult]) -> str | None:
     for task in ("passkey", "multikey"):
         if getattr(results[0], task) is None or not any(getattr(r, f"{task}_logprob_by_length") for r in results):
             continue  # not measured, or stored before this was recorded
-        per = "; ".join(f"{r.model} " + " / ".join(_nats(getattr(r, f"{task}_logprob_by_length").get(str(n))) for n in lengths)
-                        for r in results)
-        parts.append(f"{task} {per}")
+        parts.append(f"{task} {_per_model(results, f'{task}_logprob_by_length', _nats)}")
     if not parts:
         return None
     return (f"Mean log-probability of the key, in nats summed over its tokens ({' / '.join(_k(n) for n in lengths)}; "
@@ -90,9 +88,14 @@ def other_key_line(results: list[LongContextResult]) -> str | None:
     if results[0].multikey is None:
         return None
     lengths = results[0].options["lengths"]
-    per = "; ".join(f"{r.model} " + " / ".join(_pct(r.multikey_other_key_by_length.get(str(n))) for n in lengths)
-                    for r in results)
+    per = _per_model(results, "multikey_other_key_by_length", _pct)
     return f"Multikey prompts whose answer turns onto another door's key ({' / '.join(_k(n) for n in lengths)}): {per}."
+
+
+def _per_model(results: list[LongContextResult], attr: str, fmt) -> str:
+    """'model a / b / c; model ...': each model's ``attr`` (a per-length dict) at every length, formatted."""
+    lengths = results[0].options["lengths"]
+    return "; ".join(f"{r.model} " + " / ".join(fmt(getattr(r, attr).get(str(n))) for n in lengths) for r in results)
 
 
 def heatmap_png(results: list[LongContextResult], path: str | Path, title: str | None = None) -> Path:
