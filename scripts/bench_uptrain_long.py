@@ -64,8 +64,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, 
     ap.add_argument("--retrieval", type=float, default=0.5, help="fraction of training windows with retrieval facts")
     ap.add_argument("--retrieval-far", type=float, default=0.0,
                     help="of those, the fraction whose asked fact sits in the window's first 10%% (0 = uniform depths)")
+    ap.add_argument("--retrieval-facts", type=int, default=3, help="facts stated in each retrieval window (1-8)")
     ap.add_argument("--retrieval-asks", type=int, default=1,
-                    help="facts of a retrieval window (of its 3) restated at its end, each one an answer")
+                    help="facts of a retrieval window restated at its end, each one an answer")
     ap.add_argument("--answer-weight", type=float, default=1.0,
                     help="KL weight of the restated code's tokens in retrieval windows (1 = plain mean)")
     ap.add_argument("--lead-weight", type=float, default=None,
@@ -113,7 +114,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, 
         recipe = recipe_from_dict({
             "source": SOURCE, "output": str(out / f"{name}-uptrained"), "student": str(student),
             "data": {"train": str(HELD_OUT_TRAIN), "seq_len": lengths[0], "retrieval": args.retrieval,
-                     "retrieval_far": args.retrieval_far, "retrieval_asks": args.retrieval_asks, "eval": None},
+                     "retrieval_far": args.retrieval_far, "retrieval_asks": args.retrieval_asks,
+                     "retrieval_facts": args.retrieval_facts, "eval": None},
             "stages": [{"name": f"{args.trainable}-{n}" if len(lengths) > 1 else args.trainable, "tokens": t,
                         "trainable": args.trainable, "seq_len": n} for n, t in zip(lengths, budget)],
             "optim": {"lr": args.lr, "warmup_steps": 5, "schedule": "cosine"},
@@ -170,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown(results), flush=True)
     summary = {"student": str(student), "tokens": trained[-1]["tokens"], "seq_len": lengths, "stage_tokens": budget,
                "retrieval": args.retrieval, "retrieval_far": args.retrieval_far,
-               "retrieval_asks": args.retrieval_asks, "answer_weight": args.answer_weight,
+               "retrieval_asks": args.retrieval_asks, "retrieval_facts": args.retrieval_facts,
+               "answer_weight": args.answer_weight,
                "lead_weight": args.lead_weight, "answer_ce": args.answer_ce, "seed": args.seed,
                "lr": args.lr, "trainable": args.trainable, "gradient_checkpointing": args.gradient_checkpointing, "train_seconds": train_secs,
                "tokens_per_s": sorted(m["tokens_per_s"] for m in trained)[len(trained) // 2],

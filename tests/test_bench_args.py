@@ -91,6 +91,7 @@ CONVERT = ["--convert", "mqa=--to mqa"]
     ([*CONVERT, "--seq-len", "2048,4096", "--tokens", "1,2,3"], "--tokens gives 3 budgets for 2 --seq-len stages"),
     ([*CONVERT, "--tokens", "100x"], "--tokens '100x': use comma-separated whole token counts"),
     ([*CONVERT, "--seq-len", ","], "--seq-len, --tokens and --lengths: give at least one token count each"),
+    ([*CONVERT, "--retrieval-facts", "9"], "data.retrieval_facts: an integer from 1 to 8 (one item each), got 9"),
     ([*CONVERT, "--retrieval-far", "2"], "data.retrieval_far: a fraction of retrieval windows, between 0 and 1, got 2.0"),
     ([*CONVERT, "--retrieval", "0", "--answer-weight", "50"], "distill.answer_weight: weighs the answers of retrieval windows"),
     ([*CONVERT, "--answer-ce", "-1"], "distill.answer_ce: must be >= 0"),

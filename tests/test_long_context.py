@@ -317,6 +317,29 @@ def test_retrieval_asks_restate_distinct_facts_each_with_its_code_span(smol):
         retrieval_window_with_answer(tok, ids, random.Random(0), asks=4)
 
 
+def test_retrieval_facts_states_that_many_distinct_facts_and_asks_among_them(smol):
+    """``facts=6``: six different items, each with its code, stated once in the window; every asked code is
+    one of them; calibration's default (3 facts) draws what it always drew."""
+    from kvsurgeon.convert.pipeline.calibration import RETRIEVAL_FACTS, retrieval_window_with_answer
+
+    _, tok = smol
+    ids = tok("The module reads the file and returns its lines. " * 500, add_special_tokens=False)["input_ids"][:2048]
+    for seed in range(3):
+        assert retrieval_window_with_answer(tok, ids, random.Random(seed), facts=RETRIEVAL_FACTS) == \
+            retrieval_window_with_answer(tok, ids, random.Random(seed))
+        out, spans = retrieval_window_with_answer(tok, ids, random.Random(seed), facts=6, asks=2)
+        text = tok.decode(out)
+        assert len(out) == 2048 and len(spans) == 2
+        body = text[: text.index(" Reminder:")]
+        facts = dict(f.split(" is ") for f in body.split("The access code for the ")[1:] for f in [f.split(".")[0]])
+        assert len(facts) == 6  # six different items
+        for span in spans:
+            item = tok.decode(out[: span.start]).rstrip().rsplit("Reminder: the access code for the ", 1)[1].removesuffix(" is")
+            assert facts[item] == tok.decode(out[span.start : span.stop]).strip()
+    with pytest.raises(ValueError, match="facts 9: between 1 and 8"):
+        retrieval_window_with_answer(tok, ids, random.Random(0), facts=9)
+
+
 def test_card_command_keeps_calibration_flags():
     from kvsurgeon.convert.pipeline.calibration import CalibConfig
     from kvsurgeon.convert.pipeline.spec import ConversionSpec, cli_command

@@ -289,7 +289,13 @@ def test_recipe_base_errors(tmp_path):
         ({"data": {"train": "t.txt", "retrieval": 0.5, "retrieval_far": 2}}, "data.retrieval_far: a fraction of retrieval windows"),
         ({"data": {"train": "t.txt", "retrieval_far": 0.5}}, "retrieval_far: places the facts of retrieval windows, but data.retrieval is 0"),
         ({"data": {"train": "t.txt", "retrieval": 0.5, "retrieval_asks": 4}},
-         "data.retrieval_asks: an integer from 1 to the 3 facts of a retrieval window, got 4"),
+         "data.retrieval_asks: an integer from 1 to the 3 facts of a retrieval window \\(data.retrieval_facts\\), got 4"),
+        ({"data": {"train": "t.txt", "retrieval": 0.5, "retrieval_facts": 5, "retrieval_asks": 6}},
+         "data.retrieval_asks: an integer from 1 to the 5 facts of a retrieval window \\(data.retrieval_facts\\), got 6"),
+        ({"data": {"train": "t.txt", "retrieval": 0.5, "retrieval_facts": 9}},
+         "data.retrieval_facts: an integer from 1 to 8 \\(one item each\\), got 9"),
+        ({"data": {"train": "t.txt", "retrieval_facts": 6}},
+         "data.retrieval_facts: sets the facts of retrieval windows, but data.retrieval is 0; set data.retrieval \\(e.g. 0.5\\) or leave retrieval_facts at 3"),
         ({"data": {"train": "t.txt", "retrieval_asks": 2}},
          "data.retrieval_asks: restates facts of retrieval windows, but data.retrieval is 0; set data.retrieval \\(e.g. 0.5\\) or leave retrieval_asks at 1"),
     ],
@@ -483,22 +489,24 @@ def test_the_recipe_seed_and_retrieval_far_draw_the_retrieval_facts(tmp_path, te
     """``seed`` reaches the training stream: with every window a retrieval window, seeds 0 and 1 train on
     other facts (different step-1 KL), while on plain text the two seeds see the same windows. So do
     ``data.retrieval_far`` (the same seed with the asked facts moved far back trains on other windows)
-    and ``data.retrieval_asks`` (more facts restated)."""
+    and ``data.retrieval_asks`` (more facts restated) and ``data.retrieval_facts`` (more facts stated)."""
 
-    def step1_kl(seed, retrieval, far=0.0, asks=1):
-        out = tmp_path / f"s{seed}-r{retrieval}-f{far}-a{asks}"
+    def step1_kl(seed, retrieval, far=0.0, asks=1, facts=3):
+        out = tmp_path / f"s{seed}-r{retrieval}-f{far}-a{asks}-n{facts}"
         r = base_recipe(tmp_path, text_file, output=str(out), seed=seed, max_steps=1,
                         data={"train": str(text_file), "seq_len": 512, "eval": None, "retrieval": retrieval,
-                              "retrieval_far": far, "retrieval_asks": asks},
+                              "retrieval_far": far, "retrieval_asks": asks, "retrieval_facts": facts},
                         stages=[{"name": "e2e", "tokens": 512 * 2 * 2, "trainable": "attention"}])
         uptrain(recipe_from_dict(r), progress=False)
         return train_losses(out, "kl")[0]
 
     assert step1_kl(0, 0.0) == pytest.approx(step1_kl(1, 0.0), rel=1e-6)
-    assert train_losses(tmp_path / "s0-r0.0-f0.0-a1", "answer_ce") == [None]  # no retrieval windows: no codes to score
+    assert train_losses(tmp_path / "s0-r0.0-f0.0-a1-n3", "answer_ce") == [None]  # no retrieval windows: no codes to score
     a, b = step1_kl(0, 1.0), step1_kl(1, 1.0)
     assert abs(a - b) > 1e-4 * a, (a, b)
     c = step1_kl(0, 1.0, far=1.0)
     assert abs(a - c) > 1e-4 * a, (a, c)
     d = step1_kl(0, 1.0, asks=3)
     assert abs(a - d) > 1e-4 * a, (a, d)
+    e = step1_kl(0, 1.0, facts=6)
+    assert abs(a - e) > 1e-4 * a, (a, e)

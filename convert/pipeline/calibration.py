@@ -60,7 +60,8 @@ def calibration_ids(tokenizer, cfg: CalibConfig) -> torch.Tensor:
 _ITEMS = ("vault", "archive", "server room", "garden shed", "locker", "studio", "warehouse", "cabin")
 
 
-RETRIEVAL_FACTS = 3  # facts per retrieval window
+RETRIEVAL_FACTS = 3  # facts per retrieval window (calibration's; training may ask for up to len(_ITEMS))
+MAX_RETRIEVAL_FACTS = len(_ITEMS)  # each fact names a different item
 
 
 def retrieval_window(tokenizer, ids: list[int], rng: random.Random, facts: int = RETRIEVAL_FACTS) -> list[int]:
@@ -80,6 +81,8 @@ def retrieval_window_with_answer(tokenizer, ids: list[int], rng: random.Random, 
     ``asks``: how many distinct facts are restated at the end, one "Reminder" sentence each: every
     one is a choice among the window's facts, so a window teaches that choice ``asks`` times.
     Training-only; ``far=0, asks=1`` draw nothing extra, so calibration's windows are unchanged."""
+    if not 1 <= facts <= MAX_RETRIEVAL_FACTS:
+        raise ValueError(f"facts {facts}: between 1 and {MAX_RETRIEVAL_FACTS} (one item each)")
     if not 1 <= asks <= facts:
         raise ValueError(f"asks {asks}: between 1 and the window's {facts} facts")
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731

@@ -100,7 +100,8 @@ class PackedStream:
     and their facts, follow from the global window index and ``seed`` alone, so ranks and resumes
     agree, and another seed gives another draw (seed 0 is the draw runs made before seeds counted).
     ``retrieval_far``: of those, the fraction whose asked fact sits in the window's first 10%.
-    ``retrieval_asks``: how many of a retrieval window's facts are restated at its end (each one an answer).
+    ``retrieval_facts``: facts stated in each retrieval window; ``retrieval_asks``: how many of them are
+    restated at its end (each one an answer).
 
     ``seq_len`` is a length, or a function of the global window index (a curriculum: short windows,
     then long ones). Windows are cut one after another from the same token stream, so a stage with
@@ -109,18 +110,22 @@ class PackedStream:
 
     def __init__(self, tokenizer, source: str, seq_len: int | Callable[[int], int], batch_size: int, text_field: str = "text",
                  split: str = "train", rank: int = 0, world: int = 1, retrieval: float = 0.0, seed: int = 0,
-                 retrieval_far: float = 0.0, retrieval_asks: int = 1):
+                 retrieval_far: float = 0.0, retrieval_asks: int = 1, retrieval_facts: int | None = None):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world of {world}")
         if not 0.0 <= retrieval <= 1.0:
             raise ValueError(f"retrieval {retrieval}: a fraction of windows, between 0 and 1")
         if not 0.0 <= retrieval_far <= 1.0:
             raise ValueError(f"retrieval_far {retrieval_far}: a fraction of retrieval windows, between 0 and 1")
-        from ..pipeline.calibration import RETRIEVAL_FACTS
+        from ..pipeline.calibration import MAX_RETRIEVAL_FACTS, RETRIEVAL_FACTS
 
-        if not 1 <= retrieval_asks <= RETRIEVAL_FACTS:
-            raise ValueError(f"retrieval_asks {retrieval_asks}: between 1 and the {RETRIEVAL_FACTS} facts of a retrieval window")
+        facts = RETRIEVAL_FACTS if retrieval_facts is None else retrieval_facts
+        if not 1 <= facts <= MAX_RETRIEVAL_FACTS:
+            raise ValueError(f"retrieval_facts {facts}: between 1 and {MAX_RETRIEVAL_FACTS}")
+        if not 1 <= retrieval_asks <= facts:
+            raise ValueError(f"retrieval_asks {retrieval_asks}: between 1 and the {facts} facts of a retrieval window")
         self.retrieval, self.retrieval_far, self.retrieval_asks, self.seed = retrieval, retrieval_far, retrieval_asks, seed
+        self.retrieval_facts = facts
         self.tok = tokenizer
         self.source, self.text_field, self.split = source, text_field, split
         self.seq_len_at = seq_len if callable(seq_len) else (lambda _index: seq_len)
@@ -154,7 +159,8 @@ class PackedStream:
             if rng.random() < self.retrieval:
                 from ..pipeline.calibration import retrieval_window_with_answer
 
-                return retrieval_window_with_answer(self.tok, ids, rng, far=self.retrieval_far, asks=self.retrieval_asks)
+                return retrieval_window_with_answer(self.tok, ids, rng, facts=self.retrieval_facts, far=self.retrieval_far,
+                                                    asks=self.retrieval_asks)
         return ids, ()
 
     def batches(self, skip_windows: int = 0) -> Iterator[torch.Tensor]:

@@ -44,7 +44,10 @@ class DataCfg:
     # Of those windows, the fraction whose asked fact sits in the window's first 10%: the copy then
     # spans the whole window (at 4K, the distance uptrained MQA misses). 0 keeps uniform depths.
     retrieval_far: float = 0.0
-    # How many of a retrieval window's 3 facts are restated at its end, one sentence each: every
+    # Facts stated in each retrieval window (up to 8): each asked code is a choice among them, so more
+    # facts make the choice harder (the multikey eval's misses copy another fact's code).
+    retrieval_facts: int = 3
+    # How many of a retrieval window's facts are restated at its end, one sentence each: every
     # restated code is a choice among the facts, so each window trains that choice this many times.
     retrieval_asks: int = 1
 
@@ -142,14 +145,18 @@ class Recipe:
         if not 0.0 <= self.data.retrieval <= 1.0:
             errs.append(f"data.retrieval: a fraction of training windows, between 0 and 1, got {self.data.retrieval}")
         # the options that act on retrieval windows: each refused out of its range, and when set without them
-        from ..pipeline.calibration import RETRIEVAL_FACTS
+        from ..pipeline.calibration import MAX_RETRIEVAL_FACTS, RETRIEVAL_FACTS
 
         d, far, lead, asks = self.distill, self.data.retrieval_far, self.distill.lead_weight, self.data.retrieval_asks
+        facts = self.data.retrieval_facts
+        facts_ok = isinstance(facts, int) and 1 <= facts <= MAX_RETRIEVAL_FACTS
         for name, value, bad, allowed, is_set, what, off in (
             ("data.retrieval_far", far, not 0.0 <= far <= 1.0, "a fraction of retrieval windows, between 0 and 1",
              far != 0, "places the facts of retrieval windows", "leave retrieval_far at 0"),
-            ("data.retrieval_asks", asks, not (isinstance(asks, int) and 1 <= asks <= RETRIEVAL_FACTS),
-             f"an integer from 1 to the {RETRIEVAL_FACTS} facts of a retrieval window",
+            ("data.retrieval_facts", facts, not facts_ok, f"an integer from 1 to {MAX_RETRIEVAL_FACTS} (one item each)",
+             facts != RETRIEVAL_FACTS, "sets the facts of retrieval windows", f"leave retrieval_facts at {RETRIEVAL_FACTS}"),
+            ("data.retrieval_asks", asks, facts_ok and not (isinstance(asks, int) and 1 <= asks <= facts),
+             f"an integer from 1 to the {facts} facts of a retrieval window (data.retrieval_facts)",
              asks != 1, "restates facts of retrieval windows", "leave retrieval_asks at 1"),
             ("distill.answer_weight", d.answer_weight, d.answer_weight <= 0, "must be > 0 (1 = the plain mean)",
              d.answer_weight != 1.0, "weighs the answers of retrieval windows", "leave answer_weight at 1"),

@@ -329,7 +329,7 @@ class Uptrainer:
         stream = PackedStream(tok, r.data.train, stage_lengths(r, steps, acc.num_processes), r.batch_size, r.data.text_field,
                               r.data.split, rank=acc.process_index, world=acc.num_processes, retrieval=r.data.retrieval,
                               seed=r.seed, retrieval_far=r.data.retrieval_far,
-                              retrieval_asks=r.data.retrieval_asks)
+                              retrieval_asks=r.data.retrieval_asks, retrieval_facts=r.data.retrieval_facts)
         total = sum(steps) if r.max_steps is None else min(sum(steps), r.max_steps)
         bar = tqdm(total=total, initial=prog.global_step, desc="uptrain", unit="step", disable=not (self.progress and acc.is_main_process))
         run = _Run(teacher=teacher, folder=folder, config=run_config, stream=stream,
