@@ -254,7 +254,7 @@ def _print_ppl(r) -> None:
 
 
 def _print_long(results) -> None:
-    from .evaluation.report import key_logprob_line, other_key_line, summary_rows
+    from .evaluation.report import extra_lines, summary_rows
 
     head, rows = summary_rows(results)
     o = results[0].options
@@ -264,9 +264,8 @@ def _print_long(results) -> None:
     for row in rows:
         t.add_row(*row)
     out_.print(t)
-    for extra in (key_logprob_line(results), other_key_line(results)):
-        if extra:
-            out_.print(extra, highlight=False)
+    for extra in extra_lines(results):
+        out_.print(extra, highlight=False)
 
 
 # ---- uptrain -------------------------------------------------------------------------------------

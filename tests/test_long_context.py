@@ -142,6 +142,35 @@ def test_markdown_counts_multikey_answers_that_turn_onto_another_key():
     assert "another door" not in markdown([passkey_only])
 
 
+def test_paired_logprob_line_pairs_prompts_with_the_first_model(capsys):
+    """Differences per prompt, then mean ± standard error per length; only models whose prompts match the
+    first's are paired, and results without per-prompt rows (a stored model card) print nothing."""
+    from kvsurgeon.convert.evaluation.report import markdown, paired_logprob_line
+
+    o = LongContextOptions(tasks=("passkey",), lengths=(1024, 2048), depths=1, samples=3)
+
+    def result(name, lps, keys=("11111", "22222", "33333", "44444", "55555", "66666")):
+        rows = [{"length": n, "depth": 0.0, "retrieved": True, "answer_logprob": lp, "key": k}
+                for n, lp, k in zip((1024,) * 3 + (2048,) * 3, lps, keys)]
+        return LongContextResult(model=name, options=o.__dict__, depths=[0.0], passkey=[[1.0], [1.0]],
+                                 passkey_by_length={"1024": 1.0, "2048": 1.0}, samples={"passkey": rows})
+
+    src = result("s", [-1.0, -2.0, -3.0, -1.0, -1.0, -1.0])
+    m = result("m", [-2.0, -4.0, -6.0, -1.5, -1.5, -1.5])  # 1K: differences -1, -2, -3; 2K: -0.5 three times
+    other = result("o", [0.0] * 6, keys=("99999",) * 6)  # other prompts: not comparable
+    line = ("Key log-probability minus s's on the same prompts, mean ± standard error of the per-prompt difference "
+            "(1K / 2K; nats): passkey m -2.00 ± 0.58 / -0.50 ± 0.00.")
+    assert paired_logprob_line([src, m, other]) == line
+    assert line in markdown([src, m])
+    from kvsurgeon.convert.cli import _print_long
+
+    _print_long([src, m])  # the CLI's table prints the same lines under it
+    assert "-2.00 ± 0.58 / -0.50 ± 0.00." in " ".join(capsys.readouterr().out.split())
+    assert paired_logprob_line([src]) is None and paired_logprob_line([src, other]) is None
+    src.samples, m.samples = {}, {}
+    assert "minus" not in markdown([src, m])
+
+
 def test_grid_accuracy_layout():
     rows = [{"length": n, "depth": d, "retrieved": ok} for n, d, ok in
             [(10, 0.0, True), (10, 0.0, False), (10, 1.0, True), (20, 0.0, False), (20, 1.0, False)]]
@@ -173,6 +202,11 @@ def test_cli_passkey_json_png_against_reference(smollm2, tmp_path):
     assert model["passkey_logprob_by_length"]["512"] == pytest.approx(sum(r["answer_logprob"] for r in rows) / 2, abs=1e-9)
     assert model["passkey_logprob_by_length"]["512"] == pytest.approx(ref["passkey_logprob_by_length"]["512"], abs=1e-3)
     assert model["passkey_logprob_by_length"]["512"] < 0
+    # paired against the reference prompt by prompt: the same model, so a difference of float noise only
+    from kvsurgeon.convert.evaluation.report import paired_logprob_line
+
+    line = paired_logprob_line([LongContextResult(**ref), LongContextResult(**model)])
+    assert line.endswith(f"passkey {model['model']} +0.00 ± 0.00.") or line.endswith(f"passkey {model['model']} -0.00 ± 0.00."), line
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 

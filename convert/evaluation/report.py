@@ -57,10 +57,15 @@ def markdown(results: list[LongContextResult]) -> str:
         )
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    for extra in (key_logprob_line(results), other_key_line(results)):
-        if extra:
-            lines += ["", extra]
+    for extra in extra_lines(results):
+        lines += ["", extra]
     return "\n".join(lines) + "\n"
+
+
+def extra_lines(results: list[LongContextResult]) -> list[str]:
+    """The lines under the table, in the terminal and in Markdown: the key's log-probability, paired
+    against the first model where the prompts allow it, and the multikey misses onto another door."""
+    return [x for x in (key_logprob_line(results), paired_logprob_line(results), other_key_line(results)) if x]
 
 
 def key_logprob_line(results: list[LongContextResult]) -> str | None:
@@ -76,6 +81,48 @@ def key_logprob_line(results: list[LongContextResult]) -> str | None:
         return None
     return (f"Mean log-probability of the key, in nats summed over its tokens ({' / '.join(_k(n) for n in lengths)}; "
             f"0 is certain): " + ". ".join(parts) + ".")
+
+
+def paired_logprob_line(results: list[LongContextResult]) -> str | None:
+    """Each model's key log-probability minus the first model's, prompt by prompt, per task and length:
+    mean and standard error of the differences. The prompts are seeded, so two models measured with the
+    same options see the same keys; pairing removes the prompts' own difficulty, so a difference of
+    more than ~2 standard errors is one these prompts resolve (accuracy over 10-30 prompts rarely does).
+    Needs the per-prompt rows (``samples``): results stored without them print nothing."""
+    if len(results) < 2:
+        return None
+    first, lengths = results[0], results[0].options["lengths"]
+    parts = []
+    for task in ("passkey", "multikey"):
+        base = first.samples.get(task)
+        if not base:
+            continue
+        per = [f"{r.model} " + " / ".join(_mean_se([b["answer_logprob"] - a["answer_logprob"]
+                                                    for a, b in zip(base, r.samples[task]) if a["length"] == n])
+                                          for n in lengths)
+               for r in results[1:] if _same_prompts(base, r.samples.get(task))]
+        if per:
+            parts.append(f"{task} " + "; ".join(per))
+    if not parts:
+        return None
+    return (f"Key log-probability minus {first.model}'s on the same prompts, mean ± standard error of the per-prompt "
+            f"difference ({' / '.join(_k(n) for n in lengths)}; nats): " + ". ".join(parts) + ".")
+
+
+def _same_prompts(a: list[dict], b: list[dict] | None) -> bool:
+    """The same prompts in the same order: lengths, depths, and the keys where recorded."""
+    return bool(b) and len(a) == len(b) and all(
+        (x["length"], x["depth"], x.get("key")) == (y["length"], y["depth"], y.get("key")) for x, y in zip(a, b))
+
+
+def _mean_se(d: list[float]) -> str:
+    if not d:
+        return "-"
+    m = sum(d) / len(d)
+    if len(d) < 2:
+        return f"{m:+.2f}"
+    se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
+    return f"{m:+.2f} ± {se:.2f}"
 
 
 def _nats(x: float | None) -> str:
