@@ -47,8 +47,9 @@ def markdown(results: list[LongContextResult]) -> str:
     n_depths = len(results[0].depths)
     lines = [
         f"Passkey: a 5-digit key in {'built-in filler sentences' if o['filler'] == 'repeat' else o['filler']}, "
-        f"{n_depths} depths from 0% to 100%, {o['samples']} prompts per length and depth; multikey hides "
-        f"{o['keys']} keys and asks for one. Retrieved means greedy decoding emits the key.",
+        f"{n_depths} depths from 0% to 100%, {o['samples']} prompt{'s' * (o['samples'] != 1)} per length and depth"
+        + (f"; multikey hides {o['keys']} keys and asks for one" if "multikey" in o["tasks"] else "")
+        + ". Retrieved means greedy decoding emits the key.",
     ]
     if results[0].long_ppl is not None:
         lines.append(

@@ -114,6 +114,10 @@ class Recipe:
     kernels: KernelChoice = "auto"
     hardware: HardwareCfg | None = None  # GPU recipes: the hardware and time they are sized for
     eval_every: int = 0  # steps; 0: only before and after
+    # Passkey prompts scored after training at the last stage's seq_len, on the student and the source
+    # (one per depth, 0-100%), logged, put on the model card and warned about when retrieval collapsed.
+    # None: 5 when data.retrieval is set and the length holds a prompt, else 0 (off).
+    eval_passkey: int | None = None
     save_every: int = 50  # steps between resumable checkpoints
     keep_checkpoints: int = 2
     seed: int = 0  # torch/random, and which training windows carry retrieval facts and which facts
@@ -192,6 +196,8 @@ class Recipe:
             errs.append("distill: kl_weight and ce_weight must be >= 0 and not both 0")
         if self.save_every < 1:
             errs.append("save_every: must be >= 1")
+        if self.eval_passkey is not None and not (isinstance(self.eval_passkey, int) and self.eval_passkey >= 0):
+            errs.append(f"eval_passkey: a number of prompts, >= 0 (0: off; null: 5 with data.retrieval), got {self.eval_passkey}")
         if self.hardware is not None:
             errs += self.hardware.problems(sum(s.tokens for s in self.stages))
         if self.conversion is None and not self.student:

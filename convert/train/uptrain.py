@@ -32,6 +32,7 @@ from .metrics_plot import plot_metrics
 from .kernels import Availability, KernelRecorder, attn_implementation, check_fused, report_rows, require_fused, resolve
 from .precision import ACCELERATE, detect_precision
 from .recipe import Recipe, StageCfg
+from .retrieval_check import passkey_check_options, passkey_warning
 from ..io.resolve import resolve_model
 from ..io.writer import atomic_output
 
@@ -41,8 +42,8 @@ SEEN_FILE = "seen_windows.safetensors"
 RECIPE_FILE = "recipe.json"  # the recipe that trained up to this checkpoint, checked on resume
 # recipe keys a resume may change: where and how often it saves, evaluates and stops, and which
 # kernels compute the same function; everything else decides what is trained on and how
-RESUME_FREE = frozenset({"output", "eval_every", "save_every", "keep_checkpoints", "push_to_hub", "max_steps", "kernels",
-                         "hardware", "gradient_checkpointing", "memory_check", "data.eval", "data.eval_split", "data.eval_tokens",
+RESUME_FREE = frozenset({"output", "eval_every", "eval_passkey", "save_every", "keep_checkpoints", "push_to_hub", "max_steps",
+                         "kernels", "hardware", "gradient_checkpointing", "memory_check", "data.eval", "data.eval_split", "data.eval_tokens",
                          "data.streaming"})
 
 
@@ -301,6 +302,27 @@ class Uptrainer:
         self.log(row)
         return row
 
+    def passkey_check(self, student, teacher, tok, prog: Progress) -> list[dict]:
+        """The retrieval check (retrieval_check.py), run by every process as the ppl eval is; returns the
+        source's and the student's results for the model card, and warns when retrieval collapsed."""
+        if self.passkey_opts is None:
+            return []
+        from ..evaluation.long_context import measure_long_context
+
+        was = student.training
+        student.eval()
+        with self.acc.autocast():
+            src, got = (measure_long_context(m, tok, self.passkey_opts, name, progress=False)
+                        for m, name in ((teacher, "source"), (self.acc.unwrap_model(student), "after uptraining")))
+        student.train(was)
+        (length, hit), = got.passkey_by_length.items()
+        self.log({"kind": "passkey", "step": prog.global_step, "tokens": prog.tokens, "length": int(length),
+                  "prompts": len(got.samples["passkey"]), "accuracy": hit, "reference_accuracy": src.passkey_by_length[length],
+                  "logprob": got.passkey_logprob_by_length[length], "reference_logprob": src.passkey_logprob_by_length[length]})
+        if (warning := passkey_warning(src, got, str(self.out / "final"), self.r.source)) and self.acc.is_main_process:
+            warnings.warn(warning, stacklevel=2)
+        return [src.as_dict(), got.as_dict()]
+
     # -- main loop --
     def run(self, resume: bool = False) -> Path:
         from transformers import AutoTokenizer
@@ -310,11 +332,13 @@ class Uptrainer:
             raise KvSurgeonError(f"{self.out} already holds a run; pass --resume to continue it, or choose another output")
         if resume:
             self._check_resume()
+        src = resolve_model(r.source)
+        # before anything is written: a passkey check asked for at a length too short for one is refused here
+        self.passkey_opts = passkey_check_options(r, AutoTokenizer.from_pretrained(src))
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(r.seed)
         random.seed(r.seed)
         folder = self.student_folder()
-        src = resolve_model(r.source)
         tok = AutoTokenizer.from_pretrained(folder)
         require_fused(r.kernels, [read_config(folder), read_config(src)], self.avail)
         teacher = self.load(src, trainable=False)
@@ -346,7 +370,7 @@ class Uptrainer:
         if prog.stage < len(r.stages):  # stopped by max_steps: leave a checkpoint to resume from
             return self._checkpoint_now(prog)
         with KernelRecorder(self.kernel_mode, [student_base, teacher]):  # the final eval runs the same paths
-            final = self.finish(student_base, teacher, folder, run.config, prog)
+            final = self.finish(student_base, teacher, folder, run.config, prog, tok)
         if acc.is_main_process:
             plot_metrics(self.metrics_file, self.out / "metrics.png")
         return final
@@ -599,11 +623,12 @@ class Uptrainer:
             m = m.merge_and_unload()
         return m
 
-    def finish(self, student, teacher, folder: Path, config: dict, prog: Progress) -> Path:
+    def finish(self, student, teacher, folder: Path, config: dict, prog: Progress, tok) -> Path:
         from ..hub.model_card import CONTEXT_TOKENS, CardInfo, FidelityRow, read_card_info, write_model_card
         from ..io.writer import copy_extras
 
         after = self.evaluate(student, teacher, folder, prog, "after uptraining")
+        long_context = self.passkey_check(student, teacher, tok, prog)
         target = self.out / "final"
         if self.acc.is_main_process:
             rows = [json.loads(l) for l in self.metrics_file.read_text().splitlines()] if self.metrics_file.exists() else []
@@ -628,6 +653,7 @@ class Uptrainer:
                 kv_bytes_at_context_before=kv_bytes_at_context(src_cfg, CONTEXT_TOKENS),
                 kv_bytes_at_context_after=kv_bytes_at_context(config, CONTEXT_TOKENS),
                 fidelity=fid,
+                long_context=long_context,
                 training_kernels=self.kernel_rows,
             )
             dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(config.get("dtype")), torch.float32)

@@ -1,0 +1,51 @@
+"""After uptraining: passkey prompts at the last stage's length, scored on the student and the source.
+
+Uptrained MLA -75% runs lost single-key retrieval (to 10-30%, or 0/10 at 4K), at the key's first
+digit, with perplexity within 0.06x of runs that kept it (BENCHMARKS.md, "Multikey after uptraining").
+The run's ppl eval cannot see that, so the run scores a few prompts itself and says so in its log,
+metrics and model card.
+"""
+
+from __future__ import annotations
+
+from ..evaluation.long_context import LongContextError, LongContextOptions, LongContextResult, prompt_grid
+from .recipe import Recipe, RecipeError
+
+AUTO_PROMPTS = 5  # one per depth, 0% to 100%: ~40 s for both models at 4K on 2 CPU cores
+WARN_BELOW = 0.5  # of the source's accuracy: a collapse, not the 10-prompt noise of a close result
+
+
+def passkey_check_options(recipe: Recipe, tokenizer) -> LongContextOptions | None:
+    """The check's prompts, or None when it is off. Built before training, so a last stage too short
+    for a passkey prompt is refused (when asked for) before anything is trained."""
+    n, auto = recipe.eval_passkey, recipe.eval_passkey is None
+    if auto:
+        n = AUTO_PROMPTS if recipe.data.retrieval else 0
+    if not n:
+        return None
+    length = recipe.stage_seq_len(recipe.stages[-1])
+    try:
+        opts = LongContextOptions(tasks=("passkey",), lengths=(length,), depths=n, samples=1, seed=recipe.seed)
+        prompt_grid(tokenizer, opts, keys=1)
+    except LongContextError as e:
+        if auto:
+            return None  # short training windows (tests, smoke runs) hold no prompt; nothing was asked for
+        raise RecipeError(f"eval_passkey: {e}; the last stage's seq_len ({length}) must hold a passkey prompt: "
+                          "lengthen it, or set eval_passkey: 0") from None
+    return opts
+
+
+def passkey_warning(source: LongContextResult, student: LongContextResult, final: str, reference: str) -> str | None:
+    """A warning when the student retrieves less than WARN_BELOW of what the source does; the command it
+    names measures ``final`` against ``reference`` finely."""
+    (length, src), = source.passkey_by_length.items()
+    got = student.passkey_by_length[length]
+    if got >= WARN_BELOW * src:
+        return None
+    n = len(student.samples["passkey"])
+    return (f"passkey at {length} tokens after uptraining: {round(got * n)}/{n} retrieved, the source {round(src * n)}/{n} "
+            f"(key log-prob {student.passkey_logprob_by_length[length]:.2f} vs {source.passkey_logprob_by_length[length]:.2f}). "
+            "Perplexity can stay intact while retrieval collapses; measure it with "
+            f"`kvsurgeon eval {final} --reference {reference} --tasks passkey --lengths {length}`; "
+            "retrain with another seed, or the recipe's retrieval options as shipped "
+            "(BENCHMARKS.md, 'Multikey after uptraining': such collapses followed changes to them)")
