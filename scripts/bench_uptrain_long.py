@@ -47,6 +47,15 @@ def held_out_train(out: Path) -> Path:
     return out
 
 
+def stage_names(trainable: str, lengths: list[int]) -> list[str]:
+    """One name per stage, by its length; a length that comes back (2K, 4K, 2K) is numbered, so the
+    metrics keep the stages apart."""
+    if len(lengths) == 1:
+        return [trainable]
+    names = [f"{trainable}-{n}" for n in lengths]
+    return [f"{x}-{names[:i].count(x) + 1}" if x in names[:i] else x for i, x in enumerate(names)]
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, str, Recipe, LongContextOptions]:
     """The arguments, the student's name and folder, the recipe and the long-context options; every refusal
     (argparse's exit 2, the problem named) comes here, before the conversion (20-50 min) or the training
@@ -116,8 +125,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str, 
             "data": {"train": str(HELD_OUT_TRAIN), "seq_len": lengths[0], "retrieval": args.retrieval,
                      "retrieval_far": args.retrieval_far, "retrieval_asks": args.retrieval_asks,
                      "retrieval_facts": args.retrieval_facts, "eval": None},
-            "stages": [{"name": f"{args.trainable}-{n}" if len(lengths) > 1 else args.trainable, "tokens": t,
-                        "trainable": args.trainable, "seq_len": n} for n, t in zip(lengths, budget)],
+            "stages": [{"name": name, "tokens": t, "trainable": args.trainable, "seq_len": n}
+                       for name, n, t in zip(stage_names(args.trainable, lengths), lengths, budget)],
             "optim": {"lr": args.lr, "warmup_steps": 5, "schedule": "cosine"},
             "distill": {"answer_weight": args.answer_weight, "lead_weight": args.lead_weight, "answer_ce": args.answer_ce},
             "precision": "auto", "save_every": 10, "seed": args.seed, "gradient_checkpointing": args.gradient_checkpointing,

@@ -117,6 +117,11 @@ def test_uptrain_bench_builds_the_curriculum_it_is_asked_for(uptrain_bench, tmp_
     assert (name, spec) == ("mla75", "--to mla --kv-lora-rank 64 --rope-dim 32")
     assert [(s.name, s.seq_len, s.tokens, s.trainable) for s in recipe.stages] == [
         ("all-2048", 2048, 49152, "all"), ("all-4096", 4096, 49152, "all")]
+    # a length that comes back after another (a last 2K stage) gets its own stage name
+    _, _, _, back, _ = uptrain_bench.parse_args([*CONVERT, "--seq-len", "2048,4096,2048", "--tokens", "64K,96K,32K",
+                                                  "--out", str(tmp_path / "out")])
+    assert [(s.name, s.seq_len, s.tokens) for s in back.stages] == [
+        ("attention-2048", 2048, 65536), ("attention-4096", 4096, 98304), ("attention-2048-2", 2048, 32768)]
     assert recipe.student == str(tmp_path / "out" / "mla75-converted")
     assert recipe.output == str(tmp_path / "out" / "mla75-uptrained")
     assert recipe.data.train == str(uptrain_bench.HELD_OUT_TRAIN) and recipe.distill.answer_weight == 50
