@@ -309,7 +309,7 @@ class Uptrainer:
             return []
         from ..evaluation.long_context import measure_long_context
 
-        was = student.training
+        was, t0 = student.training, time.time()
         student.eval()
         with self.acc.autocast():
             src, got = (measure_long_context(m, tok, self.passkey_opts, name, progress=False)
@@ -318,7 +318,8 @@ class Uptrainer:
         (length, hit), = got.passkey_by_length.items()
         self.log({"kind": "passkey", "step": prog.global_step, "tokens": prog.tokens, "length": int(length),
                   "prompts": len(got.samples["passkey"]), "accuracy": hit, "reference_accuracy": src.passkey_by_length[length],
-                  "logprob": got.passkey_logprob_by_length[length], "reference_logprob": src.passkey_logprob_by_length[length]})
+                  "logprob": got.passkey_logprob_by_length[length], "reference_logprob": src.passkey_logprob_by_length[length],
+                  "seconds": time.time() - t0})
         if (warning := passkey_warning(src, got, str(self.out / "final"), self.r.source)) and self.acc.is_main_process:
             warnings.warn(warning, stacklevel=2)
         return [src.as_dict(), got.as_dict()]
