@@ -17,6 +17,7 @@ import random
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -283,20 +284,28 @@ class Uptrainer:
                 f.write(json.dumps(row) + "\n")
 
     # -- eval --
+    @contextmanager
+    def scoring(self, student):
+        """The student in eval mode under the run's autocast, then back in the mode it was in."""
+        was = student.training
+        student.eval()
+        try:
+            with self.acc.autocast():
+                yield
+        finally:
+            student.train(was)
+
     def evaluate(self, student, teacher, folder: Path, prog: Progress, stage: str):
         if not self.r.data.eval:
             return None
         from ..evaluation.perplexity import evaluate
 
-        was = student.training
-        student.eval()
-        with self.acc.autocast():
+        with self.scoring(student):
             res = evaluate(
                 str(folder), self.r.data.eval, reference=self.r.source, max_tokens=self.r.data.eval_tokens,
                 seq_len=self.r.data.seq_len, split=self.r.data.eval_split, text_field=self.r.data.text_field,
                 progress=False, model=self.acc.unwrap_model(student), reference_model=teacher,
             )
-        student.train(was)
         row = {"kind": "eval", "stage": stage, "step": prog.global_step, "tokens": prog.tokens, "ppl": res.ppl,
                "reference_ppl": res.reference_ppl, "kl": res.kl, "top1_agreement": res.top1_agreement, "eval_tokens": res.tokens}
         self.log(row)
@@ -309,12 +318,10 @@ class Uptrainer:
             return []
         from ..evaluation.long_context import measure_long_context
 
-        was, t0 = student.training, time.time()
-        student.eval()
-        with self.acc.autocast():
+        t0 = time.time()
+        with self.scoring(student):
             src, got = (measure_long_context(m, tok, self.passkey_opts, name, progress=False)
                         for m, name in ((teacher, "source"), (self.acc.unwrap_model(student), "after uptraining")))
-        student.train(was)
         (length, hit), = got.passkey_by_length.items()
         self.log({"kind": "passkey", "step": prog.global_step, "tokens": prog.tokens, "length": int(length),
                   "prompts": len(got.samples["passkey"]), "accuracy": hit, "reference_accuracy": src.passkey_by_length[length],
