@@ -113,7 +113,7 @@ def test_uptrain_bench_refuses_missing_texts(uptrain_bench, tmp_path, monkeypatc
 def test_uptrain_bench_builds_the_curriculum_it_is_asked_for(uptrain_bench, tmp_path):
     args, name, spec, recipe, opts = uptrain_bench.parse_args(
         ["--convert", "mla75=--to mla --kv-lora-rank 64 --rope-dim 32", "--seq-len", "2K,4096", "--tokens", "96K",
-         "--trainable", "all", "--answer-weight", "50", "--lead-weight", "250", "--answer-ce", "0.1", "--out", str(tmp_path / "out")])
+         "--trainable", "all", "--answer-weight", "50", "--lead-weight", "250", "--answer-ce", "0.1", "--schedule-span", "run", "--out", str(tmp_path / "out")])
     assert (name, spec) == ("mla75", "--to mla --kv-lora-rank 64 --rope-dim 32")
     assert [(s.name, s.seq_len, s.tokens, s.trainable) for s in recipe.stages] == [
         ("all-2048", 2048, 49152, "all"), ("all-4096", 4096, 49152, "all")]
@@ -126,6 +126,7 @@ def test_uptrain_bench_builds_the_curriculum_it_is_asked_for(uptrain_bench, tmp_
     assert recipe.output == str(tmp_path / "out" / "mla75-uptrained")
     assert recipe.data.train == str(uptrain_bench.HELD_OUT_TRAIN) and recipe.distill.answer_weight == 50
     assert (recipe.distill.lead_weight, recipe.distill.answer_ce) == (250, 0.1)
+    assert recipe.optim.schedule_span == "run"
     assert opts.tasks == ("passkey", "multikey", "long-ppl") and opts.lengths == (1024, 2048)
     assert not (tmp_path / "out").exists()
 

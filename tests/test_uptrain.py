@@ -158,6 +158,40 @@ def test_curriculum_stages_train_at_their_lengths_continue_the_data_and_resume_e
         assert stage_starts(fig.axes[0]) == {0: "short", 256: "long"}
 
 
+def test_one_schedule_across_stages_continues_the_decay_and_resumes_exactly(tmp_path, text_file):
+    # optim.schedule_span=run: 4 + 3 steps follow one warm-up-then-cosine over 7 steps, so the second
+    # stage starts where the first stopped instead of at lr 0 (span "stage", the test above); a stop
+    # inside the second stage resumes onto the same learning rates and losses
+    kw = dict(stages=[{"name": "short", "tokens": 32 * 2 * 4, "trainable": "attention"},
+                      {"name": "long", "tokens": 64 * 2 * 3, "trainable": "attention", "seq_len": 64}],
+              optim={"lr": 3e-3, "warmup_steps": 2, "schedule": "cosine", "schedule_span": "run"})
+    full = base_recipe(tmp_path, text_file, output=str(tmp_path / "full"), **kw)
+    uptrain(recipe_from_dict(full), progress=False)
+    recipe = recipe_from_dict(full)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.optim.lr)
+    sched = make_scheduler(opt, 7, 2, "cosine", recipe.optim.min_lr_ratio)
+    want = []
+    for _ in range(7):
+        want.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    got = train_losses(tmp_path / "full", "lr")
+    assert got == pytest.approx(want, rel=1e-12)
+    assert 0 < got[4] < got[3] and got[2] == recipe.optim.lr  # no re-warm at the second stage
+
+    part = base_recipe(tmp_path, text_file, output=str(tmp_path / "part"), max_steps=5, **kw)
+    uptrain(recipe_from_dict(part), progress=False)
+    part["max_steps"] = None
+    uptrain(recipe_from_dict(part), resume=True, progress=False)
+    assert train_losses(tmp_path / "part", "lr") == got
+    torch.testing.assert_close(torch.tensor(train_losses(tmp_path / "part")), torch.tensor(train_losses(tmp_path / "full")),
+                               rtol=1e-5, atol=1e-6)
+    # the span is part of what is trained: a resume under the other one is refused, naming it
+    part["optim"] = {**kw["optim"], "schedule_span": "stage"}
+    with pytest.raises(KvSurgeonError, match="schedule_span"):
+        uptrain(recipe_from_dict(part), resume=True, progress=False)
+
+
 def stage_starts(ax) -> dict:
     """The curriculum marks of a metrics panel: x of each dotted vertical line -> the stage named there."""
     xs = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == ":"]

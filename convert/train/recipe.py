@@ -73,6 +73,10 @@ class OptimCfg:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 10
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # "stage": each stage warms up and decays on its own (a curriculum's later stage re-warms to the
+    # peak); "run": one warm-up at the start and one decay across every stage's steps, which a later
+    # stage continues. Each stage has its own optimiser either way (their trainable sets may differ).
+    schedule_span: Literal["stage", "run"] = "stage"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
 

@@ -32,7 +32,7 @@ from ..errors import KvSurgeonError
 from .metrics_plot import plot_metrics
 from .kernels import Availability, KernelRecorder, attn_implementation, check_fused, report_rows, require_fused, resolve
 from .precision import ACCELERATE, detect_precision
-from .recipe import Recipe, StageCfg
+from .recipe import OptimCfg, Recipe, StageCfg
 from .retrieval_check import passkey_check_options, passkey_warning
 from ..io.resolve import resolve_model
 from ..io.writer import atomic_output
@@ -129,6 +129,22 @@ def make_scheduler(opt, total: int, warmup: int, schedule: str, min_ratio: float
         kw = {"num_stable_steps": 0, "num_decay_steps": max(1, total - warmup), "decay_type": "linear", "min_lr_ratio": min_ratio}
         return get_scheduler("warmup_stable_decay", opt, warmup, total, scheduler_specific_kwargs=kw)
     return get_scheduler("constant_with_warmup", opt, warmup, total)
+
+
+def stage_scheduler(opt, optim: OptimCfg, steps: list[int], si: int):
+    """Stage si's schedule: over its own ``steps[si]`` (span "stage"), or its slice of one schedule
+    over every stage's steps (span "run"), starting where the stages before it stopped."""
+    if optim.schedule_span == "stage":
+        return make_scheduler(opt, steps[si], optim.warmup_steps, optim.schedule, optim.min_lr_ratio)
+    # the run's multiplier, read off transformers' schedule on a throwaway optimiser
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    whole = make_scheduler(probe, sum(steps), optim.warmup_steps, optim.schedule, optim.min_lr_ratio).lr_lambdas[0]
+    offset = sum(steps[:si])
+
+    def multiplier(step: int) -> float:  # a plain function: LambdaLR's state_dict stores none of it
+        return whole(step + offset)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
 
 
 def stage_lengths(recipe: Recipe, steps: list[int], processes: int):
@@ -517,7 +533,7 @@ class Uptrainer:
         model = select_trainable(student_base, stage, run.config)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=stage.lr or r.optim.lr, betas=tuple(r.optim.betas), weight_decay=r.optim.weight_decay)
-        sched = make_scheduler(opt, run.steps[si], r.optim.warmup_steps, r.optim.schedule, r.optim.min_lr_ratio)
+        sched = stage_scheduler(opt, r.optim, run.steps, si)
         model, opt, sched = acc.prepare(model, opt, sched)
         if prog.global_step == 0 and run.ck is None and si == 0:
             # after prepare: the student is on the accelerator's device (sharded under FSDP)
