@@ -106,6 +106,19 @@ def test_gradient_checkpointing_trains_the_same_function(tmp_path, text_file):
     assert Uptrainer(r, progress=False).load(tmp_path / "gc" / "final", trainable=True).is_activation_checkpointing
 
 
+def schedule_lrs(recipe, steps: int) -> list[float]:
+    """The learning rate of each of ``steps`` steps under the recipe's warm-up and decay over that many."""
+    o = recipe.optim
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=o.lr)
+    sched = make_scheduler(opt, steps, o.warmup_steps, o.schedule, o.min_lr_ratio)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return lrs
+
+
 @pytest.mark.parametrize("stop", [2, 4, 5], ids=["inside-first-stage", "between-stages", "inside-second-stage"])
 def test_curriculum_stages_train_at_their_lengths_continue_the_data_and_resume_exactly(tmp_path, text_file, stop):
     # 4 steps of 32-token windows, then 3 of 64 (stages[1].seq_len); stopped after `stop` steps. Inside
@@ -124,14 +137,7 @@ def test_curriculum_stages_train_at_their_lengths_continue_the_data_and_resume_e
     # each step logs the learning rate it used, from its stage's own schedule (transformers' warmup starts
     # at 0, so each stage's first step leaves the weights as they were)
     recipe = recipe_from_dict(base_recipe(tmp_path, text_file, output=str(tmp_path / "full"), **kw))
-    lrs = []
-    for n in (4, 3):
-        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.optim.lr)
-        sched = make_scheduler(opt, n, recipe.optim.warmup_steps, recipe.optim.schedule, recipe.optim.min_lr_ratio)
-        for _ in range(n):
-            lrs.append(sched.get_last_lr()[0])
-            opt.step()
-            sched.step()
+    lrs = schedule_lrs(recipe, 4) + schedule_lrs(recipe, 3)
     assert lrs[0] == lrs[4] == 0.0 and lrs[1] == recipe.optim.lr
     assert [r["lr"] for r in train] == pytest.approx(lrs, rel=1e-12)
 
@@ -168,13 +174,7 @@ def test_one_schedule_across_stages_continues_the_decay_and_resumes_exactly(tmp_
     full = base_recipe(tmp_path, text_file, output=str(tmp_path / "full"), **kw)
     uptrain(recipe_from_dict(full), progress=False)
     recipe = recipe_from_dict(full)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.optim.lr)
-    sched = make_scheduler(opt, 7, 2, "cosine", recipe.optim.min_lr_ratio)
-    want = []
-    for _ in range(7):
-        want.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
+    want = schedule_lrs(recipe, 7)
     got = train_losses(tmp_path / "full", "lr")
     assert got == pytest.approx(want, rel=1e-12)
     assert 0 < got[4] < got[3] and got[2] == recipe.optim.lr  # no re-warm at the second stage
