@@ -249,6 +249,13 @@ def test_lora_stage_merges_to_the_same_function(tmp_path, text_file):
     assert not any("lora" in n for n, _ in m.named_parameters())
 
 
+def test_unnamed_stages_get_distinct_names(tmp_path, text_file):
+    one = recipe_from_dict(base_recipe(tmp_path, text_file, stages=[{"tokens": 4096}]))
+    two = recipe_from_dict(base_recipe(tmp_path, text_file, stages=[{"tokens": 4096}, {"name": "b", "tokens": 4096}, {"tokens": 4096}]))
+    assert [s.name for s in one.stages] == ["end_to_end"]
+    assert [s.name for s in two.stages] == ["stage-1", "b", "stage-3"]
+
+
 def test_overrides_parse(tmp_path, text_file):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(base_recipe(tmp_path, text_file)))
@@ -311,6 +318,8 @@ def test_recipe_base_errors(tmp_path):
         ({"stages": [{"name": "x", "tokens": 10, "trainable": "attention"}]}, "less than one optimiser step"),
         ({"stages": [{"name": "x", "tokens": 4096, "trainable": "everything"}]}, "trainable: 'everything'"),
         ({"stages": [{"name": "x", "tokens": 4096, "seq_len": 1}]}, "stages\\[0\\].seq_len: must be >= 2"),
+        ({"stages": [{"name": "a", "tokens": 4096}, {"name": "a", "tokens": 4096}]},
+         "stages\\[1\\].name: 'a' is also stages\\[0\\]'s name; give each stage its own name \\(e.g. a-2\\)"),
         ({"source": ""}, "source: required"),
         ({"data": {"train": ""}}, "data.train: required"),
         ({"distill": {"answer_weight": 0}}, "distill.answer_weight: must be > 0"),

@@ -54,7 +54,7 @@ class DataCfg:
 
 @dataclass
 class StageCfg:
-    name: str = "end_to_end"
+    name: str = ""  # default: "end_to_end" for a lone stage, "stage-N" for the Nth of several
     tokens: int = 0  # this stage's share of the budget
     trainable: Literal["new", "attention", "all", "lora"] = "attention"
     lr: float | None = None  # default: optim.lr
@@ -183,6 +183,12 @@ class Recipe:
         if not self.stages:
             errs.append("stages: at least one stage is needed")
         for i, s in enumerate(self.stages):
+            s.name = s.name or ("end_to_end" if len(self.stages) == 1 else f"stage-{i + 1}")
+        for i, s in enumerate(self.stages):
+            # the metrics, the figure's stage marks and the card tell stages apart by name
+            if (first := [t.name for t in self.stages].index(s.name)) < i:
+                errs.append(f"stages[{i}].name: {s.name!r} is also stages[{first}]'s name; give each stage its own "
+                            f"name (e.g. {s.name}-{i + 1}), as the metrics tell stages apart by it")
             if s.seq_len is not None and s.seq_len < 2:
                 errs.append(f"stages[{i}].seq_len: must be >= 2 (or unset for data.seq_len), got {s.seq_len}")
             elif s.tokens < self.tokens_per_step(s):
