@@ -192,6 +192,26 @@ def test_one_schedule_across_stages_continues_the_decay_and_resumes_exactly(tmp_
         uptrain(recipe_from_dict(part), resume=True, progress=False)
 
 
+def test_a_checkpoint_from_before_stage_numbering_resumes(tmp_path, text_file):
+    # unnamed stages were all 'end_to_end' in a checkpoint's recipe.json before they were numbered; names
+    # decide nothing trained, so such a run resumes, while a changed budget is still refused
+    kw = dict(stages=[{"tokens": 32 * 2 * 2}, {"tokens": 32 * 2 * 2}])
+    part = base_recipe(tmp_path, text_file, output=str(tmp_path / "part"), max_steps=3, **kw)
+    uptrain(recipe_from_dict(part), progress=False)
+    saved = tmp_path / "part" / "checkpoints" / "step-0000003" / "recipe.json"
+    old = json.loads(saved.read_text())
+    assert [s["name"] for s in old["stages"]] == ["stage-1", "stage-2"]
+    for s in old["stages"]:
+        s["name"] = "end_to_end"
+    saved.write_text(json.dumps(old))
+    part["max_steps"] = None
+    uptrain(recipe_from_dict(part), resume=True, progress=False)
+    assert len(train_losses(tmp_path / "part")) == 4
+    part["stages"] = [{"tokens": 32 * 2 * 2}, {"tokens": 32 * 2 * 3}]
+    with pytest.raises(KvSurgeonError, match="stages"):
+        uptrain(recipe_from_dict(part), resume=True, progress=False)
+
+
 def stage_starts(ax) -> dict:
     """The curriculum marks of a metrics panel: x of each dotted vertical line -> the stage named there."""
     xs = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == ":"]

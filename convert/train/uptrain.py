@@ -65,8 +65,14 @@ def recipe_snapshot(r: Recipe) -> dict:
 
 def resume_changes(saved: dict, now: dict) -> list[str]:
     """Keys whose value differs between the checkpoint's recipe and this one, except the free ones."""
+    def unlabelled(k: str, v):
+        # stage names only label the metrics and the card, so a run whose unnamed stages were all
+        # 'end_to_end' (before 2026-12-06) resumes under today's numbered names
+        return [{f: x for f, x in s.items() if f != "name"} for s in v] if k == "stages" and isinstance(v, list) else v
+
     keys = sorted((saved.keys() | now.keys()) - RESUME_FREE)
-    return [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in keys if saved.get(k) != now.get(k)]
+    return [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in keys
+            if unlabelled(k, saved.get(k)) != unlabelled(k, now.get(k))]
 
 
 @dataclass
