@@ -184,9 +184,10 @@ class Recipe:
             errs.append("stages: at least one stage is needed")
         for i, s in enumerate(self.stages):
             s.name = s.name or ("end_to_end" if len(self.stages) == 1 else f"stage-{i + 1}")
+        names = [s.name for s in self.stages]
         for i, s in enumerate(self.stages):
             # the metrics, the figure's stage marks and the card tell stages apart by name
-            if (first := [t.name for t in self.stages].index(s.name)) < i:
+            if (first := names.index(s.name)) < i:
                 errs.append(f"stages[{i}].name: {s.name!r} is also stages[{first}]'s name; give each stage its own "
                             f"name (e.g. {s.name}-{i + 1}), as the metrics tell stages apart by it")
             if s.seq_len is not None and s.seq_len < 2:
