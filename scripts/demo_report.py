@@ -42,9 +42,9 @@ def markdown(rows: list[Row], title: str, args) -> str:
                      f"{r.seconds:.0f} |")
     lines.append("\nCommands (each output folder also holds a model card with them):\n")
     lines += [f"- {r.name}: `{r.command}`" for r in rows if r.command]
-    lines.append(f"\nBudgets: calibration {args.calib_tokens:,} tokens, hybrid transfer {args.transfer_tokens:,} tokens per "
-                 f"layer, perplexity on {args.eval_tokens:,} tokens, passkey {5 * args.passkey_samples} prompts at "
-                 f"{args.passkey_length:,} tokens. No training: uptraining (recipes/) closes much of the gap.")
+    transfer = f"hybrid transfer {args.transfer_tokens:,} tokens per layer" if args.transfer_tokens else "no hybrid attention transfer"
+    lines.append(f"\nBudgets: calibration {args.calib_tokens:,} tokens, {transfer}, perplexity on {args.eval_tokens:,} "
+                 f"tokens, passkey {5 * args.passkey_samples} prompts at {args.passkey_length:,} tokens. No training: uptraining (recipes/) closes much of the gap.")
     return "\n".join(lines) + "\n"
 
 

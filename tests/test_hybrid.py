@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from kvsurgeon.attention import DictSource, read_attention
 from kvsurgeon.attention.hybrid_layout import (
@@ -276,6 +277,21 @@ def test_attention_transfer_reduces_layer_mse():
     assert res.val_rel_mse_after < 0.8 * res.val_rel_mse_before
     assert res.tokens == 60 * 4 * 48
     assert relative_mse(linear_layer_output(module, x[32:]), y[32:]) == pytest.approx(res.val_rel_mse_after, rel=1e-6)
+
+
+def test_a_transfer_that_hurts_is_undone_and_the_card_says_so(tmp_path, text_file):
+    """A transfer that raises the held-out error (here: a learning rate far too high) leaves the layer
+    as initialised; the report keeps the error it reached, and the card's summary does not claim the transfer."""
+    src = save_tiny(tmp_path / "src", "llama", **GRANITE_TINY)
+    init = _convert(src, tmp_path / "init", hybrid_plan(linear_layers=[1], log=None), text_file)
+    plans, make = [], hybrid_plan(linear_layers=[1], transfer_tokens=256, transfer_lr=10.0, log=None)
+    res = _convert(src, tmp_path / "out", lambda config, ckpt: plans.append(make(config, ckpt)) or plans[-1], text_file)
+    t = json.loads((res.out / REPORT_FILE).read_text())["layers"]["1"]["transfer"]
+    assert t["restored"] and t["val_rel_mse_trained"] > t["val_rel_mse_before"] == t["val_rel_mse_after"]
+    a, b = load_file(init.out / "model.safetensors"), load_file(res.out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # exactly the initialisation
+    # the summary (the card's "How it was converted") is final once the last layer is written
+    assert "on every layer it raised the error on held-out calibration windows, so every layer kept its initialisation" in plans[0].summary
 
 
 # ---------------------------------------------------------------------------------------------

@@ -734,6 +734,7 @@ class TransferResult:
     train_rel_mse_after: float
     seconds: float
     restored: bool = False  # training made the held-out error worse: initial weights kept
+    val_rel_mse_trained: float | None = None  # the held-out error training reached (above before when restored)
     history: list = field(default_factory=list)  # (step, train rel-MSE) every log_every steps
 
     def as_dict(self) -> dict:
@@ -786,7 +787,7 @@ def attention_transfer(
     opt, sched = _transfer_optimizer(trainable, steps, lr, lr if lr_1d is None else lr_1d, warmup)
     batches = _window_batches(train_idx, batch_windows, seed)
     tokens, history = _train_steps(linear_layer_module, trainable, opt, sched, x, target_y, train_idx, batches, steps, grad_clip, log_every)
-    after = val_err()
+    after = trained = val_err()
     restored = False
     if restore_if_worse and val_windows and after > before:
         linear_layer_module.load_state_dict(initial)
@@ -796,7 +797,7 @@ def attention_transfer(
     return TransferResult(
         steps=steps, tokens=tokens, train_windows=len(train_idx), val_windows=val_windows,
         val_rel_mse_before=before, val_rel_mse_after=after, train_rel_mse_after=train_err,
-        seconds=time.time() - t0, restored=restored, history=history,
+        seconds=time.time() - t0, restored=restored, val_rel_mse_trained=trained, history=history,
     )
 
 

@@ -185,9 +185,17 @@ def hybrid_plan(
             out.update(_non_attention_tensors(ckpt, target, i, L))
             return out
 
-        return Plan(new_config=new_config, transform=transform, needs_calibration=bool(layers), rename=_rename_for(target),
-                    summary=_hybrid_summary(config, new_config, target, mode, layers, transfer_tokens, drop_sliding_window),
-                    files=files)
+        def summary() -> str:
+            return _hybrid_summary(config, new_config, target, mode, layers, transfer_tokens, drop_sliding_window, report)
+
+        def transform_and_summarise(i, attn, x):
+            out = transform(i, attn, x)
+            plan.summary = summary()  # the card is written after the last layer: it states what the transfer did
+            return out
+
+        plan = Plan(new_config=new_config, transform=transform_and_summarise, needs_calibration=bool(layers),
+                    rename=_rename_for(target), summary=summary(), files=files)
+        return plan
 
     return make_plan
 
@@ -341,9 +349,11 @@ class _HybridLayer:
             steps = max(1, math.ceil(f.transfer_tokens / (f.transfer_batch_windows * T)))
             res = attention_transfer(module, x, y, steps, f.transfer_lr, batch_windows=f.transfer_batch_windows)
             info["transfer"] = {k: v for k, v in res.as_dict().items() if k != "history"}
+            outcome = (f"{res.val_rel_mse_trained:.4f}, worse: initial weights kept" if res.restored
+                       else f"{res.val_rel_mse_after:.4f}")
             f.say(
                 f"layer {i}: init rel-MSE {info['rel_mse_init']:.4f}, attention transfer {res.steps} steps: held-out "
-                f"{res.val_rel_mse_before:.4f} -> {res.val_rel_mse_after:.4f} ({res.seconds:.0f}s)"
+                f"{res.val_rel_mse_before:.4f} -> {outcome} ({res.seconds:.0f}s)"
             )
         else:
             f.say(f"layer {i}: init rel-MSE {info['rel_mse_init']:.4f} ({info['init_seconds']:.0f}s)")
@@ -381,7 +391,7 @@ def _rename_for(target: str):
 
 
 def _hybrid_summary(config: dict, new_config: dict, target: str, mode: str, layers: list[int], transfer_tokens: int,
-                    drop_sliding_window: bool) -> str:
+                    drop_sliding_window: bool, report: dict) -> str:
     L = int(config["num_hidden_layers"])
     kind = "Mamba2" if target == "granite" else "Gated DeltaNet"
     how = {"auto": "chosen by measured KL cost (auto)", "even": "evenly interleaved", "list": "as listed",
@@ -391,9 +401,24 @@ def _hybrid_summary(config: dict, new_config: dict, target: str, mode: str, laye
         f"{len(layers)} of {L} attention layers replaced by {kind} layers ({how}: {layers}); "
         f"{L - len(layers)} attention layers and all MLPs kept exactly, as {new_config['architectures'][0]}. "
         f"Linear layers initialised from the attention they replace (V->x, K->B, Q->C, O->out_proj) and calibrated"
-        + (f", then attention transfer on {transfer_tokens} tokens per layer." if transfer_tokens else ".")
+        + (_transfer_summary(transfer_tokens, report) if transfer_tokens else ".")
         + (window_note(config) if drop_sliding_window else "")
     )
+
+
+def _transfer_summary(transfer_tokens: int, report: dict) -> str:
+    """What the attention transfer did: a transfer that raised a layer's held-out error was undone, and
+    the card must not claim it for that layer."""
+    done = [info["transfer"] for info in report["layers"].values() if "transfer" in info]
+    text = f", then attention transfer on {transfer_tokens} tokens per layer"
+    undone = sum(t["restored"] for t in done)
+    if not undone:
+        return text + "."
+    if undone == len(done):
+        return text + (": on every layer it raised the error on held-out calibration windows, so every layer kept its "
+                       "initialisation (more tokens, e.g. --transfer-tokens 98304, train further).")
+    return text + (f", kept on {len(done) - undone} of {len(done)} layers; on the other {undone} it raised the error on "
+                   f"held-out calibration windows, so they kept their initialisation.")
 
 
 # ----------------------------------------------------------------------------------------------
