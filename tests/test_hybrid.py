@@ -344,6 +344,24 @@ def _ranked(tmp_path, name, text_file, plant=None):
     return res, json.loads((res.out / RANKING_FILE).read_text())
 
 
+def test_ranking_with_a_retrieval_tail_scores_both_parts(tmp_path, text_file):
+    """rank_layers(tail=N): windows with retrieval facts, each layer scored by its KL over the body plus its
+    KL at the last N positions. Planted: layer 2's values are zero, so linearising it costs exactly nothing
+    in either part and it ranks last; the order is by the sum."""
+    from kvsurgeon.convert.hybrid.plan import rank_layers
+    from kvsurgeon.convert.io.checkpoint import LazyCheckpoint, read_config
+
+    src = tiny_with_dead_layer_2(tmp_path / "src", model_type="llama", **GRANITE_TINY)
+    r = rank_layers(LazyCheckpoint(src), read_config(src), "granite", CalibConfig(data=str(text_file)), tokens=1024,
+                    seq_len=512, tail=32)
+    rows = r["ranking"]
+    assert r["tokens"] == 1024 and "last 32 positions" in r["metric"]
+    assert rows[-1]["layer"] == 2 and rows[-1]["kl"] < 1e-9 and rows[-1]["kl_tail"] < 1e-9
+    assert min(min(x["kl"], x["kl_tail"]) for x in rows[:-1]) > 1e-6
+    scores = [x["kl"] + x["kl_tail"] for x in rows]
+    assert scores == sorted(scores, reverse=True)
+
+
 @pytest.mark.parametrize("source,linear", [("llama", "mamba2"), ("qwen3", "gated-deltanet")])
 def test_search_scores_whole_sets_and_the_written_model_is_what_it_scored(tmp_path, text_file, source, linear):
     """--linear-layers search: every layer's linear replacement is fitted, sets are scored whole in the

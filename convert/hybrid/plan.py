@@ -450,17 +450,25 @@ def rank_layers(
     mamba_init: Mamba2Init | None = None,
     gdn_init: GdnInit | None = None,
     log: Callable[[str], None] | None = None,
+    seq_len: int | None = None,
+    tail: int = 0,
 ) -> dict:
     """Cost of linearising each layer alone: KL(source || model with only layer i linearised) per
     token on ``tokens`` calibration tokens (every ``kl_stride``-th position), plus the layer's own
     relative output error. One streaming pass: the clean hidden states and one perturbed copy per
     layer already visited advance through each source layer in turn (L (L + 1) / 2 layer forwards,
-    one layer in memory)."""
+    one layer in memory).
+
+    seq_len: window length (default ``calib.seq_len``). tail > 0 gives every window retrieval facts and
+    adds the mean KL at its last ``tail`` positions (the restated fact) to the score, as ``search``
+    scores; the ``auto`` mode uses neither (scripts/experiments/hybrid_rank_retrieval.py does)."""
     from ..evaluation.perplexity import kl_per_position, load_tokenizer
 
     t0 = time.time()
     say = log or (lambda s: None)
-    ids = calibration_ids(load_tokenizer(ckpt.folder), CalibConfig(calib.data, tokens, calib.seq_len, calib.text_field, calib.split))
+    seq = seq_len or calib.seq_len
+    ids = calibration_ids(load_tokenizer(ckpt.folder), CalibConfig(calib.data, tokens, seq, calib.text_field, calib.split,
+                                                                   retrieval=1.0 if tail else 0.0))
     stream = LayerStream(ckpt, config, ids)
     L = int(config["num_hidden_layers"])
     new_config = (granite_hybrid_config if target == "granite" else qwen35_text_config)(config, list(range(L)))
@@ -493,22 +501,26 @@ def rank_layers(
         del layer
         say(f"rank: layer {i} linearised alone: layer output rel-MSE {layer_err[i]:.4f} ({time.time() - t0:.0f}s)")
     logits = _final_projection(ckpt, config)
-    pos = torch.arange(0, ids.shape[1], kl_stride)
-    kls = {}
+    if tail:
+        from .search import scored_positions
+        pos, n_body = scored_positions(ids.shape[1], tail, kl_stride)
+    else:
+        pos, n_body = torch.arange(0, ids.shape[1], kl_stride), None
+    kls, tails = {}, {}
     ref = [torch.log_softmax(logits(stream.hidden[b, pos]), -1) for b in range(ids.shape[0])]
     for i, h in perturbed.items():
-        total = 0.0
-        for b in range(ids.shape[0]):
-            lp = torch.log_softmax(logits(h[b, pos]), -1)
-            total += float(kl_per_position(ref[b], lp).double().sum())
-        kls[i] = total / (ids.shape[0] * len(pos))
-    ranking = sorted(range(L), key=lambda i: -kls[i])
+        kl = torch.stack([kl_per_position(ref[b], torch.log_softmax(logits(h[b, pos]), -1)).double() for b in range(ids.shape[0])])
+        kls[i] = float(kl[:, :n_body].mean())
+        tails[i] = float(kl[:, n_body:].mean()) if tail else 0.0
+    ranking = sorted(range(L), key=lambda i: -(kls[i] + tails[i]))
     return {
-        "metric": "mean per-token KL(source || source with only this layer linearised), nats",
+        "metric": "mean per-token KL(source || source with only this layer linearised), nats"
+                  + (f"; score = kl + kl_tail, the mean KL at the last {tail} positions of retrieval windows" if tail else ""),
         "tokens": int(ids.numel()),
         "kl_positions_stride": kl_stride,
         "seconds": round(time.time() - t0, 1),
-        "ranking": [{"rank": r, "layer": i, "kl": kls[i], "layer_rel_mse": layer_err[i]} for r, i in enumerate(ranking)],
+        "ranking": [{"rank": r, "layer": i, "kl": kls[i], **({"kl_tail": tails[i]} if tail else {}), "layer_rel_mse": layer_err[i]}
+                    for r, i in enumerate(ranking)],
     }
 
 

@@ -1,0 +1,48 @@
+"""The ``auto`` hybrid ranking with a retrieval term: each layer linearised alone (``rank_layers``, streaming,
+one layer in memory), scored on calibration windows of 2,048 tokens that all carry retrieval facts, by the
+KL at every 4th position plus the KL at the last 32 (the restated fact), instead of on 512-token windows
+of plain text. Prints the ranking and the ``--linear-layers`` list that keeps the top KEEP as attention.
+
+    python scripts/experiments/hybrid_rank_retrieval.py --keep 8 --out runs/hybrid-tail/ranking.json
+
+Then convert with that list (``kvsurgeon convert ... --to hybrid --linear-layers LIST``) and measure it
+(``kvsurgeon eval``); BENCHMARKS.md, "Hybrid 75%: which attention layers to keep".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from kvsurgeon.convert.hybrid.plan import format_ranking, rank_layers
+from kvsurgeon.convert.io.checkpoint import LazyCheckpoint, read_config
+from kvsurgeon.convert.io.resolve import resolve_model
+from kvsurgeon.convert.pipeline.calibration import CalibConfig
+
+TRAIN = "/work/shared/data/pydocs-train.jsonl"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    ap.add_argument("--keep", type=int, default=8, help="attention layers kept")
+    ap.add_argument("--tokens", type=int, default=4096, help="ranking tokens (2 windows of --seq-len)")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--tail", type=int, default=32, help="positions at each window's end scored as retrieval")
+    ap.add_argument("--out", required=True, help="the ranking as JSON")
+    args = ap.parse_args()
+    src = resolve_model(args.model)
+    cfg = read_config(src)
+    ranking = rank_layers(LazyCheckpoint(src), cfg, "granite", CalibConfig(data=TRAIN), tokens=args.tokens,
+                          seq_len=args.seq_len, tail=args.tail, log=print)
+    kept = {r["layer"] for r in ranking["ranking"][: args.keep]}
+    ranking["kept_attention"] = sorted(kept)
+    ranking["linear_layers"] = [i for i in range(cfg["num_hidden_layers"]) if i not in kept]
+    print(format_ranking(ranking))
+    print("--linear-layers " + ",".join(map(str, ranking["linear_layers"])))
+    with open(args.out, "w") as f:
+        json.dump(ranking, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
