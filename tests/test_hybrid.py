@@ -164,9 +164,9 @@ def test_mamba2_decode_path_and_cache_match_reference(tmp_path, text_file):
     ref, st = mamba2_recurrent(w, mamba2_dims(cfg), x, eps=cfg["rms_norm_eps"])
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        outs = [layer.mamba(x[:, :5], cache_params=cache)]
+        outs = [layer.mamba(x[:, :5], cache=cache)]
         for t in range(5, 12):
-            outs.append(layer.mamba(x[:, t : t + 1], cache_params=cache))
+            outs.append(layer.mamba(x[:, t : t + 1], cache=cache))
     y = torch.cat(outs, 1)
     torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-5)
     lc = cache.layers[1]
