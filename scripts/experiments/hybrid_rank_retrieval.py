@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvsurgeon.convert.hybrid.plan import format_ranking, rank_layers
+from kvsurgeon.convert.hybrid.plan import _auto_linear_layers, rank_layers
 from kvsurgeon.convert.io.checkpoint import LazyCheckpoint, read_config
 from kvsurgeon.convert.io.resolve import resolve_model
 from kvsurgeon.convert.pipeline.calibration import CalibConfig
@@ -33,13 +33,13 @@ def main() -> None:
     args = ap.parse_args()
     src = resolve_model(args.model)
     cfg = read_config(src)
-    ranking = rank_layers(LazyCheckpoint(src), cfg, "granite", CalibConfig(data=TRAIN), tokens=args.tokens,
-                          seq_len=args.seq_len, tail=args.tail, log=print)
-    kept = {r["layer"] for r in ranking["ranking"][: args.keep]}
-    ranking["kept_attention"] = sorted(kept)
-    ranking["linear_layers"] = [i for i in range(cfg["num_hidden_layers"]) if i not in kept]
-    print(format_ranking(ranking))
-    print("--linear-layers " + ",".join(map(str, ranking["linear_layers"])))
+    ckpt = LazyCheckpoint(src)
+    # auto's own choice from a ranking (kept = the top KEEP; prints the table), here fed the tail-scored one
+    layers, ranking = _auto_linear_layers(
+        ckpt, cfg, "granite", args.keep, None, print,
+        lambda: rank_layers(ckpt, cfg, "granite", CalibConfig(data=TRAIN), tokens=args.tokens, seq_len=args.seq_len,
+                            tail=args.tail, log=print))
+    print("--linear-layers " + ",".join(map(str, layers)))
     with open(args.out, "w") as f:
         json.dump(ranking, f, indent=1)
 
