@@ -290,8 +290,8 @@ def test_a_transfer_that_hurts_is_undone_and_the_card_says_so(tmp_path, text_fil
     assert t["restored"] and t["val_rel_mse_trained"] > t["val_rel_mse_before"] == t["val_rel_mse_after"]
     a, b = load_file(init.out / "model.safetensors"), load_file(res.out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # exactly the initialisation
-    # the summary (the card's "How it was converted") is final once the last layer is written
-    assert "on every layer it raised the error on held-out calibration windows, so every layer kept its initialisation" in plans[0].summary
+    # the card's "How it was converted", read once the last layer is written
+    assert "on every layer it raised the error on held-out calibration windows, so every layer kept its initialisation" in plans[0].describe()
 
 
 # ---------------------------------------------------------------------------------------------

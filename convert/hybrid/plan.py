@@ -185,17 +185,11 @@ def hybrid_plan(
             out.update(_non_attention_tensors(ckpt, target, i, L))
             return out
 
-        def summary() -> str:
+        def summary() -> str:  # read when the card is written: it states what each layer's transfer did
             return _hybrid_summary(config, new_config, target, mode, layers, transfer_tokens, drop_sliding_window, report)
 
-        def transform_and_summarise(i, attn, x):
-            out = transform(i, attn, x)
-            plan.summary = summary()  # the card is written after the last layer: it states what the transfer did
-            return out
-
-        plan = Plan(new_config=new_config, transform=transform_and_summarise, needs_calibration=bool(layers),
-                    rename=_rename_for(target), summary=summary(), files=files)
-        return plan
+        return Plan(new_config=new_config, transform=transform, needs_calibration=bool(layers),
+                    rename=_rename_for(target), summary=summary, files=files)
 
     return make_plan
 

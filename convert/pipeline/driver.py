@@ -48,11 +48,16 @@ class Plan:
     # Non-attention tensors are copied under the same name unless this maps them elsewhere;
     # None drops a tensor (e.g. one the transform already wrote in another form).
     rename: Callable[[str], "str | None"] = staticmethod(lambda name: name)
-    summary: str = ""
+    # The card's "How it was converted". A callable is called when the card is written, after the last
+    # layer, so it can state what the layers' transforms did (e.g. which attention transfers were undone).
+    summary: "str | Callable[[], str]" = ""
     files: dict = field(default_factory=dict)  # extra JSON files for the output folder (e.g. a layer ranking)
     # Output tensors the source lacks, written as a copy of another source tensor: {new: source name}
     # (e.g. an untied lm_head from a tied embedding)
     copies: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return self.summary() if callable(self.summary) else self.summary
 
 
 @dataclass

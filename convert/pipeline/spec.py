@@ -282,7 +282,7 @@ def run_conversion(
         info = CardInfo(
             base_model=model,
             conversion=spec.to,
-            summary=plan.summary,
+            summary=plan.describe(),
             command=command,
             recipe=recipe,
             license=source_license(src),
