@@ -37,6 +37,7 @@ from kvsurgeon.convert.hybrid.fit import (
 )
 from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model
 from kvsurgeon.convert.hybrid.plan import RANKING_FILE, REPORT_FILE, SEARCH_FILE, hybrid_plan
+from kvsurgeon.convert.train.retrieval_check import layer_choice_hint
 
 from conftest import save_tiny, tiny_config, tiny_model, tiny_with_dead_layer_2, write_tiny_tokenizer
 
@@ -400,6 +401,7 @@ def test_search_scores_whole_sets_and_the_written_model_is_what_it_scored(tmp_pa
     assert body + tail == pytest.approx(trace["steps"][-1]["score"], rel=1e-4)
     card = (res.out / "README.md").read_text()
     assert "--linear-layers search" in card and "end-to-end search" in card
+    assert layer_choice_hint(res.out) is None  # uptraining's retrieval warning has no layer advice for a searched set
 
 
 def test_auto_layer_choice_saves_ranking(tmp_path, text_file):
@@ -422,6 +424,8 @@ def test_auto_layer_choice_saves_ranking(tmp_path, text_file):
     assert ranking["kept_attention"] == [2] and control["kept_attention"] == [0]
     lt = res.config["layer_types"]
     assert lt == ["mamba", "mamba", "attention"]
+    # what uptraining's retrieval warning reads from the written report: auto's choice, and the fix
+    assert "(`--linear-layers auto`)" in layer_choice_hint(res.out) and "convert with `--linear-layers search`" in layer_choice_hint(res.out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 from kvsurgeon.convert.evaluation.long_context import LongContextResult
 from kvsurgeon.convert.train.recipe import RecipeError, recipe_from_dict
-from kvsurgeon.convert.train.retrieval_check import passkey_check_options, passkey_warning
+from kvsurgeon.convert.train.retrieval_check import layer_choice_hint, passkey_check_options, passkey_warning
 from kvsurgeon.convert.train.uptrain import uptrain
 
 from conftest import save_tiny
@@ -68,6 +68,27 @@ def test_the_warning_names_a_collapse_and_the_command_that_measures_it():
     assert passkey_warning(src, _result("after", [True, False, False, False, False], -5.0), "f", "s") is not None
     nothing = _result("source", [False] * 5, -9.0)
     assert passkey_warning(nothing, _result("after", [False] * 5, -20.0), "f", "s") is None
+
+
+def test_a_hybrid_whose_layers_no_search_chose_is_pointed_at_the_search(tmp_path):
+    """The layer choice, not another seed, is the fix when a hybrid's attention layers cannot retrieve
+    (BENCHMARKS.md, 'Hybrid 75%'). Real conversions write the report: tests/test_hybrid.py reads it."""
+    def student(name, report):
+        (d := tmp_path / name).mkdir()
+        if report is not None:
+            (d / "kvsurgeon_hybrid.json").write_text(report)
+        return d
+
+    auto = layer_choice_hint(student("auto", json.dumps({"mode": "auto", "linear_layers": [0, 2]})))
+    assert auto.startswith("This hybrid's attention layers were ranked by each layer's KL cost alone on short windows")
+    listed = layer_choice_hint(student("list", json.dumps({"mode": "list"})))
+    assert "listed by hand" in listed and "unless these came from that search" in listed
+    for name, report in (("search", json.dumps({"mode": "search"})), ("mla", None), ("corrupt", "{"), ("odd", "[1]")):
+        assert layer_choice_hint(student(name, report)) is None, name
+    src = _result("source", [True, True, True, True, False], -0.91)
+    msg = passkey_warning(src, _result("after", [False] * 5, -12.95), "f", "s", auto)
+    assert msg.endswith(". " + auto) and "retrain with another seed" in msg
+    assert passkey_warning(src, _result("after", [True] * 4 + [False], -1.0), "f", "s", auto) is None
 
 
 def test_real_uptrain_catches_a_student_that_cannot_retrieve(smollm2, tmp_path, text_file):

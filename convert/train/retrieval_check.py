@@ -8,6 +8,10 @@ metrics and model card.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from ..hybrid.plan import REPORT_FILE
 from ..evaluation.long_context import LongContextError, LongContextOptions, LongContextResult, prompt_grid
 from .recipe import Recipe, RecipeError
 
@@ -35,9 +39,10 @@ def passkey_check_options(recipe: Recipe, tokenizer) -> LongContextOptions | Non
     return opts
 
 
-def passkey_warning(source: LongContextResult, student: LongContextResult, final: str, reference: str) -> str | None:
+def passkey_warning(source: LongContextResult, student: LongContextResult, final: str, reference: str,
+                    hint: str | None = None) -> str | None:
     """A warning when the student retrieves less than WARN_BELOW of what the source does; the command it
-    names measures ``final`` against ``reference`` finely."""
+    names measures ``final`` against ``reference`` finely. ``hint`` (layer_choice_hint) ends it."""
     (length, src), = source.passkey_by_length.items()
     got = student.passkey_by_length[length]
     if got >= WARN_BELOW * src:
@@ -48,4 +53,26 @@ def passkey_warning(source: LongContextResult, student: LongContextResult, final
             "Perplexity can stay intact while retrieval collapses; measure it with "
             f"`kvsurgeon eval {final} --reference {reference} --tasks passkey --lengths {length}`; "
             "retrain with another seed, or the recipe's retrieval options as shipped "
-            "(BENCHMARKS.md, 'Multikey after uptraining': such collapses followed changes to them)")
+            "(BENCHMARKS.md, 'Multikey after uptraining': such collapses followed changes to them)"
+            + (f". {hint}" if hint else ""))
+
+
+_CHOSEN = {"auto": "ranked by each layer's KL cost alone on short windows (`--linear-layers auto`)",
+           "even": "evenly spaced (`--linear-layers even`)", "list": "listed by hand"}
+
+
+def layer_choice_hint(student: Path) -> str | None:
+    """For a hybrid whose attention layers no search chose: no training brings back retrieval its
+    attention layers cannot do (SmolLM2 at 75% linear, BENCHMARKS.md), so the fix is the layer choice."""
+    try:
+        mode = json.loads((Path(student) / REPORT_FILE).read_text()).get("mode")
+    except (OSError, ValueError, AttributeError):
+        return None  # not a hybrid, or not ours
+    if mode not in _CHOSEN:
+        return None
+    fix = ("unless these came from that search, convert with `--linear-layers search`" if mode == "list"
+           else "convert with `--linear-layers search`")
+    return (f"This hybrid's attention layers were {_CHOSEN[mode]}, and distillation did not bring back the retrieval such "
+            "a set lacks: SmolLM2 at 75% linear with `auto`'s layers retrieved 20/0/20% at 1K/2K/4K after "
+            "recipes/smollm2-hybrid75-long-4k.yaml's curriculum (50/20/30% with every weight trainable), with the "
+            f"layers `--linear-layers search` keeps 100/100/90% (BENCHMARKS.md, 'Hybrid 75%: which attention layers to keep'); {fix}")

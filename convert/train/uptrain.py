@@ -33,7 +33,7 @@ from .metrics_plot import plot_metrics
 from .kernels import Availability, KernelRecorder, attn_implementation, check_fused, report_rows, require_fused, resolve
 from .precision import ACCELERATE, detect_precision
 from .recipe import OptimCfg, Recipe, StageCfg
-from .retrieval_check import passkey_check_options, passkey_warning
+from .retrieval_check import layer_choice_hint, passkey_check_options, passkey_warning
 from ..io.resolve import resolve_model
 from ..io.writer import atomic_output
 
@@ -333,7 +333,7 @@ class Uptrainer:
         self.log(row)
         return row
 
-    def passkey_check(self, student, teacher, tok, prog: Progress) -> list[dict]:
+    def passkey_check(self, student, teacher, tok, prog: Progress, folder: Path) -> list[dict]:
         """The retrieval check (retrieval_check.py), run by every process as the ppl eval is; returns the
         source's and the student's results for the model card, and warns when retrieval collapsed."""
         if self.passkey_opts is None:
@@ -349,7 +349,8 @@ class Uptrainer:
                   "prompts": len(got.samples["passkey"]), "accuracy": hit, "reference_accuracy": src.passkey_by_length[length],
                   "logprob": got.passkey_logprob_by_length[length], "reference_logprob": src.passkey_logprob_by_length[length],
                   "seconds": time.time() - t0})
-        if (warning := passkey_warning(src, got, str(self.out / "final"), self.r.source)) and self.acc.is_main_process:
+        if (warning := passkey_warning(src, got, str(self.out / "final"), self.r.source, layer_choice_hint(folder))) \
+                and self.acc.is_main_process:
             warnings.warn(warning, stacklevel=2)
         return [src.as_dict(), got.as_dict()]
 
@@ -658,7 +659,7 @@ class Uptrainer:
         from ..io.writer import copy_extras
 
         after = self.evaluate(student, teacher, folder, prog, "after uptraining")
-        long_context = self.passkey_check(student, teacher, tok, prog)
+        long_context = self.passkey_check(student, teacher, tok, prog, folder)
         target = self.out / "final"
         if self.acc.is_main_process:
             rows = [json.loads(l) for l in self.metrics_file.read_text().splitlines()] if self.metrics_file.exists() else []
