@@ -91,7 +91,7 @@ def test_a_hybrid_whose_layers_no_search_chose_is_pointed_at_the_search(tmp_path
     assert passkey_warning(src, _result("after", [True] * 4 + [False], -1.0), "f", "s", auto) is None
 
 
-def test_real_uptrain_catches_a_student_that_cannot_retrieve(smollm2, tmp_path, text_file):
+def test_real_uptrain_catches_a_student_that_cannot_retrieve(smollm2, tmp_path, text_file, capsys):
     """SmolLM2 mean-pooled to MQA and trained one step on a 512-token retrieval window: the source
     retrieves 4/5 passkeys at 512 (it misses the 100%-depth one), the student none (key log-prob
     ~-48). The run logs both, writes them to the model card and warns with the command to measure it."""
@@ -103,6 +103,8 @@ def test_real_uptrain_catches_a_student_that_cannot_retrieve(smollm2, tmp_path, 
     (row,) = [x for x in rows if x["kind"] == "passkey"]
     assert (row["length"], row["prompts"], row["accuracy"], row["reference_accuracy"]) == (512, 5, 0.0, 0.8)
     assert row["reference_logprob"] == pytest.approx(-0.84, abs=0.1) and row["logprob"] < -20 and row["seconds"] > 0, row
+    # the console says it as it happens, from the same row
+    assert f"passkey at 512 tokens: 0/5 retrieved, the source 4/5 (key log-prob {row['logprob']:.2f} vs " in capsys.readouterr().out
     (msg,) = [str(w.message) for w in caught if "passkey at 512" in str(w.message)]
     assert msg.startswith("passkey at 512 tokens after uptraining: 0/5 retrieved, the source 4/5") and str(final) in msg
     card = (final / "README.md").read_text()

@@ -45,7 +45,7 @@ def train_losses(run: Path, key: str = "loss") -> list[float]:
     return [r[key] for r in rows if r["kind"] == "train"]
 
 
-def test_loss_decreases_and_final_is_stock(tmp_path, text_file):
+def test_loss_decreases_and_final_is_stock(tmp_path, text_file, capsys):
     from transformers import AutoModelForCausalLM
 
     r = recipe_from_dict(base_recipe(tmp_path, text_file, stages=[{"name": "e2e", "tokens": 32 * 2 * 16, "trainable": "all"}],
@@ -59,6 +59,15 @@ def test_loss_decreases_and_final_is_stock(tmp_path, text_file):
     card = (final / "README.md").read_text()
     assert "after uptraining" in card and "after conversion" in card
     assert (tmp_path / "run" / "metrics.png").is_file()
+    # each held-out eval is on the console too, as the run makes it: one line per metrics row
+    evals = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("eval ")]
+    assert [e["stage"] for e in evals] == ["after conversion", "after uptraining"] and len(lines) == 2, lines
+    for e, line in zip(evals, lines):
+        assert line.startswith(f"eval {e['stage']} (step {e['step']}, {e['tokens']:,} tokens trained): ppl {e['ppl']:,.3f}, "
+                               f"the source {e['reference_ppl']:,.3f} ({e['ppl'] / e['reference_ppl']:.2f}x), KL {e['kl']:.4f}, "
+                               f"top-1 agreement {e['top1_agreement']:.1%} on {e['eval_tokens']:,} held-out tokens of {text_file.name}"), line
+    assert evals[1]["ppl"] < evals[0]["ppl"]
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied-embeddings"])
@@ -573,3 +582,4 @@ def test_the_recipe_seed_and_retrieval_far_draw_the_retrieval_facts(tmp_path, te
     assert abs(a - d) > 1e-4 * a, (a, d)
     e = step1_kl(0, 1.0, facts=6)
     assert abs(a - e) > 1e-4 * a, (a, e)
+

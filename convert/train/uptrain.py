@@ -29,6 +29,7 @@ from kvsurgeon.attention.kv_cache import kv_bytes_at_context, kv_bytes_per_token
 from ..io.checkpoint import read_config
 from .distill import PackedStream, answer_mask, answer_weights, distill_loss, window_digests
 from ..errors import KvSurgeonError
+from .console import eval_line, passkey_line
 from .metrics_plot import plot_metrics
 from .kernels import Availability, KernelRecorder, attn_implementation, check_fused, report_rows, require_fused, resolve
 from .precision import ACCELERATE, detect_precision
@@ -305,6 +306,11 @@ class Uptrainer:
             with open(self.metrics_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def say(self, line: str) -> None:
+        """A line on the console from the main process, above the progress bar when there is one."""
+        if self.acc.is_main_process:
+            tqdm.write(line)
+
     # -- eval --
     @contextmanager
     def scoring(self, student):
@@ -331,6 +337,7 @@ class Uptrainer:
         row = {"kind": "eval", "stage": stage, "step": prog.global_step, "tokens": prog.tokens, "ppl": res.ppl,
                "reference_ppl": res.reference_ppl, "kl": res.kl, "top1_agreement": res.top1_agreement, "eval_tokens": res.tokens}
         self.log(row)
+        self.say(eval_line(row, self.r.data.eval))
         return row
 
     def passkey_check(self, student, teacher, tok, prog: Progress, folder: Path) -> list[dict]:
@@ -345,10 +352,12 @@ class Uptrainer:
             src, got = (measure_long_context(m, tok, self.passkey_opts, name, progress=False)
                         for m, name in ((teacher, "source"), (self.acc.unwrap_model(student), "after uptraining")))
         (length, hit), = got.passkey_by_length.items()
-        self.log({"kind": "passkey", "step": prog.global_step, "tokens": prog.tokens, "length": int(length),
-                  "prompts": len(got.samples["passkey"]), "accuracy": hit, "reference_accuracy": src.passkey_by_length[length],
-                  "logprob": got.passkey_logprob_by_length[length], "reference_logprob": src.passkey_logprob_by_length[length],
-                  "seconds": time.time() - t0})
+        row = {"kind": "passkey", "step": prog.global_step, "tokens": prog.tokens, "length": int(length),
+               "prompts": len(got.samples["passkey"]), "accuracy": hit, "reference_accuracy": src.passkey_by_length[length],
+               "logprob": got.passkey_logprob_by_length[length], "reference_logprob": src.passkey_logprob_by_length[length],
+               "seconds": time.time() - t0}
+        self.log(row)
+        self.say(passkey_line(row))
         if (warning := passkey_warning(src, got, str(self.out / "final"), self.r.source, layer_choice_hint(folder))) \
                 and self.acc.is_main_process:
             warnings.warn(warning, stacklevel=2)
