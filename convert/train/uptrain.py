@@ -35,6 +35,7 @@ from .kernels import Availability, KernelRecorder, attn_implementation, check_fu
 from .precision import ACCELERATE, detect_precision
 from .recipe import OptimCfg, Recipe, StageCfg
 from .retrieval_check import layer_choice_hint, passkey_check_options, passkey_warning
+from .tied_weights import quiet_tied_notice, tied_output_names
 from ..io.resolve import resolve_model
 from ..io.writer import atomic_output
 
@@ -196,6 +197,7 @@ class Uptrainer:
         self.r = recipe
         self.recipe_text = recipe_text
         self.progress = progress
+        self.tied_names: set[str] = set()  # the student's tied output embedding, which checkpoints store once
         self.out = Path(recipe.output)
         # Several processes on a machine without GPUs (torchrun, `accelerate launch --multi_gpu`) must ask
         # for CPU explicitly, else accelerate gives every process DistributedType.NO and rank 0.
@@ -274,7 +276,8 @@ class Uptrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        with quiet_tied_notice(self.tied_names):
+            acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / PROGRESS_FILE).write_text(json.dumps(asdict(prog)) + "\n")
@@ -384,6 +387,7 @@ class Uptrainer:
         teacher = self.load(src, trainable=False)
         teacher = acc.prepare_model(teacher, evaluation_mode=True)
         student_base = self.load(folder, trainable=True)
+        self.tied_names = tied_output_names(student_base)
         memory = self._check_memory(student_base, run_config := read_config(folder))
         prog, ck = self._resume_point(resume)
         if memory is not None:
