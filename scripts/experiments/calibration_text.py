@@ -1,0 +1,128 @@
+"""Does calibration text from more than Python docs make the default conversions hold outside them?
+
+Issue 14: with the built-in calibration (6 Python-doc documents, of which the default 8,192 tokens read
+the first two), calibrated MQA and MLA -75% lose much more on the Debian handbook than on pydocs-valid.
+Each conversion here calibrates on 8,192 tokens (16 windows of 512) unless named otherwise, from:
+
+- ``builtin``: the CLI default (the built-in text, read from its start: its first two documents);
+- ``builtin-spread``: the built-in text, at most 3 windows from each of its documents (16 windows from 6);
+- ``pydocs-spread``: Python docs only, 2 windows from each of the first 8 pydocs-train documents;
+- ``pydocs+handbook``: the same 4 Python docs alternating with 4 handbook-calib pages (the handbook's own
+  domain, never its valid pages: the most a domain match can buy);
+- ``pydocs+manuals``: the same 4 Python docs alternating with 4 pages of two other Debian manuals
+  (developers-reference, debian-policy): text outside Python docs that is not the handbook;
+- ``pydocs+handbook-16k``: ``pydocs-spread``'s 8 documents alternating with 8 handbook-calib pages, 2 windows
+  each: 16,384 tokens, so the Python docs are read as in ``pydocs-spread`` and the handbook is added;
+- ``pydocs-spread-16k``: its control, 16,384 tokens of Python docs only (2 windows from each of the first 16).
+
+and is scored on pydocs-valid and handbook-valid (512-token windows, against the source), which no
+calibration reads. The manuals are read from their Debian packages (``apt-get download``); nothing is
+committed.
+
+    python scripts/experiments/calibration_text.py --targets mqa,mla75 --out runs/calib-text
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_common import run_measured  # noqa: E402
+from build_second_domain import page_text  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TARGETS = {"mqa": ["--to", "mqa"], "mla50": ["--to", "mla", "--kv-lora-rank", "128", "--rope-dim", "64"],
+           "mla75": ["--to", "mla", "--kv-lora-rank", "64", "--rope-dim", "32"]}
+DOCS = 4  # documents from each side of a mix
+PER_DOC_WINDOWS = 2  # 2 x 512 tokens from each, so 8,192 tokens span 8 documents
+MANUALS = ("developers-reference", "debian-policy")
+
+
+def jsonl(rows: list[dict], path: Path) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def long_docs(rows: list[dict], n: int, chars: int = 8000) -> list[dict]:
+    """The first ``n`` documents long enough for two windows of 512 tokens (~4 characters a token)."""
+    return [r for r in rows if len(r["text"]) >= chars][:n]
+
+
+def manual_pages() -> list[dict]:
+    """HTML chapters of the Debian manuals, in name order, alternating between the two manuals."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["apt-get", "download", *MANUALS], cwd=tmp, check=True, capture_output=True)
+        per = []
+        for deb in sorted(Path(tmp).glob("*.deb")):
+            root = Path(tmp) / deb.stem
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+            pages = sorted(p for p in root.rglob("*.html") if p.name.startswith(("ch", "best-", "pkgs", "developer-", "resources", "tools", "new-")))
+            per.append([{"source": p.name, "text": page_text(p)} for p in pages])
+    mixed = [r for pair in zip(*per) for r in pair]
+    return long_docs(mixed, DOCS)
+
+
+def build(out: Path) -> dict[str, list[str]]:
+    """Each calibration's ``kvsurgeon convert`` options."""
+    train = [json.loads(l) for l in (SHARED / "pydocs-train.jsonl").read_text().splitlines() if l.strip()]
+    hb = [json.loads(l) for l in (Path("runs/data") / "handbook-calib.jsonl").read_text().splitlines() if l.strip()]
+    py8 = long_docs(train, 2 * DOCS)
+    py4 = py8[:DOCS]
+    alt = lambda a, b: [r for pair in zip(a, b) for r in pair]  # noqa: E731
+    out.mkdir(parents=True, exist_ok=True)
+    spread = ["--calib-windows-per-text", str(PER_DOC_WINDOWS)]
+    return {
+        "builtin": [],
+        "builtin-spread": ["--calib-windows-per-text", "3"],
+        "pydocs-spread": ["--calib-data", str(jsonl(py8, out / "calib-pydocs-spread.jsonl")), *spread],
+        "pydocs+handbook": ["--calib-data", str(jsonl(alt(py4, long_docs(hb, DOCS)), out / "calib-pydocs+handbook.jsonl")), *spread],
+        "pydocs+manuals": ["--calib-data", str(jsonl(alt(py4, manual_pages()), out / "calib-pydocs+manuals.jsonl")), *spread],
+        # the 16K control: Python docs only, 2 windows from each of the first 16
+        "pydocs-spread-16k": ["--calib-data", str(jsonl(long_docs(train, 4 * DOCS), out / "calib-pydocs-spread-16k.jsonl")),
+                              *spread, "--calib-tokens", "16384"],
+        # pydocs-spread's 16 windows with 16 handbook windows added: twice the tokens, the same Python docs
+        "pydocs+handbook-16k": ["--calib-data", str(jsonl(alt(py8, long_docs(hb, 2 * DOCS)), out / "calib-pydocs+handbook-16k.jsonl")),
+                                *spread, "--calib-tokens", "16384"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", default="mqa,mla75", help=f"comma-separated: {', '.join(TARGETS)}")
+    ap.add_argument("--calibs", default="builtin,builtin-spread,pydocs-spread,pydocs+handbook,pydocs+manuals,pydocs+handbook-16k,pydocs-spread-16k")
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--out", default="runs/calib-text")
+    args = ap.parse_args()
+    out = Path(args.out)
+    calibs = build(out)
+    domains = {"pydocs": SHARED / "pydocs-valid.jsonl", "handbook": Path("runs/data/handbook-valid.jsonl")}
+    done = out / "results.json"
+    rows = json.loads(done.read_text()) if done.is_file() else []  # a later run adds its rows to an earlier run's
+    for target in args.targets.split(","):
+        for name in args.calibs.split(","):
+            folder = out / f"{target}-{name}"
+            st = run_measured(["convert", SOURCE, *TARGETS[target], *calibs[name], "--out", str(folder), "--overwrite", "--measure", "off"],
+                              out / f"{folder.name}.stats.json")
+            row = {"target": target, "calib": name, "convert_s": round(st["seconds"]), "command": st["command"]}
+            for dom, path in domains.items():
+                res = subprocess.run([sys.executable, "-m", "kvsurgeon.convert.cli", "eval", str(folder), "--reference", SOURCE,
+                                      "--data", str(path), "--max-tokens", str(args.eval_tokens), "--json"],
+                                     check=True, capture_output=True, text=True)
+                r = json.loads(res.stdout)
+                row[dom] = {"ppl": r["ppl"], "reference_ppl": r["reference_ppl"], "ratio": r["ppl"] / r["reference_ppl"],
+                            "kl": r["kl"], "tokens": r["tokens"]}
+            rows = [x for x in rows if (x["target"], x["calib"]) != (target, name)] + [row]
+            print(f"{target:6s} {name:16s} pydocs {row['pydocs']['ratio']:.2f}x (KL {row['pydocs']['kl']:.3f})  "
+                  f"handbook {row['handbook']['ratio']:.2f}x (KL {row['handbook']['kl']:.3f})  convert {row['convert_s']} s", flush=True)
+            (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
