@@ -5,7 +5,7 @@ the first two), calibrated MQA and MLA -75% lose much more on the Debian handboo
 Each conversion here calibrates on 8,192 tokens (16 windows of 512) unless named otherwise, from:
 
 - ``builtin``: the CLI default (the built-in text, read from its start: its first two documents);
-- ``builtin-spread``: the built-in text, at most 3 windows from each of its documents (16 windows from 6);
+- ``builtin-spread``: the built-in text, at most 3 windows from each of its 6 documents (16 windows in all);
 - ``pydocs-spread``: Python docs only, 2 windows from each of the first 8 pydocs-train documents;
 - ``pydocs+handbook``: the same 4 Python docs alternating with 4 handbook-calib pages (the handbook's own
   domain, never its valid pages: the most a domain match can buy);
@@ -25,7 +25,6 @@ committed.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from bench_common import run_measured  # noqa: E402
 from build_second_domain import page_text  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+HANDBOOK = Path("runs/data")
 SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TARGETS = {"mqa": ["--to", "mqa"], "mla50": ["--to", "mla", "--kv-lora-rank", "128", "--rope-dim", "64"],
            "mla75": ["--to", "mla", "--kv-lora-rank", "64", "--rope-dim", "32"]}
@@ -71,8 +71,11 @@ def manual_pages() -> list[dict]:
 
 def build(out: Path) -> dict[str, list[str]]:
     """Each calibration's ``kvsurgeon convert`` options."""
-    train = [json.loads(l) for l in (SHARED / "pydocs-train.jsonl").read_text().splitlines() if l.strip()]
-    hb = [json.loads(l) for l in (Path("runs/data") / "handbook-calib.jsonl").read_text().splitlines() if l.strip()]
+    need = [SHARED / "pydocs-train.jsonl", HANDBOOK / "handbook-calib.jsonl", HANDBOOK / "handbook-valid.jsonl"]
+    if missing := [str(p) for p in need if not p.is_file()]:
+        raise SystemExit(f"missing {', '.join(missing)}: the handbook comes from `python scripts/build_second_domain.py --out runs/data`")
+    train = [json.loads(l) for l in need[0].read_text().splitlines() if l.strip()]
+    hb = [json.loads(l) for l in need[1].read_text().splitlines() if l.strip()]
     py8 = long_docs(train, 2 * DOCS)
     py4 = py8[:DOCS]
     alt = lambda a, b: [r for pair in zip(a, b) for r in pair]  # noqa: E731
@@ -102,7 +105,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     calibs = build(out)
-    domains = {"pydocs": SHARED / "pydocs-valid.jsonl", "handbook": Path("runs/data/handbook-valid.jsonl")}
+    domains = {"pydocs": SHARED / "pydocs-valid.jsonl", "handbook": HANDBOOK / "handbook-valid.jsonl"}
     done = out / "results.json"
     rows = json.loads(done.read_text()) if done.is_file() else []  # a later run adds its rows to an earlier run's
     for target in args.targets.split(","):
