@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .retrieval_check import retrieved
+
 
 def eval_line(row: dict, data: str | Path | None = None) -> str:
     """A metrics.jsonl ``eval`` row as one sentence: ppl against the source's, KL and top-1 agreement."""
@@ -25,7 +27,5 @@ def eval_line(row: dict, data: str | Path | None = None) -> str:
 
 def passkey_line(row: dict) -> str:
     """A metrics.jsonl ``passkey`` row as one sentence: keys retrieved by the student and by the source."""
-    n = row["prompts"]
-    return (f"passkey at {row['length']:,} tokens: {round(row['accuracy'] * n)}/{n} retrieved, "
-            f"the source {round(row['reference_accuracy'] * n)}/{n} (key log-prob {row['logprob']:.2f} vs "
-            f"{row['reference_logprob']:.2f}; {row['seconds']:.0f} s)")
+    counts = retrieved(row["accuracy"], row["reference_accuracy"], row["prompts"], row["logprob"], row["reference_logprob"])
+    return f"passkey at {row['length']:,} tokens: {counts}; {row['seconds']:.0f} s)"

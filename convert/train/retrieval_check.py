@@ -39,6 +39,12 @@ def passkey_check_options(recipe: Recipe, tokenizer) -> LongContextOptions | Non
     return opts
 
 
+def retrieved(accuracy: float, reference_accuracy: float, prompts: int, logprob: float, reference_logprob: float) -> str:
+    """The student's and the source's passkey counts and key log-probs, as the warning and the console say them."""
+    return (f"{round(accuracy * prompts)}/{prompts} retrieved, the source {round(reference_accuracy * prompts)}/{prompts} "
+            f"(key log-prob {logprob:.2f} vs {reference_logprob:.2f}")
+
+
 def passkey_warning(source: LongContextResult, student: LongContextResult, final: str, reference: str,
                     hint: str | None = None) -> str | None:
     """A warning when the student retrieves less than WARN_BELOW of what the source does; the command it
@@ -48,8 +54,8 @@ def passkey_warning(source: LongContextResult, student: LongContextResult, final
     if got >= WARN_BELOW * src:
         return None
     n = len(student.samples["passkey"])
-    return (f"passkey at {length} tokens after uptraining: {round(got * n)}/{n} retrieved, the source {round(src * n)}/{n} "
-            f"(key log-prob {student.passkey_logprob_by_length[length]:.2f} vs {source.passkey_logprob_by_length[length]:.2f}). "
+    counts = retrieved(got, src, n, student.passkey_logprob_by_length[length], source.passkey_logprob_by_length[length])
+    return (f"passkey at {length} tokens after uptraining: {counts}). "
             "Perplexity can stay intact while retrieval collapses; measure it with "
             f"`kvsurgeon eval {final} --reference {reference} --tasks passkey --lengths {length}`; "
             "retrain with another seed, or the recipe's retrieval options as shipped "
