@@ -69,8 +69,9 @@ def manual_pages() -> list[dict]:
     return long_docs(mixed, DOCS)
 
 
-def build(out: Path) -> dict[str, list[str]]:
-    """Each calibration's ``kvsurgeon convert`` options."""
+def build(out: Path, names: list[str]) -> dict[str, list[str]]:
+    """The ``kvsurgeon convert`` options of each calibration in ``names``; only their texts are written
+    (the Debian manuals are downloaded only when asked for)."""
     need = [SHARED / "pydocs-train.jsonl", HANDBOOK / "handbook-calib.jsonl", HANDBOOK / "handbook-valid.jsonl"]
     if missing := [str(p) for p in need if not p.is_file()]:
         raise SystemExit(f"missing {', '.join(missing)}: the handbook comes from `python scripts/build_second_domain.py --out runs/data`")
@@ -81,19 +82,25 @@ def build(out: Path) -> dict[str, list[str]]:
     alt = lambda a, b: [r for pair in zip(a, b) for r in pair]  # noqa: E731
     out.mkdir(parents=True, exist_ok=True)
     spread = ["--calib-windows-per-text", str(PER_DOC_WINDOWS)]
-    return {
-        "builtin": [],
-        "builtin-spread": ["--calib-windows-per-text", "3"],
-        "pydocs-spread": ["--calib-data", str(jsonl(py8, out / "calib-pydocs-spread.jsonl")), *spread],
-        "pydocs+handbook": ["--calib-data", str(jsonl(alt(py4, long_docs(hb, DOCS)), out / "calib-pydocs+handbook.jsonl")), *spread],
-        "pydocs+manuals": ["--calib-data", str(jsonl(alt(py4, manual_pages()), out / "calib-pydocs+manuals.jsonl")), *spread],
+    k16 = ["--calib-tokens", "16384"]
+    texts = {  # name -> (its documents, extra options); None: the built-in text
+        "builtin": (None, []),
+        "builtin-spread": (None, ["--calib-windows-per-text", "3"]),
+        "pydocs-spread": (lambda: py8, spread),
+        "pydocs+handbook": (lambda: alt(py4, long_docs(hb, DOCS)), spread),
+        "pydocs+manuals": (lambda: alt(py4, manual_pages()), spread),
         # the 16K control: Python docs only, 2 windows from each of the first 16
-        "pydocs-spread-16k": ["--calib-data", str(jsonl(long_docs(train, 4 * DOCS), out / "calib-pydocs-spread-16k.jsonl")),
-                              *spread, "--calib-tokens", "16384"],
+        "pydocs-spread-16k": (lambda: long_docs(train, 4 * DOCS), spread + k16),
         # pydocs-spread's 16 windows with 16 handbook windows added: twice the tokens, the same Python docs
-        "pydocs+handbook-16k": ["--calib-data", str(jsonl(alt(py8, long_docs(hb, 2 * DOCS)), out / "calib-pydocs+handbook-16k.jsonl")),
-                                *spread, "--calib-tokens", "16384"],
+        "pydocs+handbook-16k": (lambda: alt(py8, long_docs(hb, 2 * DOCS)), spread + k16),
     }
+    if unknown := [n for n in names if n not in texts]:
+        raise SystemExit(f"--calibs: unknown {', '.join(unknown)}; choose from {', '.join(texts)}")
+    opts = {}
+    for name in names:
+        docs, extra = texts[name]
+        opts[name] = ([] if docs is None else ["--calib-data", str(jsonl(docs(), out / f"calib-{name}.jsonl"))]) + extra
+    return opts
 
 
 def main() -> None:
@@ -104,7 +111,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/calib-text")
     args = ap.parse_args()
     out = Path(args.out)
-    calibs = build(out)
+    calibs = build(out, args.calibs.split(","))
     domains = {"pydocs": SHARED / "pydocs-valid.jsonl", "handbook": HANDBOOK / "handbook-valid.jsonl"}
     done = out / "results.json"
     rows = json.loads(done.read_text()) if done.is_file() else []  # a later run adds its rows to an earlier run's
