@@ -21,8 +21,15 @@ def eval_line(row: dict, data: str | Path | None = None) -> str:
         head += f", KL {row['kl']:.4f}"
     if row.get("top1_agreement") is not None:
         head += f", top-1 agreement {row['top1_agreement']:.1%}"
-    where = f" of {Path(data).name}" if data else ""
-    return head + f" on {row['eval_tokens']:,} held-out tokens{where}"
+    return head + f" on {row['eval_tokens']:,} held-out tokens{_of(data)}"
+
+
+def _of(data: str | Path | None) -> str:
+    """A local file by its name (the folder is the user's own); a Hub dataset id whole, since its last part alone
+    (``org/ds`` -> ``ds``) names a different dataset."""
+    if not data:
+        return ""
+    return f" of {Path(data).name if Path(data).exists() else data}"
 
 
 def passkey_line(row: dict) -> str:
