@@ -16,7 +16,7 @@ Linear layers are initialised from the attention they replace and calibrated (``
 then optionally trained by attention transfer on the calibration inputs (``--transfer-tokens N``).
 
 Layout: ``hybrid_plan`` checks the target (``_checked_target``), picks the layers (``_layer_choice``,
-``_auto_linear_layers`` with ``rank_layers``), and builds a transform that writes each linear layer
+``auto_linear_layers`` with ``rank_layers``), and builds a transform that writes each linear layer
 through ``_HybridLayer`` (initialise, optional attention transfer, a shared ``layer_cache``) and the
 tensors the target stores in another form (``_non_attention_tensors``). The math is in ``fit.py``.
 
@@ -159,8 +159,8 @@ def hybrid_plan(
             layers, files[SEARCH_FILE] = _searched_linear_layers(ckpt, config, target, keep, calib or CalibConfig(), fit, say,
                                                                progress=log is not None)
         elif mode == "auto":
-            layers, files[RANKING_FILE] = _auto_linear_layers(
-                ckpt, config, target, keep, ranking, say,
+            layers, files[RANKING_FILE] = auto_linear_layers(
+                config, keep, ranking, say,
                 lambda: rank_layers(ckpt, config, target, calib or CalibConfig(), rank_tokens, kl_stride=rank_kl_stride,
                                     mamba_init=mamba_init, gdn_init=gdn_init, log=say),
             )
@@ -227,8 +227,8 @@ def _layer_choice(L: int, keep_attention, linear_layers):
     return mode, keep, layers
 
 
-def _auto_linear_layers(ckpt, config: dict, target: str, keep: int, given_ranking: dict | None, say,
-                        measure: Callable[[], dict]) -> tuple[list[int], dict]:
+def auto_linear_layers(config: dict, keep: int, given_ranking: dict | None, say,
+                       measure: Callable[[], dict]) -> tuple[list[int], dict]:
     """Linear layers for ``auto``: all but the ``keep`` layers most costly to linearise, from the
     given ranking or a measured one; returns them and the ranking file's content."""
     ranking = dict(given_ranking) if given_ranking else measure()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvsurgeon.convert.hybrid.plan import _auto_linear_layers, rank_layers
+from kvsurgeon.convert.hybrid.plan import auto_linear_layers, rank_layers
 from kvsurgeon.convert.io.checkpoint import LazyCheckpoint, read_config
 from kvsurgeon.convert.io.resolve import resolve_model
 from kvsurgeon.convert.pipeline.calibration import CalibConfig
@@ -35,8 +35,8 @@ def main() -> None:
     cfg = read_config(src)
     ckpt = LazyCheckpoint(src)
     # auto's own choice from a ranking (kept = the top KEEP; prints the table), here fed the tail-scored one
-    layers, ranking = _auto_linear_layers(
-        ckpt, cfg, "granite", args.keep, None, print,
+    layers, ranking = auto_linear_layers(
+        cfg, args.keep, None, print,
         lambda: rank_layers(ckpt, cfg, "granite", CalibConfig(data=TRAIN), tokens=args.tokens, seq_len=args.seq_len,
                             tail=args.tail, log=print))
     print("--linear-layers " + ",".join(map(str, layers)))
