@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,13 @@ TINY = dict(
     num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=256,
     rms_norm_eps=1e-6, tie_word_embeddings=False,
 )
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process group or a local server the test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_config(model_type: str = "llama", **overrides):

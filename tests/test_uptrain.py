@@ -258,7 +258,7 @@ def fig_lines(fig) -> dict:
     return {line.get_label(): line for line in fig.axes[0].get_lines()}
 
 
-def test_lora_stage_merges_to_the_same_function(tmp_path, text_file):
+def test_lora_stage_merges_to_the_same_function(tmp_path, text_file, caplog):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -277,9 +277,13 @@ def test_lora_stage_merges_to_the_same_function(tmp_path, text_file):
         merged = merged_model(input_ids=ids).logits
     assert not any("lora" in n for n, _ in merged_model.named_parameters())
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
-    # and the runner's LoRA stage ends with a plain stock checkpoint
-    r = recipe_from_dict(base_recipe(tmp_path, text_file, stages=[{"name": "lora", "tokens": 32 * 2 * 2, "trainable": "lora", "lora_r": 4}]))
-    final = uptrain(r, progress=False)
+    # and the runner's LoRA stage ends with a plain stock checkpoint; its checkpoint (step 2) names the tied
+    # output embedding with peft's prefix, and accelerate's notice about it is dropped there too
+    r = recipe_from_dict(base_recipe(tmp_path, text_file, tie=True, stages=[{"name": "lora", "tokens": 32 * 2 * 2, "trainable": "lora", "lora_r": 4}]))
+    with caplog.at_level(logging.WARNING):
+        final = uptrain(r, progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "step-0000002").is_dir()
+    assert not [r.getMessage() for r in caplog.records if "Removed shared tensor" in r.getMessage()]
     m = AutoModelForCausalLM.from_pretrained(final)
     assert not any("lora" in n for n, _ in m.named_parameters())
 
@@ -618,3 +622,34 @@ def test_only_the_real_tie_loses_accelerates_shared_tensor_notice(caplog):
     other = {**state, "extra.weight": state["model.embed_tokens.weight"]}
     _, said = notices(tied_output_names(tied), other)
     assert len(said) == 1, said
+
+
+def test_the_tie_is_named_as_a_wrapped_model_saves_it(caplog):
+    """Under LoRA (peft) and DDP the saved names carry the wrapper's prefix; the tie is found by those names."""
+    import torch.distributed as dist
+    from accelerate.utils.other import clean_state_dict_for_safetensors
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from kvsurgeon.convert.train.tied_weights import quiet_tied_notice, tied_output_names
+
+    from conftest import free_port, tiny_config
+
+    def said(model) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), quiet_tied_notice(tied_output_names(model)):
+            clean_state_dict_for_safetensors(dict(model.state_dict()))
+        return [r.getMessage() for r in caplog.records if "Removed shared tensor" in r.getMessage()]
+
+    lora = get_peft_model(AutoModelForCausalLM.from_config(tiny_config(tie_word_embeddings=True)),
+                          LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.0))
+    assert tied_output_names(lora) == {"base_model.model.lm_head.weight"} and said(lora) == []
+    untied = get_peft_model(AutoModelForCausalLM.from_config(tiny_config(tie_word_embeddings=False)),
+                            LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.0))
+    assert tied_output_names(untied) == set()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(AutoModelForCausalLM.from_config(tiny_config(tie_word_embeddings=True)))
+        assert tied_output_names(ddp) == {"module.lm_head.weight"} and said(ddp) == []
+    finally:
+        dist.destroy_process_group()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from kvsurgeon.convert.train.distill import PackedStream, window_digests
 from kvsurgeon.convert.train.recipe import recipe_from_dict
 from kvsurgeon.convert.train.uptrain import uptrain
 
-from conftest import save_tiny, write_text, write_tiny_tokenizer
+from conftest import free_port, save_tiny, write_text, write_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ, STEPS = 32, 12
@@ -40,12 +39,6 @@ SEQ, STEPS = 32, 12
 # of the mean over both windows: equal in exact arithmetic, different in float32 summation order.
 # Measured here: max relative loss difference ~1e-6 over 12 Adam steps; 1e-4 leaves room for other BLAS.
 DDP_RTOL = 1e-4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_cmd(recipe: Path, resume: bool = False, nproc: int = 2) -> list[str]:

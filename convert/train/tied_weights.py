@@ -21,8 +21,17 @@ _NOTICE = re.compile(r"Removed shared tensor (\{.*?\}) while saving")
 
 
 def tied_output_names(model) -> set[str]:
-    """State-dict names of the output embedding when it is the input embedding's very tensor, else none."""
-    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    """State-dict names of the output embedding when it is the input embedding's very tensor, else none.
+
+    ``model`` is what a checkpoint saves: a transformers model, or one wrapped by peft (LoRA) or DDP, whose
+    state-dict names carry the wrapper's prefix (``base_model.model.``, ``module.``); the names come from
+    the wrapper itself, so they are the saved ones."""
+    from accelerate.utils import extract_model_from_parallel
+
+    base = extract_model_from_parallel(model)
+    if hasattr(base, "get_base_model"):  # peft
+        base = base.get_base_model()
+    out, inp = base.get_output_embeddings(), base.get_input_embeddings()
     if out is None or inp is None or out.weight is not inp.weight:
         return set()
     return {f"{name}.weight" for name, m in model.named_modules(remove_duplicate=False) if m is out}

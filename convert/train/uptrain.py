@@ -387,7 +387,6 @@ class Uptrainer:
         teacher = self.load(src, trainable=False)
         teacher = acc.prepare_model(teacher, evaluation_mode=True)
         student_base = self.load(folder, trainable=True)
-        self.tied_names = tied_output_names(student_base)
         memory = self._check_memory(student_base, run_config := read_config(folder))
         prog, ck = self._resume_point(resume)
         if memory is not None:
@@ -555,6 +554,7 @@ class Uptrainer:
         opt = torch.optim.AdamW(params, lr=stage.lr or r.optim.lr, betas=tuple(r.optim.betas), weight_decay=r.optim.weight_decay)
         sched = stage_scheduler(opt, r.optim, run.steps, si)
         model, opt, sched = acc.prepare(model, opt, sched)
+        self.tied_names = tied_output_names(model)  # as this stage's checkpoints name it (a LoRA or DDP prefix)
         if prog.global_step == 0 and run.ck is None and si == 0:
             # after prepare: the student is on the accelerator's device (sharded under FSDP)
             self.evaluate(model, run.teacher, run.folder, prog, "after conversion")
