@@ -123,13 +123,18 @@ def build(out: Path, names: list[str]) -> dict[str, list[str]]:
     return opts
 
 
+def eval_json(model: str, *argv: str) -> dict:
+    """``kvsurgeon eval MODEL ARGV --json``, in a child process, as a dict."""
+    res = subprocess.run([sys.executable, "-m", "kvsurgeon.convert.cli", "eval", model, *argv, "--json"],
+                         check=True, capture_output=True, text=True)
+    return json.loads(res.stdout)
+
+
 def long_eval(model: str, domains: dict[str, Path]) -> dict:
     """Retrieval and perplexity by position of ``model``: the bench's prompts (5 depths x 2, seed 0) and, per domain,
     2 windows of 4,096 tokens."""
     def run(*argv: str) -> dict:
-        res = subprocess.run([sys.executable, "-m", "kvsurgeon.convert.cli", "eval", model, *argv, "--json"],
-                             check=True, capture_output=True, text=True)
-        return json.loads(res.stdout)["long_context"][0]
+        return eval_json(model, *argv)["long_context"][0]
     r = run("--tasks", "passkey,multikey,long-ppl", "--depths", "5", "--samples", "2", "--data", str(domains["pydocs"]))
     row = {k: r[k] for k in ("passkey_by_length", "multikey_by_length", "passkey_logprob_by_length", "long_ppl_buckets")}
     row["long_ppl"] = {"pydocs": r["long_ppl"]}
@@ -178,10 +183,7 @@ def main() -> None:
                               out / f"{folder.name}.stats.json")
             row = {"target": target, "calib": name, "convert_s": round(st["seconds"]), "command": st["command"]}
             for dom, path in domains.items():
-                res = subprocess.run([sys.executable, "-m", "kvsurgeon.convert.cli", "eval", str(folder), "--reference", SOURCE,
-                                      "--data", str(path), "--max-tokens", str(args.eval_tokens), "--json"],
-                                     check=True, capture_output=True, text=True)
-                r = json.loads(res.stdout)
+                r = eval_json(str(folder), "--reference", SOURCE, "--data", str(path), "--max-tokens", str(args.eval_tokens))
                 row[dom] = {"ppl": r["ppl"], "reference_ppl": r["reference_ppl"], "ratio": r["ppl"] / r["reference_ppl"],
                             "kl": r["kl"], "tokens": r["tokens"]}
             rows = [x for x in rows if (x["target"], x["calib"]) != (target, name)] + [row]
