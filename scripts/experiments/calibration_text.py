@@ -65,6 +65,13 @@ def jsonl(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def require(*paths: Path) -> list[Path]:
+    """``paths``, refused with the fix when one is missing."""
+    if missing := [str(p) for p in paths if not p.is_file()]:
+        raise SystemExit(f"missing {', '.join(missing)}: the handbook comes from `python scripts/build_second_domain.py --out runs/data`")
+    return list(paths)
+
+
 def long_docs(rows: list[dict], n: int, chars: int = 8000) -> list[dict]:
     """The first ``n`` documents of at least ``chars`` characters (~4 a token; the default: two windows of 512)."""
     return [r for r in rows if len(r["text"]) >= chars][:n]
@@ -87,9 +94,7 @@ def manual_pages() -> list[dict]:
 def build(out: Path, names: list[str]) -> dict[str, list[str]]:
     """The ``kvsurgeon convert`` options of each calibration in ``names``; only their texts are written
     (the Debian manuals are downloaded only when asked for)."""
-    need = [SHARED / "pydocs-train.jsonl", HANDBOOK / "handbook-calib.jsonl", HANDBOOK / "handbook-valid.jsonl"]
-    if missing := [str(p) for p in need if not p.is_file()]:
-        raise SystemExit(f"missing {', '.join(missing)}: the handbook comes from `python scripts/build_second_domain.py --out runs/data`")
+    need = require(SHARED / "pydocs-train.jsonl", HANDBOOK / "handbook-calib.jsonl", HANDBOOK / "handbook-valid.jsonl")
     train = [json.loads(l) for l in need[0].read_text().splitlines() if l.strip()]
     hb = [json.loads(l) for l in need[1].read_text().splitlines() if l.strip()]
     py8 = long_docs(train, 2 * DOCS)
@@ -147,6 +152,7 @@ def long_eval(model: str, domains: dict[str, Path]) -> dict:
 def measure_long(out: Path, targets: list[str], names: list[str], domains: dict[str, Path]) -> None:
     """--long: the folders of an earlier run, and the source, each measured once at long context."""
     folders = {f"{t}-{n}": out / f"{t}-{n}" for t in targets for n in names}
+    require(*domains.values())
     if missing := [str(f) for f in folders.values() if not (f / "config.json").is_file()]:
         raise SystemExit(f"--long measures folders an earlier run converted; missing {', '.join(missing)}: run without --long first")
     done = out / "long.json"
@@ -170,10 +176,10 @@ def main() -> None:
     ap.add_argument("--long", action="store_true", help="measure retrieval and ppl by position on an earlier run's folders; convert nothing")
     args = ap.parse_args()
     out = Path(args.out)
-    calibs = build(out, args.calibs.split(","))
     domains = {"pydocs": SHARED / "pydocs-valid.jsonl", "handbook": HANDBOOK / "handbook-valid.jsonl"}
-    if args.long:
+    if args.long:  # the texts are already written and converted: build nothing (pydocs+manuals would download again)
         return measure_long(out, args.targets.split(","), args.calibs.split(","), domains)
+    calibs = build(out, args.calibs.split(","))
     done = out / "results.json"
     rows = json.loads(done.read_text()) if done.is_file() else []  # a later run adds its rows to an earlier run's
     for target in args.targets.split(","):
