@@ -403,6 +403,41 @@ def test_nope_planes_auto_judges_candidates_at_the_served_distances():
     assert info["nope_planes"] == min(errs, key=errs.get)
 
 
+def _head_errors(a, m, x, kv_order):
+    """Each source query head's squared output error through its own o columns, over the tokens; the
+    merge ``m`` has its heads in ``kv_order`` (its ``info["kv_order"]``)."""
+    a = gqa.permute_heads(a, kv_order)
+    back = torch.argsort(gqa._query_order(kv_order, a.group_size))
+    z, zm = ref.head_outputs(a, x)[..., back, :], ref.head_outputs(m, x)[..., back, :]
+    a, m = a.with_(o=a.o[:, back]), m.with_(o=m.o[:, back])
+    o, om = a.o.double(), m.o.double()
+    return torch.stack([((z[..., h, :] @ o[:, h].T) - (zm[..., h, :] @ om[:, h].T)).pow(2).sum() for h in range(a.num_heads)])
+
+
+@pytest.mark.parametrize("target", [1, 2])
+def test_head_weights_favour_the_weighted_head(target):
+    """head_weights counts one query head's errors 100 times in the key and value fits: that head's own
+    output error falls below 0.6x of the unweighted merge's, and below what it is when another source KV
+    head's query head is weighted instead. With 2 target heads the KV heads are regrouped first, and each
+    weight must follow its head. All-ones weights are the unweighted merge exactly."""
+    a = read_all(structured(tiny(std=0.15, seed=2), target=1, noise=0.3, seed=5))[1]
+    x = attention_inputs(tiny(std=0.15, seed=2), tokens(8, 64, seed=11))[1]
+    opts = gqa.MergeOptions(refit=False, nope_planes=0)
+    info = {}
+    plain = gqa.calibrated_merge(a, x, target, opts, info=info)
+    assert (info["kv_order"] != list(range(G))) == (target == 2)  # the regrouping this test needs
+    ones = gqa.calibrated_merge(a, x, target, opts, head_weights=torch.ones(H))
+    assert all(torch.equal(getattr(plain, n), getattr(ones, n)) for n in ("q", "k", "v", "o"))
+    before = _head_errors(a, plain, x, info["kv_order"])
+    errs = {}
+    for h in (0, 5):  # source KV heads 0 and 2
+        w = torch.ones(H)
+        w[h] = 100.0
+        errs[h] = _head_errors(a, gqa.calibrated_merge(a, x, target, opts, head_weights=w), x, info["kv_order"])
+        assert errs[h][h] < 0.6 * before[h], (h, errs[h][h] / before[h])
+    assert errs[0][0] < errs[5][0] and errs[5][5] < errs[0][5]
+
+
 def test_attention_stats_by_row_blocks_match_the_full_probabilities():
     """The calibrated merge's per-token statistics (score sensitivity, attention received) are accumulated
     over blocks of query rows; past ``ROW_BLOCK`` tokens they equal the same sums over the full (H, T, T)

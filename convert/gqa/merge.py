@@ -145,6 +145,11 @@ def expand_to_mha(attn: AttentionWeights) -> AttentionWeights:
     return attn.with_(k=rep(attn.k), v=rep(attn.v), k_bias=rep(attn.k_bias), v_bias=rep(attn.v_bias), k_norm=k_norm)
 
 
+def _query_order(kv_order: Sequence[int], n: int) -> torch.Tensor:
+    """The query heads in their new order when KV heads move to ``kv_order`` (``n`` query heads each)."""
+    return (torch.tensor(list(kv_order))[:, None] * n + torch.arange(n)[None]).reshape(-1)
+
+
 def permute_heads(attn: AttentionWeights, kv_order: Sequence[int]) -> AttentionWeights:
     """Reorder KV heads: new KV head i is old KV head ``kv_order[i]``. The query heads reading it move
     with it (and their o columns), so the layer computes exactly the same function."""
@@ -153,7 +158,7 @@ def permute_heads(attn: AttentionWeights, kv_order: Sequence[int]) -> AttentionW
     if sorted(order) != list(range(G)):
         raise KvSurgeonError(f"kv_order must be a permutation of 0..{G - 1}, got {list(kv_order)}")
     kv = torch.tensor(order)
-    qh = (kv[:, None] * n + torch.arange(n)[None]).reshape(-1)  # query heads, in their new order
+    qh = _query_order(order, n)
 
     def pick(t, idx, dim=0):
         return None if t is None else t.index_select(dim, idx)
@@ -325,11 +330,12 @@ def shared_basis(
     return W * alpha, P
 
 
-def _merge_keys(q, k, X, rotary_dim, n_q, *, token_w=None, nope_planes=0):
+def _merge_keys(q, k, X, rotary_dim, n_q, *, token_w=None, nope_planes=0, head_w=None):
     """One block: q (Hb, D, in+1), k (r, D, in+1) augmented rows, X (N, in+1) inputs.
 
     token_w: optional (N,) importance of each key token. nope_planes: how many of the slowest RoPE
     planes are treated as non-rotary and pooled with the tail dims (see ``calibrated_merge``).
+    head_w: optional (Hb,) importance of each query head (a query's score error counts ``head_w`` times).
     Returns the shared key rows (D, in+1) and the new query rows (Hb, D, in+1).
     """
     Hb, D, _ = q.shape
@@ -340,11 +346,12 @@ def _merge_keys(q, k, X, rotary_dim, n_q, *, token_w=None, nope_planes=0):
     keys = torch.einsum("ni,gdi->ngd", X, k)  # (N, r, D)
     qa = torch.einsum("ni,hdi->nhd", X, q)  # (N, Hb, D)
     tw = torch.ones(X.shape[0], dtype=F64) if token_w is None else token_w.to(F64) / token_w.mean()
+    hw = torch.ones(Hb, dtype=F64) if head_w is None else head_w.to(F64)
     new_k = torch.zeros(D, k.shape[-1], dtype=F64)
     new_q = torch.zeros_like(q)
     if R:
         # query energy per (frequency, KV head): a key error e in plane f costs E|q_f|^2 |e|^2
-        qpow = to_planes(qa[..., :R], R).abs().pow(2).mean(0)  # (Hb, F)
+        qpow = to_planes(qa[..., :R], R).abs().pow(2).mean(0) * hw[:, None]  # (Hb, F)
         w = torch.zeros(F, r, dtype=F64).index_add_(1, kv_local, qpow.T).sqrt()
         A, A_inv = pca_basis(plane_covariance(keys * tw.sqrt()[:, None, None], R), w)
         kz = rotate_keys(k, A, R)[0]  # component 0 (rows :R meaningful)
@@ -367,7 +374,7 @@ def _merge_keys(q, k, X, rotary_dim, n_q, *, token_w=None, nope_planes=0):
         C = Xw.T @ Xw
         qt = qa[..., idx]
         metrics = [
-            sum(qt[:, h].T @ qt[:, h] for h in range(Hb) if kv_local[h] == j) / X.shape[0] for j in range(r)
+            sum(hw[h] * qt[:, h].T @ qt[:, h] for h in range(Hb) if kv_local[h] == j) / X.shape[0] for j in range(r)
         ]
         W, P = shared_basis([k[j, idx] for j in range(r)], metrics, C, len(flat))
         W, P = _align_dims(W, P)
@@ -394,15 +401,17 @@ def _align_dims(W: torch.Tensor, P: list[torch.Tensor]) -> tuple[torch.Tensor, l
     return torch.linalg.solve(S, W), [p @ S for p in P]
 
 
-def _merge_values(v, o, C, n_q):
-    """One block: v (r, Dv, in+1) augmented rows, o (hidden, Hb, Dv), C (in+1, in+1) input moment.
+def _merge_values(v, o, C, n_q, head_w=None):
+    """One block: v (r, Dv, in+1) augmented rows, o (hidden, Hb, Dv), C (in+1, in+1) input moment;
+    head_w: optional (Hb,) importance of each query head's output.
 
     Returns shared value rows (Dv, in+1) and new o columns (hidden, Hb, Dv).
     """
     r, Dv, _ = v.shape
     Hb = o.shape[1]
     kv_local = torch.arange(Hb) // n_q
-    metrics = [sum(o[:, h].T @ o[:, h] for h in range(Hb) if kv_local[h] == j) for j in range(r)]
+    hw = torch.ones(Hb, dtype=F64) if head_w is None else head_w.to(F64)
+    metrics = [sum(hw[h] * o[:, h].T @ o[:, h] for h in range(Hb) if kv_local[h] == j) for j in range(r)]
     W, P = shared_basis(list(v), metrics, C, Dv)
     new_o = torch.stack([o[:, h] @ P[int(kv_local[h])] for h in range(Hb)], dim=1)
     return W, new_o
@@ -522,7 +531,7 @@ def _check_merge_options(attn: AttentionWeights, target: int, options: MergeOpti
 
 
 def _shared_values(v: torch.Tensor, o: torch.Tensor, X: torch.Tensor, blocks: list, recv: torch.Tensor | None,
-                   n_q: int, options: MergeOptions) -> tuple[torch.Tensor, torch.Tensor]:
+                   n_q: int, options: MergeOptions, head_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 2: one value basis per block (target, Dv, in+1); o's columns (hidden, H, Dv) absorb each
     head's reconstruction map."""
     new_v, new_o = [], torch.zeros_like(o)
@@ -531,23 +540,23 @@ def _shared_values(v: torch.Tensor, o: torch.Tensor, X: torch.Tensor, blocks: li
             vg, og = v[kb].mean(0), o[:, qb]
         else:
             if options.value_tokens == "received":
-                wv = recv[:, qb].sum(1)
+                wv = (recv[:, qb] * head_w[qb]).sum(1)
                 C = (X * (wv / wv.mean())[:, None]).T @ X
             else:
                 C = X.T @ X
-            vg, og = _merge_values(v[kb], o[:, qb], C, n_q)
+            vg, og = _merge_values(v[kb], o[:, qb], C, n_q, head_w[qb])
         new_v.append(vg)
         new_o[:, qb] = og
     return torch.stack(new_v), new_o
 
 
 def _shared_keys(q: torch.Tensor, k: torch.Tensor, X: torch.Tensor, blocks: list, key_w: torch.Tensor | None,
-                 rotary_dim: int, n_q: int, n_nope: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 rotary_dim: int, n_q: int, n_nope: int, head_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 1: each block's shared key (target, D, in+1) and the queries (H, D, in+1) reading it."""
     new_q, new_k = torch.zeros_like(q), []
     for kb, qb in blocks:
-        tw = key_w[:, qb].sum(1) if key_w is not None else None
-        kg, qg = _merge_keys(q[qb], k[kb], X, rotary_dim, n_q, token_w=tw, nope_planes=n_nope)
+        tw = (key_w[:, qb] * head_w[qb]).sum(1) if key_w is not None else None
+        kg, qg = _merge_keys(q[qb], k[kb], X, rotary_dim, n_q, token_w=tw, nope_planes=n_nope, head_w=head_w[qb])
         new_k.append(kg)
         new_q[qb] = qg
     return new_q, torch.stack(new_k)
@@ -600,6 +609,7 @@ def calibrated_merge(
     inv_freq: torch.Tensor | None = None,
     attention_scaling: float | None = None,
     info: dict | None = None,
+    head_weights: torch.Tensor | None = None,
 ) -> AttentionWeights:
     """Merge KV heads into ``target`` shared heads using calibration activations (the default method).
 
@@ -615,6 +625,8 @@ def calibrated_merge(
     for the rest. y: the o refit's target, by default the source layer's own attention output on x.
     inv_freq / attention_scaling: RoPE tables for the attention simulation (default: ``rope_tables``).
     info: optional dict filled with what was chosen (``nope_planes``, ``kv_order``, ``nope_errors``).
+    head_weights: optional (H,) importance of each query head in the key and value fits (default: all 1),
+    e.g. more for the heads that copy from far back (``retrieval_head_weights``).
     Returns weights in the input dtype with ``target`` KV heads.
     """
     _check_merge_options(attn, target, options)
@@ -628,9 +640,11 @@ def calibrated_merge(
     r, Hb = G // target, attn.num_heads // target
     n_q = attn.group_size  # query heads per source KV head
     info["kv_order"] = list(range(G))
+    hw = torch.ones(attn.num_heads, dtype=F64) if head_weights is None else head_weights.to(F64)
     if options.regroup and 1 < target < G:
         info["kv_order"] = _similarity_order(attn, X, target)
         attn = permute_heads(attn, info["kv_order"])
+        hw = hw[_query_order(info["kv_order"], n_q)]
     key_w = recv = None
     if options.key_tokens == "attention" or options.value_tokens == "received":
         key_w, recv = _attention_stats(attn, x, **rope_kw)
@@ -639,10 +653,10 @@ def calibrated_merge(
     q = _augment(attn.q, attn.q_bias)
     k = _augment(attn.k, attn.k_bias)
     blocks = [(slice(g * r, (g + 1) * r), slice(g * Hb, (g + 1) * Hb)) for g in range(target)]
-    new_v, new_o = _shared_values(_augment(attn.v, attn.v_bias), attn.o.to(F64), X, blocks, recv, n_q, options)
+    new_v, new_o = _shared_values(_augment(attn.v, attn.v_bias), attn.o.to(F64), X, blocks, recv, n_q, options, hw)
 
     def merge_with(n_nope: int) -> AttentionWeights:
-        return _assemble(attn, *_shared_keys(q, k, X, blocks, key_w, R, n_q, n_nope), new_v, new_o)
+        return _assemble(attn, *_shared_keys(q, k, X, blocks, key_w, R, n_q, n_nope, hw), new_v, new_o)
 
     y_src = None
     if attn.k_norm is not None:  # Qwen3: keys merged after their per-head norm (qk_norm_merge)
