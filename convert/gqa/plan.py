@@ -4,22 +4,30 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+
 from kvsurgeon.attention import family_for, head_dim_of, rope_spec, write_attention
 
 from ..io.checkpoint import LazyCheckpoint
 from ..errors import KvSurgeonError
 from .merge import MergeOptions, calibrated_merge, check_kv_heads, expand_to_mha, mean_pool
+from .retrieval_heads import FAR, copy_scores, repeat_pairs, retrieval_head_weights
 from ..pipeline.driver import Plan
 from ..pipeline.preflight import family_problem, refuse
 
 METHODS = ("calibrated", "mean")
+RETRIEVAL_WEIGHT = 0.0  # --retrieval-heads' default
+HEADS_FILE = "kvsurgeon_retrieval_heads.json"
 
 
-def gqa_plan(target: int, method: str = "calibrated", merge: MergeOptions = MergeOptions(), sequential: bool = True):
+def gqa_plan(target: int, method: str = "calibrated", merge: MergeOptions = MergeOptions(), sequential: bool = True,
+             retrieval_weight: float = RETRIEVAL_WEIGHT):
     """``merge``: ``calibrated_merge``'s options (``MergeOptions``: its measured defaults unless the
     ablations in scripts/experiments/ set them here). ``sequential``: calibrate layer i on the hidden
     states of the converted layers 0..i-1 (GPTQ-style), as the ablation behind BENCHMARKS.md did, so
-    the o refit also absorbs upstream drift."""
+    the o refit also absorbs upstream drift. ``retrieval_weight``: the calibrated merge counts each query
+    head's errors ``1 + retrieval_weight * copy score`` times (``retrieval_heads``), the scores measured on
+    the calibration text's far repeats and written beside the model (``HEADS_FILE``)."""
     if method not in METHODS:
         raise KvSurgeonError(f"unknown --method {method!r} for --to gqa/mqa; choose one of {', '.join(METHODS)}")
 
@@ -36,6 +44,20 @@ def gqa_plan(target: int, method: str = "calibrated", merge: MergeOptions = Merg
         new_config = {**config, "num_key_value_heads": target, "head_dim": head_dim_of(config)}
         # pooled RoPE planes are judged at the distances the model is served at, not the calibration window's
         options = merge if merge.context else replace(merge, context=config.get("max_position_embeddings"))
+        weighing = method == "calibrated" and not expanding and target != G and retrieval_weight > 0
+        pairs: list[torch.Tensor] = []
+        heads = {"retrieval_weight": retrieval_weight, "far": FAR, "copies": 0, "copy_scores": {}}
+
+        def on_calibration(ids: torch.Tensor) -> None:
+            pairs.append(repeat_pairs(ids))
+            heads["copies"] = len(pairs[0])
+
+        def head_weights(i, attn, x):
+            if not weighing:
+                return None
+            scores = copy_scores(attn, x, pairs[0])
+            heads["copy_scores"][i] = [round(float(v), 4) for v in scores]
+            return retrieval_head_weights(scores, retrieval_weight)
 
         def transform(i, attn, x):
             if expanding:
@@ -45,7 +67,7 @@ def gqa_plan(target: int, method: str = "calibrated", merge: MergeOptions = Merg
             elif method == "mean":
                 new = mean_pool(attn, target)
             else:
-                new = calibrated_merge(attn, x, target, options)
+                new = calibrated_merge(attn, x, target, options, head_weights=head_weights(i, attn, x))
             return write_attention(new, new_config, i)
 
         what = "expanded (exact repeat)" if expanding else f"{method} merging"
@@ -54,7 +76,11 @@ def gqa_plan(target: int, method: str = "calibrated", merge: MergeOptions = Merg
             transform=transform,
             needs_calibration=(method == "calibrated" and not expanding and target != G),
             sequential=sequential,
-            summary=f"{G} -> {target} KV heads per layer ({H} query heads) by {what}.",
+            summary=f"{G} -> {target} KV heads per layer ({H} query heads) by {what}"
+                    + (f", query heads weighted by 1 + {retrieval_weight:g} x their copy attention ({HEADS_FILE})."
+                       if weighing else "."),
+            files={HEADS_FILE: heads} if weighing else {},
+            on_calibration=on_calibration if weighing else None,
         )
 
     return make_plan

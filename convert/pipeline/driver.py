@@ -52,6 +52,9 @@ class Plan:
     # layer, so it can state what the layers' transforms did (e.g. which attention transfers were undone).
     summary: "str | Callable[[], str]" = ""
     files: dict = field(default_factory=dict)  # extra JSON files for the output folder (e.g. a layer ranking)
+    # Called once with the calibration token ids (windows, seq_len) before the first layer, for transforms
+    # that read the text itself (e.g. where it repeats), not only its hidden states.
+    on_calibration: "Callable[[torch.Tensor], None] | None" = None
     # Output tensors the source lacks, written as a copy of another source tensor: {new: source name}
     # (e.g. an untied lm_head from a tied embedding)
     copies: dict = field(default_factory=dict)
@@ -153,6 +156,8 @@ def _calibration_stream(plan: Plan, opts: ConvertOptions, src: Path, ckpt: LazyC
     from ..evaluation.perplexity import load_tokenizer
 
     ids = calibration_ids(load_tokenizer(src), opts.calib)
+    if plan.on_calibration is not None:
+        plan.on_calibration(ids)
     return ConvertedStream(ckpt, config, plan.new_config, ids) if plan.sequential else LayerStream(ckpt, config, ids)
 
 

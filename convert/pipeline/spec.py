@@ -58,6 +58,10 @@ class ConversionSpec:
         "a better fit inside it, drift beyond it. SmolLM2 MQA untrained, ppl vs the source at 512-token windows / positions "
         "1K-2K / 2K-4K: default (8192) 2.7x / 3.5x / 3.3x, 2048: 2.2x / 3.5x / 7.0x, 512: 2.0x / 6.3x / 41.9x "
         "(BENCHMARKS.md)")
+    retrieval_heads: float | None = _opt(
+        None, "gqa/mqa: how much more the calibrated merge weighs the query heads that copy from far back: each head "
+        "counts 1 + W x its mean attention on bigrams the calibration text repeats 64+ tokens back (default 0: "
+        "every head alike; the scores go to kvsurgeon_retrieval_heads.json)")
     kv_lora_rank: int | None = _opt(None, "mla: latent size R (cache = R + rope-dim values/token/layer)")
     rope_dim: int | None = _opt(None, "mla: decoupled rope key dims Dr (even, <= head_dim; default head_dim)")
     pad_latent_to: int | None = _opt(
@@ -139,6 +143,13 @@ class ConversionSpec:
                                      "pass one of the two")
             if not _whole(self.serve_context, 1):
                 raise KvSurgeonError(f"--serve-context must be a whole number of tokens >= 1, got {self.serve_context!r}")
+        if self.retrieval_heads is not None:
+            if self.to not in ("gqa", "mqa") or self.method == "mean":
+                raise KvSurgeonError("--retrieval-heads weighs the calibrated KV-head merge; it needs --to gqa/mqa "
+                                     "without --method mean")
+            if isinstance(self.retrieval_heads, bool) or not isinstance(self.retrieval_heads, (int, float)) \
+                    or not 0 <= self.retrieval_heads < float("inf"):
+                raise KvSurgeonError(f"--retrieval-heads must be a number >= 0 (0: every head alike), got {self.retrieval_heads!r}")
         if self.linear is not None and self.to != "hybrid":
             raise KvSurgeonError("--linear chooses the linear layer type of a hybrid; it needs --to hybrid")
         if self.q_bias is not None and self.to != "mla":
@@ -193,7 +204,8 @@ class ConversionSpec:
         if self.to in ("gqa", "mqa"):
             from ..gqa.plan import gqa_plan
 
-            return gqa_plan(self.kv_heads, self.method or "calibrated", merge=self.merge_options())
+            return gqa_plan(self.kv_heads, self.method or "calibrated", merge=self.merge_options(),
+                            **({} if self.retrieval_heads is None else {"retrieval_weight": self.retrieval_heads}))
         if self.to == "mla":
             from ..mla.plan import mla_plan
 

@@ -1,0 +1,63 @@
+"""Which query heads copy from far back, measured on calibration text, so the KV-head merge can favour them.
+
+In-context retrieval runs through a few "retrieval heads" (Wu et al. 2024, "Retrieval Head"; DuoAttention):
+when the next token repeats something seen long before, they put their attention on that earlier copy. On
+SmolLM2-135M about ten of its 270 heads do (layers 17-23), and an MQA merge that weighs every head alike
+blurs exactly the keys they match on (BENCHMARKS.md, "Retrieval heads weighted in the merge").
+
+No planted facts are needed: in ordinary text a bigram that recurs ``far`` or more tokens back is such a
+copy. Each head's score is its mean attention from the row that predicts the repeat to the earlier
+occurrence, computed with the source layer's own attention on the calibration inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvsurgeon.attention.neutral import AttentionWeights
+from kvsurgeon.attention.reference import causal_prob_blocks, resolve_rope, source_qk, source_score_block
+
+FAR = 64  # a repeat counts as a copy from far back at this distance or more
+
+
+def repeat_pairs(ids: torch.Tensor, far: int = FAR) -> torch.Tensor:
+    """(P, 3) long rows ``(window, t, s)`` of calibration windows ``ids`` (B, T): the row t predicts token
+    t+1, which with token t repeats the bigram at s-1, s, at least ``far`` back (``t - s >= far``; the
+    nearest such s). Row t's attention on key s is then a copy from far back."""
+    out = []
+    for b, row in enumerate(ids.tolist()):
+        seen: dict[tuple[int, int], list[int]] = {}
+        for t in range(1, len(row) - 1):
+            s_new = t - far  # the bigram ending at s_new becomes old enough for row t
+            if s_new >= 1:
+                seen.setdefault((row[s_new - 1], row[s_new]), []).append(s_new)
+            hits = seen.get((row[t], row[t + 1]))
+            if hits:
+                out.append((b, t, hits[-1]))
+    return torch.tensor(out, dtype=torch.long).reshape(-1, 3)
+
+
+def copy_scores(attn: AttentionWeights, x: torch.Tensor, pairs: torch.Tensor, *,
+                inv_freq: torch.Tensor | None = None, attention_scaling: float | None = None) -> torch.Tensor:
+    """(H,) float64: each query head's mean attention probability a(t, s) over ``pairs`` (``repeat_pairs``)
+    on the windows x (B, T, hidden); zeros without pairs. Scored by blocks of query rows, as the merge's
+    own statistics are, so a long window never holds (H, T, T)."""
+    H = attn.num_heads
+    total = torch.zeros(H, dtype=torch.float64)
+    if not len(pairs):
+        return total
+    inv_freq, scaling = resolve_rope(attn, inv_freq, attention_scaling)
+    T = x.shape[-2]
+    for b in pairs[:, 0].unique().tolist():
+        mine = pairs[pairs[:, 0] == b]
+        q, k = source_qk(attn, x[b], inv_freq, scaling)
+        for s, e, lo, p in causal_prob_blocks(source_score_block(attn, q, k), T):
+            rows = mine[(mine[:, 1] >= s) & (mine[:, 1] < e)]
+            if len(rows):
+                total += p[:, rows[:, 1] - s, rows[:, 2] - lo].sum(-1)
+    return total / len(pairs)
+
+
+def retrieval_head_weights(scores: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-head importance for the merge: ``1 + weight * score`` (every head keeps weight >= 1)."""
+    return 1 + weight * scores
