@@ -39,12 +39,10 @@ OUT = ROOT / "runs" / "retrieval-heads"
 WINDOWS, WINDOW = 16, 512
 
 
-def copy_scores(windows: int = WINDOWS, seq_len: int = WINDOW) -> torch.Tensor:
-    """(layers, heads): mean attention from each restated code token's predicting row to the same token's
-    first mention, on ``windows`` retrieval-pair windows of pydocs-train text."""
+def _source_and_text(windows: int, seq_len: int):
+    """The source with attention probabilities out, its tokenizer, and ``windows * seq_len`` tokens of the
+    pydocs-train documents the ablation eval does not read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kvsurgeon.convert.pipeline.calibration import retrieval_window_with_answer
 
     tok = AutoTokenizer.from_pretrained(SOURCE)
     model = AutoModelForCausalLM.from_pretrained(SOURCE, attn_implementation="eager", dtype=torch.float32).eval()
@@ -54,6 +52,15 @@ def copy_scores(windows: int = WINDOWS, seq_len: int = WINDOW) -> torch.Tensor:
         ids += tok(d + "\n\n", add_special_tokens=False)["input_ids"]
         if len(ids) >= windows * seq_len:
             break
+    return tok, model, ids
+
+
+def copy_scores(windows: int = WINDOWS, seq_len: int = WINDOW) -> torch.Tensor:
+    """(layers, heads): mean attention from each restated code token's predicting row to the same token's
+    first mention, on ``windows`` retrieval-pair windows of pydocs-train text."""
+    from kvsurgeon.convert.pipeline.calibration import retrieval_window_with_answer
+
+    tok, model, ids = _source_and_text(windows, seq_len)
     rng = random.Random(0)
     cfg = model.config
     total, n = torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads), 0
@@ -77,25 +84,17 @@ def repeat_scores(windows: int = WINDOWS, seq_len: int = WINDOW, far: int = 64) 
     """(layers, heads): the same on plain pydocs-train windows, no planted facts. A copy is a row t whose
     next token repeats a bigram seen at least ``far`` tokens back (ids[s-1:s+1] == ids[t:t+2], the
     nearest such s): the attention a(t, s) on that earlier copy, averaged over every such row."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from kvsurgeon.convert.gqa.retrieval_heads import repeat_pairs
 
-    tok = AutoTokenizer.from_pretrained(SOURCE)
-    model = AutoModelForCausalLM.from_pretrained(SOURCE, attn_implementation="eager", dtype=torch.float32).eval()
-    docs = [json.loads(line)["text"] for line in TRAIN.read_text().splitlines()[:-ABLATION_DOCS]]
-    ids: list[int] = []
-    for d in docs:
-        ids += tok(d + "\n\n", add_special_tokens=False)["input_ids"]
-        if len(ids) >= windows * seq_len:
-            break
+    _, model, ids = _source_and_text(windows, seq_len)
     cfg = model.config
     total, n = torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads), 0
     for w in range(windows):
         win = ids[w * seq_len:(w + 1) * seq_len]
-        pairs = [(t, s) for t in range(1, seq_len - 1)
-                 for s in [next((s for s in range(t - far, 0, -1) if win[s - 1:s + 1] == win[t:t + 2]), None)] if s]
-        if not pairs:
+        pairs = repeat_pairs(torch.tensor([win]), far)  # the CLI's own definition of a far repeat
+        if not len(pairs):
             continue
-        rows, cols = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+        rows, cols = pairs[:, 1], pairs[:, 2]
         with torch.no_grad():
             att = model(torch.tensor([win]), output_attentions=True).attentions
         for layer, a in enumerate(att):
