@@ -45,17 +45,17 @@ def gqa_plan(target: int, method: str = "calibrated", merge: MergeOptions = Merg
         # pooled RoPE planes are judged at the distances the model is served at, not the calibration window's
         options = merge if merge.context else replace(merge, context=config.get("max_position_embeddings"))
         weighing = method == "calibrated" and not expanding and target != G and retrieval_weight > 0
-        pairs: list[torch.Tensor] = []
+        found: dict[str, torch.Tensor] = {}  # the calibration windows' far repeats, once they are known
         heads = {"retrieval_weight": retrieval_weight, "far": FAR, "copies": 0, "copy_scores": {}}
 
         def on_calibration(ids: torch.Tensor) -> None:
-            pairs.append(repeat_pairs(ids))
-            heads["copies"] = len(pairs[0])
+            found["pairs"] = repeat_pairs(ids)
+            heads["copies"] = len(found["pairs"])
 
         def head_weights(i, attn, x):
             if not weighing:
                 return None
-            scores = copy_scores(attn, x, pairs[0])
+            scores = copy_scores(attn, x, found["pairs"])
             heads["copy_scores"][i] = [round(float(v), 4) for v in scores]
             return retrieval_head_weights(scores, retrieval_weight)
 

@@ -3,7 +3,7 @@
 In-context retrieval runs through a few "retrieval heads" (Wu et al. 2024, "Retrieval Head"; DuoAttention):
 when the next token repeats something seen long before, they put their attention on that earlier copy. On
 SmolLM2-135M about ten of its 270 heads do (layers 17-23), and an MQA merge that weighs every head alike
-blurs exactly the keys they match on (BENCHMARKS.md, "Retrieval heads weighted in the merge").
+blurs exactly the keys they match on (BENCHMARKS.md, "Retrieval heads weighted in the MQA merge").
 
 No planted facts are needed: in ordinary text a bigram that recurs ``far`` or more tokens back is such a
 copy. Each head's score is its mean attention from the row that predicts the repeat to the earlier
@@ -26,14 +26,14 @@ def repeat_pairs(ids: torch.Tensor, far: int = FAR) -> torch.Tensor:
     nearest such s). Row t's attention on key s is then a copy from far back."""
     out = []
     for b, row in enumerate(ids.tolist()):
-        seen: dict[tuple[int, int], list[int]] = {}
+        last: dict[tuple[int, int], int] = {}  # bigram -> where it last ended, at least ``far`` back
         for t in range(1, len(row) - 1):
             s_new = t - far  # the bigram ending at s_new becomes old enough for row t
             if s_new >= 1:
-                seen.setdefault((row[s_new - 1], row[s_new]), []).append(s_new)
-            hits = seen.get((row[t], row[t + 1]))
-            if hits:
-                out.append((b, t, hits[-1]))
+                last[(row[s_new - 1], row[s_new])] = s_new
+            s = last.get((row[t], row[t + 1]))
+            if s is not None:
+                out.append((b, t, s))
     return torch.tensor(out, dtype=torch.long).reshape(-1, 3)
 
 
