@@ -330,12 +330,12 @@ def shared_basis(
     return W * alpha, P
 
 
-def _merge_keys(q, k, X, rotary_dim, n_q, *, token_w=None, nope_planes=0, head_w=None):
+def _merge_keys(q, k, X, rotary_dim, n_q, head_w, *, token_w=None, nope_planes=0):
     """One block: q (Hb, D, in+1), k (r, D, in+1) augmented rows, X (N, in+1) inputs.
 
     token_w: optional (N,) importance of each key token. nope_planes: how many of the slowest RoPE
     planes are treated as non-rotary and pooled with the tail dims (see ``calibrated_merge``).
-    head_w: optional (Hb,) importance of each query head (a query's score error counts ``head_w`` times).
+    head_w: (Hb,) float64 importance of each query head (a query's score error counts ``head_w`` times).
     Returns the shared key rows (D, in+1) and the new query rows (Hb, D, in+1).
     """
     Hb, D, _ = q.shape
@@ -346,12 +346,11 @@ def _merge_keys(q, k, X, rotary_dim, n_q, *, token_w=None, nope_planes=0, head_w
     keys = torch.einsum("ni,gdi->ngd", X, k)  # (N, r, D)
     qa = torch.einsum("ni,hdi->nhd", X, q)  # (N, Hb, D)
     tw = torch.ones(X.shape[0], dtype=F64) if token_w is None else token_w.to(F64) / token_w.mean()
-    hw = torch.ones(Hb, dtype=F64) if head_w is None else head_w.to(F64)
     new_k = torch.zeros(D, k.shape[-1], dtype=F64)
     new_q = torch.zeros_like(q)
     if R:
         # query energy per (frequency, KV head): a key error e in plane f costs E|q_f|^2 |e|^2
-        qpow = to_planes(qa[..., :R], R).abs().pow(2).mean(0) * hw[:, None]  # (Hb, F)
+        qpow = to_planes(qa[..., :R], R).abs().pow(2).mean(0) * head_w[:, None]  # (Hb, F)
         w = torch.zeros(F, r, dtype=F64).index_add_(1, kv_local, qpow.T).sqrt()
         A, A_inv = pca_basis(plane_covariance(keys * tw.sqrt()[:, None, None], R), w)
         kz = rotate_keys(k, A, R)[0]  # component 0 (rows :R meaningful)
@@ -374,7 +373,7 @@ def _merge_keys(q, k, X, rotary_dim, n_q, *, token_w=None, nope_planes=0, head_w
         C = Xw.T @ Xw
         qt = qa[..., idx]
         metrics = [
-            sum(hw[h] * qt[:, h].T @ qt[:, h] for h in range(Hb) if kv_local[h] == j) / X.shape[0] for j in range(r)
+            sum(head_w[h] * qt[:, h].T @ qt[:, h] for h in range(Hb) if kv_local[h] == j) / X.shape[0] for j in range(r)
         ]
         W, P = shared_basis([k[j, idx] for j in range(r)], metrics, C, len(flat))
         W, P = _align_dims(W, P)
@@ -401,17 +400,16 @@ def _align_dims(W: torch.Tensor, P: list[torch.Tensor]) -> tuple[torch.Tensor, l
     return torch.linalg.solve(S, W), [p @ S for p in P]
 
 
-def _merge_values(v, o, C, n_q, head_w=None):
+def _merge_values(v, o, C, n_q, head_w):
     """One block: v (r, Dv, in+1) augmented rows, o (hidden, Hb, Dv), C (in+1, in+1) input moment;
-    head_w: optional (Hb,) importance of each query head's output.
+    head_w: (Hb,) float64 importance of each query head's output.
 
     Returns shared value rows (Dv, in+1) and new o columns (hidden, Hb, Dv).
     """
     r, Dv, _ = v.shape
     Hb = o.shape[1]
     kv_local = torch.arange(Hb) // n_q
-    hw = torch.ones(Hb, dtype=F64) if head_w is None else head_w.to(F64)
-    metrics = [sum(hw[h] * o[:, h].T @ o[:, h] for h in range(Hb) if kv_local[h] == j) for j in range(r)]
+    metrics = [sum(head_w[h] * o[:, h].T @ o[:, h] for h in range(Hb) if kv_local[h] == j) for j in range(r)]
     W, P = shared_basis(list(v), metrics, C, Dv)
     new_o = torch.stack([o[:, h] @ P[int(kv_local[h])] for h in range(Hb)], dim=1)
     return W, new_o
@@ -556,7 +554,7 @@ def _shared_keys(q: torch.Tensor, k: torch.Tensor, X: torch.Tensor, blocks: list
     new_q, new_k = torch.zeros_like(q), []
     for kb, qb in blocks:
         tw = (key_w[:, qb] * head_w[qb]).sum(1) if key_w is not None else None
-        kg, qg = _merge_keys(q[qb], k[kb], X, rotary_dim, n_q, token_w=tw, nope_planes=n_nope, head_w=head_w[qb])
+        kg, qg = _merge_keys(q[qb], k[kb], X, rotary_dim, n_q, head_w[qb], token_w=tw, nope_planes=n_nope)
         new_k.append(kg)
         new_q[qb] = qg
     return new_q, torch.stack(new_k)
