@@ -10,7 +10,9 @@ import kvsurgeon.attention.reference as ref
 from kvsurgeon.convert.errors import KvSurgeonError
 from kvsurgeon.convert.gqa.retrieval_heads import copy_scores, repeat_pairs, retrieval_head_weights
 
-from test_gqa import HIDDEN, read_all, tiny
+from test_gqa import HIDDEN, _convert_mqa, _state, read_all, tiny
+
+CALIB = dict(calib_tokens=512, calib_seq_len=128)  # windows long enough for repeats 64+ tokens back
 
 
 def test_repeat_pairs_finds_the_nearest_far_bigram():
@@ -45,20 +47,6 @@ def test_copy_scores_are_the_attention_on_each_pair():
     assert torch.equal(retrieval_head_weights(torch.tensor([0.0, 0.5]), 10.0), torch.tensor([1.0, 6.0]))
 
 
-def _convert(src, out, text_file, **spec_kw):
-    from kvsurgeon.convert.pipeline.driver import ConvertOptions
-    from kvsurgeon.convert.pipeline.spec import ConversionSpec, run_conversion
-
-    spec = ConversionSpec(to="mqa", calib_data=str(text_file), calib_tokens=512, calib_seq_len=128, **spec_kw)
-    return run_conversion(str(src), spec, ConvertOptions(out=out, measure="off", progress=False))
-
-
-def _state(folder):
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
 def test_retrieval_heads_option_reaches_the_merge(tmp_path, text_file):
     """--retrieval-heads W: the output equals convert_model on gqa_plan(retrieval_weight=W), tensor for
     tensor; it differs from W=0 (every head alike); the copy scores are written beside the model, one per
@@ -70,11 +58,11 @@ def test_retrieval_heads_option_reaches_the_merge(tmp_path, text_file):
 
     src = save_tiny(tmp_path / "src")
     cfg = json.loads((src / "config.json").read_text())
-    _convert(src, tmp_path / "w", text_file, retrieval_heads=200.0)
-    calib = CalibConfig(data=str(text_file), tokens=512, seq_len=128)
+    _convert_mqa(src, tmp_path / "w", text_file, retrieval_heads=200.0, **CALIB)
+    calib = CalibConfig(data=str(text_file), tokens=CALIB["calib_tokens"], seq_len=CALIB["calib_seq_len"])
     convert_model(str(src), gqa_plan(1, retrieval_weight=200.0),
                   ConvertOptions(out=tmp_path / "direct", calib=calib, measure="off", progress=False))
-    _convert(src, tmp_path / "off", text_file, retrieval_heads=0.0)
+    _convert_mqa(src, tmp_path / "off", text_file, retrieval_heads=0.0, **CALIB)
     w, direct, off = _state(tmp_path / "w"), _state(tmp_path / "direct"), _state(tmp_path / "off")
     assert w.keys() == direct.keys() == off.keys()
     for name in w:

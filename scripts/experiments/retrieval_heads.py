@@ -111,10 +111,17 @@ def scores(kind: str = "pairs") -> torch.Tensor:
     return torch.load(path, weights_only=True)
 
 
-def convert(out: Path, boost: float, kind: str, flags: list[str]) -> float:
-    """MQA with head weights ``1 + boost * score / max score``, via the CLI; seconds taken."""
+def cli_convert(out: Path, argv: list[str]) -> float:
+    """``kvsurgeon convert SOURCE --to mqa ARGV`` into ``out``; seconds taken."""
     from kvsurgeon.convert.cli import app
 
+    t0 = time.time()
+    app(["convert", SOURCE, "--to", "mqa", *argv, "--out", str(out), "--overwrite", "--measure", "off"], standalone_mode=False)
+    return time.time() - t0
+
+
+def convert(out: Path, boost: float, kind: str, flags: list[str]) -> float:
+    """MQA with head weights ``1 + boost * score / max score``, via the CLI; seconds taken."""
     s = scores(kind)
     weights = 1 + boost * s / s.max()
     layer = iter(range(weights.shape[0]))  # calibrated_merge is called once per layer, in order
@@ -125,13 +132,10 @@ def convert(out: Path, boost: float, kind: str, flags: list[str]) -> float:
         return merge(attn, x, target, options, **kw)
 
     to_gqa.calibrated_merge = weighted
-    t0 = time.time()
     try:
-        app(["convert", SOURCE, "--to", "mqa", *flags, "--out", str(out), "--overwrite", "--measure", "off"],
-            standalone_mode=False)
+        return cli_convert(out, flags)
     finally:
         to_gqa.calibrated_merge = merge
-    return time.time() - t0
 
 
 def evaluate(out: Path) -> dict:
@@ -148,9 +152,7 @@ def evaluate(out: Path) -> dict:
         cache = OUT / "source_long_ppl.json"
         if not cache.is_file():
             ref, _ = load_model(SOURCE)
-            src = measure_long_context(ref, tok, LongContextOptions(tasks=("passkey", "long-ppl"), lengths=[1024, 2048, 4096],
-                                                                    samples=2, long_seq_len=4096, long_windows=2, data=eval_path),
-                                       "source", progress=False)
+            src = measure_long_context(ref, tok, opts, "source", progress=False)
             cache.write_text(json.dumps({"long_ppl": src.long_ppl, "passkey": src.passkey_by_length}))
         src = json.loads(cache.read_text())
     return {"passkey": lc.passkey_by_length, "key_logprob": lc.passkey_logprob_by_length,
@@ -169,28 +171,20 @@ def main() -> None:
     ap.add_argument("--scores", choices=["pairs", "repeats"], default="repeats")
     args, flags = ap.parse_known_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    s = scores(args.scores)
     if args.job == "scores":
+        s = scores(args.scores)
         top = torch.topk(s.flatten(), 12)
         print(json.dumps([(int(i) // s.shape[1], int(i) % s.shape[1], round(float(v), 3))
                           for v, i in zip(top.values, top.indices)]))
         return
-    for weight in args.weight:
-        out = OUT / f"mqa-cli-w{weight:g}{args.tag}"
-        t0, secs = time.time(), None
-        if not (out / "config.json").is_file():
-            from kvsurgeon.convert.cli import app
-
-            app(["convert", SOURCE, "--to", "mqa", "--retrieval-heads", str(weight), *flags, "--out", str(out),
-                 "--overwrite", "--measure", "off"], standalone_mode=False)
-            secs = time.time() - t0
-        print(json.dumps({"run": out.name, "weight": weight, "flags": flags, "convert_s": secs and round(secs),
-                          **evaluate(out)}), flush=True)
-    for boost in args.boost or ([] if args.weight else [0.0]):
-        out = OUT / f"mqa-{args.scores}-b{boost:g}{args.tag}"
-        secs = convert(out, boost, args.scores, flags) if not (out / "config.json").is_file() else None
-        print(json.dumps({"run": out.name, "boost": boost, "flags": flags, "convert_s": secs and round(secs),
-                          **evaluate(out)}), flush=True)
+    runs = [(OUT / f"mqa-cli-w{w:g}{args.tag}", {"weight": w},
+             lambda out, w=w: cli_convert(out, ["--retrieval-heads", str(w), *flags])) for w in args.weight]
+    runs += [(OUT / f"mqa-{args.scores}-b{b:g}{args.tag}", {"boost": b},
+              lambda out, b=b: convert(out, b, args.scores, flags)) for b in args.boost or ([] if args.weight else [0.0])]
+    for out, what, make in runs:  # a folder an earlier run converted is only measured
+        secs = make(out) if not (out / "config.json").is_file() else None
+        print(json.dumps({"run": out.name, **what, "flags": flags, "convert_s": secs and round(secs), **evaluate(out)}),
+              flush=True)
 
 
 if __name__ == "__main__":
