@@ -34,5 +34,6 @@ def _of(data: str | Path | None) -> str:
 
 def passkey_line(row: dict) -> str:
     """A metrics.jsonl ``passkey`` row as one sentence: keys retrieved by the student and by the source."""
-    counts = retrieved(row["accuracy"], row["reference_accuracy"], row["prompts"], row["logprob"], row["reference_logprob"])
-    return f"passkey at {row['length']:,} tokens: {counts}; {row['seconds']:.0f} s)"
+    counts = retrieved(row["accuracy"], row["reference_accuracy"], row["prompts"], row["logprob"], row["reference_logprob"],
+                       aside=f"; {row['seconds']:.0f} s")
+    return f"passkey at {row['length']:,} tokens: {counts}"

@@ -39,10 +39,12 @@ def passkey_check_options(recipe: Recipe, tokenizer) -> LongContextOptions | Non
     return opts
 
 
-def retrieved(accuracy: float, reference_accuracy: float, prompts: int, logprob: float, reference_logprob: float) -> str:
-    """The student's and the source's passkey counts and key log-probs, as the warning and the console say them."""
+def retrieved(accuracy: float, reference_accuracy: float, prompts: int, logprob: float, reference_logprob: float,
+              aside: str = "") -> str:
+    """The student's and the source's passkey counts and key log-probs, as the warning and the console say them;
+    ``aside`` goes inside the closing parenthesis."""
     return (f"{round(accuracy * prompts)}/{prompts} retrieved, the source {round(reference_accuracy * prompts)}/{prompts} "
-            f"(key log-prob {logprob:.2f} vs {reference_logprob:.2f}")
+            f"(key log-prob {logprob:.2f} vs {reference_logprob:.2f}{aside})")
 
 
 def passkey_warning(source: LongContextResult, student: LongContextResult, final: str, reference: str,
@@ -55,7 +57,7 @@ def passkey_warning(source: LongContextResult, student: LongContextResult, final
         return None
     n = len(student.samples["passkey"])
     counts = retrieved(got, src, n, student.passkey_logprob_by_length[length], source.passkey_logprob_by_length[length])
-    return (f"passkey at {length} tokens after uptraining: {counts}). "
+    return (f"passkey at {length} tokens after uptraining: {counts}. "
             "Perplexity can stay intact while retrieval collapses; measure it with "
             f"`kvsurgeon eval {final} --reference {reference} --tasks passkey --lengths {length}`; "
             "retrain with another seed, or the recipe's retrieval options as shipped "
