@@ -495,17 +495,16 @@ def rank_layers(
         del layer
         say(f"rank: layer {i} linearised alone: layer output rel-MSE {layer_err[i]:.4f} ({time.time() - t0:.0f}s)")
     logits = _final_projection(ckpt, config)
+    from .search import body_tail_means, scored_positions
     if tail:
-        from .search import scored_positions
         pos, n_body = scored_positions(ids.shape[1], tail, kl_stride)
     else:
-        pos, n_body = torch.arange(0, ids.shape[1], kl_stride), None
+        pos = torch.arange(0, ids.shape[1], kl_stride)
     kls, tails = {}, {}
     ref = [torch.log_softmax(logits(stream.hidden[b, pos]), -1) for b in range(ids.shape[0])]
     for i, h in perturbed.items():
         kl = torch.stack([kl_per_position(ref[b], torch.log_softmax(logits(h[b, pos]), -1)).double() for b in range(ids.shape[0])])
-        kls[i] = float(kl[:, :n_body].mean())
-        tails[i] = float(kl[:, n_body:].mean()) if tail else 0.0
+        kls[i], tails[i] = body_tail_means(kl, n_body) if tail else (float(kl.mean()), 0.0)
     ranking = sorted(range(L), key=lambda i: -(kls[i] + tails[i]))
     return {
         "metric": "mean per-token KL(source || source with only this layer linearised), nats"

@@ -82,10 +82,14 @@ def scored_logprobs(model, ids: torch.Tensor, positions: torch.Tensor) -> torch.
     return torch.stack(out)
 
 
+def body_tail_means(kl: torch.Tensor, n_body: int) -> tuple[float, float]:
+    """Means of a (windows, positions) KL over the first ``n_body`` positions and over the rest (the tail)."""
+    return float(kl[:, :n_body].mean()), float(kl[:, n_body:].mean())
+
+
 def kl_parts(target: torch.Tensor, got: torch.Tensor, n_body: int) -> tuple[float, float]:
     """Mean KL(target || got) per position over the body positions and over the tail positions."""
-    kl = kl_per_position(target, got)
-    return float(kl[:, :n_body].mean()), float(kl[:, n_body:].mean())
+    return body_tail_means(kl_per_position(target, got), n_body)
 
 
 def search_linear_layers(model, ids: torch.Tensor, candidates: list[int], keep: int,
