@@ -115,7 +115,7 @@ def test_real_mqa_weighs_up_the_heads_that_read_the_passkey(smollm2, tmp_path, t
     import random
 
     from kvsurgeon.convert.evaluation.long_context import FillerTokens, make_prompt
-    from kvsurgeon.convert.gqa.plan import HEADS_FILE
+    from kvsurgeon.convert.retrieval_heads import HEADS_FILE
 
     calib, _ = texts
     out = _convert(tmp_path / "rh", "--to", "mqa", "--retrieval-heads", "50", "--calib-data", str(calib), *CALIB)

@@ -8,7 +8,7 @@ import torch
 
 import kvsurgeon.attention.reference as ref
 from kvsurgeon.convert.errors import KvSurgeonError
-from kvsurgeon.convert.gqa.retrieval_heads import copy_scores, repeat_pairs, retrieval_head_weights
+from kvsurgeon.convert.retrieval_heads import copy_scores, repeat_pairs, retrieval_head_weights
 
 from test_gqa import HIDDEN, _convert_mqa, _state, read_all, tiny
 
@@ -52,7 +52,8 @@ def test_retrieval_heads_option_reaches_the_merge(tmp_path, text_file):
     tensor; it differs from W=0 (every head alike); the copy scores are written beside the model, one per
     query head and layer, from the far repeats of the calibration windows; the card names the option."""
     from conftest import save_tiny
-    from kvsurgeon.convert.gqa.plan import HEADS_FILE, gqa_plan
+    from kvsurgeon.convert.gqa.plan import gqa_plan
+    from kvsurgeon.convert.retrieval_heads import HEADS_FILE
     from kvsurgeon.convert.pipeline.calibration import CalibConfig
     from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model
 

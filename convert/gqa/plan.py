@@ -4,20 +4,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
-
 from kvsurgeon.attention import family_for, head_dim_of, rope_spec, write_attention
 
 from ..io.checkpoint import LazyCheckpoint
 from ..errors import KvSurgeonError
 from .merge import MergeOptions, calibrated_merge, check_kv_heads, expand_to_mha, mean_pool
-from .retrieval_heads import FAR, copy_scores, repeat_pairs, retrieval_head_weights
+from ..retrieval_heads import HEADS_FILE, RETRIEVAL_WEIGHT, RetrievalWeighting
 from ..pipeline.driver import Plan
 from ..pipeline.preflight import family_problem, refuse
 
 METHODS = ("calibrated", "mean")
-RETRIEVAL_WEIGHT = 0.0  # --retrieval-heads' default
-HEADS_FILE = "kvsurgeon_retrieval_heads.json"
 
 
 def gqa_plan(target: int, method: str = "calibrated", merge: MergeOptions = MergeOptions(), sequential: bool = True,
@@ -45,19 +41,7 @@ def gqa_plan(target: int, method: str = "calibrated", merge: MergeOptions = Merg
         # pooled RoPE planes are judged at the distances the model is served at, not the calibration window's
         options = merge if merge.context else replace(merge, context=config.get("max_position_embeddings"))
         weighing = method == "calibrated" and not expanding and target != G and retrieval_weight > 0
-        found: dict[str, torch.Tensor] = {}  # the calibration windows' far repeats, once they are known
-        heads = {"retrieval_weight": retrieval_weight, "far": FAR, "copies": 0, "copy_scores": {}}
-
-        def on_calibration(ids: torch.Tensor) -> None:
-            found["pairs"] = repeat_pairs(ids)
-            heads["copies"] = len(found["pairs"])
-
-        def head_weights(i, attn, x):
-            if not weighing:
-                return None
-            scores = copy_scores(attn, x, found["pairs"])
-            heads["copy_scores"][i] = [round(float(v), 4) for v in scores]
-            return retrieval_head_weights(scores, retrieval_weight)
+        heads = RetrievalWeighting(retrieval_weight) if weighing else None
 
         def transform(i, attn, x):
             if expanding:
@@ -67,7 +51,7 @@ def gqa_plan(target: int, method: str = "calibrated", merge: MergeOptions = Merg
             elif method == "mean":
                 new = mean_pool(attn, target)
             else:
-                new = calibrated_merge(attn, x, target, options, head_weights=head_weights(i, attn, x))
+                new = calibrated_merge(attn, x, target, options, head_weights=heads.head_weights(i, attn, x) if heads else None)
             return write_attention(new, new_config, i)
 
         what = "expanded (exact repeat)" if expanding else f"{method} merging"
@@ -76,11 +60,9 @@ def gqa_plan(target: int, method: str = "calibrated", merge: MergeOptions = Merg
             transform=transform,
             needs_calibration=(method == "calibrated" and not expanding and target != G),
             sequential=sequential,
-            summary=f"{G} -> {target} KV heads per layer ({H} query heads) by {what}"
-                    + (f", query heads weighted by 1 + {retrieval_weight:g} x their copy attention ({HEADS_FILE})."
-                       if weighing else "."),
-            files={HEADS_FILE: heads} if weighing else {},
-            on_calibration=on_calibration if weighing else None,
+            summary=f"{G} -> {target} KV heads per layer ({H} query heads) by {what}{', query heads ' + heads.summary() if heads else ''}.",
+            files={HEADS_FILE: heads.record} if heads else {},
+            on_calibration=heads.on_calibration if heads else None,
         )
 
     return make_plan

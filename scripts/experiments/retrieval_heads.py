@@ -84,7 +84,7 @@ def repeat_scores(windows: int = WINDOWS, seq_len: int = WINDOW, far: int = 64) 
     """(layers, heads): the same on plain pydocs-train windows, no planted facts. A copy is a row t whose
     next token repeats a bigram seen at least ``far`` tokens back (ids[s-1:s+1] == ids[t:t+2], the
     nearest such s): the attention a(t, s) on that earlier copy, averaged over every such row."""
-    from kvsurgeon.convert.gqa.retrieval_heads import repeat_pairs
+    from kvsurgeon.convert.retrieval_heads import repeat_pairs
 
     _, model, ids = _source_and_text(windows, seq_len)
     cfg = model.config

@@ -1,4 +1,5 @@
-"""Which query heads copy from far back, measured on calibration text, so the KV-head merge can favour them.
+"""Which query heads copy from far back, measured on calibration text, so a calibrated fit (the KV-head merge,
+MLA's joint latent) can favour them.
 
 In-context retrieval runs through a few "retrieval heads" (Wu et al. 2024, "Retrieval Head"; DuoAttention):
 when the next token repeats something seen long before, they put their attention on that earlier copy. On
@@ -12,12 +13,16 @@ occurrence, computed with the source layer's own attention on the calibration in
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from kvsurgeon.attention.neutral import AttentionWeights
 from kvsurgeon.attention.reference import causal_prob_blocks, resolve_rope, source_qk, source_score_block
 
 FAR = 64  # a repeat counts as a copy from far back at this distance or more
+RETRIEVAL_WEIGHT = 0.0  # --retrieval-heads' default
+HEADS_FILE = "kvsurgeon_retrieval_heads.json"
 
 
 def repeat_pairs(ids: torch.Tensor, far: int = FAR) -> torch.Tensor:
@@ -61,3 +66,31 @@ def copy_scores(attn: AttentionWeights, x: torch.Tensor, pairs: torch.Tensor, *,
 def retrieval_head_weights(scores: torch.Tensor, weight: float) -> torch.Tensor:
     """Per-head importance for the merge: ``1 + weight * score`` (every head keeps weight >= 1)."""
     return 1 + weight * scores
+
+
+@dataclass
+class RetrievalWeighting:
+    """``--retrieval-heads W`` through one conversion: the calibration windows' far repeats (``on_calibration``,
+    before the first layer), then each layer's copy scores and head weights. ``record`` is what the output's
+    HEADS_FILE holds; the plan hands it to the writer, which serialises it after the last layer."""
+
+    weight: float
+    pairs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
+    record: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.record.update(retrieval_weight=self.weight, far=FAR, copies=0, copy_scores={})
+
+    def on_calibration(self, ids: torch.Tensor) -> None:
+        self.pairs = repeat_pairs(ids)
+        self.record["copies"] = len(self.pairs)
+
+    def head_weights(self, i: int, attn: AttentionWeights, x: torch.Tensor) -> torch.Tensor:
+        """(H,) weights for layer i, its source attention ``attn`` on the calibration inputs x (B, T, hidden)."""
+        scores = copy_scores(attn, x, self.pairs)
+        self.record["copy_scores"][i] = [round(float(v), 4) for v in scores]
+        return retrieval_head_weights(scores, self.weight)
+
+    def summary(self) -> str:
+        """How the card says the heads were weighted, after "query heads"."""
+        return f"weighted by 1 + {self.weight:g} x their copy attention ({HEADS_FILE})"
