@@ -253,10 +253,12 @@ def rorope_basis(
     k_bias: torch.Tensor | None = None,
     q_bias: torch.Tensor | None = None,
     query_weighted: bool = True,
+    head_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-frequency basis ``A`` (F, G, G) across KV heads and ``inv(A)``: PCA of keys computed from
     calibration inputs ``x`` (N, hidden), each head weighted by the RMS of the queries reading it
-    in that frequency. ``x=None``: isotropic inputs (a PCA of the key weights themselves)."""
+    in that frequency. ``x=None``: isotropic inputs (a PCA of the key weights themselves).
+    head_weights: (H,) importance of each query head's energy in that RMS (None: alike)."""
     G, D, hidden = k.shape
     X = _flat(x) if x is not None else torch.eye(hidden, dtype=torch.float64)
     keys = torch.einsum("gdi,ni->ngd", k.double(), X)
@@ -270,6 +272,8 @@ def rorope_basis(
         if q_bias is not None and x is not None:
             qa = qa + q_bias[:, :rotary_dim].double()
         e = (qa[..., :F] ** 2 + qa[..., F:] ** 2).mean(0)  # (H, F)
+        if head_weights is not None:
+            e = e * head_weights.double()[:, None]
         w = torch.zeros(G, F, dtype=torch.float64)
         w.index_add_(0, kv_index, e)
         w = (w / torch.bincount(kv_index, minlength=G)[:, None]).sqrt()
@@ -432,25 +436,26 @@ def _nope_index(G: int, D: int, rope_rows: torch.Tensor) -> tuple[torch.Tensor, 
     return mi, di
 
 
-def _value_metric(o: torch.Tensor, kv_index: torch.Tensor, G: int, Dv: int) -> torch.Tensor:
-    """(G*Dv, G*Dv) block diagonal: per KV head, the o_proj energy of the query heads reading it."""
+def _value_metric(o: torch.Tensor, kv_index: torch.Tensor, G: int, Dv: int, head_w: torch.Tensor) -> torch.Tensor:
+    """(G*Dv, G*Dv) block diagonal: per KV head, the o_proj energy of the query heads reading it, each
+    counted ``head_w[h]`` times."""
     Mv = torch.zeros(G * Dv, G * Dv, dtype=torch.float64)
     for h in range(o.shape[1]):
         j = int(kv_index[h])
-        Mv[j * Dv:(j + 1) * Dv, j * Dv:(j + 1) * Dv] += o[:, h].T @ o[:, h]
+        Mv[j * Dv:(j + 1) * Dv, j * Dv:(j + 1) * Dv] += float(head_w[h]) * (o[:, h].T @ o[:, h])
     return Mv
 
 
 def _whitening(attn: AttentionWeights, q: torch.Tensor, X: torch.Tensor, Sx: torch.Tensor, Cn: torch.Tensor,
-               Kn: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               Kn: int, head_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Key and value metrics and their inverses: nope keys by the queries reading them (score
-    error), values by o_proj (output error)."""
+    error), values by o_proj (output error); query head h's errors count ``head_w[h]`` times in both."""
     H, D, hidden = attn.q.shape
-    # sum_h Qn_h Sx Qn_h^T = sum_h Cn_h (q_h Sx q_h^T) Cn_h^T: (D, D) per head, with the input
+    # sum_h w_h Qn_h Sx Qn_h^T = sum_h w_h Cn_h (q_h Sx q_h^T) Cn_h^T: (D, D) per head, with the input
     # moment applied through X when there are fewer tokens than hidden dims
-    Sq = _head_moments(q, X if X.shape[0] < hidden else None, Sx)
+    Sq = _head_moments(q, X if X.shape[0] < hidden else None, Sx) * head_w.double()[:, None, None]
     Mk = torch.einsum("hkd,hde,hle->kl", Cn, Sq, Cn) / D if Kn else Cn.new_zeros(0, 0)
-    Mv = _value_metric(attn.o.double(), attn.kv_index(), attn.num_kv_heads, attn.v_head_dim)
+    Mv = _value_metric(attn.o.double(), attn.kv_index(), attn.num_kv_heads, attn.v_head_dim, head_w)
     Sk, Sk_inv = psd_sqrt(Mk) if Kn else (Mk, Mk)
     Svm, Sv_inv = psd_sqrt(Mv)
     return Sk, Sk_inv, Svm, Sv_inv
@@ -480,8 +485,10 @@ def joint_latent_plan(
     method: str,
     fit: MlaFit = MlaFit(),
     token_weights: torch.Tensor | None = None,
+    head_weights: torch.Tensor | None = None,
 ) -> JointLatentPlan:
-    """RoRoPE and the metric-weighted joint [K_nope; V] covariance the latent keeps the top R of."""
+    """RoRoPE and the metric-weighted joint [K_nope; V] covariance the latent keeps the top R of.
+    head_weights: (H,) importance of each query head in the calibrated RoRoPE and whitening (None: alike)."""
     X = _calibration_inputs(attn, x, method, fit.q_bias)
     H, D, hidden = attn.q.shape
     G, Dv, rd = attn.num_kv_heads, attn.v_head_dim, attn.rope.rotary_dim
@@ -493,7 +500,8 @@ def joint_latent_plan(
     kept, theta = rope_frequency_plan(attn.rope, rope_dim, fit.frequencies)
     calibrated = method == "calibrated"
     A, A_inv = rorope_basis(
-        attn.k, q, kv_index, rd, X if calibrated else None, attn.k_bias, None, query_weighted=calibrated
+        attn.k, q, kv_index, rd, X if calibrated else None, attn.k_bias, None, query_weighted=calibrated,
+        head_weights=head_weights,
     )
     kr = rotate_keys(attn.k.double(), A, rd)  # (G, D, hidden)
     kept_t = torch.tensor(kept, dtype=torch.long)
@@ -521,7 +529,8 @@ def joint_latent_plan(
         u = token_weights.reshape(-1).double()
         Sx_kv = (X * u[:, None]).T @ X / u.sum()
     if fit.whiten and calibrated:
-        Sk, Sk_inv, Svm, Sv_inv = _whitening(attn, q, X, Sx, Cn, Kn)
+        Sk, Sk_inv, Svm, Sv_inv = _whitening(attn, q, X, Sx, Cn, Kn,
+                                             torch.ones(H) if head_weights is None else head_weights)
     else:
         Sk, Sk_inv = torch.eye(Kn, dtype=torch.float64), torch.eye(Kn, dtype=torch.float64)
         Svm, Sv_inv = torch.eye(G * Dv, dtype=torch.float64), torch.eye(G * Dv, dtype=torch.float64)
@@ -711,6 +720,7 @@ def convert_layer_to_mla(
     fit: MlaFit = MlaFit(),
     *,
     token_weights: torch.Tensor | None = None,
+    head_weights: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
 ) -> MlaWeights:
     """One layer -> DeepSeek MLA with latent rank ``kv_lora_rank`` (R) and shared rope dim ``rope_dim`` (Dr).
@@ -719,7 +729,8 @@ def convert_layer_to_mla(
     states). ``method="svd"`` needs none (weight-only basis); if given, x is then only used for the
     latent-norm scales and the kv_b refit (``MlaFit(norm_fit=False, refit=False)`` for a pure baseline).
     fit: the fit's options (``MlaFit``). token_weights: (N,) importance of each calibration token
-    for the joint PCA and the kv_b refit, e.g. ``attention_token_weights``.
+    for the joint PCA and the kv_b refit, e.g. ``attention_token_weights``. head_weights: (H,) importance of
+    each query head in the calibrated RoRoPE and whitening (``RetrievalWeighting``; None: every head alike).
     Measurements land in ``MlaWeights.info`` (``rope_theta`` is what the config must use).
     """
     H, D, hidden = attn.q.shape
@@ -728,7 +739,7 @@ def convert_layer_to_mla(
     check_mla_ranks(num_kv_heads=G, head_dim=D, v_head_dim=Dv, rope=attn.rope, kv_lora_rank=R, rope_dim=rope_dim,
                     hidden_size=hidden, frequencies=fit.frequencies)
     r = _latent_dims(R, fit.effective_rank, fit.norm_ballast)
-    p = joint_latent_plan(attn, x, rope_dim, method, fit, token_weights)
+    p = joint_latent_plan(attn, x, rope_dim, method, fit, token_weights, head_weights)
     X = _flat(x)
     u = None if token_weights is None or X is None else token_weights.reshape(-1).double()
     info = dict(p.info)
