@@ -1,5 +1,5 @@
-"""Retrieval heads in the KV-head merge: the far repeats found in calibration text, each head's copy
-attention on them, and ``--retrieval-heads`` reaching the calibrated merge."""
+"""Retrieval heads in the calibrated fits: the far repeats found in calibration text, each head's copy
+attention on them, and ``--retrieval-heads`` reaching the KV-head merge and MLA's latent fit."""
 
 import json
 
@@ -10,7 +10,7 @@ import kvsurgeon.attention.reference as ref
 from kvsurgeon.convert.errors import KvSurgeonError
 from kvsurgeon.convert.retrieval_heads import copy_scores, repeat_pairs, retrieval_head_weights
 
-from test_gqa import HIDDEN, _convert_mqa, _state, read_all, tiny
+from test_gqa import HIDDEN, _state, read_all, tiny
 
 CALIB = dict(calib_tokens=512, calib_seq_len=128)  # windows long enough for repeats 64+ tokens back
 
@@ -47,28 +47,47 @@ def test_copy_scores_are_the_attention_on_each_pair():
     assert torch.equal(retrieval_head_weights(torch.tensor([0.0, 0.5]), 10.0), torch.tensor([1.0, 6.0]))
 
 
-def test_retrieval_heads_option_reaches_the_merge(tmp_path, text_file):
-    """--retrieval-heads W: the output equals convert_model on gqa_plan(retrieval_weight=W), tensor for
-    tensor; it differs from W=0 (every head alike); the copy scores are written beside the model, one per
-    query head and layer, from the far repeats of the calibration windows; the card names the option."""
-    from conftest import save_tiny
-    from kvsurgeon.convert.gqa.plan import gqa_plan
-    from kvsurgeon.convert.retrieval_heads import HEADS_FILE
-    from kvsurgeon.convert.pipeline.calibration import CalibConfig
-    from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model
+TARGETS = {  # spec options, and a tensor the weighting moves
+    "mqa": (dict(to="mqa"), "k_proj"),
+    "mla": (dict(to="mla", kv_lora_rank=16, rope_dim=8), "kv_a_proj"),
+}
 
+
+def _plan(target: str, weight: float):
+    """The plan the spec of TARGETS[target] makes, built directly."""
+    from kvsurgeon.convert.gqa.plan import gqa_plan
+    from kvsurgeon.convert.mla.plan import mla_plan
+
+    return gqa_plan(1, retrieval_weight=weight) if target == "mqa" else mla_plan(16, 8, retrieval_weight=weight)
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_retrieval_heads_option_reaches_the_fit(tmp_path, text_file, target):
+    """--retrieval-heads W: the output equals convert_model on the target's plan with retrieval_weight=W,
+    tensor for tensor; it differs from W=0 (every head alike); the copy scores are written beside the
+    model, one per query head and layer, from the far repeats of the calibration windows; the card names
+    the option."""
+    from conftest import save_tiny
+    from kvsurgeon.convert.retrieval_heads import HEADS_FILE
+    from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model
+    from kvsurgeon.convert.pipeline.spec import ConversionSpec, run_conversion
+
+    spec_kw, moved = TARGETS[target]
     src = save_tiny(tmp_path / "src")
     cfg = json.loads((src / "config.json").read_text())
-    _convert_mqa(src, tmp_path / "w", text_file, retrieval_heads=200.0, **CALIB)
-    calib = CalibConfig(data=str(text_file), tokens=CALIB["calib_tokens"], seq_len=CALIB["calib_seq_len"])
-    convert_model(str(src), gqa_plan(1, retrieval_weight=200.0),
-                  ConvertOptions(out=tmp_path / "direct", calib=calib, measure="off", progress=False))
-    _convert_mqa(src, tmp_path / "off", text_file, retrieval_heads=0.0, **CALIB)
+
+    def spec(w):
+        return ConversionSpec(**spec_kw, calib_data=str(text_file), retrieval_heads=w, **CALIB)
+
+    run_conversion(str(src), spec(200.0), ConvertOptions(out=tmp_path / "w", measure="off", progress=False))
+    convert_model(str(src), _plan(target, 200.0),
+                  ConvertOptions(out=tmp_path / "direct", calib=spec(200.0).calib_config(), measure="off", progress=False))
+    run_conversion(str(src), spec(0.0), ConvertOptions(out=tmp_path / "off", measure="off", progress=False))
     w, direct, off = _state(tmp_path / "w"), _state(tmp_path / "direct"), _state(tmp_path / "off")
     assert w.keys() == direct.keys() == off.keys()
     for name in w:
         torch.testing.assert_close(w[name], direct[name], rtol=0, atol=0)
-    assert max(float((w[n].double() - off[n].double()).abs().max()) for n in w if "k_proj" in n) > 1e-4
+    assert max(float((w[n].double() - off[n].double()).abs().max()) for n in w if moved in n) > 1e-4
     heads = json.loads((tmp_path / "w" / HEADS_FILE).read_text())
     assert heads["retrieval_weight"] == 200.0 and heads["copies"] > 50
     scores = heads["copy_scores"]
@@ -76,12 +95,14 @@ def test_retrieval_heads_option_reaches_the_merge(tmp_path, text_file):
     assert all(len(s) == cfg["num_attention_heads"] and all(0 <= v <= 1 for v in s) for s in scores.values())
     assert max(max(s) for s in scores.values()) > 0.01
     assert not (tmp_path / "off" / HEADS_FILE).exists()
-    assert "--retrieval-heads 200" in (tmp_path / "w" / "README.md").read_text()
+    card = (tmp_path / "w" / "README.md").read_text()
+    assert "--retrieval-heads 200" in card and "weighted by 1 + 200 x their copy attention" in card
 
 
 @pytest.mark.parametrize("spec_kw, message", [
-    (dict(to="mla", kv_lora_rank=8, retrieval_heads=5.0), "--retrieval-heads weighs the calibrated KV-head merge"),
-    (dict(to="mqa", method="mean", retrieval_heads=5.0), "--retrieval-heads weighs the calibrated KV-head merge"),
+    (dict(to="hybrid", keep_attention=1, retrieval_heads=5.0), "--retrieval-heads weighs the query heads in a calibrated fit"),
+    (dict(to="mla", kv_lora_rank=8, method="svd", retrieval_heads=5.0), "with the calibrated method, not --method svd"),
+    (dict(to="mqa", method="mean", retrieval_heads=5.0), "with the calibrated method, not --method mean"),
     (dict(to="mqa", retrieval_heads=-1.0), "--retrieval-heads must be a number >= 0"),
     (dict(to="mqa", retrieval_heads=float("nan")), "--retrieval-heads must be a number >= 0"),
 ])

@@ -25,6 +25,7 @@ from .fit import (
     rope_frequency_plan,
 )
 from ..pipeline.driver import Plan
+from ..retrieval_heads import HEADS_FILE, RETRIEVAL_WEIGHT, RetrievalWeighting
 from ..pipeline.preflight import family_problem, refuse, window_note, window_problem
 
 METHODS = ("calibrated", "svd")
@@ -169,18 +170,20 @@ def _svd_layer(shape: _MlaShape, q_bias: str, t: MlaTuning):
     return transform
 
 
-def _calibrated_layer(shape: _MlaShape, q_bias: str, t: MlaTuning):
+def _calibrated_layer(shape: _MlaShape, q_bias: str, t: MlaTuning, heads: RetrievalWeighting | None = None):
     """The calibrated per-layer transform: token-weighted joint PCA with norm ballast, then the q and
     o refits against the source layer. A per-head q/k norm (``--qk-norm fit``, refused otherwise) is
     first replaced by linear fits (``linearize_qk_norm``); the PCA works on those, while the token
-    weights and both refits target the real, normed source."""
+    weights and both refits target the real, normed source. ``heads``: query heads weighted in the
+    RoRoPE and whitening by their copy scores (``--retrieval-heads``)."""
     balance = t.kv_balance if t.kv_balance is not None else kv_balance(1 - (shape.R + shape.Dr) / (2 * shape.G * shape.D))
     fit = MlaFit(qk_nope_head_dim=shape.Dn, kv_balance=balance, norm_ballast=min(t.norm_ballast, shape.R - 1), q_bias=q_bias)
 
     def transform(i, attn, x):
         tw = attention_token_weights(attn, x, mix=t.token_mix)
         lin, norm_info = (attn, {}) if attn.k_norm is None and attn.q_norm is None else linearize_qk_norm(attn, x, tw)
-        w = convert_layer_to_mla(lin, x, shape.R, shape.Dr, "calibrated", fit, token_weights=tw)
+        hw = heads.head_weights(i, attn, x) if heads else None
+        w = convert_layer_to_mla(lin, x, shape.R, shape.Dr, "calibrated", fit, token_weights=tw, head_weights=hw)
         w.info.update(norm_info)
         w = refit_queries(w, attn, x, stride=t.q_refit_stride, ridge=t.q_refit_ridge, keys=t.q_refit_keys)
         w = refit_output(w, attn, x, ridge=t.o_refit_ridge)
@@ -214,7 +217,7 @@ def _summary(shape: _MlaShape, method: str, extra: str) -> str:
 
 def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "calibrated", pad_latent_to: int | None = None,
              q_bias: str = "refuse", drop_sliding_window: bool = False, tuning: MlaTuning = MlaTuning(),
-             qk_norm: str = "refuse"):
+             qk_norm: str = "refuse", retrieval_weight: float = RETRIEVAL_WEIGHT):
     """``tuning``: the calibrated method's measured constants (``MlaTuning``).
     ``q_bias``: "refuse" or "fit" (``--q-bias fit``: fold a source query bias into q_proj by least
     squares on calibration inputs; DeepseekV3's q_proj has no bias). ``qk_norm``: "refuse" or "fit"
@@ -223,7 +226,9 @@ def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "cali
     windowed source to full attention (DeepseekV3 has no windows) and say so in the card.
     ``pad_latent_to``: write the cache as this many values per token per layer (kv_lora_rank +
     rope dim), zero-padding the fitted latent exactly (``pad_latent``): for engines that take only
-    certain latent sizes (vLLM: 576). The padding is stored and cached, so it costs what it says."""
+    certain latent sizes (vLLM: 576). The padding is stored and cached, so it costs what it says.
+    ``retrieval_weight``: the calibrated fit counts each query head's errors ``1 + retrieval_weight * copy
+    score`` times (``RetrievalWeighting``), the scores written beside the model (``HEADS_FILE``)."""
     t = tuning
     if method not in METHODS:
         raise KvSurgeonError(f"unknown --method {method!r} for --to mla; choose one of {', '.join(METHODS)}")
@@ -239,7 +244,8 @@ def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "cali
         shape = _mla_shape(config, kv_lora_rank, rope_dim, pad_latent_to)
         qkv_bias, o_bias = fam.biases(config)
         bias = qkv_bias or o_bias
-        fit_layer = (_svd_layer if method == "svd" else _calibrated_layer)(shape, q_bias, t)
+        heads = RetrievalWeighting(retrieval_weight) if method == "calibrated" and retrieval_weight > 0 else None
+        fit_layer = _svd_layer(shape, q_bias, t) if method == "svd" else _calibrated_layer(shape, q_bias, t, heads)
         extra = (" The source's q bias was folded into q_proj by least squares on calibration inputs (--q-bias fit)."
                  if qkv_bias and q_bias == "fit" else "") + (
             " The source's per-head q/k RMSNorm has no place in DeepSeek MLA: it was replaced by least-squares linear "
@@ -251,7 +257,9 @@ def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "cali
             needs_calibration=(method == "calibrated"),
             copies=dict(UNTIED_LM_HEAD),
             sequential=t.sequential,
-            summary=_summary(shape, method, extra),
+            summary=_summary(shape, method, (f" In the fit, query heads were {heads.summary()}." if heads else "") + extra),
+            files={HEADS_FILE: heads.record} if heads else {},
+            on_calibration=heads.on_calibration if heads else None,
         )
 
     return make_plan

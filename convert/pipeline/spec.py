@@ -59,11 +59,12 @@ class ConversionSpec:
         "1K-2K / 2K-4K: default (8192) 2.7x / 3.5x / 3.3x, 2048: 2.2x / 3.5x / 7.0x, 512: 2.0x / 6.3x / 41.9x "
         "(BENCHMARKS.md)")
     retrieval_heads: float | None = _opt(
-        None, "gqa/mqa: how much more the calibrated merge weighs the query heads that copy from far back: each head "
+        None, "gqa/mqa/mla: how much more the calibrated fit weighs the query heads that copy from far back: each head "
         "counts 1 + W x its mean attention on bigrams the calibration text repeats 64+ tokens back (default 0: "
-        "every head alike; the scores go to kvsurgeon_retrieval_heads.json). SmolLM2 MQA untrained at 130: passkey "
-        "20/10/20% at 1K/2K/4K against 10/0/0%, key log-prob 3.6-4.5 nats higher, 512-token ppl 2.41x / 3.27x the "
-        "source's on Python docs / a handbook against 2.47x / 3.44x (BENCHMARKS.md)")
+        "every head alike; the scores go to kvsurgeon_retrieval_heads.json). SmolLM2 untrained at 130: MQA passkey "
+        "20/10/20% at 1K/2K/4K against 10/0/0%, 512-token ppl 2.41x / 3.27x the source's on Python docs / a handbook "
+        "against 2.47x / 3.44x; MLA -75% (R48/Dr48, 2K calibration windows) 4K passkey 50% against 20% (fresh prompts: 30% "
+        "against 25%), key log-prob 0.7-1.6 nats higher. After uptraining (MQA): no measurable difference (BENCHMARKS.md)")
     kv_lora_rank: int | None = _opt(None, "mla: latent size R (cache = R + rope-dim values/token/layer)")
     rope_dim: int | None = _opt(None, "mla: decoupled rope key dims Dr (even, <= head_dim; default head_dim)")
     pad_latent_to: int | None = _opt(
@@ -146,9 +147,9 @@ class ConversionSpec:
             if not _whole(self.serve_context, 1):
                 raise KvSurgeonError(f"--serve-context must be a whole number of tokens >= 1, got {self.serve_context!r}")
         if self.retrieval_heads is not None:
-            if self.to not in ("gqa", "mqa") or self.method == "mean":
-                raise KvSurgeonError("--retrieval-heads weighs the calibrated KV-head merge; it needs --to gqa/mqa "
-                                     "without --method mean")
+            if self.to not in ("gqa", "mqa", "mla") or self.method not in (None, "calibrated"):
+                raise KvSurgeonError("--retrieval-heads weighs the query heads in a calibrated fit; it needs --to gqa/mqa/mla "
+                                     f"with the calibrated method{f', not --method {self.method}' if self.method else ''}")
             if isinstance(self.retrieval_heads, bool) or not isinstance(self.retrieval_heads, (int, float)) \
                     or not 0 <= self.retrieval_heads < float("inf"):
                 raise KvSurgeonError(f"--retrieval-heads must be a number >= 0 (0: every head alike), got {self.retrieval_heads!r}")
@@ -213,7 +214,8 @@ class ConversionSpec:
 
             return mla_plan(self.kv_lora_rank, self.rope_dim, self.method or "calibrated", self.pad_latent_to,
                             q_bias=self.q_bias or "refuse", drop_sliding_window=self.drop_sliding_window,
-                            qk_norm=self.qk_norm or "refuse")
+                            qk_norm=self.qk_norm or "refuse",
+                            **({} if self.retrieval_heads is None else {"retrieval_weight": self.retrieval_heads}))
         if self.to == "swa":
             from ..swa.plan import swa_plan
 

@@ -1,4 +1,4 @@
-"""Does weighting the KV-head merge towards retrieval heads keep untrained MQA's passkey retrieval?
+"""Does weighting the calibrated fit towards retrieval heads keep untrained MQA's (or MLA's) passkey retrieval?
 
 Retrieval heads (DuoAttention; Wu et al. 2024, "Retrieval Head") are the few query heads that copy a
 fact from far back. Each head's copy score is measured on the source alone: the attention that the
@@ -9,6 +9,7 @@ then counts head h's errors ``1 + boost * score_h / max score`` times (``calibra
     python scripts/experiments/retrieval_heads.py scores [--scores pairs|repeats]   # per-head copy scores
     python scripts/experiments/retrieval_heads.py mqa --boost 0 --boost 30 [convert flags...]
     python scripts/experiments/retrieval_heads.py mqa --weight 500     # the CLI's own --retrieval-heads 500
+    python scripts/experiments/retrieval_heads.py mla --weight 0 --weight 130 --kv-lora-rank 48 --rope-dim 48
 
 ``--scores repeats`` (the default) needs no planted facts: a copy is any bigram of plain text repeated
 from 64+ tokens back.
@@ -111,12 +112,12 @@ def scores(kind: str = "pairs") -> torch.Tensor:
     return torch.load(path, weights_only=True)
 
 
-def cli_convert(out: Path, argv: list[str]) -> float:
-    """``kvsurgeon convert SOURCE --to mqa ARGV`` into ``out``; seconds taken."""
+def cli_convert(out: Path, argv: list[str], to: str = "mqa") -> float:
+    """``kvsurgeon convert SOURCE --to TO ARGV`` into ``out``; seconds taken."""
     from kvsurgeon.convert.cli import app
 
     t0 = time.time()
-    app(["convert", SOURCE, "--to", "mqa", *argv, "--out", str(out), "--overwrite", "--measure", "off"], standalone_mode=False)
+    app(["convert", SOURCE, "--to", to, *argv, "--out", str(out), "--overwrite", "--measure", "off"], standalone_mode=False)
     return time.time() - t0
 
 
@@ -163,7 +164,7 @@ def evaluate(out: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("job", choices=["scores", "mqa"])
+    ap.add_argument("job", choices=["scores", "mqa", "mla"], help="per-head scores, or the conversion to run")
     ap.add_argument("--boost", type=float, action="append", default=[])
     ap.add_argument("--weight", type=float, action="append", default=[],
                     help="convert with the CLI's --retrieval-heads W (scores from the calibration text itself)")
@@ -177,8 +178,10 @@ def main() -> None:
         print(json.dumps([(int(i) // s.shape[1], int(i) % s.shape[1], round(float(v), 3))
                           for v, i in zip(top.values, top.indices)]))
         return
-    runs = [(OUT / f"mqa-cli-w{w:g}{args.tag}", {"weight": w},
-             lambda out, w=w: cli_convert(out, ["--retrieval-heads", str(w), *flags])) for w in args.weight]
+    if args.job == "mla" and (args.boost or not args.weight):
+        ap.error("the mla job converts with --weight W (the CLI's --retrieval-heads); --boost patches the KV-head merge")
+    runs = [(OUT / f"{args.job}-cli-w{w:g}{args.tag}", {"weight": w},
+             lambda out, w=w: cli_convert(out, ["--retrieval-heads", str(w), *flags], args.job)) for w in args.weight]
     runs += [(OUT / f"mqa-{args.scores}-b{b:g}{args.tag}", {"boost": b},
               lambda out, b=b: convert(out, b, args.scores, flags)) for b in args.boost or ([] if args.weight else [0.0])]
     for out, what, make in runs:  # a folder an earlier run converted is only measured
