@@ -64,7 +64,7 @@ def copy_scores(attn: AttentionWeights, x: torch.Tensor, pairs: torch.Tensor, *,
 
 
 def retrieval_head_weights(scores: torch.Tensor, weight: float) -> torch.Tensor:
-    """Per-head importance for the merge: ``1 + weight * score`` (every head keeps weight >= 1)."""
+    """Per-head importance for a calibrated fit: ``1 + weight * score`` (every head keeps weight >= 1)."""
     return 1 + weight * scores
 
 
