@@ -465,7 +465,7 @@ def _convert_mqa(src, out, text_file, **spec_kw):
     from kvsurgeon.convert.pipeline.driver import ConvertOptions
     from kvsurgeon.convert.pipeline.spec import ConversionSpec, run_conversion
 
-    spec = ConversionSpec(to="mqa", calib_data=str(text_file), **{"calib_tokens": 256, "calib_seq_len": 64, **spec_kw})
+    spec = ConversionSpec(to="mqa", calib_data=str(text_file), calib_tokens=256, calib_seq_len=64, **spec_kw)
     return run_conversion(str(src), spec, ConvertOptions(out=out, measure="off", progress=False))
 
 
