@@ -204,18 +204,17 @@ class ConversionSpec:
         return MergeOptions(nope_planes=self.pooled_rope_planes, context=self.serve_context)
 
     def make_plan(self):
+        heads = {} if self.retrieval_heads is None else {"retrieval_weight": self.retrieval_heads}  # gqa/mqa/mla only
         if self.to in ("gqa", "mqa"):
             from ..gqa.plan import gqa_plan
 
-            return gqa_plan(self.kv_heads, self.method or "calibrated", merge=self.merge_options(),
-                            **({} if self.retrieval_heads is None else {"retrieval_weight": self.retrieval_heads}))
+            return gqa_plan(self.kv_heads, self.method or "calibrated", merge=self.merge_options(), **heads)
         if self.to == "mla":
             from ..mla.plan import mla_plan
 
             return mla_plan(self.kv_lora_rank, self.rope_dim, self.method or "calibrated", self.pad_latent_to,
                             q_bias=self.q_bias or "refuse", drop_sliding_window=self.drop_sliding_window,
-                            qk_norm=self.qk_norm or "refuse",
-                            **({} if self.retrieval_heads is None else {"retrieval_weight": self.retrieval_heads}))
+                            qk_norm=self.qk_norm or "refuse", **heads)
         if self.to == "swa":
             from ..swa.plan import swa_plan
 
