@@ -209,14 +209,18 @@ def head_outputs(attn: AttentionWeights, x: torch.Tensor, *, inv_freq: torch.Ten
 
 
 def received_attention(attn: AttentionWeights, x: torch.Tensor, power: float = 1.0, *,
-                       inv_freq: torch.Tensor | None = None, attention_scaling: float | None = None) -> torch.Tensor:
+                       inv_freq: torch.Tensor | None = None, attention_scaling: float | None = None,
+                       head_weights: torch.Tensor | None = None) -> torch.Tensor:
     """How much attention each token of one sequence x (T, hidden) receives: the sum over heads and
-    later queries of ``p ** power``, (T,) float64, computed by blocks of query rows."""
+    later queries of ``p ** power``, (T,) float64, computed by blocks of query rows. ``head_weights``
+    (H,): head h's attention counts that many times (None: once)."""
     inv_freq, attention_scaling = resolve_rope(attn, inv_freq, attention_scaling)
     q, k = source_qk(attn, x, inv_freq, attention_scaling)
     got = torch.zeros(x.shape[-2], dtype=F64)
+    hw = None if head_weights is None else head_weights.to(F64)
     for _, e, lo, p in causal_prob_blocks(source_score_block(attn, q, k), x.shape[-2]):
-        got[lo:e] += p.pow(power).sum((0, 1))
+        pp = p.pow(power)
+        got[lo:e] += pp.sum((0, 1)) if hw is None else hw @ pp.sum(1)
     return got
 
 

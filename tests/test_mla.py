@@ -387,6 +387,12 @@ def test_norm_ballast_and_token_weights_match_transformers_and_pinned_errors():
     received = probs.sum((1, 2)).reshape(-1)
     torch.testing.assert_close(u, 0.5 + 0.5 * received / received.mean(), rtol=0, atol=1e-6)
     assert u.shape == (64,) and abs(float(u.mean()) - 1) < 1e-9
+    # head weights (--retrieval-heads with MlaTuning.token_heads): one head's attention counted 5 times
+    hw = torch.ones(attn.num_heads)
+    hw[1] = 5.0
+    weighted = (probs * hw[None, :, None, None]).sum((1, 2)).reshape(-1)
+    torch.testing.assert_close(attention_token_weights(attn, xs[0], mix=0.5, head_weights=hw),
+                               0.5 + 0.5 * weighted / weighted.mean(), rtol=0, atol=1e-6)
     ref = attention_output(attn, xs[0])
 
     def fit(ballast, weights):

@@ -128,6 +128,10 @@ def test_long_windows_scored_in_row_blocks_match_transformers_and_the_full_rows(
     probs = source_probs(attn, x[0])
     for power in (1.0, 2.0):
         torch.testing.assert_close(received_attention(attn, x[0], power), probs.pow(power).sum((0, 1)), rtol=1e-12, atol=1e-12)
+    # head weights: head h's probabilities count w_h times
+    hw = torch.arange(1.0, attn.num_heads + 1)
+    torch.testing.assert_close(received_attention(attn, x[0], head_weights=hw),
+                               (hw.double()[:, None, None] * probs).sum((0, 1)), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(("rope", "T_mla"), [("default", T), ("llama3", T), ("default", ROW_BLOCK + 88)])

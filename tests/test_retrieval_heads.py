@@ -99,6 +99,23 @@ def test_retrieval_heads_option_reaches_the_fit(tmp_path, text_file, target):
     assert "--retrieval-heads 200" in card and "weighted by 1 + 200 x their copy attention" in card
 
 
+def test_token_heads_reach_mla_token_weights(tmp_path, text_file):
+    """MlaTuning.token_heads: with --retrieval-heads, MLA's token weights count each head's attention by its head
+    weight too (the sum itself is pinned in test_mla), so the fitted latent moves; without it they do not."""
+    from conftest import save_tiny
+    from kvsurgeon.convert.mla.plan import MlaTuning, mla_plan
+    from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model
+    from kvsurgeon.convert.pipeline.spec import ConversionSpec
+
+    src = save_tiny(tmp_path / "src")
+    calib = ConversionSpec(to="mla", kv_lora_rank=16, rope_dim=8, calib_data=str(text_file), **CALIB).calib_config()
+    for name, tuning in (("plain", MlaTuning()), ("th", MlaTuning(token_heads=True))):
+        convert_model(str(src), mla_plan(16, 8, retrieval_weight=200.0, tuning=tuning),
+                      ConvertOptions(out=tmp_path / name, calib=calib, measure="off", progress=False))
+    plain, th = _state(tmp_path / "plain"), _state(tmp_path / "th")
+    assert max(float((plain[n].double() - th[n].double()).abs().max()) for n in plain if "kv_a_proj" in n) > 1e-4
+
+
 @pytest.mark.parametrize("spec_kw, message", [
     (dict(to="hybrid", keep_attention=1, retrieval_heads=5.0), "--retrieval-heads weighs the query heads in a calibrated fit"),
     (dict(to="mla", kv_lora_rank=8, method="svd", retrieval_heads=5.0), "with the calibrated method, not --method svd"),

@@ -787,15 +787,18 @@ def _cv(v: torch.Tensor) -> float:
 # plain-PyTorch references (one layer, causal, no cache): measure a conversion before building a model
 
 
-def attention_token_weights(attn: AttentionWeights, x: torch.Tensor, power: float = 1.0, mix: float = 1.0) -> torch.Tensor:
+def attention_token_weights(attn: AttentionWeights, x: torch.Tensor, power: float = 1.0, mix: float = 1.0,
+                            head_weights: torch.Tensor | None = None) -> torch.Tensor:
     """(B*T,) weights, mean 1: ``(1 - mix) + mix * received``, where ``received`` is how much attention
     each calibration token gets in the source layer (sum over heads and later queries of
-    ``p**power``, normalised to mean 1). Attention sinks get weights in the hundreds."""
+    ``p**power``, normalised to mean 1). Attention sinks get weights in the hundreds.
+    ``head_weights`` (H,): head h's attention counts that many times in the sum (None: once each)."""
     x = x.double()
     if x.dim() != 3:
         raise MlaConversionError("attention_token_weights needs x shaped (batch, seq, hidden)")
     inv, scale = resolve_rope(attn)
-    rec = torch.cat([received_attention(attn, xb, power, inv_freq=inv, attention_scaling=scale) for xb in x])
+    rec = torch.cat([received_attention(attn, xb, power, inv_freq=inv, attention_scaling=scale, head_weights=head_weights)
+                     for xb in x])
     rec = rec / rec.mean()
     return (1 - mix) + mix * rec
 

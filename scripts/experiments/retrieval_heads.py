@@ -10,6 +10,7 @@ then counts head h's errors ``1 + boost * score_h / max score`` times (``calibra
     python scripts/experiments/retrieval_heads.py mqa --boost 0 --boost 30 [convert flags...]
     python scripts/experiments/retrieval_heads.py mqa --weight 500     # the CLI's own --retrieval-heads 500
     python scripts/experiments/retrieval_heads.py mla --weight 0 --weight 130 --kv-lora-rank 48 --rope-dim 48
+    python scripts/experiments/retrieval_heads.py mla --weight 130 --token-heads ...   # token weights by head too
 
 ``--scores repeats`` (the default) needs no planted facts: a copy is any bigram of plain text repeated
 from 64+ tokens back.
@@ -112,12 +113,23 @@ def scores(kind: str = "pairs") -> torch.Tensor:
     return torch.load(path, weights_only=True)
 
 
-def cli_convert(out: Path, argv: list[str], to: str = "mqa") -> float:
-    """``kvsurgeon convert SOURCE --to TO ARGV`` into ``out``; seconds taken."""
+def cli_convert(out: Path, argv: list[str], to: str = "mqa", token_heads: bool = False) -> float:
+    """``kvsurgeon convert SOURCE --to TO ARGV`` into ``out``; seconds taken. ``token_heads``: MLA's token
+    weights count each head by its retrieval weight too (``MlaTuning.token_heads``, not a CLI flag)."""
+    import dataclasses
+
+    import kvsurgeon.convert.mla.plan as to_mla
     from kvsurgeon.convert.cli import app
 
+    layer = to_mla._calibrated_layer
+    if token_heads:
+        to_mla._calibrated_layer = lambda shape, q_bias, t, heads=None: layer(
+            shape, q_bias, dataclasses.replace(t, token_heads=True), heads)
     t0 = time.time()
-    app(["convert", SOURCE, "--to", to, *argv, "--out", str(out), "--overwrite", "--measure", "off"], standalone_mode=False)
+    try:
+        app(["convert", SOURCE, "--to", to, *argv, "--out", str(out), "--overwrite", "--measure", "off"], standalone_mode=False)
+    finally:
+        to_mla._calibrated_layer = layer
     return time.time() - t0
 
 
@@ -169,6 +181,8 @@ def main() -> None:
     ap.add_argument("--weight", type=float, action="append", default=[],
                     help="convert with the CLI's --retrieval-heads W (scores from the calibration text itself)")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--token-heads", action="store_true",
+                    help="mla job: weight MLA's token weights by the same head weights (MlaTuning.token_heads)")
     ap.add_argument("--scores", choices=["pairs", "repeats"], default="repeats")
     args, flags = ap.parse_known_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -180,8 +194,12 @@ def main() -> None:
         return
     if args.job == "mla" and (args.boost or not args.weight):
         ap.error("the mla job converts with --weight W (the CLI's --retrieval-heads); --boost patches the KV-head merge")
-    runs = [(OUT / f"{args.job}-cli-w{w:g}{args.tag}", {"weight": w},
-             lambda out, w=w: cli_convert(out, ["--retrieval-heads", str(w), *flags], args.job)) for w in args.weight]
+    if args.token_heads and args.job != "mla":
+        ap.error("--token-heads weights MLA's token weights; it needs the mla job")
+    th = "-th" if args.token_heads else ""
+    runs = [(OUT / f"{args.job}-cli-w{w:g}{th}{args.tag}", {"weight": w, "token_heads": args.token_heads},
+             lambda out, w=w: cli_convert(out, ["--retrieval-heads", str(w), *flags], args.job, args.token_heads))
+            for w in args.weight]
     runs += [(OUT / f"mqa-{args.scores}-b{b:g}{args.tag}", {"boost": b},
               lambda out, b=b: convert(out, b, args.scores, flags)) for b in args.boost or ([] if args.weight else [0.0])]
     for out, what, make in runs:  # a folder an earlier run converted is only measured
