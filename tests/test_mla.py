@@ -22,6 +22,7 @@ from kvsurgeon.attention.mla_layout import (
 from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
 from kvsurgeon.convert.errors import KvSurgeonError
 from kvsurgeon.convert.mla.fit import (
+    dropped_rope_reach,
     MlaFit,
     attention_token_weights,
     check_mla_ranks,
@@ -688,3 +689,35 @@ def test_head_weights_favour_the_weighted_head():
         # and 0.496x (head 3) of the unweighted fit's; the other KV head's query heads 1.53-1.65x. Bound 0.55x.
         assert errs[h][h] < 0.55 * before[h], (h, errs[h][h] / before[h])
     assert errs[0][0] < errs[3][0] and errs[3][3] < errs[0][3]
+
+
+def test_dropped_rope_reach_is_warned_and_on_the_card(tmp_path, recwarn):
+    """dropped_rope_reach: the tokens over which the fastest frequency the rope key drops turns a radian (SmolLM2's
+    theta 1e5, 64 rotary dims: 316 at Dr=32, 5,623 at Dr=48, none dropped at 64). A conversion whose reach is inside
+    the source's context warns as its plan is made and says so on the card; keeping every frequency does neither."""
+    import json
+    import warnings
+
+    from conftest import save_tiny
+    from kvsurgeon.convert.pipeline.driver import ConvertOptions
+    from kvsurgeon.convert.pipeline.spec import ConversionSpec, run_conversion
+
+    def convert(dr):
+        run_conversion(str(src), ConversionSpec(to="mla", kv_lora_rank=16, rope_dim=dr, method="svd"),
+                       ConvertOptions(out=tmp_path / f"dr{dr}", measure="off", progress=False))
+
+    rope = RopeSpec(theta=1e5, head_dim=64, rotary_dim=64)
+    assert round(dropped_rope_reach(rope, 32)) == 316 and round(dropped_rope_reach(rope, 48)) == 5623
+    assert dropped_rope_reach(rope, 64) is None
+    src = save_tiny(tmp_path / "src")  # head_dim 16, theta 1e4, 256 positions: Dr=8 drops a frequency with reach 100
+    assert json.loads((src / "config.json").read_text())["max_position_embeddings"] == 256
+    with pytest.warns(UserWarning, match=r"keeps the 4 fastest of the source's 8 RoPE frequencies; the fastest one dropped "
+                                         r"turns a radian over 100 tokens") as caught:
+        warnings.simplefilter("always")
+        convert(8)
+    assert "turns a radian over 100 tokens" in (tmp_path / "dr8" / "README.md").read_text()
+    assert len([w for w in caught if "turns a radian" in str(w.message)]) == 1
+    recwarn.clear()
+    convert(16)
+    assert not [w for w in recwarn if "turns a radian" in str(w.message)]
+    assert "turns a radian" not in (tmp_path / "dr16" / "README.md").read_text()

@@ -96,6 +96,7 @@ __all__ = [
     "JointLatentPlan",
     "check_mla_ranks",
     "rope_frequency_plan",
+    "dropped_rope_reach",
     "rorope_basis",
     "fit_latent_scales",
     "joint_latent_plan",
@@ -200,6 +201,17 @@ def rope_frequency_plan(rope: RopeSpec, rope_dim: int, frequencies: str | int = 
     if rope.rope_type != "default":
         return kept, rope.theta  # Dr == rotary_dim, s == 1: rope_parameters are copied
     return kept, float(rope.theta ** (s * rope_dim / rope.rotary_dim))
+
+
+def dropped_rope_reach(rope: RopeSpec, rope_dim: int, frequencies: str | int = "high") -> float | None:
+    """Tokens over which the fastest rotary frequency the shared rope key drops turns one radian (None: none is
+    dropped). Beyond about that distance those dims, now nope, no longer tell near from far: with SmolLM2's 16
+    slowest frequencies unrotated (reach 316 tokens) the source itself retrieves nothing at 1K; with its 8
+    slowest (reach 5,623) it keeps its 4K passkey (BENCHMARKS.md, "The dropped frequencies alone")."""
+    kept = set(rope_frequency_plan(rope, rope_dim, frequencies)[0])
+    inv = rope.inv_freq()
+    dropped = [float(inv[i]) for i in range(len(inv)) if i not in kept]
+    return 1 / max(dropped) if dropped else None
 
 
 def _check_supported(attn: AttentionWeights, q_bias: str) -> None:

@@ -7,6 +7,7 @@ latent is scaled (``latent_gain``) and padded before ``write_mla``. The math is 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from kvsurgeon.attention import family_for, head_dim_of, rope_spec
@@ -15,6 +16,7 @@ from kvsurgeon.attention.mla_layout import UNTIED_LM_HEAD, MlaWeights, deepseek_
 from ..io.checkpoint import LazyCheckpoint
 from ..errors import KvSurgeonError
 from .fit import (
+    dropped_rope_reach,
     MlaFit,
     attention_token_weights,
     check_mla_ranks,
@@ -219,6 +221,19 @@ def _summary(shape: _MlaShape, method: str, extra: str) -> str:
     )
 
 
+def rope_reach_note(config: dict, rope_dim: int) -> str:
+    """A sentence for the card (and a warning) when the shared rope key drops a RoPE frequency that turns a radian
+    within the source's context: past about that distance those dims lose relative position. "" otherwise."""
+    rope = rope_spec(config)
+    reach, context = dropped_rope_reach(rope, rope_dim), config.get("max_position_embeddings")
+    if reach is None or not context or reach >= context:
+        return ""
+    return (f" The shared rope key keeps the {rope_dim // 2} fastest of the source's {rope.rotary_dim // 2} RoPE frequencies; "
+            f"the fastest one dropped turns a radian over {reach:,.0f} tokens, so beyond about that distance (the source "
+            f"serves {context:,}) its dims no longer tell near from far: a larger --rope-dim keeps long-context retrieval "
+            f"(SmolLM2: with the dims --rope-dim 32 drops unrotated, the source itself retrieves nothing at 1K).")
+
+
 def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "calibrated", pad_latent_to: int | None = None,
              q_bias: str = "refuse", drop_sliding_window: bool = False, tuning: MlaTuning = MlaTuning(),
              qk_norm: str = "refuse", retrieval_weight: float = RETRIEVAL_WEIGHT):
@@ -255,13 +270,15 @@ def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "cali
             " The source's per-head q/k RMSNorm has no place in DeepSeek MLA: it was replaced by least-squares linear "
             "q/k projections fitted on calibration inputs (--qk-norm fit, lossy)." if fam.has_qk_norm else ""
         ) + (window_note(config) if drop_sliding_window else "")
+        if reach := rope_reach_note(config, shape.Dr):
+            warnings.warn(reach.strip(), stacklevel=2)
         return Plan(
             new_config=_mla_config(config, shape, bias),
             transform=_written(fit_layer, shape, t, bias),
             needs_calibration=(method == "calibrated"),
             copies=dict(UNTIED_LM_HEAD),
             sequential=t.sequential,
-            summary=_summary(shape, method, (f" In the fit, query heads were {heads.summary()}." if heads else "") + extra),
+            summary=_summary(shape, method, (f" In the fit, query heads were {heads.summary()}." if heads else "") + extra + reach),
             files={HEADS_FILE: heads.record} if heads else {},
             on_calibration=heads.on_calibration if heads else None,
         )
