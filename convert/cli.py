@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +16,7 @@ from rich.table import Table
 from kvsurgeon.attention import UnsupportedArchitectureError
 from kvsurgeon.attention.reference import RopeTableError
 
-from .errors import KvSurgeonError
+from .errors import KvSurgeonError, KvSurgeonWarning
 from .token_counts import parse_token_counts
 
 app = typer.Typer(
@@ -317,7 +318,16 @@ def push(
     _push(folder, repo_id, private, revision, commit_message)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning) -> None:
+    """kvsurgeon's own warnings as one readable line; anyone else's as Python prints them."""
+    if issubclass(category, KvSurgeonWarning):
+        err.print(f"[bold yellow]warning:[/] {message}", highlight=False)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning
     try:
         app()
     except KeyboardInterrupt:

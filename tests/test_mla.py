@@ -20,7 +20,7 @@ from kvsurgeon.attention.mla_layout import (
     write_mla,
 )
 from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
-from kvsurgeon.convert.errors import KvSurgeonError
+from kvsurgeon.convert.errors import KvSurgeonError, KvSurgeonWarning
 from kvsurgeon.convert.mla.fit import (
     dropped_rope_reach,
     MlaFit,
@@ -711,7 +711,7 @@ def test_dropped_rope_reach_is_warned_and_on_the_card(tmp_path, recwarn):
     assert dropped_rope_reach(rope, 64) is None
     src = save_tiny(tmp_path / "src")  # head_dim 16, theta 1e4, 256 positions: Dr=8 drops a frequency with reach 100
     assert json.loads((src / "config.json").read_text())["max_position_embeddings"] == 256
-    with pytest.warns(UserWarning, match=r"keeps the 4 fastest of the source's 8 RoPE frequencies; the fastest one dropped "
+    with pytest.warns(KvSurgeonWarning, match=r"keeps the 4 fastest of the source's 8 RoPE frequencies; the fastest one dropped "
                                          r"turns a radian over 100 tokens") as caught:
         warnings.simplefilter("always")
         convert(8)
@@ -721,3 +721,10 @@ def test_dropped_rope_reach_is_warned_and_on_the_card(tmp_path, recwarn):
     convert(16)
     assert not [w for w in recwarn if "turns a radian" in str(w.message)]
     assert "turns a radian" not in (tmp_path / "dr16" / "README.md").read_text()
+    # the command line prints it as one "warning:" line, not Python's file:line report
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-m", "kvsurgeon.convert.cli", "convert", str(src), "--to", "mla", "--kv-lora-rank",
+                          "16", "--rope-dim", "8", "--method", "svd", "--out", str(tmp_path / "cli"), "--measure", "off"],
+                         capture_output=True, text=True, check=True)
+    assert "warning: The shared rope key keeps" in res.stderr and "Warning:" not in res.stderr, res.stderr

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import KvSurgeonError
+from ..errors import KvSurgeonError, KvSurgeonWarning
 from .perplexity import token_nll
 from ..io.text_data import iter_texts
 
@@ -92,7 +92,7 @@ def check_lengths(opts: LongContextOptions, max_positions: int | None, model_nam
     if any(t in opts.tasks for t in ("passkey", "multikey")) and opts.samples < SAMPLES_FOR_10_PERCENT:
         warnings.warn(
             f"{opts.samples} samples per cell resolve only {100 / opts.samples:.0f}% steps; "
-            f"use --samples {SAMPLES_FOR_10_PERCENT} or more to resolve 10%", stacklevel=2,
+            f"use --samples {SAMPLES_FOR_10_PERCENT} or more to resolve 10%", KvSurgeonWarning, stacklevel=2,
         )
 
 

@@ -14,7 +14,7 @@ from kvsurgeon.attention import family_for, head_dim_of, rope_spec
 from kvsurgeon.attention.mla_layout import UNTIED_LM_HEAD, MlaWeights, deepseek_config, pad_latent, scale_latent, write_mla
 
 from ..io.checkpoint import LazyCheckpoint
-from ..errors import KvSurgeonError
+from ..errors import KvSurgeonError, KvSurgeonWarning
 from .fit import (
     dropped_rope_reach,
     MlaFit,
@@ -231,7 +231,8 @@ def rope_reach_note(config: dict, rope_dim: int) -> str:
     return (f" The shared rope key keeps the {rope_dim // 2} fastest of the source's {rope.rotary_dim // 2} RoPE frequencies; "
             f"the fastest one dropped turns a radian over {reach:,.0f} tokens, so beyond about that distance (the source "
             f"serves {context:,}) its dims no longer tell near from far: a larger --rope-dim keeps long-context retrieval "
-            f"(SmolLM2: with the dims --rope-dim 32 drops unrotated, the source itself retrieves nothing at 1K).")
+            f"(measured on SmolLM2 with only those dims unrotated: at a 316-token reach the source itself retrieves "
+            f"nothing at 1K, at 5,623 it keeps its 4K passkey).")
 
 
 def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "calibrated", pad_latent_to: int | None = None,
@@ -271,7 +272,7 @@ def mla_plan(kv_lora_rank: int, rope_dim: int | None = None, method: str = "cali
             "q/k projections fitted on calibration inputs (--qk-norm fit, lossy)." if fam.has_qk_norm else ""
         ) + (window_note(config) if drop_sliding_window else "")
         if reach := rope_reach_note(config, shape.Dr):
-            warnings.warn(reach.strip(), stacklevel=2)
+            warnings.warn(reach.strip(), KvSurgeonWarning, stacklevel=2)
         return Plan(
             new_config=_mla_config(config, shape, bias),
             transform=_written(fit_layer, shape, t, bias),
