@@ -16,11 +16,11 @@ from kvsurgeon.attention.mla_layout import UNTIED_LM_HEAD, MlaWeights, deepseek_
 from ..io.checkpoint import LazyCheckpoint
 from ..errors import KvSurgeonError, KvSurgeonWarning
 from .fit import (
-    dropped_rope_reach,
     MlaFit,
     attention_token_weights,
     check_mla_ranks,
     convert_layer_to_mla,
+    dropped_rope_reach,
     linearize_qk_norm,
     refit_output,
     refit_queries,
