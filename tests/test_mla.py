@@ -22,15 +22,15 @@ from kvsurgeon.attention.mla_layout import (
 from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
 from kvsurgeon.convert.errors import KvSurgeonError, KvSurgeonWarning
 from kvsurgeon.convert.mla.fit import (
-    dropped_rope_reach,
     MlaFit,
     attention_token_weights,
     check_mla_ranks,
     convert_layer_to_mla,
+    dropped_rope_reach,
     fit_latent_scales,
-    rope_frequency_plan,
     refit_output,
     refit_queries,
+    rope_frequency_plan,
     rorope_basis,
 )
 from kvsurgeon.attention.reference import apply_rope, attention_output, mla_attention_output, rope_cos_sin
