@@ -11,6 +11,7 @@ then counts head h's errors ``1 + boost * score_h / max score`` times (``calibra
     python scripts/experiments/retrieval_heads.py mqa --weight 500     # the CLI's own --retrieval-heads 500
     python scripts/experiments/retrieval_heads.py mla --weight 0 --weight 130 --kv-lora-rank 48 --rope-dim 48
     python scripts/experiments/retrieval_heads.py mla --weight 130 --token-heads ...   # token weights by head too
+    python scripts/experiments/retrieval_heads.py mla --weight 130 --tuning kv_balance=2 ...   # any MlaTuning field
 
 ``--scores repeats`` (the default) needs no planted facts: a copy is any bigram of plain text repeated
 from 64+ tokens back.
@@ -113,18 +114,19 @@ def scores(kind: str = "pairs") -> torch.Tensor:
     return torch.load(path, weights_only=True)
 
 
-def cli_convert(out: Path, argv: list[str], to: str = "mqa", token_heads: bool = False) -> float:
-    """``kvsurgeon convert SOURCE --to TO ARGV`` into ``out``; seconds taken. ``token_heads``: MLA's token
-    weights count each head by its retrieval weight too (``MlaTuning.token_heads``, not a CLI flag)."""
+def cli_convert(out: Path, argv: list[str], to: str = "mqa", tuning: dict | None = None) -> float:
+    """``kvsurgeon convert SOURCE --to TO ARGV`` into ``out``; seconds taken. ``tuning``: ``MlaTuning`` fields
+    to override for an MLA conversion (e.g. ``token_heads``: the token weights count each head by its
+    retrieval weight too); none of them is a CLI flag."""
     import dataclasses
 
     import kvsurgeon.convert.mla.plan as to_mla
     from kvsurgeon.convert.cli import app
 
     layer = to_mla._calibrated_layer
-    if token_heads:
+    if tuning:
         to_mla._calibrated_layer = lambda shape, q_bias, t, heads=None: layer(
-            shape, q_bias, dataclasses.replace(t, token_heads=True), heads)
+            shape, q_bias, dataclasses.replace(t, **tuning), heads)
     t0 = time.time()
     try:
         app(["convert", SOURCE, "--to", to, *argv, "--out", str(out), "--overwrite", "--measure", "off"], standalone_mode=False)
@@ -174,6 +176,24 @@ def evaluate(out: Path) -> dict:
             "buckets": lc.long_ppl_buckets, "source_passkey": src["passkey"]}
 
 
+def _tuning(pairs: list[str]) -> dict:
+    """``FIELD=VALUE`` strings as ``MlaTuning`` overrides, each value cast to its field's default's type."""
+    import dataclasses
+
+    from kvsurgeon.convert.mla.plan import MlaTuning
+
+    fields = {f.name: f for f in dataclasses.fields(MlaTuning)}
+    out = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in fields or not value:
+            raise SystemExit(f"--tuning {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        default = fields[name].default
+        out[name] = value.lower() in ("1", "true") if isinstance(default, bool) else \
+            int(value) if isinstance(default, int) else float(value)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("job", choices=["scores", "mqa", "mla"], help="per-head scores, or the conversion to run")
@@ -183,6 +203,8 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--token-heads", action="store_true",
                     help="mla job: weight MLA's token weights by the same head weights (MlaTuning.token_heads)")
+    ap.add_argument("--tuning", action="append", default=[], metavar="FIELD=VALUE",
+                    help="mla job: override an MlaTuning field, e.g. kv_balance=2 (repeatable)")
     ap.add_argument("--scores", choices=["pairs", "repeats"], default="repeats")
     args, flags = ap.parse_known_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -194,11 +216,13 @@ def main() -> None:
         return
     if args.job == "mla" and (args.boost or not args.weight):
         ap.error("the mla job converts with --weight W (the CLI's --retrieval-heads); --boost patches the KV-head merge")
-    if args.token_heads and args.job != "mla":
-        ap.error("--token-heads weights MLA's token weights; it needs the mla job")
+    if (args.token_heads or args.tuning) and args.job != "mla":
+        ap.error("--token-heads and --tuning change MLA's fit; they need the mla job")
+    tuning = _tuning(args.tuning) | ({"token_heads": True} if args.token_heads else {})
     th = "-th" if args.token_heads else ""
-    runs = [(OUT / f"{args.job}-cli-w{w:g}{th}{args.tag}", {"weight": w, "token_heads": args.token_heads},
-             lambda out, w=w: cli_convert(out, ["--retrieval-heads", str(w), *flags], args.job, args.token_heads))
+    th += "".join(f"-{k.replace('_', '')}{v:g}" for k, v in tuning.items() if k != "token_heads")
+    runs = [(OUT / f"{args.job}-cli-w{w:g}{th}{args.tag}", {"weight": w, **tuning},
+             lambda out, w=w: cli_convert(out, ["--retrieval-heads", str(w), *flags], args.job, tuning))
             for w in args.weight]
     runs += [(OUT / f"mqa-{args.scores}-b{b:g}{args.tag}", {"boost": b},
               lambda out, b=b: convert(out, b, args.scores, flags)) for b in args.boost or ([] if args.weight else [0.0])]
