@@ -219,7 +219,7 @@ def main() -> None:
     if (args.token_heads or args.tuning) and args.job != "mla":
         ap.error("--token-heads and --tuning change MLA's fit; they need the mla job")
     tuning = _tuning(args.tuning) | ({"token_heads": True} if args.token_heads else {})
-    th = "-th" if args.token_heads else ""
+    th = "-th" if tuning.get("token_heads") else ""  # the folder names every override: a named folder is only measured
     th += "".join(f"-{k.replace('_', '')}{v:g}" for k, v in tuning.items() if k != "token_heads")
     runs = [(OUT / f"{args.job}-cli-w{w:g}{th}{args.tag}", {"weight": w, **tuning},
              lambda out, w=w: cli_convert(out, ["--retrieval-heads", str(w), *flags], args.job, tuning))
