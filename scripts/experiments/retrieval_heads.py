@@ -177,7 +177,7 @@ def evaluate(out: Path) -> dict:
 
 
 def _tuning(pairs: list[str]) -> dict:
-    """``FIELD=VALUE`` strings as ``MlaTuning`` overrides, each value cast to its field's default's type."""
+    """``FIELD=VALUE`` strings as ``MlaTuning`` overrides, each value cast to its field's default's type (``none``: None)."""
     import dataclasses
 
     from kvsurgeon.convert.mla.plan import MlaTuning
@@ -189,8 +189,8 @@ def _tuning(pairs: list[str]) -> dict:
         if name not in fields or not value:
             raise SystemExit(f"--tuning {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
         default = fields[name].default
-        out[name] = value.lower() in ("1", "true") if isinstance(default, bool) else \
-            int(value) if isinstance(default, int) else float(value)
+        out[name] = None if value.lower() == "none" else value.lower() in ("1", "true") if isinstance(default, bool) \
+            else int(value) if isinstance(default, int) else float(value)
     return out
 
 
@@ -220,7 +220,7 @@ def main() -> None:
         ap.error("--token-heads and --tuning change MLA's fit; they need the mla job")
     tuning = _tuning(args.tuning) | ({"token_heads": True} if args.token_heads else {})
     th = "-th" if tuning.get("token_heads") else ""  # the folder names every override: a named folder is only measured
-    th += "".join(f"-{k.replace('_', '')}{v:g}" for k, v in tuning.items() if k != "token_heads")
+    th += "".join(f"-{k.replace('_', '')}{v if v is None else format(v, 'g')}" for k, v in tuning.items() if k != "token_heads")
     runs = [(OUT / f"{args.job}-cli-w{w:g}{th}{args.tag}", {"weight": w, **tuning},
              lambda out, w=w: cli_convert(out, ["--retrieval-heads", str(w), *flags], args.job, tuning))
             for w in args.weight]
