@@ -177,21 +177,34 @@ def evaluate(out: Path) -> dict:
 
 
 def _tuning(pairs: list[str]) -> dict:
-    """``FIELD=VALUE`` strings as ``MlaTuning`` overrides, each value cast to its field's default's type (``none``: None)."""
+    """``FIELD=VALUE`` strings as ``MlaTuning`` overrides, each value cast to its field's default's type."""
     import dataclasses
 
     from kvsurgeon.convert.mla.plan import MlaTuning
 
-    fields = {f.name: f for f in dataclasses.fields(MlaTuning)}
+    fields = {f.name: f.default for f in dataclasses.fields(MlaTuning)}
     out = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
         if name not in fields or not value:
             raise SystemExit(f"--tuning {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
-        default = fields[name].default
-        out[name] = None if value.lower() == "none" else value.lower() in ("1", "true") if isinstance(default, bool) \
-            else int(value) if isinstance(default, int) else float(value)
+        try:
+            out[name] = _cast(value, fields[name])
+        except ValueError as e:
+            raise SystemExit(f"--tuning {pair!r}: {e}") from None
     return out
+
+
+def _cast(value: str, default):
+    """``value`` as the type of ``default``; ``none`` is None (for the optional fields)."""
+    v = value.lower()
+    if v == "none":
+        return None
+    if isinstance(default, bool):  # before int: bool is an int
+        if v not in ("true", "false", "1", "0"):
+            raise ValueError("expected true or false")
+        return v in ("true", "1")
+    return int(value) if isinstance(default, int) else float(value)
 
 
 def main() -> None:
@@ -220,7 +233,8 @@ def main() -> None:
         ap.error("--token-heads and --tuning change MLA's fit; they need the mla job")
     tuning = _tuning(args.tuning) | ({"token_heads": True} if args.token_heads else {})
     th = "-th" if tuning.get("token_heads") else ""  # the folder names every override: a named folder is only measured
-    th += "".join(f"-{k.replace('_', '')}{v if v is None else format(v, 'g')}" for k, v in tuning.items() if k != "token_heads")
+    th += "".join(f"-{k.replace('_', '')}{v if v is None else format(v, 'g')}"
+                  for k, v in tuning.items() if k != "token_heads")
     runs = [(OUT / f"{args.job}-cli-w{w:g}{th}{args.tag}", {"weight": w, **tuning},
              lambda out, w=w: cli_convert(out, ["--retrieval-heads", str(w), *flags], args.job, tuning))
             for w in args.weight]
