@@ -13,7 +13,6 @@ The K/V balance rule in to_mla.kv_balance came from this (2026-11-23, -50% R128/
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -29,24 +28,23 @@ from bench_common import ROOT, SOURCE, TRAIN  # noqa: E402
 from kvsurgeon.convert.pipeline.spec import ConversionSpec  # noqa: E402
 from kvsurgeon.convert.pipeline.driver import ConvertOptions, convert_model  # noqa: E402
 from kvsurgeon.convert.evaluation.perplexity import evaluate  # noqa: E402
+from mla_tools import tuning_overrides  # noqa: E402  (this folder)
 
 
 def main(argv: list[str]) -> None:
     tail_docs, eval_tokens = 200, 8192
     R, Dr, *settings = argv
     calib = dict(calib_data=str(TRAIN), calib_tokens=4096)
-    tuning = {}
-    names = {f.name for f in dataclasses.fields(to_mla.MlaTuning)}
+    fields = []
     for kv in settings:
         name, value = kv.split("=", 1)
         if name == "calib":
             calib["calib_tokens"] = int(value)
         elif name == "per_text":
             calib["calib_windows_per_text"] = int(value)
-        elif name in names:
-            tuning[name] = json.loads(value)
         else:
-            raise SystemExit(f"unknown setting {name}: MlaTuning has {', '.join(sorted(names))}; or calib=, per_text=")
+            fields.append(kv)
+    tuning = tuning_overrides(fields, also=", or calib, per_text")
     tag = "_".join(argv).replace("=", "")
     out = ROOT / "runs" / "tune" / tag
     spec = ConversionSpec(to="mla", kv_lora_rank=int(R), rope_dim=int(Dr), **calib)

@@ -4,12 +4,14 @@
   layers held in memory (the CLI writes tensors layer by layer through ``mla_plan`` instead).
 * ``mla_spectrum``, ``allocate_ranks``, ``effective_cache``: per-layer latent ranks (an ablation:
   transformers caches ``max(ranks) + Dr`` values per layer, so uneven ranks save nothing stored).
+* ``tuning_overrides``: ``FIELD=VALUE`` arguments as ``MlaTuning`` overrides (mla_constants.py, retrieval_heads.py).
 
 Tests import this module with ``scripts/experiments`` on ``sys.path``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from typing import Any, Mapping, Sequence
 
@@ -18,6 +20,7 @@ import torch
 from kvsurgeon.attention.mla_layout import UNTIED_LM_HEAD, MlaWeights, deepseek_config, write_mla
 from kvsurgeon.attention.neutral import AttentionWeights, RopeSpec
 from kvsurgeon.convert.mla.fit import MlaConversionError, MlaFit, joint_latent_plan
+from kvsurgeon.convert.mla.plan import MlaTuning
 
 
 def mla_spectrum(
@@ -111,3 +114,31 @@ def mla_state_dict(
     for i, w in enumerate(layers):
         out.update(write_mla(w, i, attention_bias))
     return out
+
+
+def tuning_overrides(pairs: Sequence[str], also: str = "") -> dict:
+    """``FIELD=VALUE`` strings as ``MlaTuning`` overrides, each value cast to its field's default's type. An
+    unknown field or a value of the wrong type is refused, naming the fields (and ``also``, a caller's own)."""
+    fields = {f.name: f.default for f in dataclasses.fields(MlaTuning)}
+    out = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in fields or not value:
+            raise SystemExit(f"{pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}{also}")
+        try:
+            out[name] = _cast(value, fields[name])
+        except ValueError as e:
+            raise SystemExit(f"{pair!r}: {e}") from None
+    return out
+
+
+def _cast(value: str, default):
+    """``value`` as the type of ``default``; ``none`` is None (for the optional fields)."""
+    v = value.lower()
+    if v == "none":
+        return None
+    if isinstance(default, bool):  # before int: bool is an int
+        if v not in ("true", "false", "1", "0"):
+            raise ValueError("expected true or false")
+        return v in ("true", "1")
+    return int(value) if isinstance(default, int) else float(value)

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 import kvsurgeon.convert.gqa.plan as to_gqa  # noqa: E402
 from bench_common import ABLATION_DOCS, ROOT, SOURCE, TRAIN, ablation_eval_file  # noqa: E402
+from mla_tools import tuning_overrides  # noqa: E402  (this folder)
 
 OUT = ROOT / "runs" / "retrieval-heads"
 WINDOWS, WINDOW = 16, 512
@@ -176,37 +177,6 @@ def evaluate(out: Path) -> dict:
             "buckets": lc.long_ppl_buckets, "source_passkey": src["passkey"]}
 
 
-def _tuning(pairs: list[str]) -> dict:
-    """``FIELD=VALUE`` strings as ``MlaTuning`` overrides, each value cast to its field's default's type."""
-    import dataclasses
-
-    from kvsurgeon.convert.mla.plan import MlaTuning
-
-    fields = {f.name: f.default for f in dataclasses.fields(MlaTuning)}
-    out = {}
-    for pair in pairs:
-        name, _, value = pair.partition("=")
-        if name not in fields or not value:
-            raise SystemExit(f"--tuning {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
-        try:
-            out[name] = _cast(value, fields[name])
-        except ValueError as e:
-            raise SystemExit(f"--tuning {pair!r}: {e}") from None
-    return out
-
-
-def _cast(value: str, default):
-    """``value`` as the type of ``default``; ``none`` is None (for the optional fields)."""
-    v = value.lower()
-    if v == "none":
-        return None
-    if isinstance(default, bool):  # before int: bool is an int
-        if v not in ("true", "false", "1", "0"):
-            raise ValueError("expected true or false")
-        return v in ("true", "1")
-    return int(value) if isinstance(default, int) else float(value)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("job", choices=["scores", "mqa", "mla"], help="per-head scores, or the conversion to run")
@@ -231,7 +201,7 @@ def main() -> None:
         ap.error("the mla job converts with --weight W (the CLI's --retrieval-heads); --boost patches the KV-head merge")
     if (args.token_heads or args.tuning) and args.job != "mla":
         ap.error("--token-heads and --tuning change MLA's fit; they need the mla job")
-    tuning = _tuning(args.tuning) | ({"token_heads": True} if args.token_heads else {})
+    tuning = tuning_overrides(args.tuning) | ({"token_heads": True} if args.token_heads else {})
     th = "-th" if tuning.get("token_heads") else ""  # the folder names every override: a named folder is only measured
     th += "".join(f"-{k.replace('_', '')}{v if v is None else format(v, 'g')}"
                   for k, v in tuning.items() if k != "token_heads")
